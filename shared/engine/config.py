@@ -1,0 +1,42 @@
+"""Model hyperparameters (named as in Hugging Face `config.json`) and engine settings."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF dict: {"rope_type": "llama3" | "linear" | ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    name: str = "model"
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "auto"  # fp32 on CPU (no native bf16 here); bf16 on CUDA
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
+    kv_cache_fraction: float = 0.25
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None = the model's context length
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
+    seed: int = 0
