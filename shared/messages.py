@@ -1,0 +1,141 @@
+"""Bus message schemas: plain dataclasses, msgpack on the wire, with an explicit schema version.
+
+Every message carries `request_id` (or, for per-instance messages, `instance_id`) so one request can
+be followed across services. Bulk data (KV blocks, embeddings) never travels here: only handles.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+T = TypeVar("T", bound="Message")
+
+
+class SchemaError(ValueError):
+    """A message that is not msgpack, is of another schema version, or lacks required fields."""
+
+
+@dataclass
+class Message:
+    kind: ClassVar[str] = "message"
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": SCHEMA_VERSION, "kind": self.kind, **asdict(self)}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls: type[T], data: bytes) -> T:
+        try:
+            d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as e:
+            raise SchemaError(f"not a msgpack message: {e}") from e
+        if not isinstance(d, dict):
+            raise SchemaError("message is not a map")
+        if d.get("v") != SCHEMA_VERSION:
+            raise SchemaError(f"schema version {d.get('v')!r}, expected {SCHEMA_VERSION}")
+        if d.get("kind") != cls.kind:
+            raise SchemaError(f"message kind {d.get('kind')!r}, expected {cls.kind!r}")
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise SchemaError(f"bad {cls.kind} message: {e}") from e
+
+
+@dataclass
+class GenerateRequest(Message):
+    """One tokenized request, gateway -> router -> worker. `params` is SamplingParams.to_dict()."""
+
+    kind: ClassVar[str] = "generate"
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]
+    reply_subject: str  # where the worker publishes StreamChunk messages
+    priority: int = 0  # 0 = online; larger = lower priority (offline jobs use 1)
+    model: str = ""
+    arrival_time: float = 0.0
+    # Set by the router for prefill->decode disaggregation: the decode instance that continues.
+    decode_instance: str | None = None
+    attempt: int = 0
+    image_embeds: dict[str, Any] | None = None  # handle for multimodal embeddings (EPD), never the data
+
+
+@dataclass
+class SeqOutput:
+    """New output of one of the request's n sequences since the last chunk."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # per new token: [logprob, [[token_id, logprob], ...top]] when logprobs were asked for
+    logprobs: list[Any] | None = None
+
+
+@dataclass
+class StreamChunk(Message):
+    """Worker -> gateway: incremental output. `finished` is set on the request's last chunk."""
+
+    kind: ClassVar[str] = "chunk"
+    request_id: str
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # SeqOutput as dicts
+    finished: bool = False
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    instance_id: str = ""
+    error: dict[str, Any] | None = None  # {"message", "type", "code"} -- the request failed
+
+
+@dataclass
+class AbortRequest(Message):
+    kind: ClassVar[str] = "abort"
+    request_id: str
+
+
+@dataclass
+class InstanceInfo(Message):
+    """Registry entry, refreshed by every worker heartbeat (the KV bucket's TTL is liveness)."""
+
+    kind: ClassVar[str] = "instance"
+    instance_id: str
+    role: str  # "colocated" | "prefill" | "decode" | "encoder"
+    model: str
+    pid: int
+    host: str
+    state: str = "ready"  # "starting" | "ready" | "draining"
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    block_size: int = 16
+    data_plane: dict[str, Any] = field(default_factory=dict)  # how to reach its KV data plane
+    updated_at: float = 0.0
+
+
+@dataclass
+class KvEvent(Message):
+    """Blocks stored in / removed from one instance's prefix cache, numbered per instance."""
+
+    kind: ClassVar[str] = "kv_event"
+    instance_id: str
+    seq: int
+    event: str  # "stored" | "removed" | "cleared"
+    block_hashes: list[int] = field(default_factory=list)
+    parent_hash: int | None = None  # for "stored": hash of the block before the first one
+    tier: str = "device"
+
+
+@dataclass
+class KvHandoff(Message):
+    """Prefill -> decode: where to read the request's prompt KV, plus what decode needs to go on."""
+
+    kind: ClassVar[str] = "kv_handoff"
+    request_id: str
+    request: dict[str, Any]  # the GenerateRequest as a dict
+    handle: dict[str, Any]  # data plane handle: {"transport": "shm"|"tcp", ...}
+    num_tokens: int  # prompt tokens whose KV is in the handle
+    first_token_ids: list[int]  # one sampled token per sequence (n)
+    prefill_instance: str = ""
+    lease_s: float = 30.0
