@@ -139,3 +139,42 @@ class KvHandoff(Message):
     first_token_ids: list[int]  # one sampled token per sequence (n)
     prefill_instance: str = ""
     lease_s: float = 30.0
+
+
+@dataclass
+class JobRequest:
+    """One line of a batch job, as in OpenAI's batch API: `body` is a chat or completions request."""
+
+    custom_id: str
+    url: str  # "/v1/chat/completions" | "/v1/completions"
+    body: dict[str, Any]
+
+
+@dataclass
+class Job(Message):
+    """Published to JOBS_SUBMIT. Results go to job_results(job_id), kept in JOB_RESULTS_STREAM."""
+
+    kind: ClassVar[str] = "job"
+    job_id: str
+    requests: list[dict[str, Any]]  # JobRequest as dicts
+
+
+@dataclass
+class JobResult(Message):
+    """One request's outcome: `response` is the OpenAI response body, or `error` says why not."""
+
+    kind: ClassVar[str] = "job_result"
+    job_id: str
+    custom_id: str
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class JobDone(Message):
+    """The last message on a job's results subject."""
+
+    kind: ClassVar[str] = "job_done"
+    job_id: str
+    completed: int
+    failed: int

@@ -4,7 +4,7 @@ Request plane (core NATS):
   xllm.router.generate            gateway -> router (queue group "router"); router forwards to a worker
   xllm.worker.<instance>.generate router -> one worker (colocated, or prefill in disaggregated mode)
   xllm.worker.<instance>.kv       prefill -> decode: KV hand-off handle for one request
-  xllm.worker.<instance>.abort    anyone -> worker: abort one request
+  xllm.abort                      gateway -> every worker (broadcast): abort one request by id
   xllm.stream.<request_id>        worker -> gateway: the request's output chunks (a NATS inbox works too)
   xllm.kvcache.query              router -> kvcache service: longest cached prefix per instance
 Control plane:
@@ -16,6 +16,7 @@ Offline jobs (JetStream):
 """
 
 ROUTER_GENERATE = "xllm.router.generate"
+ABORT = "xllm.abort"
 ROUTER_QUEUE = "router"
 KVCACHE_QUERY = "xllm.kvcache.query"
 KVCACHE_QUEUE = "kvcache"
@@ -37,10 +38,6 @@ def worker_generate(instance_id: str) -> str:
 
 def worker_kv(instance_id: str) -> str:
     return f"xllm.worker.{instance_id}.kv"
-
-
-def worker_abort(instance_id: str) -> str:
-    return f"xllm.worker.{instance_id}.abort"
 
 
 def stream(request_id: str) -> str:
