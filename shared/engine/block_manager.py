@@ -1,0 +1,164 @@
+"""KV blocks: a free list, ref counts, and a prefix cache on chained block hashes with LRU eviction.
+
+A block whose ref count drops to zero keeps its hash and contents: it stays findable by later
+requests with the same prefix until a new allocation needs it (least recently freed first).
+Stored/removed blocks are reported through `on_event` so a global index can follow them.
+"""
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.block_hash import hash_block
+from shared.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: list[int] = field(default_factory=list)  # kept to check hash collisions
+
+
+KvEventHook = Callable[[str, list[int], int | None], None]  # (event, block hashes, parent hash)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_event: KvEventHook | None = None):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))  # never hashed, or evicted
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached, LRU first
+        self.hash_to_block: dict[int, int] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self.on_event = on_event
+        self.prefix_queries = 0  # prompt blocks looked up
+        self.prefix_hits = 0  # of those, found in the cache
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids) + len(self.evictable)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def allocate_prefix(self, seq: Sequence) -> None:
+        """On admission: take the longest cached prefix of the prompt (never its last token,
+        which must be computed to get logits)."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        parent = None
+        for i in range(max_blocks):
+            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            h = hash_block(parent, tokens)
+            self.prefix_queries += 1
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            self.prefix_hits += 1
+            self._ref(block_id)
+            seq.block_table.append(block_id)
+            parent = h
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        if seq.num_output_tokens == 0:  # a recompute after preemption is not a cache hit to report
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make the block table cover `num_tokens` tokens; False (nothing taken) if blocks run out."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_free())
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's newly completed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // bs
+        parent = None
+        stored: list[int] = []
+        first_parent = None
+        for i in range(num_full):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None:
+                parent = block.hash
+                continue
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            h = hash_block(parent, tokens)
+            if h in self.hash_to_block:  # computed twice (e.g. two equal prompts in one step): keep first
+                parent = h
+                continue
+            if not stored:
+                first_parent = parent
+            block.hash, block.token_ids = h, tokens
+            self.hash_to_block[h] = block.block_id
+            stored.append(h)
+            parent = h
+        if stored and self.on_event:
+            self.on_event("stored", stored, first_parent)
+
+    def fork(self, parent: Sequence, child: Sequence) -> int | None:
+        """Share the parent's full blocks with a child; returns a fresh block for the partial last
+        one, whose contents the caller copies (None if the prompt ends on a block boundary)."""
+        full = parent.num_computed_tokens // self.block_size
+        for block_id in parent.block_table[:full]:
+            self._ref(block_id)
+        child.block_table = parent.block_table[:full]
+        partial = None
+        if len(parent.block_table) > full:
+            partial = self._take_free()
+            child.block_table.append(partial)
+        child.num_computed_tokens = parent.num_computed_tokens
+        return partial
+
+    def free(self, seq: Sequence) -> None:
+        # Reverse order: a prefix's tail blocks become the first candidates for eviction.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.evictable[block_id] = None
+                else:
+                    self.free_ids.append(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        for block_id in list(self.evictable):
+            self._evict(block_id)
+            self.free_ids.append(block_id)
+        self.evictable.clear()
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            self.evictable.pop(block_id, None)
+        block.ref_count += 1
+
+    def _take_free(self) -> int:
+        if self.free_ids:
+            block_id = self.free_ids.popleft()
+        else:
+            block_id, _ = self.evictable.popitem(last=False)
+            self._evict(block_id)
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def _evict(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            del self.hash_to_block[block.hash]
+            if self.on_event:
+                self.on_event("removed", [block.hash], None)
+            block.hash, block.token_ids = None, []

@@ -1,0 +1,208 @@
+"""The engine: step() = schedule -> run the model -> sample -> post-process.
+
+Requests come in as token ids (the gateway templates and tokenizes), go out as per-step deltas of
+tokens, text and logprobs. `LLM` on top gives the in-process `generate(prompts, params)`.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.engine.block_manager import BlockManager, KvEventHook
+from shared.engine.config import EngineConfig
+from shared.engine.errors import InvalidRequestError
+from shared.engine.loader import Checkpoint, load_checkpoint
+from shared.engine.model import CausalLM
+from shared.engine.model_runner import ModelRunner
+from shared.engine.sampler import sample
+from shared.engine.sampling_params import SamplingParams
+from shared.engine.scheduler import Scheduler
+from shared.engine.sequence import Sequence
+from shared.engine.stop_checker import StopChecker
+from shared.engine.system import default_dtype, kv_cache_bytes
+
+
+@dataclass
+class SeqDelta:
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list | None = None  # per token: (logprob, [(token_id, logprob), ...])
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[SeqDelta]
+    finished: bool
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seqs: list[Sequence]
+    n: int
+    finished: set[int] = field(default_factory=set)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
+                 on_kv_event: KvEventHook | None = None):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = default_dtype(config.dtype, self.device)
+        ckpt = checkpoint or load_checkpoint(config.model)
+        self.model_config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        self.generation_defaults = ckpt.generation_defaults
+        self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
+                                 ckpt.config.max_position_embeddings)
+        with torch.device("meta"):
+            model = CausalLM(ckpt.config, self.max_model_len)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.model.rotary.__init__(ckpt.config, self.max_model_len)  # buffers were on meta
+        model.model.rotary.to(self.device)
+        model.load_weights(ckpt.weights)
+        self.model = model.eval()
+        block_bytes = ModelRunner.block_bytes(model, config.block_size, self.dtype)
+        num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          on_kv_event)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype)
+        self.eos_token_ids = list(ckpt.config.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+
+    # ---- requests -----------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError for a request this engine cannot run; touches no state."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams")
+        params.validate()
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        max_tokens = params.max_tokens or 1
+        if len(prompt_token_ids) + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request "
+                f"has {len(prompt_token_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
+        if params.n > self.config.max_num_seqs:
+            raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs}", "n")
+        need = -(-(len(prompt_token_ids) + max_tokens) // self.config.block_size)
+        if need > self.block_manager.num_blocks:
+            raise InvalidRequestError(f"the request needs {need} KV blocks; the cache has "
+                                      f"{self.block_manager.num_blocks}", "max_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, arrival: float | None = None) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority,
+                            time.monotonic() if arrival is None else arrival)
+        self.requests[request_id] = _Request(request_id, [seq], params.n)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks at once. False if it is not here."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams, index: int,
+                 priority: int, arrival: float) -> Sequence:
+        seq = Sequence(request_id, prompt, params, index, priority, arrival)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        seq.stop_checker = StopChecker(seq, self.tokenizer, self.eos_token_ids, self.max_model_len)
+        return seq
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampling = self.runner.run(batch)
+        for s in batch:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(s.seq)
+        logits, sampling = self._fork_siblings(logits, sampling)
+        if not sampling:
+            return []
+        sampled = sample(logits, sampling, self.eos_token_ids)
+        deltas: dict[str, list[SeqDelta]] = {}
+        for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+            seq.token_ids.append(token)
+            reason = seq.stop_checker.append(token)
+            if reason:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+            text = seq.stop_checker.new_text(finished=reason is not None)
+            deltas.setdefault(seq.request_id, []).append(
+                SeqDelta(seq.index, [token], text, [logprob] if logprob else None, reason))
+        return [self._request_output(rid, d) for rid, d in deltas.items()]
+
+    def _fork_siblings(self, logits: torch.Tensor, sampling: list[Sequence]):
+        """n > 1: when the first sequence of a request finishes its prompt, its siblings share its
+        prompt blocks (copying only the partial last one) and sample from the same logits."""
+        extra_rows, children = [], []
+        for row, seq in enumerate(sampling):
+            if not seq.num_forks:
+                continue
+            request = self.requests[seq.request_id]
+            for index in range(1, seq.num_forks + 1):
+                child = self._new_seq(seq.request_id, seq.token_ids, seq.params, index, seq.priority,
+                                      seq.arrival)
+                child.num_cached_tokens = seq.num_cached_tokens
+                request.seqs.append(child)
+                if self.block_manager.num_free_blocks < 1:  # no room to copy: recompute it later
+                    self.scheduler.add(child)
+                    continue
+                partial = self.block_manager.fork(seq, child)
+                if partial is not None:
+                    self.runner.copy_block(seq.block_table[len(child.block_table) - 1], partial)
+                self.scheduler.start(child)
+                extra_rows.append(row)
+                children.append(child)
+            seq.num_forks = 0
+        if children:
+            logits = torch.cat([logits, logits[extra_rows]])
+        return logits, sampling + children
+
+    def _request_output(self, request_id: str, deltas: list[SeqDelta]) -> RequestOutput:
+        request = self.requests[request_id]
+        request.finished.update(d.index for d in deltas if d.finish_reason)
+        finished = len(request.finished) == request.n
+        if finished:
+            del self.requests[request_id]
+        first = request.seqs[0]
+        return RequestOutput(request_id, deltas, finished, first.num_prompt_tokens, first.num_cached_tokens)
+
+    # ---- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": bm.num_free_blocks,
+            "total_blocks": bm.num_blocks,
+            "prefix_queries": bm.prefix_queries,
+            "prefix_hits": bm.prefix_hits,
+            "preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,98 @@
+"""Who runs this step: continuous batching under a token budget, chunked prefill, preemption.
+
+Each step gives every running sequence the tokens it still needs (one for a decode, a chunk for a
+prefill in progress), then admits waiting sequences while the budget and `max_num_seqs` allow.
+When blocks run out, the lowest-priority, latest-arrived running sequence is preempted: its blocks
+are freed and it goes back to waiting, to be recomputed (the prefix cache usually makes that cheap).
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from shared.engine.block_manager import BlockManager
+from shared.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens whose KV this step computes
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence: its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue in (priority, arrival) order: an online request passes queued offline ones."""
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].sort_key() > seq.sort_key():
+            i -= 1
+        self.waiting.insert(i, seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted = False
+        for seq in sorted(self.running, key=Sequence.sort_key):
+            if seq.status != SequenceStatus.RUNNING or budget == 0:
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+                victim = max(self.running, key=Sequence.sort_key)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+        # Admit new work only when nothing had to be preempted, or we would thrash.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.block_manager.allocate_prefix(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+                self.block_manager.free(seq)  # hold no cached blocks while waiting
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def start(self, seq: Sequence) -> None:
+        """Run a sequence whose blocks are already in place (a forked sibling, an imported prefill)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Free a finished or aborted sequence's blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,60 @@
+"""A sequence's state: its tokens, its block table, how far its KV has been computed, its outputs."""
+
+from enum import Enum, auto
+from itertools import count
+
+import torch
+
+from shared.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 index: int = 0, priority: int = 0, arrival: float = 0.0):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n sequences
+        self.params = params
+        self.priority = priority  # 0 = online; larger runs later
+        self.arrival = arrival
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # of the prompt, served from the prefix cache at admission
+        self.num_forks = params.n - 1 if index == 0 else 0  # siblings still to be forked off
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None  # set by the engine for seeded requests
+        self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Scheduling order: online before offline, then first come first served."""
+        return (self.priority, self.arrival, self.seq_id)
