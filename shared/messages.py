@@ -178,3 +178,32 @@ class JobDone(Message):
     job_id: str
     completed: int
     failed: int
+
+
+@dataclass
+class KvQuery(Message):
+    """Router -> kvcache service: how long a prefix of these tokens does each instance hold?
+
+    `block_size` must be the instances' KV block size (hashes of other block sizes never match).
+    """
+
+    kind: ClassVar[str] = "kv_query"
+    request_id: str
+    token_ids: list[int]
+    block_size: int = 16
+
+
+@dataclass
+class KvQueryReply(Message):
+    """Per instance, the number of leading full blocks of the query it holds (instances with 0 left out).
+
+    `tiers` breaks each instance's matched blocks down by the fastest tier holding them
+    ({"device": n, "host": m}); `num_blocks` is the query's number of full blocks.
+    """
+
+    kind: ClassVar[str] = "kv_query_reply"
+    request_id: str
+    matches: dict[str, int] = field(default_factory=dict)
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+    num_blocks: int = 0
+    error: str | None = None
