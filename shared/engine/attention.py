@@ -15,38 +15,40 @@ import torch.nn.functional as F
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot each new token's K/V is written to
     num_decode_tokens: int  # tokens [0, num_decode_tokens) are one-token decodes, one per sequence
-    decode_slots: torch.Tensor | None = None  # [Bd, Ld] pool slots of each decode's context
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Ld] True where a key is visible
+    decode_blocks: torch.Tensor | None = None  # [Bd, nb] block table of each decode, padded
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, nb * block_size] True where a key is visible
     chunk_token_index: torch.Tensor | None = None  # [Bc, Qc] flat token index of each chunk query
     chunk_valid: torch.Tensor | None = None  # [Bc, Qc] False on padding
-    chunk_slots: torch.Tensor | None = None  # [Bc, Lc]
-    chunk_mask: torch.Tensor | None = None  # [Bc, 1, Qc, Lc] causal, offset by the cached context
+    chunk_blocks: torch.Tensor | None = None  # [Bc, nb]
+    chunk_mask: torch.Tensor | None = None  # [Bc, 1, Qc, nb * block_size] causal, after the cached context
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim]; caches: [slots, kv_heads, head_dim]. Returns [T, heads, head_dim]."""
+    """q: [T, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim]. -> [T, heads, head_dim]."""
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = _attend(q[:nd].unsqueeze(2), k_cache, v_cache, meta.decode_slots, meta.decode_mask,
+        out[:nd] = _attend(q[:nd].unsqueeze(2), k_cache, v_cache, meta.decode_blocks, meta.decode_mask,
                            scale).squeeze(2)
     if meta.chunk_token_index is not None:
         # [Bc, Qc, H, D] -> [Bc, H, Qc, D]; padded queries read token 0 and are dropped below.
         qc = q[meta.chunk_token_index].transpose(1, 2)
-        oc = _attend(qc, k_cache, v_cache, meta.chunk_slots, meta.chunk_mask, scale).transpose(1, 2)
+        oc = _attend(qc, k_cache, v_cache, meta.chunk_blocks, meta.chunk_mask, scale).transpose(1, 2)
         out[meta.chunk_token_index[meta.chunk_valid]] = oc[meta.chunk_valid]
     return out
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
             mask: torch.Tensor, scale: float) -> torch.Tensor:
-    k = k_cache[slots].transpose(1, 2)  # [B, kv_heads, L, D]
-    v = v_cache[slots].transpose(1, 2)
+    # Gather whole blocks (rows of block_size * kv_heads * head_dim): far cheaper than per-slot gathers.
+    shape = (blocks.shape[0], -1, *k_cache.shape[2:])
+    k = k_cache.index_select(0, blocks.flatten()).view(shape).transpose(1, 2)  # [B, kv_heads, L, D]
+    v = v_cache.index_select(0, blocks.flatten()).view(shape).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -1,6 +1,6 @@
 """Inputs for one step, the paged KV pool, and the forward pass.
 
-The pool is one preallocated tensor per K and V: [layers, blocks * block_size, kv_heads, head_dim].
+The pool is one preallocated tensor per K and V: [layers, blocks, block_size, kv_heads, head_dim].
 A token at position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
 """
 
@@ -19,10 +19,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         cfg = model.config
-        shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # empty, not zeros: pages are touched only as blocks are used
-        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
-        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
+        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # zeros, not empty: masked-out keys still get multiplied by 0, and 0 * NaN garbage is NaN
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_cache[i], self.v_cache[i]
 
@@ -53,7 +53,9 @@ class ModelRunner:
                 sampling.append(seq)
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(decodes))
         if decodes:
-            meta.decode_slots, meta.decode_mask = self._context(decodes, query_len=1)
+            meta.decode_blocks, ctx_lens = self._block_tables(decodes)
+            keys = torch.arange(meta.decode_blocks.shape[1] * self.block_size)
+            meta.decode_mask = (keys < ctx_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1).to(self.device)
         if chunks:
             self._chunk_metadata(chunks, len(decodes), meta)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)
@@ -68,30 +70,22 @@ class ModelRunner:
         q_pos = torch.arange(int(q_lens.max()))
         valid = q_pos < q_lens.unsqueeze(1)
         token_index = torch.where(valid, q_offsets.unsqueeze(1) + q_pos, 0)
-        slots, _ = self._context(chunks, query_len=None)
-        k_pos = torch.arange(slots.shape[1])
+        blocks, _ = self._block_tables(chunks)
+        k_pos = torch.arange(blocks.shape[1] * self.block_size)
         # key j is visible to query i of a chunk starting at `start` iff j <= start + i
         mask = k_pos.view(1, 1, -1) <= (starts.view(-1, 1, 1) + q_pos.view(1, -1, 1))
         meta.chunk_token_index = token_index.to(self.device)
         meta.chunk_valid = valid.to(self.device)
-        meta.chunk_slots = slots
+        meta.chunk_blocks = blocks
         meta.chunk_mask = mask.unsqueeze(1).to(self.device)
 
-    def _context(self, group: list[ScheduledSeq], query_len: int | None):
-        """Pool slots of each sequence's whole context after this step, padded; and a key mask."""
-        ctx_lens = torch.tensor([s.seq.num_computed_tokens + s.num_new_tokens for s in group])
-        max_len = int(ctx_lens.max())
-        num_blocks = -(-max_len // self.block_size)
-        tables = torch.zeros(len(group), num_blocks, dtype=torch.long)
-        for row, s in enumerate(group):
-            bt = s.seq.block_table[:num_blocks]
-            tables[row, : len(bt)] = torch.tensor(bt)
-        pos = torch.arange(max_len)
-        slots = tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        mask = None
-        if query_len == 1:
-            mask = (pos.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(len(group), 1, 1, max_len).to(self.device)
-        return slots.to(self.device), mask
+    def _block_tables(self, group: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables covering each sequence's context after this step (padded), and its length."""
+        ctx_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in group]
+        num_blocks = -(-max(ctx_lens) // self.block_size)
+        tables = [s.seq.block_table[: -(-n // self.block_size)] for s, n in zip(group, ctx_lens)]
+        padded = [t + [0] * (num_blocks - len(t)) for t in tables]
+        return self._tensor(padded), torch.tensor(ctx_lens)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -101,18 +95,15 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def copy_block(self, src: int, dst: int) -> None:
-        bs = self.block_size
         for cache in (self.k_cache, self.v_cache):
-            cache[:, dst * bs : (dst + 1) * bs] = cache[:, src * bs : (src + 1) * bs]
+            cache[:, dst] = cache[:, src]
 
     def read_blocks(self, block_ids: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of some blocks of one layer: [n, block_size, kv_heads, head_dim] each."""
-        idx = torch.tensor(block_ids, device=self.device)
-        shape = (-1, self.block_size, *self.k_cache.shape[2:])
-        return self.k_cache[layer].view(shape)[idx], self.v_cache[layer].view(shape)[idx]
+        idx = self._tensor(block_ids)
+        return self.k_cache[layer, idx], self.v_cache[layer, idx]
 
     def write_blocks(self, block_ids: list[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        idx = torch.tensor(block_ids, device=self.device)
-        shape = (-1, self.block_size, *self.k_cache.shape[2:])
-        self.k_cache[layer].view(shape)[idx] = k.to(self.device, self.k_cache.dtype)
-        self.v_cache[layer].view(shape)[idx] = v.to(self.device, self.v_cache.dtype)
+        idx = self._tensor(block_ids)
+        self.k_cache[layer, idx] = k.to(self.device, self.k_cache.dtype)
+        self.v_cache[layer, idx] = v.to(self.device, self.v_cache.dtype)
