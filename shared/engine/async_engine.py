@@ -1,0 +1,164 @@
+"""The step-driven engine on its own thread, for asyncio services.
+
+torch releases the GIL inside its kernels, so the event loop (NATS, heartbeats, HTTP) stays
+responsive while a step runs. All engine state is touched only on the engine thread: callers
+submit closures, and outputs come back through per-request asyncio queues.
+"""
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+
+from shared.engine.llm_engine import LLMEngine, RequestOutput, SeqDelta
+from shared.engine.sampling_params import SamplingParams
+
+log = structlog.get_logger()
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 10)
+
+    # ---- API for the event loop ---------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0) -> asyncio.Queue:
+        """Validate (raises InvalidRequestError) and queue a request; outputs arrive on the queue."""
+        self.engine.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._submit(lambda: self.engine.add_request(request_id, prompt_token_ids, params, priority))
+        return stream
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes; cancelling the iteration aborts it."""
+        stream = self.add_request(request_id, prompt_token_ids, params, priority)
+        async for out in self.outputs(request_id, stream):
+            yield out
+
+    async def outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request now (its blocks are freed on the engine thread at the next turn)."""
+        if self._streams.pop(request_id, None) is not None:
+            self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the engine thread, between steps, and return its result."""
+        future = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as e:
+                self._loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._submit(run)
+        return await future
+
+    def register_stream(self, request_id: str) -> asyncio.Queue:
+        """A stream for a request added through `call` (e.g. one imported from a prefill worker)."""
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            while not self._commands.empty():
+                self._run_command(self._commands.get())
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug, not bad input: fail what is running, keep serving
+                log.exception("engine step failed; aborting running requests")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _run_command(self, command: Callable[[], None]) -> None:
+        try:
+            command()
+        except Exception:
+            log.exception("engine command failed")
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return  # aborted meanwhile
+        stream.put_nowait(out)
+        if out.finished:
+            del self._streams[out.request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._loop.call_soon_threadsafe(self._fail, request_id, EngineDeadError(str(error)))
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put_nowait(error)
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestOutput", "SeqDelta"]
