@@ -207,3 +207,28 @@ class KvQueryReply(Message):
     tiers: dict[str, dict[str, int]] = field(default_factory=dict)
     num_blocks: int = 0
     error: str | None = None
+
+
+@dataclass
+class Ack(Message):
+    """Worker -> router, the reply to a forwarded GenerateRequest: taken (ok) or refused (why)."""
+
+    kind: ClassVar[str] = "ack"
+    request_id: str
+    instance_id: str
+    ok: bool = True
+    error: dict[str, Any] | None = None  # {"message", "type", "code"} as in StreamChunk.error
+
+
+@dataclass
+class RouteReply(Message):
+    """Router -> gateway (reply to the request on ROUTER_GENERATE): where the request went.
+
+    `instances` lists the workers now holding it (prefill then decode, or the colocated one), so the
+    gateway can notice one of them leaving the registry and resubmit. On failure `error` is set.
+    """
+
+    kind: ClassVar[str] = "route"
+    request_id: str
+    instances: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
