@@ -1,0 +1,214 @@
+"""The aiohttp application: routes, auth, limits, and the error middleware that speaks OpenAI JSON.
+
+Everything the app talks to is passed in (tokenizer, model info, backend, registry), so tests can
+run it against a real NATS with a scripted router, or with fakes.
+"""
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from services.gateway import serving
+from services.gateway.backend import Backend
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import ApiError
+from services.gateway.protocol import ModelInfo
+from services.gateway.responses import dumps
+from services.gateway.telemetry import GatewayMetrics
+from shared.metrics import CONTENT_TYPE
+
+log = structlog.get_logger("xllm.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HEALTH_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Gateway:
+    """Per-app state shared by the handlers."""
+
+    config: GatewayConfig
+    tokenizer: Any  # shared.engine.tokenizer.Tokenizer or anything with its methods
+    model: ModelInfo
+    backend: Backend
+    registry: Any | None  # anything with `async list_instances() -> list[InstanceInfo]`
+    metrics: GatewayMetrics
+    inflight: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """One of the `max_inflight` request slots; 429 with Retry-After when all are taken."""
+        if self.inflight >= self.config.max_inflight:
+            raise ApiError(429, f"the server is busy ({self.inflight} requests in flight); retry later",
+                           "overloaded", None, "too_many_requests", self.config.retry_after_s)  # fmt: skip
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def create_app(
+    config: GatewayConfig,
+    tokenizer: Any,
+    model: ModelInfo,
+    backend: Backend,
+    registry: Any | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> web.Application:
+    """The gateway app. `backend` must be started (`await backend.start()`); the caller owns NATS."""
+    gw = Gateway(config, tokenizer, model, backend, registry, metrics or GatewayMetrics.create())
+    gw.metrics.running.set_function(lambda: gw.inflight)
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
+    app[GATEWAY] = gw
+    app.router.add_post("/v1/chat/completions", _generate("chat"))
+    app.router.add_post("/v1/completions", _generate("completion"))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/admin/instances", instances)
+    return app
+
+
+def _generate(kind: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        with gw.slot():
+            return await serving.generate(request, gw, kind)
+
+    return handler
+
+
+def error_response(e: ApiError) -> web.Response:
+    headers = {}
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(e.retry_after)
+    if e.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return web.Response(
+        status=e.status, body=dumps(e.body()), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes OpenAI error JSON; counts requests by route and status."""
+    gw = request.app[GATEWAY]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    try:
+        resp = await handler(request)
+    except ApiError as e:
+        resp = error_response(e)
+    except web.HTTPException as e:
+        resp = error_response(_from_http(request, e))
+        if "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+    except asyncio.CancelledError:  # client disconnected (handler cancellation)
+        gw.metrics.requests.labels(route, "499").inc()
+        raise
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        resp = error_response(ApiError(500, "internal server error", "server_error"))
+    status = "499" if request.get("client_gone") else str(resp.status)
+    gw.metrics.requests.labels(route, status).inc()
+    return resp
+
+
+def _from_http(request: web.Request, e: web.HTTPException) -> ApiError:
+    if e.status == 404:
+        return ApiError(404, f"no route {request.method} {request.path}", "invalid_request_error", None,
+                        "unknown_url")  # fmt: skip
+    if e.status == 405:
+        return ApiError(405, f"method {request.method} is not allowed for {request.path}",
+                        "invalid_request_error", None, "method_not_allowed")  # fmt: skip
+    kind = "invalid_request_error" if e.status < 500 else "server_error"
+    return ApiError(e.status, e.reason, kind)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[GATEWAY].config.api_key
+    if key and request.path.startswith(("/v1/", "/admin/")):
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           "invalid_request_error", None, "invalid_api_key")  # fmt: skip
+    return await handler(request)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": [_model_card(request.app[GATEWAY])]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    name = request.match_info["model"]
+    if name != gw.model.name:
+        raise ApiError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model",
+                       "model_not_found")  # fmt: skip
+    return _json(_model_card(gw))
+
+
+def _model_card(gw: Gateway) -> dict:
+    return {"id": gw.model.name, "object": "model", "created": gw.created, "owned_by": "xllm",
+            "root": gw.config.model, "max_model_len": gw.model.max_model_len}  # fmt: skip
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 only while a full path to a worker exists: a ready colocated instance, or a ready prefill
+    and a ready decode instance."""
+    gw = request.app[GATEWAY]
+    try:
+        live = await _instances(gw)
+    except Exception as e:
+        return _json({"status": "unavailable", "reason": f"instance registry: {e!r}"}, status=503)
+    ready: dict[str, int] = {}
+    for info in live:
+        if info.state == "ready":
+            ready[info.role] = ready.get(info.role, 0) + 1
+    ok = "colocated" in ready or ("prefill" in ready and "decode" in ready)
+    return _json({"status": "ok" if ok else "unavailable", "ready": ready}, status=200 if ok else 503)
+
+
+async def instances(request: web.Request) -> web.Response:
+    """Live instances for operators: id, role, pid, host, state and load."""
+    gw = request.app[GATEWAY]
+    try:
+        live = await _instances(gw)
+    except Exception as e:
+        raise ApiError(503, f"instance registry unavailable: {e!r}", "server_error") from None
+    return _json([
+        {"instance_id": i.instance_id, "role": i.role, "model": i.model, "pid": i.pid, "host": i.host,
+         "state": i.state, "updated_at": i.updated_at,
+         "load": {"running": i.running, "waiting": i.waiting, "free_blocks": i.free_blocks,
+                  "total_blocks": i.total_blocks}}
+        for i in live
+    ])  # fmt: skip
+
+
+async def _instances(gw: Gateway) -> list:
+    if gw.registry is None:
+        raise RuntimeError("no instance registry configured")
+    return await asyncio.wait_for(gw.registry.list_instances(), HEALTH_TIMEOUT_S)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.registry.render().encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=dumps(obj), content_type="application/json")

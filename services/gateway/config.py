@@ -1,0 +1,28 @@
+"""Gateway settings: `--kebab-case` flags, each also read from `XLLM_<NAME>` (see shared/config.py)."""
+
+from dataclasses import dataclass
+
+from shared.config import opt
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class GatewayConfig:
+    """OpenAI-compatible HTTP gateway: validates, tokenizes and streams requests over NATS."""
+
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "HTTP port", min=0, max=65535)
+    nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    model: str = opt("smollm2", "model name or path; only its tokenizer and chat template are loaded here")
+    served_model_name: str | None = opt(None, "model id clients send (default: the model's name)")
+    max_model_len: int | None = opt(None, "context length in tokens (default: the model's)", min=1)
+    api_key: str | None = opt(None, "if set, /v1/* and /admin/* require 'Authorization: Bearer <key>'")
+    max_body_bytes: int = opt(4 * 1024 * 1024, "largest request body accepted (413 above)", min=1024)
+    max_inflight: int = opt(256, "requests handled at once; more get 429 with Retry-After", min=1)
+    max_n: int = opt(16, "largest n (choices per request) accepted", min=1)
+    first_token_timeout_s: float = opt(120.0, "seconds to wait for a request's first output", min=0.01)
+    inter_token_timeout_s: float = opt(30.0, "seconds to wait between two outputs of a request", min=0.01)
+    retry_after_s: int = opt(1, "Retry-After seconds sent with 429 / 503", min=0)
+    shutdown_timeout_s: float = opt(30.0, "on SIGTERM, seconds in-flight requests get to finish", min=0)
+    log_level: str = opt("info", "log level", choices=LOG_LEVELS)

@@ -1,0 +1,172 @@
+"""One generation request end to end: body -> ParsedRequest -> router -> chunks -> JSON or SSE."""
+
+import asyncio
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from services.gateway import responses as R
+from services.gateway.body import parse_json, read_body
+from services.gateway.errors import ApiError, from_chunk_error
+from services.gateway.protocol import ParsedRequest, parse_chat, parse_completion
+from shared.messages import GenerateRequest, SeqOutput, StreamChunk
+
+if TYPE_CHECKING:
+    from services.gateway.app import Gateway
+    from services.gateway.backend import ReplyStream
+
+log = structlog.get_logger("xllm.gateway")
+
+PARSE_INLINE_BYTES = 32 * 1024  # larger bodies are parsed and tokenized in a thread, off the event loop
+
+
+async def generate(request: web.Request, gw: "Gateway", kind: str) -> web.StreamResponse:
+    """Handle POST /v1/chat/completions (kind "chat") or /v1/completions (kind "completion")."""
+    arrival = time.monotonic()
+    raw = await read_body(request, gw.config.max_body_bytes)
+    parsed = await _parse(raw, gw, kind)
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    with structlog.contextvars.bound_contextvars(request_id=rid):
+        req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="",
+                              model=gw.model.name, arrival_time=time.time())  # fmt: skip
+        gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+        log.info("request_accepted", kind=kind, prompt_tokens=len(req.prompt_token_ids),
+                 n=parsed.params.n, max_tokens=parsed.params.max_tokens, stream=parsed.stream)  # fmt: skip
+        run = _Run(request, gw, parsed, rid, arrival)
+        async with gw.backend.open(req) as stream:
+            first = await stream.next(gw.config.first_token_timeout_s, "first output")
+            if first.error:  # nothing sent yet: a real HTTP status (429/503 from the router, 400...)
+                raise from_chunk_error(first.error, gw.config.retry_after_s)
+            if parsed.stream:
+                return await run.stream_sse(stream, first)
+            return await run.respond_json(stream, first)
+
+
+async def _parse(raw: bytes, gw: "Gateway", kind: str) -> ParsedRequest:
+    parse = parse_chat if kind == "chat" else parse_completion
+
+    def work() -> ParsedRequest:
+        return parse(parse_json(raw), gw.model, gw.tokenizer, gw.config.max_n)
+
+    if len(raw) <= PARSE_INLINE_BYTES:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+class _Run:
+    """The state of one request while its chunks arrive."""
+
+    def __init__(self, request: web.Request, gw: "Gateway", parsed: ParsedRequest, rid: str, arrival: float):
+        self.request, self.gw, self.parsed, self.rid, self.arrival = request, gw, parsed, rid, arrival
+        self.created = int(time.time())
+        self.col = R.Collector(parsed.params.n, len(parsed.prompt_token_ids), keep=not parsed.stream)
+        self.last_output: float | None = None
+
+    async def respond_json(self, stream: "ReplyStream", chunk: StreamChunk) -> web.Response:
+        while True:
+            if chunk.error:
+                raise from_chunk_error(chunk.error, self.gw.config.retry_after_s)
+            self._observe(self.col.add(chunk))
+            if chunk.finished:
+                break
+            if self.request.transport is None or self.request.transport.is_closing():
+                log.info("client_disconnected")
+                return web.Response(status=499)  # leaving the stream aborts the request
+            chunk = await stream.next(self.gw.config.inter_token_timeout_s)
+        self._done()
+        tok, model = self.gw.tokenizer, self.gw.model.name
+        if self.parsed.kind == "chat":
+            body = R.chat_response(self.rid, self.created, model, self.col, tok)
+        else:
+            body = R.completion_response(self.rid, self.created, model, self.col, tok, self.parsed.echo)
+        return web.Response(body=R.dumps(body), content_type="application/json",
+                            headers={"X-Request-Id": self.rid})  # fmt: skip
+
+    async def stream_sse(self, stream: "ReplyStream", chunk: StreamChunk) -> web.StreamResponse:
+        """OpenAI SSE: role chunk(s) first (chat), deltas, finish_reason, usage chunk if asked, [DONE].
+        Errors after the headers went out become an error event before [DONE]."""
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                   "X-Request-Id": self.rid}  # fmt: skip
+        resp = web.StreamResponse(headers=headers)
+        try:
+            await resp.prepare(self.request)
+            if self.parsed.kind == "chat":
+                role = {"role": "assistant", "content": ""}
+                await resp.write(
+                    b"".join(R.sse(self._chat_chunk(i, role)) for i in range(self.parsed.params.n))
+                )
+            while True:
+                if chunk.error:
+                    await resp.write(R.sse(from_chunk_error(chunk.error, 0).body()))
+                    break
+                outputs = self.col.add(chunk)
+                self._observe(outputs)
+                events = [e for e in map(self._event, outputs) if e is not None]
+                if chunk.finished:
+                    self._done()
+                    if self.parsed.include_usage:
+                        events.append(R.usage_chunk(self.parsed.kind, self.rid, self.created,
+                                                    self.gw.model.name, self.col))  # fmt: skip
+                if events:
+                    await resp.write(b"".join(map(R.sse, events)))
+                if chunk.finished:
+                    break
+                try:
+                    chunk = await stream.next(self.gw.config.inter_token_timeout_s)
+                except ApiError as e:
+                    log.warning("stream_ended_early", error=e.message)
+                    await resp.write(R.sse(e.body()))
+                    break
+            await resp.write(R.SSE_DONE)
+        except ConnectionResetError:  # the client went away: leaving the stream aborts the request
+            log.info("client_disconnected")
+            self.request["client_gone"] = True
+        return resp
+
+    def _event(self, out: SeqOutput) -> dict | None:
+        """The SSE chunk for one sequence's new output (None when there is nothing to say)."""
+        if not (out.text or out.finish_reason or out.logprobs):
+            return None
+        tok = self.gw.tokenizer
+        if self.parsed.kind == "chat":
+            delta = {"content": out.text} if out.text else {}
+            lp = R.chat_logprobs(tok, out.token_ids, out.logprobs) if out.logprobs else None
+            return self._chat_chunk(out.index, delta, out.finish_reason, lp)
+        choice = self.col.choices[out.index]
+        text = out.text
+        if self.parsed.echo is not None and not choice.started:
+            text = self.parsed.echo + text
+        choice.started = True
+        lp = None
+        if out.logprobs:
+            lp = R.completion_logprobs(tok, out.token_ids, out.logprobs, choice.text_offset)
+            choice.text_offset += sum(len(t) for t in lp["tokens"])
+        return R.completion_chunk(self.rid, self.created, self.gw.model.name, out.index, text,
+                                  out.finish_reason, lp, self.parsed.include_usage)  # fmt: skip
+
+    def _chat_chunk(self, index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> dict:
+        return R.chat_chunk(self.rid, self.created, self.gw.model.name, index, delta, finish, lp,
+                            self.parsed.include_usage)  # fmt: skip
+
+    def _observe(self, outputs: list[SeqOutput]) -> None:
+        new_tokens = sum(len(o.token_ids) for o in outputs)
+        if not new_tokens:
+            return
+        now = time.monotonic()
+        m = self.gw.metrics
+        if self.last_output is None:
+            m.ttft.observe(now - self.arrival)
+        else:
+            m.inter_token.observe(now - self.last_output)
+        self.last_output = now
+        m.generation_tokens.inc(new_tokens)
+
+    def _done(self) -> None:
+        m = self.gw.metrics
+        m.e2e.observe(time.monotonic() - self.arrival)
+        m.cached_tokens.inc(self.col.cached_tokens)
+        log.info("request_finished", completion_tokens=self.col.completion_tokens,
+                 cached_tokens=self.col.cached_tokens)  # fmt: skip
