@@ -1,0 +1,8 @@
+"""kvcache service: the global KV block index (which instance holds which prefix blocks, on which tier).
+
+Entry point: `python -m services.kvcache --nats URL`; in-process: `await run(KvCacheConfig(...))`.
+"""
+
+from services.kvcache.service import KvCacheConfig, KvCacheService, run
+
+__all__ = ["KvCacheConfig", "KvCacheService", "run"]

@@ -1,0 +1,276 @@
+"""kvcache service: follows every worker's KV events, answers "longest cached prefix per instance".
+
+    workers --KvEvent--> JetStream XLLM_KV_EVENTS --ordered consumer--> KvIndex
+    router  --KvQuery--> xllm.kvcache.query (queue "kvcache") --> KvQueryReply
+
+Replay: the index lives in memory, so a (re)started service must read the stream from its first
+message whatever it read before. An ordered consumer does exactly that: ephemeral (nothing to clean
+up, no name to share between replicas), every replica sees every event in order, and nats-py
+re-creates it from the last sequence it saw after a NATS restart or a missed heartbeat. A durable
+consumer would remember a position we have no use for, since the index died with the process; it
+would also have to be per replica to give each replica every event. Queries are only served once
+the replay has caught up with the stream as it was at start, so a restart never answers from a
+half-built index.
+
+Departed instances: every `prune_interval_s` the service reads the registry; an instance with
+entries in the index that is absent from the registry at two checks in a row (so a worker that
+publishes events just before its first heartbeat survives) is dropped from the index, and its
+subject is purged from the stream so that replays stay short. If it was only stalled and comes
+back, its next event shows a sequence gap and it is indexed afresh from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from services.kvcache.index import KvIndex
+from shared import bus, subjects
+from shared.block_hash import block_hashes
+from shared.logging import bind_request, configure_logging, get_logger
+from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
+from shared.registry import InstanceRegistry
+
+log = get_logger("xllm.kvcache")
+
+PRUNE_MISSES = 2  # consecutive registry checks an instance must be absent from before it is dropped
+
+
+@dataclass
+class KvCacheConfig:
+    nats_url: str = "nats://127.0.0.1:4222"
+    log_level: str = "info"
+    prune_interval_s: float = 5.0  # how often to compare the index with the registry; 0 = never
+    replay_timeout_s: float = 120.0  # serve anyway (possibly under-reporting) if replay takes longer
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> KvCacheConfig:
+        """Flags override XLLM_* environment variables, which override the defaults."""
+        env = os.environ
+        p = argparse.ArgumentParser(prog="python -m services.kvcache",
+                                    description="Global KV block index over NATS.")
+        p.add_argument("--nats", default=env.get("XLLM_NATS", cls.nats_url),
+                       help="NATS URL, comma-separated for a cluster (env XLLM_NATS)")
+        p.add_argument("--log-level", default=env.get("XLLM_LOG_LEVEL", cls.log_level),
+                       help="debug|info|warning|error (env XLLM_LOG_LEVEL)")
+        p.add_argument("--prune-interval", default=env.get("XLLM_KVCACHE_PRUNE_INTERVAL",
+                                                           str(cls.prune_interval_s)),
+                       help="seconds between registry checks, 0 disables (env XLLM_KVCACHE_PRUNE_INTERVAL)")
+        p.add_argument("--replay-timeout", default=env.get("XLLM_KVCACHE_REPLAY_TIMEOUT",
+                                                           str(cls.replay_timeout_s)),
+                       help="max seconds to wait for the replay before serving "
+                            "(env XLLM_KVCACHE_REPLAY_TIMEOUT)")
+        a = p.parse_args(argv)
+        try:
+            config = cls(nats_url=a.nats, log_level=a.log_level.lower(),
+                         prune_interval_s=_seconds("--prune-interval", a.prune_interval),
+                         replay_timeout_s=_seconds("--replay-timeout", a.replay_timeout))
+            config.validate()
+        except ValueError as e:
+            p.error(str(e))  # exits 2 with the usage line and the message
+        return config
+
+    def validate(self) -> None:
+        if not self.nats_url.strip() or not all(
+                u.strip().startswith(("nats://", "tls://", "ws://", "wss://"))
+                for u in self.nats_url.split(",")):
+            raise ValueError(f"--nats {self.nats_url!r}: expected nats://host:port[,nats://host:port...]")
+        if self.log_level not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError(f"--log-level {self.log_level!r}: expected debug, info, warning or error")
+
+
+def _seconds(flag: str, value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise ValueError(f"{flag} {value!r}: expected a number of seconds") from None
+    if s < 0:
+        raise ValueError(f"{flag} {value}: must be >= 0")
+    return s
+
+
+class KvCacheService:
+    """One replica of the service. Counters below are read by the metrics exporter."""
+
+    def __init__(self, nc: Client, config: KvCacheConfig):
+        self.nc = nc
+        self.config = config
+        self.index = KvIndex()
+        self.ready = asyncio.Event()  # replay caught up; queries are served
+        self.queries_served = 0
+        self.bad_events = 0
+        self.instances_dropped = 0
+        self._replay_until = 0  # stream sequence of the last message present at start
+        self._misses: dict[str, int] = {}
+        self._registry: InstanceRegistry | None = None
+        self._events_sub = None
+        self._query_sub = None
+        self._prune_task: asyncio.Task | None = None
+
+    # -- metrics ------------------------------------------------------------------------------------
+
+    @property
+    def events_applied(self) -> int:
+        return self.index.events_applied
+
+    @property
+    def gaps_detected(self) -> int:
+        return self.index.gaps_detected
+
+    @property
+    def index_size(self) -> int:
+        return self.index.size
+
+    def stats(self) -> dict[str, int]:
+        return {"events_applied": self.events_applied, "gaps_detected": self.gaps_detected,
+                "queries_served": self.queries_served, "index_size": self.index_size,
+                "index_entries": self.index.entries, "instances": len(self.index.instances),
+                "bad_events": self.bad_events, "instances_dropped": self.instances_dropped}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Replay the event stream, then serve queries and follow new events."""
+        js = self.nc.jetstream()
+        await bus.ensure_stream(js, bus.KV_EVENTS)
+        self._registry = await InstanceRegistry.open(js)
+        state = (await js.stream_info(subjects.KV_EVENTS_STREAM)).state
+        self._replay_until = state.last_seq if state.messages else 0
+        if not self._replay_until:
+            self.ready.set()
+        self._events_sub = await js.subscribe(
+            f"{subjects.KV_EVENTS_PREFIX}.>", stream=subjects.KV_EVENTS_STREAM, cb=self._on_event,
+            ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, idle_heartbeat=5.0)
+        await self._wait_replayed(js)
+        log.info("replayed", events=self.events_applied, gaps=self.gaps_detected,
+                 instances=len(self.index.instances), blocks=self.index_size)
+        self._query_sub = await self.nc.subscribe(subjects.KVCACHE_QUERY, queue=subjects.KVCACHE_QUEUE,
+                                                  cb=self._on_query)
+        if self.config.prune_interval_s > 0:
+            self._prune_task = asyncio.create_task(self._prune_loop(), name="kvcache-prune")
+
+    async def _wait_replayed(self, js: JetStreamContext) -> None:
+        deadline = asyncio.get_running_loop().time() + self.config.replay_timeout_s
+        while not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), 1.0)
+            except TimeoutError:
+                # The messages we wait for may have aged out of the stream meanwhile: nothing to wait for.
+                state = (await js.stream_info(subjects.KV_EVENTS_STREAM)).state
+                if not state.messages or state.first_seq > self._replay_until:
+                    self.ready.set()
+                elif asyncio.get_running_loop().time() > deadline:
+                    log.warning("replay_slow", applied=self.events_applied, until_seq=self._replay_until)
+                    self.ready.set()
+
+    async def stop(self) -> None:
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            await asyncio.gather(self._prune_task, return_exceptions=True)
+        for sub in (self._query_sub, self._events_sub):
+            if sub is not None and not self.nc.is_closed:
+                await sub.unsubscribe()
+        self._query_sub = self._events_sub = self._prune_task = None
+
+    # -- handlers -----------------------------------------------------------------------------------
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            ev = KvEvent.decode(msg.data)
+            result = self.index.apply(ev)
+        except Exception as e:  # SchemaError, ValueError: one bad publisher must not stop the feed
+            self.bad_events += 1
+            log.warning("bad_kv_event", subject=msg.subject, error=str(e))
+        else:
+            if result.gap:
+                log.warning("kv_event_gap", instance=ev.instance_id, expected_seq=result.expected_seq,
+                            got_seq=ev.seq, action="dropped the instance's entries")
+        meta = msg.metadata
+        if not self.ready.is_set() and (meta.sequence.stream >= self._replay_until or meta.num_pending == 0):
+            self.ready.set()
+
+    async def _on_query(self, msg: Msg) -> None:
+        try:
+            q = KvQuery.decode(msg.data)
+        except SchemaError as e:
+            await bus.respond(msg, KvQueryReply(request_id="", error=str(e)))
+            return
+        with bind_request(q.request_id):
+            reply = self.query(q)
+            await bus.respond(msg, reply)
+            log.debug("kv_query", blocks=reply.num_blocks, matches=reply.matches, error=reply.error)
+
+    def query(self, q: KvQuery) -> KvQueryReply:
+        """Longest cached prefix of `q.token_ids` per instance, in blocks of `q.block_size`."""
+        self.queries_served += 1
+        if not isinstance(q.block_size, int) or q.block_size <= 0:
+            return KvQueryReply(request_id=q.request_id, error=f"block_size {q.block_size!r} must be > 0")
+        if not isinstance(q.token_ids, list) or not all(isinstance(t, int) for t in q.token_ids):
+            return KvQueryReply(request_id=q.request_id, error="token_ids must be a list of ints")
+        hashes = block_hashes(q.token_ids, q.block_size)
+        tiers = self.index.longest_prefix(hashes)
+        by_tier: dict[str, dict[str, int]] = {}
+        for iid, ts in tiers.items():
+            counts = by_tier[iid] = {}
+            for t in ts:
+                counts[t] = counts.get(t, 0) + 1
+        return KvQueryReply(request_id=q.request_id, matches={i: len(ts) for i, ts in tiers.items()},
+                            tiers=by_tier, num_blocks=len(hashes))
+
+    # -- registry pruning ---------------------------------------------------------------------------
+
+    async def check_registry(self) -> list[str]:
+        """Compare indexed instances with the registry; drop those missing twice in a row."""
+        assert self._registry is not None, "start() first"
+        live = {info.instance_id for info in await self._registry.list_instances()}
+        dropped = []
+        for iid in list(self.index.instances):
+            if iid in live:
+                self._misses.pop(iid, None)
+                continue
+            self._misses[iid] = self._misses.get(iid, 0) + 1
+            if self._misses[iid] >= PRUNE_MISSES:
+                del self._misses[iid]
+                self.index.drop_instance(iid)
+                self.instances_dropped += 1
+                dropped.append(iid)
+                await self.nc.jetstream().purge_stream(subjects.KV_EVENTS_STREAM,
+                                                       subject=subjects.kv_events(iid))
+                log.info("instance_dropped", instance=iid, reason="absent from the registry")
+        return dropped
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.prune_interval_s)
+            try:
+                await self.check_registry()
+            except Exception as e:  # NATS hiccup: try again next time
+                log.warning("registry_check_failed", error=f"{type(e).__name__}: {e}")
+
+
+async def run(config: KvCacheConfig) -> None:
+    """Serve until SIGTERM / SIGINT."""
+    configure_logging("kvcache", config.log_level)
+    nc = await bus.connect(config.nats_url, name="kvcache")
+    service = KvCacheService(nc, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        log.info("serving", subject=subjects.KVCACHE_QUERY, nats=config.nats_url)
+        await stop.wait()
+    finally:
+        log.info("stopping", **service.stats())
+        await service.stop()
+        await nc.drain()

@@ -1,0 +1,36 @@
+"""Shared fixtures: a real nats-server (JetStream on) for integration tests, and a client to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from nats.aio.client import Client
+
+from shared.bus import connect
+from shared.natsd import NatsServer
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of one nats-server for the whole session (starts in ~30 ms, stopped at the end).
+
+    Shared: tests isolate themselves with unique names (instance ids, buckets) or by purging what
+    they use first.
+    """
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: str) -> AsyncIterator[Client]:
+    """A connected client to `nats_server`, closed after the test."""
+    client = await connect(nats_server, name="test", connect_wait_s=2.0)
+    try:
+        yield client
+    finally:
+        await client.close()
