@@ -118,18 +118,18 @@ def test_duplicates_first_seq_and_cleared() -> None:
 
 def test_config_from_args_and_env(monkeypatch) -> None:
     monkeypatch.setenv("XLLM_NATS", "nats://envhost:4222")
-    monkeypatch.setenv("XLLM_KVCACHE_PRUNE_INTERVAL", "2.5")
+    monkeypatch.setenv("XLLM_PRUNE_INTERVAL_S", "2.5")
     c = KvCacheConfig.from_args([])
-    assert (c.nats_url, c.prune_interval_s, c.log_level) == ("nats://envhost:4222", 2.5, "info")
-    c = KvCacheConfig.from_args(["--nats", "nats://a:1,nats://b:2", "--log-level", "DEBUG"])
-    assert (c.nats_url, c.log_level) == ("nats://a:1,nats://b:2", "debug")
+    assert (c.nats, c.prune_interval_s, c.log_level) == ("nats://envhost:4222", 2.5, "info")
+    c = KvCacheConfig.from_args(["--nats", "nats://a:1,nats://b:2", "--log-level", "debug"])
+    assert (c.nats, c.log_level) == ("nats://a:1,nats://b:2", "debug")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--nats", "localhost:4222"], "expected nats://"),
     (["--log-level", "loud"], "--log-level"),
-    (["--prune-interval", "soon"], "number of seconds"),
-    (["--replay-timeout", "-1"], "must be >= 0"),
+    (["--prune-interval-s", "soon"], "expected float"),
+    (["--replay-timeout-s", "-1"], "must be >= 0"),
 ])
 def test_config_rejects_bad_values(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as e:

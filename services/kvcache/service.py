@@ -21,13 +21,12 @@ back, its next event shows a sequence gap and it is indexed afresh from there.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import uvloop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -36,66 +35,37 @@ from nats.js.api import DeliverPolicy
 from services.kvcache.index import KvIndex
 from shared import bus, subjects
 from shared.block_hash import block_hashes
+from shared.config import load_config, opt
 from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
 from shared.registry import InstanceRegistry
 
 log = get_logger("xllm.kvcache")
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 PRUNE_MISSES = 2  # consecutive registry checks an instance must be absent from before it is dropped
 
 
 @dataclass
 class KvCacheConfig:
-    nats_url: str = "nats://127.0.0.1:4222"
-    log_level: str = "info"
-    prune_interval_s: float = 5.0  # how often to compare the index with the registry; 0 = never
-    replay_timeout_s: float = 120.0  # serve anyway (possibly under-reporting) if replay takes longer
+    """Global KV block index: follows workers' KV events, answers longest-cached-prefix queries."""
+
+    nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    log_level: str = opt("info", "log level", choices=LOG_LEVELS)
+    prune_interval_s: float = opt(5.0, "seconds between registry checks that drop departed instances "
+                                       "(0 = never)", min=0)
+    replay_timeout_s: float = opt(120.0, "at start, serve after this many seconds even if the replay "
+                                         "has not caught up (answers may under-report)", min=0)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> KvCacheConfig:
-        """Flags override XLLM_* environment variables, which override the defaults."""
-        env = os.environ
-        p = argparse.ArgumentParser(prog="python -m services.kvcache",
-                                    description="Global KV block index over NATS.")
-        p.add_argument("--nats", default=env.get("XLLM_NATS", cls.nats_url),
-                       help="NATS URL, comma-separated for a cluster (env XLLM_NATS)")
-        p.add_argument("--log-level", default=env.get("XLLM_LOG_LEVEL", cls.log_level),
-                       help="debug|info|warning|error (env XLLM_LOG_LEVEL)")
-        p.add_argument("--prune-interval", default=env.get("XLLM_KVCACHE_PRUNE_INTERVAL",
-                                                           str(cls.prune_interval_s)),
-                       help="seconds between registry checks, 0 disables (env XLLM_KVCACHE_PRUNE_INTERVAL)")
-        p.add_argument("--replay-timeout", default=env.get("XLLM_KVCACHE_REPLAY_TIMEOUT",
-                                                           str(cls.replay_timeout_s)),
-                       help="max seconds to wait for the replay before serving "
-                            "(env XLLM_KVCACHE_REPLAY_TIMEOUT)")
-        a = p.parse_args(argv)
-        try:
-            config = cls(nats_url=a.nats, log_level=a.log_level.lower(),
-                         prune_interval_s=_seconds("--prune-interval", a.prune_interval),
-                         replay_timeout_s=_seconds("--replay-timeout", a.replay_timeout))
-            config.validate()
-        except ValueError as e:
-            p.error(str(e))  # exits 2 with the usage line and the message
-        return config
+        """Flags, else XLLM_* env vars (XLLM_NATS, XLLM_LOG_LEVEL, ...), else defaults; exits 2 if bad."""
+        return load_config(cls, argv, prog="python -m services.kvcache")
 
     def validate(self) -> None:
-        if not self.nats_url.strip() or not all(
-                u.strip().startswith(("nats://", "tls://", "ws://", "wss://"))
-                for u in self.nats_url.split(",")):
-            raise ValueError(f"--nats {self.nats_url!r}: expected nats://host:port[,nats://host:port...]")
-        if self.log_level not in ("debug", "info", "warning", "error", "critical"):
-            raise ValueError(f"--log-level {self.log_level!r}: expected debug, info, warning or error")
-
-
-def _seconds(flag: str, value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise ValueError(f"{flag} {value!r}: expected a number of seconds") from None
-    if s < 0:
-        raise ValueError(f"{flag} {value}: must be >= 0")
-    return s
+        urls = [u.strip() for u in self.nats.split(",")]
+        if not all(u.startswith(("nats://", "tls://", "ws://", "wss://")) for u in urls):
+            raise ValueError(f"--nats {self.nats!r}: expected nats://host:port[,nats://host:port...]")
 
 
 class KvCacheService:
@@ -151,7 +121,7 @@ class KvCacheService:
             f"{subjects.KV_EVENTS_PREFIX}.>", stream=subjects.KV_EVENTS_STREAM, cb=self._on_event,
             ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, idle_heartbeat=5.0)
         await self._wait_replayed(js)
-        log.info("replayed", events=self.events_applied, gaps=self.gaps_detected,
+        log.info("kvcache_replayed", events=self.events_applied, gaps=self.gaps_detected,
                  instances=len(self.index.instances), blocks=self.index_size)
         self._query_sub = await self.nc.subscribe(subjects.KVCACHE_QUERY, queue=subjects.KVCACHE_QUEUE,
                                                   cb=self._on_query)
@@ -257,20 +227,29 @@ class KvCacheService:
                 log.warning("registry_check_failed", error=f"{type(e).__name__}: {e}")
 
 
-async def run(config: KvCacheConfig) -> None:
-    """Serve until SIGTERM / SIGINT."""
+def run(config: KvCacheConfig) -> None:
+    """Serve until SIGTERM / SIGINT (the entry point of `python -m services.kvcache`)."""
     configure_logging("kvcache", config.log_level)
-    nc = await bus.connect(config.nats_url, name="kvcache")
+    uvloop.run(serve(config))
+
+
+async def serve(config: KvCacheConfig, stop: asyncio.Event | None = None,
+                started: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (default: until SIGTERM / SIGINT); `started` is set once serving."""
+    nc = await bus.connect(config.nats, name="kvcache")
     service = KvCacheService(nc, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
-        log.info("serving", subject=subjects.KVCACHE_QUERY, nats=config.nats_url)
+        log.info("kvcache_serving", subject=subjects.KVCACHE_QUERY, nats=config.nats)
+        if started is not None:
+            started.set()
         await stop.wait()
     finally:
-        log.info("stopping", **service.stats())
+        log.info("kvcache_stopping", **service.stats())
         await service.stop()
         await nc.drain()
