@@ -18,7 +18,7 @@ from shared.engine.model_runner import ModelRunner
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
-from shared.engine.sequence import Sequence
+from shared.engine.sequence import Sequence, SequenceStatus
 from shared.engine.stop_checker import StopChecker
 from shared.engine.system import default_dtype, kv_cache_bytes
 
@@ -66,6 +66,7 @@ class LLMEngine:
         with torch.device("meta"):
             model = CausalLM(ckpt.config, self.max_model_len)
         model = model.to_empty(device=self.device).to(self.dtype)
+        model.tie_weights()
         model.model.rotary.__init__(ckpt.config, self.max_model_len)  # buffers were on meta
         model.model.rotary.to(self.device)
         model.load_weights(ckpt.weights)
@@ -79,6 +80,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self.held: dict[str, Sequence] = {}  # prefill role: finished prefills whose blocks await hand-off
+        self.importing: dict[str, Sequence] = {}  # decode role: blocks reserved, KV being written
+        self._ready: list[RequestOutput] = []  # outputs produced outside a model step
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -115,6 +119,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks at once. False if it is not here."""
+        if request_id in self.held or request_id in self.importing:
+            self.block_manager.free(self.held.pop(request_id, None) or self.importing.pop(request_id))
+            return True
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
@@ -124,7 +131,64 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._ready)
+
+    # ---- prefill -> decode hand-off -------------------------------------------------------------
+    def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                            priority: int = 0) -> None:
+        """Prefill role: compute the KV of every prompt token but the last (the decode worker computes
+        that one and samples, so seeds, logprobs and n work there as anywhere). When done, the request
+        finishes with no output and its blocks stay held for `held_blocks` until `release_held`."""
+        if request_id in self.requests or request_id in self.held:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
+        seq.prefill_only = True
+        if seq.num_target_tokens == 0:
+            self._hold(seq)
+            return
+        self.requests[request_id] = _Request(request_id, [seq], 1)
+        self.scheduler.add(seq)
+
+    def _hold(self, seq: Sequence) -> None:
+        if seq in self.scheduler.running:
+            self.scheduler.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.requests.pop(seq.request_id, None)
+        self.held[seq.request_id] = seq
+        self._ready.append(RequestOutput(seq.request_id, [], True, seq.num_prompt_tokens,
+                                         seq.num_cached_tokens))
+
+    def held_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """Blocks of a finished prefill and the number of tokens whose KV they hold."""
+        seq = self.held[request_id]
+        return list(seq.block_table), seq.num_computed_tokens
+
+    def release_held(self, request_id: str) -> None:
+        """The decode worker has the KV: free the blocks (they stay in the prefix cache)."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+
+    def reserve_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       num_tokens: int, priority: int = 0) -> list[int] | None:
+        """Decode role: blocks for the KV of the first `num_tokens` prompt tokens, to be written by
+        the caller (ModelRunner.write_blocks) before `commit_import`. None when there is no room."""
+        if request_id in self.requests or request_id in self.importing:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
+        if not 0 <= num_tokens < seq.num_tokens or not self.block_manager.allocate(seq, num_tokens):
+            self.block_manager.free(seq)
+            return None
+        seq.num_computed_tokens = num_tokens
+        self.importing[request_id] = seq
+        return list(seq.block_table)
+
+    def commit_import(self, request_id: str) -> None:
+        seq = self.importing.pop(request_id)
+        self.requests[request_id] = _Request(request_id, [seq], seq.params.n)
+        self.scheduler.add(seq)
 
     def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams, index: int,
                  priority: int, arrival: float) -> Sequence:
@@ -135,17 +199,22 @@ class LLMEngine:
         return seq
 
     # ---- the step -----------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        ready, self._ready = self._ready, []
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return ready
         logits, sampling = self.runner.run(batch)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(s.seq)
+            if s.seq.prefill_only and s.seq.num_computed_tokens == s.seq.num_target_tokens:
+                self._hold(s.seq)
+        ready, self._ready = ready + self._ready, []
         logits, sampling = self._fork_siblings(logits, sampling)
         if not sampling:
-            return []
+            return ready
         sampled = sample(logits, sampling, self.eos_token_ids)
         deltas: dict[str, list[SeqDelta]] = {}
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
@@ -157,7 +226,7 @@ class LLMEngine:
             text = seq.stop_checker.new_text(finished=reason is not None)
             deltas.setdefault(seq.request_id, []).append(
                 SeqDelta(seq.index, [token], text, [logprob] if logprob else None, reason))
-        return [self._request_output(rid, d) for rid, d in deltas.items()]
+        return ready + [self._request_output(rid, d) for rid, d in deltas.items()]
 
     def _fork_siblings(self, logits: torch.Tensor, sampling: list[Sequence]):
         """n > 1: when the first sequence of a request finishes its prompt, its siblings share its

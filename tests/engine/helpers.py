@@ -1,9 +1,8 @@
 """Small helpers shared by the engine tests."""
 
-from shared.engine.loader import Checkpoint
-
 from shared.engine.config import EngineConfig
 from shared.engine.llm_engine import LLMEngine
+from shared.engine.loader import Checkpoint
 from shared.engine.sampling_params import SamplingParams
 
 

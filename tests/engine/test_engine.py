@@ -3,8 +3,8 @@
 import random
 
 import pytest
-from shared.engine.loader import load_checkpoint
 
+from shared.engine.loader import load_checkpoint
 from shared.engine.sampling_params import SamplingParams
 from tests.engine.helpers import greedy, make_engine, run_all
 

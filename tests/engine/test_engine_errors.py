@@ -1,9 +1,9 @@
 """Bad input to the engine API raises a typed error, and the engine keeps serving."""
 
 import pytest
-from shared.engine.loader import load_checkpoint
 
 from shared.engine.errors import InvalidRequestError
+from shared.engine.loader import load_checkpoint
 from shared.engine.sampling_params import SamplingParams
 from tests.engine.helpers import greedy, make_engine, run_all
 

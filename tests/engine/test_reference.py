@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from shared.engine.loader import load_checkpoint
 
+from shared.engine.loader import load_checkpoint
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
@@ -26,9 +26,15 @@ def last_logits(engine, prompt_ids: list[int]) -> torch.Tensor:
     return logits[0]
 
 
+@torch.no_grad()
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
+    """Greedy decoding with transformers' own KV cache, EOS not special (like ignore_eos)."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 def check_against(engine, model, tokenizer, prompts: list[str], n_tokens: int) -> None:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from shared.engine.loader import load_checkpoint
 
+from shared.engine.loader import load_checkpoint
 from shared.engine.sampler import apply_penalties
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.sequence import Sequence
