@@ -1,0 +1,108 @@
+"""The offline workload: one batch job through NATS JetStream, timed from submit to JobDone.
+
+We publish a `Job` (every request as an OpenAI-style body, not streamed) to `JOBS_SUBMIT` with
+JetStream, and read the job's results subject with an ordered consumer: one `JobResult` per request,
+then a `JobDone`. Each request's "e2e" is the time from submit to its result, so the latency CDF is
+the job's completion curve; the run's duration is submit -> JobDone. The streams belong to the server
+(its job service creates them); we only publish and read.
+"""
+
+import time
+import uuid
+from dataclasses import asdict
+
+import msgpack
+import nats
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
+
+from shared.bench.client import RequestResult, Target, build_payload
+from shared.bench.progress import Progress
+from shared.bench.runner import LoadPoint, RunResult
+from shared.bench.workloads import BenchRequest
+from shared.messages import Job, JobDone, JobRequest, JobResult
+from shared.subjects import JOBS_SUBMIT, job_results
+
+
+class OfflineError(RuntimeError):
+    """The job could not be submitted or followed (no NATS, no job streams)."""
+
+
+def make_job(target: Target, requests: list[BenchRequest]) -> tuple[Job, dict[str, BenchRequest]]:
+    url = "/v1/chat/completions" if target.endpoint == "chat" else "/v1/completions"
+    by_id = {f"req-{i}": r for i, r in enumerate(requests)}
+    lines = [asdict(JobRequest(cid, url, build_payload(r, target, stream=False))) for cid, r in by_id.items()]
+    return Job(job_id=f"bench-{uuid.uuid4().hex[:12]}", requests=lines), by_id
+
+
+def to_result(jr: JobResult, req: BenchRequest, elapsed: float) -> RequestResult:
+    res = RequestResult(ok=False, e2e=elapsed, input_len=req.input_len, prompt_tokens=req.input_len)
+    if jr.error or not jr.response:
+        err = jr.error or {}
+        res.error = f"job_{err.get('type') or err.get('code') or 'error'}"
+        res.detail = str(err.get("message", ""))[:300]
+        return res
+    usage = jr.response.get("usage") or {}
+    res.ok = True
+    res.usage_reported = bool(usage)
+    res.output_tokens = res.chunks = int(usage.get("completion_tokens") or 0)
+    res.prompt_tokens = int(usage.get("prompt_tokens") or req.input_len)
+    return res
+
+
+async def run_offline(
+    nats_url: str, target: Target, requests: list[BenchRequest], timeout_s: float, progress: bool = True
+) -> tuple[RunResult, dict]:
+    """Submit one job of all requests; returns the run and a `job` summary (ids, JobDone counts)."""
+    job, by_id = make_job(target, requests)
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    except Exception as e:
+        raise OfflineError(f"cannot connect to NATS at {nats_url}: {e}") from e
+    results: dict[str, RequestResult] = {}
+    done: JobDone | None = None
+    bar = Progress(len(requests), f"job {job.job_id}", progress)
+    try:
+        js = nc.jetstream()
+        try:
+            sub = await js.subscribe(job_results(job.job_id), ordered_consumer=True)
+        except NotFoundError as e:
+            raise OfflineError("no JetStream stream holds job results: is the xllm job service up?") from e
+        started_at, t0 = time.time(), time.perf_counter()
+        try:
+            await js.publish(JOBS_SUBMIT, job.encode(), timeout=10)
+        except (NoRespondersError, NatsTimeout) as e:
+            raise OfflineError(f"no JetStream stream takes {JOBS_SUBMIT}: is the xllm job service up?") from e
+        while done is None and (left := t0 + timeout_s - time.perf_counter()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except NatsTimeout:
+                break
+            elapsed = time.perf_counter() - t0
+            kind = msgpack.unpackb(msg.data, raw=False).get("kind")
+            if kind == JobDone.kind:
+                done = JobDone.decode(msg.data)
+            elif kind == JobResult.kind:
+                jr = JobResult.decode(msg.data)
+                if jr.custom_id in by_id and jr.custom_id not in results:  # redeliveries count once
+                    results[jr.custom_id] = to_result(jr, by_id[jr.custom_id], elapsed)
+                    bar.update(results[jr.custom_id].ok)
+        duration = time.perf_counter() - t0
+        await sub.unsubscribe()
+    finally:
+        bar.close()
+        await nc.close()
+    received = len(results)
+    for cid, req in by_id.items():  # what never came back within the time limit
+        if cid not in results:
+            results[cid] = RequestResult(ok=False, error="timeout", e2e=duration, input_len=req.input_len)
+    summary = {
+        "job_id": job.job_id,
+        "completion_time_s": duration if done else None,
+        "done_received": done is not None,
+        "done_completed": done.completed if done else None,
+        "done_failed": done.failed if done else None,
+        "results_received": received,
+    }
+    return RunResult(LoadPoint(), [results[c] for c in by_id], duration, started_at), summary

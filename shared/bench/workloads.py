@@ -1,0 +1,101 @@
+"""What to send: prompts and output lengths for each workload, generated locally from a seed.
+
+Prompts are random words from `words.WORDS` (one word ~ one token, see words.py), so an input length
+of N means N words. Each prompt starts with a salt: a few words drawn from a *fresh* random source
+(`salt_rng`, OS entropy unless a test passes a seeded one), so no server can answer a request from a
+prompt cache it would not have in real use -- not even when the same seed is run twice. The seeded part
+(lengths and the rest of the words) is repeatable. The shared-prefix workload salts each group's
+shared system prompt once per run, so the first request of a group misses the cache and the rest hit.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.bench.words import WORDS
+
+SALT_WORDS = 6  # 456**6 ~ 9e15 different salts: enough to never collide within a run
+WORKLOADS = ("synthetic", "chat", "shared-prefix", "offline")
+
+
+@dataclass
+class BenchRequest:
+    prompt: str  # the user text (starts with its salt)
+    max_tokens: int
+    input_len: int  # intended prompt tokens, approximate (words); usage gives the real count
+    system: str | None = None  # shared-prefix workload: the group's shared system prompt
+    group: int | None = None
+
+
+@dataclass
+class WorkloadSpec:
+    kind: str = "synthetic"
+    input_len: int = 128
+    output_len: int = 128
+    range_ratio: float = 0.0  # synthetic / shared-prefix: lengths uniform in L*(1 +- range_ratio)
+    prefix_groups: int = 4  # shared-prefix: number of groups G
+    prefix_len: int = 512  # shared-prefix: tokens in each group's shared system prompt
+    chat_sigma_in: float = 0.9  # chat: lognormal spread of input lengths (long tail, like ShareGPT)
+    chat_sigma_out: float = 0.6  # chat: lognormal spread of output lengths
+
+
+def random_words(n: int, rng: np.random.Generator) -> list[str]:
+    return [WORDS[i] for i in rng.integers(0, len(WORDS), size=n)]
+
+
+def salted_text(n_words: int, rng: np.random.Generator, salt_rng: random.Random) -> str:
+    """n_words words: the first SALT_WORDS (or fewer) from salt_rng, the rest from the seeded rng."""
+    salt = [salt_rng.choice(WORDS) for _ in range(min(SALT_WORDS, n_words))]
+    return " ".join(salt + random_words(n_words - len(salt), rng))
+
+
+def uniform_lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    if range_ratio <= 0:
+        return np.full(n, mean, dtype=np.int64)
+    lo = max(1, round(mean * (1 - range_ratio)))
+    hi = max(lo, round(mean * (1 + range_ratio)))
+    return rng.integers(lo, hi + 1, size=n)
+
+
+def lognormal_lengths(mean: int, sigma: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Long-tailed lengths with the given mean, clipped to [4, 4*mean]."""
+    mu = np.log(mean) - sigma**2 / 2  # so that E[X] = mean
+    x = rng.lognormal(mu, sigma, size=n)
+    return np.clip(np.round(x), 4, max(4, 4 * mean)).astype(np.int64)
+
+
+def generate(
+    spec: WorkloadSpec, n: int, seed: int, salt_rng: random.Random | None = None
+) -> list[BenchRequest]:
+    """n requests of the given workload. The offline workload uses the synthetic lengths."""
+    rng = np.random.default_rng(seed)
+    salt_rng = salt_rng or random.SystemRandom()
+    if spec.kind in ("synthetic", "offline"):
+        ins = uniform_lengths(spec.input_len, spec.range_ratio, n, rng)
+        outs = uniform_lengths(spec.output_len, spec.range_ratio, n, rng)
+    elif spec.kind == "chat":
+        ins = lognormal_lengths(spec.input_len, spec.chat_sigma_in, n, rng)
+        outs = lognormal_lengths(spec.output_len, spec.chat_sigma_out, n, rng)
+    elif spec.kind == "shared-prefix":
+        return shared_prefix(spec, n, rng, salt_rng)
+    else:
+        raise ValueError(f"unknown workload {spec.kind!r}; choose one of {', '.join(WORKLOADS)}")
+    return [BenchRequest(salted_text(int(i), rng, salt_rng), int(o), int(i)) for i, o in zip(ins, outs)]
+
+
+def shared_prefix(
+    spec: WorkloadSpec, n: int, rng: np.random.Generator, salt_rng: random.Random
+) -> list[BenchRequest]:
+    """G groups; each request = its group's shared system prompt + its own salted question."""
+    groups = max(1, spec.prefix_groups)
+    systems = [salted_text(spec.prefix_len, rng, salt_rng) for _ in range(groups)]
+    ins = uniform_lengths(spec.input_len, spec.range_ratio, n, rng)
+    outs = uniform_lengths(spec.output_len, spec.range_ratio, n, rng)
+    order = rng.permutation(n)  # interleave the groups in arrival order
+    out = []
+    for k in order:
+        g = int(k) % groups
+        prompt = salted_text(int(ins[k]), rng, salt_rng)
+        out.append(BenchRequest(prompt, int(outs[k]), spec.prefix_len + int(ins[k]), systems[g], g))
+    return out
