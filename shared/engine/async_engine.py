@@ -20,7 +20,11 @@ log = structlog.get_logger()
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """A step failed (a bug, not bad input): the requests it was running are failed with this."""
+
+
+class RequestAborted(Exception):
+    """Raised to whoever is reading the outputs of a request that was aborted."""
 
 
 class AsyncEngine:
@@ -76,8 +80,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request now (its blocks are freed on the engine thread at the next turn)."""
-        if self._streams.pop(request_id, None) is not None:
-            self._submit(lambda: self.engine.abort_request(request_id))
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put_nowait(RequestAborted(request_id))
+        self._submit(lambda: self.engine.abort_request(request_id))
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run fn(engine) on the engine thread, between steps, and return its result."""
@@ -161,4 +167,4 @@ def _set_exception(future: asyncio.Future, error: BaseException) -> None:
         future.set_exception(error)
 
 
-__all__ = ["AsyncEngine", "EngineDeadError", "RequestOutput", "SeqDelta"]
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestAborted", "RequestOutput", "SeqDelta"]

@@ -1,0 +1,3 @@
+from services.decode.worker import main
+
+main()

@@ -1,0 +1,3 @@
+from services.prefill.worker import main
+
+main()
