@@ -1,0 +1,159 @@
+"""Which instances a request may go to, and in what order: the router's pluggable ranking.
+
+    path = choose_path(config.mode, instances)          # "colocated" | "disaggregated" | None
+    ranked = await policy.rank(candidates, request)      # best first
+
+A policy only orders the candidates it is given; the service has already dropped instances that are
+not "ready", of the wrong role, or over the waiting cap. Scores are "load units" (about one queued
+request each): lower is better.
+
+- `LeastLoadedPolicy`: the instance's last heartbeat (running, waiting, KV fullness) plus the
+  requests this router sent it in the last `RecentForwards.window_s` seconds, which the heartbeat
+  does not show yet; without them a burst would all land on one instance between two heartbeats.
+- `PrefixAwarePolicy`: the same load, minus a bonus for the share of the prompt an instance already
+  holds in its prefix cache (asked of the kvcache service; any failure falls back to load alone).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.logging import get_logger
+from shared.messages import GenerateRequest, InstanceInfo, KvQuery, KvQueryReply
+
+log = get_logger("xllm.router")
+
+READY = "ready"
+COLOCATED = "colocated"
+DISAGGREGATED = "disaggregated"
+MODES = ("auto", COLOCATED, DISAGGREGATED)
+# Roles a path needs, the entry role (the one the router sends the request to) first.
+PATH_ROLES: dict[str, tuple[str, ...]] = {COLOCATED: ("colocated",), DISAGGREGATED: ("prefill", "decode")}
+
+
+def choose_path(mode: str, instances: Iterable[InstanceInfo]) -> str | None:
+    """The serving path for the next request, or None when the instances cannot serve `mode`.
+
+    auto: prefill -> decode when both roles have a ready instance, else colocated. (Workload-adaptive
+    PD / EPD splitting will replace this one decision.)
+    """
+    roles = {i.role for i in instances if i.state == READY}
+    disaggregated = {"prefill", "decode"} <= roles
+    if mode == DISAGGREGATED or (mode == "auto" and disaggregated):
+        return DISAGGREGATED if disaggregated else None
+    return COLOCATED if "colocated" in roles else None
+
+
+class Policy(Protocol):
+    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+        """All of `instances`, best first."""
+        ...
+
+
+class RecentForwards:
+    """Per instance, how many requests this router sent it in the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self.clock = clock
+        self._times: dict[str, deque[float]] = {}
+
+    def record(self, instance_id: str) -> None:
+        self._times.setdefault(instance_id, deque()).append(self.clock())
+
+    def count(self, instance_id: str) -> int:
+        times = self._times.get(instance_id)
+        if not times:
+            return 0
+        horizon = self.clock() - self.window_s
+        while times and times[0] < horizon:
+            times.popleft()
+        return len(times)
+
+    def retain(self, instance_ids: Iterable[str]) -> None:
+        """Forget instances that left the registry (keeps memory bounded)."""
+        keep = set(instance_ids)
+        for iid in [i for i in self._times if i not in keep]:
+            del self._times[iid]
+
+
+@dataclass
+class LoadWeights:
+    running: float = 1.0
+    waiting: float = 2.0  # a queued request costs more than a running one: it has not had its TTFT yet
+    recent: float = 1.0  # a request we just sent counts as queued-or-running, unseen by the heartbeat
+    kv_full: float = 4.0  # a full KV cache (preemption ahead) weighs like this many running requests
+
+
+def load_score(info: InstanceInfo, recent: int = 0, weights: LoadWeights | None = None) -> float:
+    w = weights or LoadWeights()
+    used = 1.0 - info.free_blocks / info.total_blocks if info.total_blocks > 0 else 0.0
+    return w.running * info.running + w.waiting * info.waiting + w.recent * recent + w.kv_full * used
+
+
+class LeastLoadedPolicy:
+    """Lowest load score first; ties in random order (so several routers do not pile on one)."""
+
+    def __init__(self, recent: RecentForwards | None = None, weights: LoadWeights | None = None,
+                 rng: random.Random | None = None):
+        self.recent = recent or RecentForwards()
+        self.weights = weights or LoadWeights()
+        self.rng = rng or random.Random()
+
+    def score(self, info: InstanceInfo) -> float:
+        return load_score(info, self.recent.count(info.instance_id), self.weights)
+
+    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+        return sorted(instances, key=lambda i: (self.score(i), self.rng.random()))
+
+
+KvQueryFn = Callable[[KvQuery], Awaitable[KvQueryReply]]
+
+
+class PrefixAwarePolicy(LeastLoadedPolicy):
+    """Load score minus `prefix_weight` x (share of the prompt's full blocks cached on the instance).
+
+    With the defaults a full prefix hit outweighs two queued requests. `query` asks the kvcache
+    service (the service wraps a short NATS request); a failure or an error reply ranks by load alone.
+    The query uses the first candidate's block size: instances with another size never match.
+    """
+
+    def __init__(self, query: KvQueryFn, recent: RecentForwards | None = None,
+                 weights: LoadWeights | None = None, prefix_weight: float = 4.0,
+                 rng: random.Random | None = None):
+        super().__init__(recent, weights, rng)
+        self.query = query
+        self.prefix_weight = prefix_weight
+        self.queries = 0
+        self.fallbacks = 0  # queries that failed: ranked by load alone
+
+    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+        cached = await self._cached_share(instances, request)
+        bonus = {iid: self.prefix_weight * share for iid, share in cached.items()}
+        return sorted(instances,
+                      key=lambda i: (self.score(i) - bonus.get(i.instance_id, 0.0), self.rng.random()))
+
+    async def _cached_share(self, instances: list[InstanceInfo], request: GenerateRequest
+                            ) -> dict[str, float]:
+        if not instances:
+            return {}
+        block_size = instances[0].block_size
+        if block_size <= 0 or len(request.prompt_token_ids) < block_size:
+            return {}  # not one full block: nothing can be cached
+        self.queries += 1
+        try:
+            reply = await self.query(KvQuery(request.request_id, request.prompt_token_ids, block_size))
+            if reply.error:
+                raise RuntimeError(reply.error)
+        except Exception as e:
+            self.fallbacks += 1
+            log.warning("kv_query_failed", error=f"{type(e).__name__}: {e}", fallback="least-loaded")
+            return {}
+        if reply.num_blocks <= 0:
+            return {}
+        return {iid: min(n, reply.num_blocks) / reply.num_blocks for iid, n in reply.matches.items()}

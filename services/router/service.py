@@ -1,0 +1,283 @@
+"""Router service: takes GenerateRequests from the gateway and hands each to a worker that accepts it.
+
+    gateway --GenerateRequest--> xllm.router.generate (queue "router")
+    router  --GenerateRequest--> xllm.worker.<id>.generate   --> Ack (ok, or refused with an error)
+    router  --RouteReply-------> the gateway's reply inbox, when it sent a NATS request
+
+Per request: choose the path (colocated, or prefill -> decode with `decode_instance` set), drop
+instances that are not ready or over the waiting cap, rank the rest with the policy, then forward to
+the best one. No responder, no ack within `ack_timeout_s`, or an overloaded refusal (429 / 503):
+try the next one, up to `max_attempts`. Any other refusal (say a 400) is the request's fault and is
+passed on as it is. A request nobody takes gets a finished StreamChunk with the error on its
+reply subject, so it never hangs.
+
+Priority (0 online, 1 offline) passes through unchanged: the engine orders by it. The router only
+holds offline requests to a stricter waiting cap (`max_waiting_offline`), so an offline flood is
+refused (429, the job runner retries) before it fills the queues online requests need.
+
+After an ack timeout the router broadcasts an abort for the request before trying elsewhere: a
+worker that took it late must not stream a second answer to the same reply subject.
+
+The instance list is a cache refreshed every `refresh_interval_s`, so routing costs no registry
+round trip; an instance that stops heartbeating leaves the registry within its TTL (~5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from services.router.config import RouterConfig
+from services.router.policy import (
+    DISAGGREGATED,
+    PATH_ROLES,
+    READY,
+    LeastLoadedPolicy,
+    LoadWeights,
+    Policy,
+    PrefixAwarePolicy,
+    RecentForwards,
+    choose_path,
+)
+from shared import bus, subjects
+from shared.logging import bind_request, configure_logging, get_logger
+from shared.messages import (
+    AbortRequest,
+    Ack,
+    GenerateRequest,
+    InstanceInfo,
+    KvQuery,
+    KvQueryReply,
+    RouteReply,
+    SchemaError,
+    StreamChunk,
+)
+from shared.registry import InstanceRegistry
+
+log = get_logger("xllm.router")
+
+RETRIABLE_CODES = (429, 503)  # the worker is busy or going away: another one may take it
+
+
+@dataclass
+class Refusal:
+    """Why one forward did not take: `retry` says whether another instance may."""
+
+    reason: str  # "no_responders" | "timeout" | "overloaded" | "unavailable" | "bad_ack" | "rejected"
+    retry: bool = True
+    error: dict[str, Any] = field(default_factory=dict)
+
+
+def error(message: str, code: int) -> dict[str, Any]:
+    kind = "overloaded" if code == 429 else "invalid_request_error" if code == 400 else "server_error"
+    return {"message": message, "type": kind, "code": code}
+
+
+class RouterService:
+    """One router replica. Counters (`routed`, `retries`, `failures`, `attempt_errors`) are for metrics."""
+
+    def __init__(self, nc: Client, config: RouterConfig, *, registry: InstanceRegistry | None = None,
+                 policy: Policy | None = None):
+        self.nc = nc
+        self.config = config
+        self.registry = registry
+        self.recent = RecentForwards(config.recent_window_s)
+        self.policy = policy or self._make_policy()
+        self.instances: list[InstanceInfo] = []  # the cached registry
+        self.routed = 0  # requests an instance took
+        self.retries = 0  # forwards after the first one of a request
+        self.failures: Counter[str] = Counter()  # requests that failed, by reason
+        self.attempt_errors: Counter[str] = Counter()  # forwards that did not take, by reason
+        self._suspects: dict[str, float] = {}  # instance id -> monotonic time it stops being suspect
+        self._tasks: set[asyncio.Task] = set()
+        self._sub: Any = None
+        self._refresh_task: asyncio.Task | None = None
+
+    def _make_policy(self) -> Policy:
+        if self.config.policy == "prefix-aware":
+            async def query(q: KvQuery) -> KvQueryReply:
+                return await bus.request(self.nc, subjects.KVCACHE_QUERY, q, KvQueryReply,
+                                         timeout=self.config.kv_query_timeout_s)
+            return PrefixAwarePolicy(query, self.recent, LoadWeights(), self.config.prefix_weight)
+        return LeastLoadedPolicy(self.recent)
+
+    def stats(self) -> dict[str, Any]:
+        return {"routed": self.routed, "retries": self.retries, "failures": dict(self.failures),
+                "attempt_errors": dict(self.attempt_errors), "instances": len(self.instances),
+                "inflight": len(self._tasks)}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.registry is None:
+            self.registry = await InstanceRegistry.open(self.nc.jetstream())
+        await self.refresh()
+        self._refresh_task = asyncio.create_task(self._refresh_loop(), name="router-refresh")
+        self._sub = await self.nc.subscribe(subjects.ROUTER_GENERATE, queue=subjects.ROUTER_QUEUE,
+                                            cb=self._on_message)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let those being routed finish (bounded), stop refreshing."""
+        if self._sub is not None and not self.nc.is_closed:
+            await self._sub.unsubscribe()
+        self._sub = None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.config.max_attempts * self.config.ack_timeout_s + 1)
+            for task in self._tasks:
+                task.cancel()
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            await asyncio.gather(self._refresh_task, return_exceptions=True)
+            self._refresh_task = None
+
+    async def refresh(self) -> None:
+        assert self.registry is not None, "start() first"
+        self.instances = await self.registry.list_instances()
+        ids = [i.instance_id for i in self.instances]
+        self.recent.retain(ids)
+        now = time.monotonic()
+        self._suspects = {i: t for i, t in self._suspects.items() if t > now and i in ids}
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # NATS hiccup: keep the last list, failover covers dead instances
+                log.warning("registry_refresh_failed", error=f"{type(e).__name__}: {e}")
+
+    # -- request handling ---------------------------------------------------------------------------
+
+    async def _on_message(self, msg: Msg) -> None:
+        # nats-py runs a subscription's callbacks one at a time: route each request in its own task.
+        task = asyncio.create_task(self._handle(msg, overflow=len(self._tasks) >= self.config.max_inflight))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, msg: Msg, overflow: bool = False) -> None:
+        try:
+            req = GenerateRequest.decode(msg.data)
+        except SchemaError as e:
+            self.failures["bad_message"] += 1
+            log.warning("bad_request_message", error=str(e))
+            await bus.respond(msg, RouteReply("", error=error(f"bad GenerateRequest: {e}", 400)))
+            return
+        with bind_request(req.request_id):
+            if not req.reply_subject:
+                reply = self._fail(req, "bad_message", error("reply_subject is empty", 400))
+            elif overflow:
+                reply = self._fail(req, "overloaded", error(
+                    f"the router is routing {self.config.max_inflight} requests already", 429))
+            else:
+                try:
+                    reply = await self.route(req)
+                except Exception as e:  # a bug or a bus failure: the request still gets an answer
+                    log.exception("route_crashed")
+                    reply = self._fail(req, "error", error(f"router error: {type(e).__name__}: {e}", 503))
+            if reply.error and req.reply_subject:
+                chunk = StreamChunk(req.request_id, finished=True, error=reply.error)
+                await self.nc.publish(req.reply_subject, chunk.encode())
+            await bus.respond(msg, reply)
+
+    async def route(self, req: GenerateRequest) -> RouteReply:
+        """Forward `req` to an instance (or prefill + decode pair) that takes it; RouteReply says which."""
+        path = choose_path(self.config.mode, self.instances)
+        if path is None:
+            return self._fail(req, "no_instances", error(
+                f"no ready instances to serve mode {self.config.mode!r}", 503))
+        roles = PATH_ROLES[path]
+        # Offline requests (priority > 0) meet a stricter cap, so online bursts keep some headroom.
+        cap = self.config.max_waiting_per_instance if req.priority <= 0 else self.config.max_waiting_offline
+        pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]
+        for role in roles:
+            if not any(i.role == role for i in pool):
+                return self._fail(req, "overloaded", error(
+                    f"every {role} instance has {cap} or more waiting requests; retry later", 429))
+        ranked = self._suspects_last(await self.policy.rank(pool, req))
+        entry = [i.instance_id for i in ranked if i.role == roles[0]]
+        decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
+        first_attempt, refusals = req.attempt, []
+        for n, iid in enumerate(entry[: self.config.max_attempts]):
+            req.attempt, req.decode_instance = first_attempt + n, decode
+            if n:
+                self.retries += 1
+            refusal = await self._forward(iid, req)
+            if refusal is None:
+                self.routed += 1
+                taken = [iid, decode] if decode else [iid]
+                log.info("routed", instances=taken, attempt=req.attempt, priority=req.priority)
+                return RouteReply(req.request_id, instances=taken)
+            if not refusal.retry:
+                return self._fail(req, "rejected", refusal.error)
+            refusals.append(refusal)
+        tried = ", ".join(r.reason for r in refusals)
+        if any(r.reason == "overloaded" for r in refusals):
+            return self._fail(req, "overloaded", error(f"every instance tried is overloaded ({tried})", 429))
+        return self._fail(req, "unavailable", error(f"no instance took the request ({tried})", 503))
+
+    async def _forward(self, iid: str, req: GenerateRequest) -> Refusal | None:
+        """Send `req` to one instance; None when it took it."""
+        self.recent.record(iid)
+        try:
+            ack = await bus.request(self.nc, subjects.worker_generate(iid), req, Ack,
+                                    timeout=self.config.ack_timeout_s)
+        except bus.NoResponders:
+            refusal = Refusal("no_responders")
+        except bus.RequestTimeout:
+            refusal = Refusal("timeout")
+            await self.nc.publish(subjects.ABORT, AbortRequest(req.request_id).encode())
+        except SchemaError as e:
+            refusal = Refusal("bad_ack", error=error(str(e), 503))
+        else:
+            if ack.ok:
+                return None
+            err = {"message": "refused", "type": "server_error", "code": 503, **(ack.error or {})}
+            if err["code"] in RETRIABLE_CODES or err["type"] == "overloaded":
+                busy = err["code"] == 429 or err["type"] == "overloaded"
+                refusal = Refusal("overloaded" if busy else "unavailable", error=err)
+            else:
+                refusal = Refusal("rejected", retry=False, error=err)
+        self.attempt_errors[refusal.reason] += 1
+        if refusal.reason in ("no_responders", "timeout"):
+            self._suspects[iid] = time.monotonic() + self.config.suspect_s
+        log.warning("forward_refused", instance=iid, attempt=req.attempt, reason=refusal.reason,
+                    error=refusal.error.get("message"))
+        return refusal
+
+    def _suspects_last(self, ranked: list[InstanceInfo]) -> list[InstanceInfo]:
+        """Instances that recently did not answer go last: tried only if nothing better is left."""
+        now = time.monotonic()
+        fine = [i for i in ranked if self._suspects.get(i.instance_id, 0.0) <= now]
+        return fine + [i for i in ranked if self._suspects.get(i.instance_id, 0.0) > now]
+
+    def _fail(self, req: GenerateRequest, reason: str, err: dict[str, Any]) -> RouteReply:
+        self.failures[reason] += 1
+        log.warning("route_failed", reason=reason, error=err.get("message"), code=err.get("code"))
+        return RouteReply(req.request_id, error=err)
+
+
+async def run(config: RouterConfig) -> None:
+    """Serve until SIGTERM / SIGINT."""
+    configure_logging("router", config.log_level)
+    nc = await bus.connect(config.nats, name="router")
+    service = RouterService(nc, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        log.info("serving", subject=subjects.ROUTER_GENERATE, mode=config.mode, policy=config.policy,
+                 instances=len(service.instances), nats=config.nats)
+        await stop.wait()
+    finally:
+        log.info("stopping", **service.stats())
+        await service.stop()
+        await nc.drain()
