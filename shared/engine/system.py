@@ -30,5 +30,8 @@ def available_memory(device: torch.device) -> int:
 
 def kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:
     if config.kv_cache_memory:
+        if config.kv_cache_memory > available_memory(device):
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory >> 20} MiB is more than the "
+                             f"{available_memory(device) >> 20} MiB available")
         return config.kv_cache_memory
     return int(available_memory(device) * config.kv_cache_fraction)

@@ -1,0 +1,74 @@
+"""`xllm bench engine`: our engine vs transformers `generate`, same weights, same run, side by side.
+
+Each batch size runs B prompts of `--input-len` random token ids and generates exactly
+`--output-len` tokens each (EOS ignored), greedy; output tokens/s includes the prefill, for both.
+transformers is a test/bench dependency (`pip install -e '.[test]'`).
+"""
+
+import argparse
+import random
+import time
+
+import torch
+
+from shared.engine.config import EngineConfig
+from shared.engine.llm import LLM
+from shared.engine.loader import load_checkpoint, resolve_model
+from shared.engine.sampling_params import SamplingParams
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xllm bench engine", description=__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    ckpt = load_checkpoint(args.model)
+    rng = random.Random(args.seed)
+    vocab = ckpt.config.vocab_size
+    cfg = ckpt.config
+    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    kv_bytes = token_bytes * (args.input_len + args.output_len + 32) * max(batch_sizes)
+    llm = LLM(EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory=kv_bytes,
+                           max_num_seqs=max(batch_sizes), enable_prefix_caching=False), ckpt)
+    hf = None if args.no_hf else load_hf(args.model)
+    print(f"model {ckpt.config.name}  fp32  threads {args.threads}  {args.input_len} in / "
+          f"{args.output_len} out (EOS ignored), greedy; output tok/s, prefill included")
+    print(f"{'batch':>5} {'xllm tok/s':>11} {'hf tok/s':>9} {'ratio':>6}")
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([[rng.randrange(vocab) for _ in range(16)]], SamplingParams(max_tokens=4))  # warm-up
+    for batch in batch_sizes:
+        prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(batch)]
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        ours = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+        theirs = hf_generate(hf, prompts, args.output_len) if hf is not None else float("nan")
+        print(f"{batch:>5} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>5.2f}x", flush=True)
+    return 0
+
+
+def load_hf(model: str):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], output_len: int) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                         min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - ids.shape[1]) * len(prompts) / elapsed

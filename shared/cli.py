@@ -1,0 +1,111 @@
+"""The `xllm` command.
+
+  xllm up [...]                 start everything locally (the README's serve command)
+  xllm serve SERVICE [...]      run one service against an existing NATS (what compose runs)
+  xllm generate --prompt TEXT   in-process generation; prints the completion only
+  xllm bench engine | serve     benchmarks
+  xllm submit jobs.jsonl        an offline batch job over NATS
+"""
+
+import argparse
+import importlib
+import sys
+
+SERVICES = {
+    "gateway": "services.gateway.__main__",
+    "router": "services.router.__main__",
+    "kvcache": "services.kvcache.__main__",
+    "prefill": "services.prefill.worker",
+    "decode": "services.decode.worker",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        from shared.config import load_config
+        from shared.launcher import UpConfig, up
+        from shared.logging import configure_logging
+
+        config = load_config(UpConfig, rest, prog="xllm up")
+        configure_logging("xllm-up", config.log_level)
+        return up(config)
+    if command == "serve":
+        return serve(rest)
+    if command == "generate":
+        return generate(rest)
+    if command == "bench":
+        return bench(rest)
+    if command == "submit":
+        from shared.jobs_client import main as submit
+
+        return submit(rest)
+    print(f"xllm: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+    return 2
+
+
+def serve(argv: list[str]) -> int:
+    names = [*SERVICES, "colocated"]
+    if not argv or argv[0] not in names:
+        print(f"usage: xllm serve {{{','.join(names)}}} [flags]  (flags: xllm serve SERVICE --help)",
+              file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    if name == "colocated":
+        name, rest = "decode", ["--role", "colocated", *rest]
+    result = importlib.import_module(SERVICES[name]).main(rest)
+    return result or 0
+
+
+def generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="xllm generate", description="generate text in-process")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from shared.engine.config import EngineConfig
+    from shared.engine.errors import InvalidRequestError
+    from shared.engine.llm import LLM
+    from shared.engine.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+        llm = LLM(EngineConfig(model=args.model, device=args.device, num_threads=args.threads,
+                               kv_cache_memory=256 << 20))
+        (completion,) = llm.generate([args.prompt], params, chat=args.chat)
+    except (InvalidRequestError, FileNotFoundError, ValueError) as e:
+        print(f"xllm generate: {e}", file=sys.stderr)
+        return 2
+    print(completion.outputs[0].text)
+    return 0
+
+
+def bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("engine", "serve"):
+        print("usage: xllm bench {engine,serve} [flags]", file=sys.stderr)
+        return 2
+    if argv[0] == "engine":
+        from shared.bench.engine import main as bench_engine
+
+        return bench_engine(argv[1:])
+    from shared.bench import serve as bench_serve
+
+    parser = argparse.ArgumentParser(prog="xllm bench serve")
+    bench_serve.add_arguments(parser)
+    return bench_serve.run(parser.parse_args(argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""`xllm up`: one command that starts the whole system on this machine.
+
+An embedded nats-server (JetStream on, data under the state dir) unless `--nats` names one, then the
+kvcache service, the router, the workers and the gateway, each its own OS process running the same
+`python -m services.<name>` command that compose and Kubernetes run. A process that dies is
+restarted (and the restart logged); Ctrl-C / SIGTERM stops everything, gateway first so in-flight
+requests finish, and leaves no process behind.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from shared.config import opt
+from shared.natsd import NatsServer
+
+log = structlog.get_logger()
+
+
+@dataclass
+class UpConfig:
+    """Start NATS (unless given), kvcache, router, workers and the gateway as local processes."""
+
+    host: str = opt("127.0.0.1", "gateway address")
+    port: int = opt(8000, "gateway HTTP port", min=0, max=65535)
+    model: str = opt("smollm2", "GGUF file, Hugging Face folder, or a known short name")
+    mode: str = opt("disaggregated", "disaggregated (prefill -> decode) or colocated",
+                    choices=("disaggregated", "colocated"))
+    prefill: int = opt(1, "prefill workers (disaggregated mode)", min=1)
+    decode: int = opt(1, "decode workers (disaggregated) or colocated workers", min=1)
+    nats: str | None = opt(None, "use this NATS instead of starting one")
+    state_dir: str = opt("./state", "where the embedded NATS keeps its JetStream data, and logs go")
+    api_key: str | None = opt(None, "require this bearer token on /v1/*")
+    worker_threads: int | None = opt(None, "torch threads per worker (default: cores / workers)", min=1)
+    kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache",
+                                   min=0.001, max=0.9)
+    max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
+    log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    ready_timeout_s: float = opt(300.0, "seconds to wait for /health before giving up", min=1)
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+
+def plan(config: UpConfig, nats_url: str) -> list[Service]:
+    """The processes to run, in start order (the gateway last: it is the one users reach)."""
+    py = [sys.executable, "-m"]
+    common = ["--nats", nats_url, "--log-level", config.log_level]
+    if config.mode == "colocated":
+        roles = [("decode", "colocated")] * config.decode
+    else:
+        roles = [("prefill", None)] * config.prefill + [("decode", None)] * config.decode
+    threads = config.worker_threads or max(1, (os.cpu_count() or 1) // len(roles))
+    worker_args = ["--model", config.model, "--num-threads", str(threads),
+                   "--kv-cache-fraction", str(config.kv_cache_fraction),
+                   "--max-num-seqs", str(config.max_num_seqs)]
+    services = [Service("kvcache", [*py, "services.kvcache", *common]),
+                Service("router", [*py, "services.router", *common])]
+    for i, (module, role) in enumerate(roles):
+        extra = ["--role", role] if role else []
+        name = f"{role or module}-{i}"
+        services.append(Service(name, [*py, f"services.{module}", *extra, *common, *worker_args,
+                                       "--instance-id", f"{name}-{os.getpid()}"]))
+    gateway = [*py, "services.gateway", *common, "--model", config.model, "--host", config.host,
+               "--port", str(config.port)]
+    env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}  # not on the command line
+    services.append(Service("gateway", gateway, env))
+    return services
+
+
+class Supervisor:
+    def __init__(self, services: list[Service], log_dir: Path):
+        self.services = services
+        self.log_dir = log_dir
+        self.stopping = False
+
+    def start(self, service: Service) -> None:
+        logfile = open(self.log_dir / f"{service.name}.log", "ab")  # noqa: SIM115 -- owned by the child
+        service.proc = subprocess.Popen(service.argv, env={**os.environ, **service.env}, stdout=logfile,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        logfile.close()
+
+    def check(self) -> None:
+        """Restart whatever exited while we are not stopping."""
+        for s in self.services:
+            if s.proc and s.proc.poll() is not None and not self.stopping:
+                s.restarts += 1
+                log.warning("service_exited_restarting", service=s.name, code=s.proc.returncode,
+                            restarts=s.restarts, log=str(self.log_dir / f"{s.name}.log"))
+                time.sleep(min(5.0, 0.5 * s.restarts))
+                self.start(s)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping = True
+        for group in (["gateway"], None):  # gateway first: it lets in-flight requests finish
+            targets = [s for s in self.services if s.proc and (group is None or s.name in group)]
+            for s in targets:
+                if s.proc.poll() is None:
+                    s.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for s in targets:
+                try:
+                    s.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("service_killed", service=s.name)
+                    os.killpg(s.proc.pid, signal.SIGKILL)
+                    s.proc.wait()
+
+
+def wait_healthy(url: str, supervisor: Supervisor, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor.check()
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def up(config: UpConfig) -> int:
+    state = Path(config.state_dir).resolve()
+    log_dir = state / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    nats = None
+    stop = {"now": False}
+
+    def on_signal(*_) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if config.nats is None:
+        nats = NatsServer(state)
+        nats_url = nats.start()
+        log.info("nats_started", url=nats_url, data=str(state / "nats"))
+    else:
+        nats_url = config.nats
+    supervisor = Supervisor(plan(config, nats_url), log_dir)
+    try:
+        for service in supervisor.services:
+            supervisor.start(service)
+        url = f"http://{config.host}:{config.port}"
+        if not wait_healthy(url, supervisor, config.ready_timeout_s) and not stop["now"]:
+            log.error("not_healthy_in_time", url=url, logs=str(log_dir))
+            return 1
+        if not stop["now"]:
+            print(f"xllm is up: {url}  (OpenAI API at {url}/v1; logs in {log_dir})", flush=True)
+        while not stop["now"]:
+            supervisor.check()
+            time.sleep(0.5)
+        log.info("stopping")
+        return 0
+    finally:
+        supervisor.stop()
+        if nats:
+            nats.stop()
