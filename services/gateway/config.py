@@ -15,7 +15,7 @@ class GatewayConfig:
     port: int = opt(8000, "HTTP port", min=0, max=65535)
     nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
     model: str = opt("smollm2", "model name or path; only its tokenizer and chat template are loaded here")
-    served_model_name: str | None = opt(None, "model id clients send (default: the model's name)")
+    served_model_name: str | None = opt(None, "model id clients send (default: --model as given)")
     max_model_len: int | None = opt(None, "context length in tokens (default: the model's)", min=1)
     api_key: str | None = opt(None, "if set, /v1/* and /admin/* require 'Authorization: Bearer <key>'")
     max_body_bytes: int = opt(4 * 1024 * 1024, "largest request body accepted (413 above)", min=1024)

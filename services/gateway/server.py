@@ -28,9 +28,10 @@ def run(config: GatewayConfig) -> None:
 def model_info(
     config: GatewayConfig, model_config: Any, generation_defaults: dict | None = None
 ) -> ModelInfo:
-    """What the gateway serves: the ModelConfig's name and context, unless the config overrides them."""
+    """What the gateway serves: the model as `--model` named it (as vLLM does) and its context,
+    unless the config overrides them."""
     return ModelInfo(
-        name=config.served_model_name or model_config.name,
+        name=config.served_model_name or config.model,
         max_model_len=config.max_model_len or model_config.max_position_embeddings,
         vocab_size=model_config.vocab_size,
         generation_defaults=dict(generation_defaults or {}),

@@ -429,7 +429,7 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     stop, started = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(GatewayConfig(port=port, nats=gw_nats_url), stop, started))
+    task = asyncio.create_task(serve(GatewayConfig(port=port, nats=gw_nats_url, model="fake-llm"), stop, started))
     await asyncio.wait_for(started.wait(), 10)
     registry = await InstanceRegistry.open(nc.jetstream())
     base = f"http://127.0.0.1:{port}"
