@@ -62,6 +62,7 @@ def summarize(results: list[RequestResult], duration_s: float, slo_ms: dict[str,
         "completed": len(ok),
         "failed": len(results) - len(ok),
         "errors": dict(Counter(r.error for r in results if not r.ok)),
+        "error_examples": {r.error: r.detail for r in reversed(results) if not r.ok},  # first per kind
         "duration_s": duration_s,
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,

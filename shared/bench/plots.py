@@ -52,6 +52,8 @@ def plot_sweep(x_name: str, xs: list[float], summaries: list[dict[str, Any]], pa
     twin = axes[0].twinx()
     twin.plot(xs, [s["request_throughput"] for s in summaries], "s--", color="tab:orange", label="req/s")
     twin.set_ylabel("requests/s")
+    lines = axes[0].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    axes[0].legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
     axes[0].set_title("throughput")
     for key, style in (("ttft_ms", "o-"), ("tpot_ms", "s-")):
         for p, alpha in (("p50", 1.0), ("p99", 0.5)):
@@ -67,7 +69,10 @@ def plot_sweep(x_name: str, xs: list[float], summaries: list[dict[str, Any]], pa
         axes[2].set_ylabel("requests meeting every SLO (%)")
         slo = " ".join(f"{k}:{v:g}ms" for k, v in summaries[0]["goodput"]["slo_ms"].items())
         axes[2].set_title(f"SLO attainment ({slo})")
+    spread = min(xs) > 0 and max(xs) / min(xs) >= 8  # e.g. concurrency 1, 8, 32
     for ax in axes:
+        if spread:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel(x_name)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -35,9 +35,11 @@ def format_run(title: str, s: dict[str, Any]) -> str:
         rows.append(("Job completion time (s)", "no JobDone in time" if t is None else f"{t:.2f}"))
     errors = ", ".join(f"{k}={v}" for k, v in sorted(s["errors"].items())) or "none"
     rows.append(("Errors", errors))
+    for kind, detail in sorted(s.get("error_examples", {}).items()):
+        rows.append((f"  e.g. {kind}", detail[:100].replace("\n", " ")))
     rows.append(("Usage missing / != streamed chunks", f"{s['usage_missing']} / {s['usage_mismatch']}"))
     width = 50
-    lines = [f" {title} ".center(width + 20, "=")]
+    lines = ["", f" {title} ".center(width + 20, "=")]
     lines += [f"{k + ':':<{width}}{v}" for k, v in rows]
     lines.append(f"{'latency (ms)':<14}{'mean':>11}{'p50':>11}{'p90':>11}{'p99':>11}{'max':>11}")
     for name, key in LATENCIES:

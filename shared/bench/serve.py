@@ -161,7 +161,7 @@ async def _run(args: argparse.Namespace) -> int:
         runs.append((run_, summary))
         print(format_run(title, summary), flush=True)
     if x_name:
-        print(format_sweep(x_name.split(" (")[0], xs, [s for _, s in runs]))
+        print("\n" + format_sweep(x_name.split(" (")[0], xs, [s for _, s in runs]))
     write_outputs(args, target, spec, runs, x_name, xs)
     return 0 if any(s["completed"] for _, s in runs) else 1
 
