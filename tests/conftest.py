@@ -34,3 +34,20 @@ async def nc(nats_server: str) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture(scope="session")
+def xllm_system(tmp_path_factory: pytest.TempPathFactory):
+    """`xllm up` in its default disaggregated mode (1 prefill + 1 decode), real default model."""
+    from tests.system import start_system, stop_system
+
+    system = start_system(tmp_path_factory.mktemp("xllm-disagg"))
+    try:
+        yield system
+    finally:
+        stop_system(system.proc)
+
+
+@pytest.fixture(scope="session")
+def xllm_server_url(xllm_system) -> str:
+    return xllm_system.url

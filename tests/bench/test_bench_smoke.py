@@ -12,7 +12,6 @@ from shared.bench import serve
 
 
 @pytest.mark.integration
-@pytest.mark.skip(reason="needs xllm up fixture")
 async def test_bench_serve_against_xllm_up(xllm_server_url, tmp_path):
     args = [
         "--base-url", xllm_server_url, "--num-prompts", "4", "--max-concurrency", "2",

@@ -1,0 +1,62 @@
+"""A whole xllm system for integration tests: `xllm up` as a real process tree, real model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.natsd import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class System:
+    url: str
+    nats_url: str
+    state_dir: Path
+    proc: subprocess.Popen
+
+    def instances(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.url}/admin/instances", timeout=5) as r:
+            return json.loads(r.read())
+
+    def log(self, name: str) -> str:
+        path = self.state_dir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
+    port = free_port()
+    launcher_log = open(state_dir / "launcher.log", "wb")  # noqa: SIM115 -- the child keeps it
+    argv = [sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--state-dir", str(state_dir),
+            "--kv-cache-fraction", "0.02", "--worker-threads", "1", "--max-num-seqs", "32", *args]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=launcher_log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}"
+    while time.monotonic() < deadline:
+        text = (state_dir / "launcher.log").read_text(errors="replace")
+        if "xllm is up" in text:
+            nats_url = next(json.loads(line)["url"] for line in text.splitlines() if "nats_started" in line)
+            return System(url, nats_url, state_dir, proc)
+        if proc.poll() is not None:
+            raise RuntimeError(f"xllm up exited with {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(0.5)
+    stop_system(proc)
+    raise RuntimeError(f"xllm up not healthy within {timeout}s; logs in {state_dir}")
+
+
+def stop_system(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
