@@ -6,6 +6,7 @@
 - Every service's command and XLLM_* environment is parsed by the real config of the service it
   runs, so a flag or variable that does not exist (or a bad value) fails here, not at `docker compose up`.
 - The topology is the one `xllm up` runs by default (shared.launcher.plan).
+- The Kubernetes example (deploy/k8s/xllm.yaml) is held to the same topology and commands.
 """
 
 import argparse
@@ -83,9 +84,8 @@ def environment(svc: dict) -> dict[str, str]:
     return {k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()}
 
 
-def parse_command(name: str, svc: dict, monkeypatch, capsys):
+def parse_command(name: str, command: list[str], env: dict[str, str], monkeypatch, capsys):
     """(service, config) as `xllm serve` would build them from the command and the environment."""
-    command = svc["command"]
     assert len(command) >= 2, f"{name}: command {command} names no service"
     service, args = command[1], list(command[2:])
     assert service in (*cli.SERVICES, "colocated"), f"{name}: `xllm serve {service}` is not a service"
@@ -97,12 +97,12 @@ def parse_command(name: str, svc: dict, monkeypatch, capsys):
         _, args = pre.parse_known_args(args)
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
-    for key, value in environment(svc).items():
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     try:
         config = load_config(CONFIGS[service], args, prog=f"xllm serve {service}")
     except SystemExit:
-        pytest.fail(f"compose service {name!r}: `xllm serve {' '.join(command[1:])}` with its environment "
+        pytest.fail(f"{name!r}: `xllm serve {' '.join(command[1:])}` with its environment "
                     f"is refused:\n{capsys.readouterr().err}")
     return service, config
 
@@ -187,30 +187,36 @@ def test_nats_runs_jetstream_on_a_volume(compose):
 
 # ---- the services' commands ------------------------------------------------------------------------
 
-def test_topology_is_that_of_xllm_up(compose):
-    """The same processes as `xllm up` in its default (disaggregated) mode: (module, role) each."""
+def topology(commands: list[list[str]]) -> Counter:
+    """(module, role) of each `serve SERVICE [flags]` command."""
+    got = Counter()
+    for command in commands:
+        name, args = command[1], command[2:]
+        role = "colocated" if name == "colocated" else args[args.index("--role") + 1] if "--role" in args else None
+        module = cli.SERVICES["decode" if name == "colocated" else name]
+        got[(module.removesuffix(".__main__").removesuffix(".worker"), role)] += 1
+    return got
 
-    def module(name: str) -> str:
-        return cli.SERVICES[name].removesuffix(".__main__").removesuffix(".worker")
 
+def xllm_up_topology() -> Counter:
+    """The processes `xllm up` starts in its default (disaggregated) mode."""
     expected = Counter()
     for service in plan(UpConfig(), "nats://nats:4222"):
         argv = service.argv
         role = argv[argv.index("--role") + 1] if "--role" in argv else None
         expected[(argv[argv.index("-m") + 1], role)] += 1
-    got = Counter()
-    for svc in xllm_services(compose).values():
-        name, args = svc["command"][1], svc["command"][2:]
-        role = "colocated" if name == "colocated" else args[args.index("--role") + 1] if "--role" in args else None
-        got[(module("decode" if name == "colocated" else name), role)] += 1
-    assert got == expected
+    return expected
+
+
+def test_topology_is_that_of_xllm_up(compose):
+    assert topology([svc["command"] for svc in xllm_services(compose).values()]) == xllm_up_topology()
 
 
 def test_every_command_parses(compose, monkeypatch, capsys):
     services = xllm_services(compose)
     assert services, "no service runs `xllm serve`"
     for name, svc in services.items():
-        _, config = parse_command(name, svc, monkeypatch, capsys)
+        _, config = parse_command(name, svc["command"], environment(svc), monkeypatch, capsys)
         nats = urlparse(config.nats)
         assert nats.scheme == "nats" and nats.hostname in compose["services"], \
             f"{name}: --nats {config.nats} is not the compose NATS service"
@@ -227,7 +233,7 @@ def test_ports_and_addresses_agree(compose, monkeypatch, capsys):
     """The gateway listens where compose publishes and probes it; workers serve metrics where their
     healthcheck looks; a prefill worker advertises an address other containers can reach."""
     for name, svc in xllm_services(compose).items():
-        service, config = parse_command(name, svc, monkeypatch, capsys)
+        service, config = parse_command(name, svc["command"], environment(svc), monkeypatch, capsys)
         if service == "gateway":
             assert config.host == "0.0.0.0", f"{name}: must listen on 0.0.0.0 inside its container"
             published = [int(p.split(":")[-1].split("/")[0]) for p in svc.get("ports", [])]
@@ -246,7 +252,7 @@ def test_ports_and_addresses_agree(compose, monkeypatch, capsys):
 def test_gateway_and_workers_serve_the_same_model(compose, monkeypatch, capsys):
     models = {}
     for name, svc in xllm_services(compose).items():
-        service, config = parse_command(name, svc, monkeypatch, capsys)
+        service, config = parse_command(name, svc["command"], environment(svc), monkeypatch, capsys)
         if service in ("gateway", "prefill", "decode"):
             models[name] = config.model
     assert len(set(models.values())) == 1, f"gateway and workers must load one model: {models}"
@@ -284,3 +290,28 @@ def test_dockerignore_keeps_what_the_build_copies():
         if op == "COPY" and not arg.startswith("--from"):
             for source in arg.split()[:-1]:
                 assert source.rstrip("/") in allowed, f"COPY {source}: excluded by .dockerignore"
+
+
+# ---- the Kubernetes example ------------------------------------------------------------------------
+
+def k8s_containers() -> dict[str, dict]:
+    with (ROOT / "deploy" / "k8s" / "xllm.yaml").open() as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), f"not a Kubernetes object: {doc}"
+    return {f"{doc['metadata']['name']}/{c['name']}": c for doc in docs if doc["kind"] == "Deployment"
+            for c in doc["spec"]["template"]["spec"]["containers"] if c.get("args", [])[:1] == ["serve"]}
+
+
+def test_k8s_example_runs_the_same_topology_with_valid_commands(monkeypatch, capsys):
+    containers = k8s_containers()
+    assert topology([c["args"] for c in containers.values()]) == xllm_up_topology()
+    for name, container in containers.items():
+        # valueFrom (the pod IP, say) is only known in the cluster: any address stands in for it
+        env = {e["name"]: str(e.get("value", "10.0.0.1")) for e in container.get("env", [])}
+        service, config = parse_command(name, container["args"], env, monkeypatch, capsys)
+        probe = container.get("readinessProbe", {}).get("httpGet", {}).get("port")
+        if service == "gateway":
+            assert config.host == "0.0.0.0" and probe == config.port, name
+        if service in ("prefill", "decode"):
+            assert config.num_threads and probe == config.metrics_port, name
