@@ -36,12 +36,16 @@ async def nc(nats_server: str) -> AsyncIterator[Client]:
         await client.close()
 
 
+# Small KV caches and one torch thread per worker: the test machine has 2 cores and is shared.
+SMALL_SYSTEM = ("--kv-cache-fraction", "0.02", "--worker-threads", "1", "--max-num-seqs", "32")
+
+
 @pytest.fixture(scope="session")
 def xllm_system(tmp_path_factory: pytest.TempPathFactory):
     """`xllm up` in its default disaggregated mode (1 prefill + 1 decode), real default model."""
-    from tests.system import start_system, stop_system
+    from shared.bench.local_system import start_system, stop_system
 
-    system = start_system(tmp_path_factory.mktemp("xllm-disagg"))
+    system = start_system(tmp_path_factory.mktemp("xllm-disagg"), *SMALL_SYSTEM)
     try:
         yield system
     finally:

@@ -1,4 +1,4 @@
-"""A whole xllm system for integration tests: `xllm up` as a real process tree, real model."""
+"""`xllm up` as a real process tree on this machine, for integration tests and benchmarks."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shared.natsd import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -35,7 +35,7 @@ def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
     port = free_port()
     launcher_log = open(state_dir / "launcher.log", "wb")  # noqa: SIM115 -- the child keeps it
     argv = [sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--state-dir", str(state_dir),
-            "--kv-cache-fraction", "0.02", "--worker-threads", "1", "--max-num-seqs", "32", *args]
+            *args]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=launcher_log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout

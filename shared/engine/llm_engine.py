@@ -70,7 +70,7 @@ class LLMEngine:
         model.model.rotary.__init__(ckpt.config, self.max_model_len)  # buffers were on meta
         model.model.rotary.to(self.device)
         model.load_weights(ckpt.weights)
-        model.optimize_layout()
+        model.keep_gemv_copies()
         self.model = model.eval()
         block_bytes = ModelRunner.block_bytes(model, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)

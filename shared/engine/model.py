@@ -19,7 +19,24 @@ PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
-class PackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear with the matmul forms measured fastest on this CPU (docs/performance.md): W @ x.T for
+    several rows (faster here than F.linear's x @ W.T), and for one row (batch-1 decode) a GEMV on an
+    [in, out] copy of the weight, when the model keeps one (see CausalLM.keep_gemv_copies)."""
+
+    weight_t: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] == 1 and self.weight_t is not None:
+            y = x @ self.weight_t
+        else:
+            y = torch.mm(self.weight, x.t()).t()
+        return y if self.bias is None else y + self.bias
+
+
+class PackedLinear(Linear):
     """Several projections of the same input in one weight, split along the output dimension."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
@@ -50,7 +67,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = PackedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
                                      bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -78,7 +95,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_up_proj = PackedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -121,7 +138,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Model(config, max_positions or config.max_position_embeddings)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -135,22 +152,17 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] == 1 and self.lm_head_t is not None:
-            return (hidden @ self.lm_head_t).float()
         return self.lm_head(hidden).float()
 
-    lm_head_t: torch.Tensor | None = None
-
-    def optimize_layout(self) -> None:
-        """After loading, on CPU: store linear weights column-major (same shapes and names), which
-        made batch-1 GEMVs ~25% faster here and larger batches no slower; and keep an [in, out]
-        copy of lm_head for batch 1 (its GEMV ran in 4 ms instead of 7)."""
-        if self.lm_head.weight.device.type != "cpu":
+    def keep_gemv_copies(self, max_bytes: int = 4 << 30) -> None:
+        """On CPU, keep an [in, out] copy of every linear weight for batch-1 GEMVs (~20% faster here).
+        It doubles the weights' memory, so only for models whose linear weights fit in `max_bytes`."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        if self.lm_head.weight.device.type != "cpu" or size > max_bytes:
             return
-        for module in self.model.layers.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()
-        self.lm_head_t = self.lm_head.weight.data.t().contiguous()
+        for module in linears:
+            module.weight_t = module.weight.data.t().contiguous()
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

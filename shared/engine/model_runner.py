@@ -55,7 +55,9 @@ class ModelRunner:
         if decodes:
             meta.decode_blocks, ctx_lens = self._block_tables(decodes)
             keys = torch.arange(meta.decode_blocks.shape[1] * self.block_size)
-            meta.decode_mask = (keys < ctx_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1).to(self.device)
+            mask = keys < ctx_lens.unsqueeze(1)
+            # no mask at all when every key is visible (one decode on full blocks): SDPA's fast path
+            meta.decode_mask = None if mask.all() else mask.view(len(decodes), 1, 1, -1).to(self.device)
         if chunks:
             self._chunk_metadata(chunks, len(decodes), meta)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)

@@ -45,8 +45,9 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: [T, heads, D]; rotates each token by its own position."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    """q, k: [T, heads, D]; rotates each token by its own position (q and k in one pass: fewer ops)."""
+    qk = _rotate(torch.cat((q, k), dim=1), cos, sin)
+    return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

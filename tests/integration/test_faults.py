@@ -10,9 +10,10 @@ import aiohttp
 import pytest
 
 from shared import subjects
+from shared.bench.local_system import start_system, stop_system
 from shared.bus import connect, request
 from shared.messages import KvQuery, KvQueryReply
-from tests.system import start_system, stop_system
+from tests.conftest import SMALL_SYSTEM
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def colocated(tmp_path_factory):
     """Two colocated workers, so one can die while the other serves."""
-    system = start_system(tmp_path_factory.mktemp("xllm-colocated"), "--mode", "colocated", "--decode", "2")
+    system = start_system(tmp_path_factory.mktemp("xllm-colocated"), *SMALL_SYSTEM, "--mode", "colocated",
+                          "--decode", "2")
     try:
         yield system
     finally:
