@@ -161,7 +161,8 @@ def up(config: UpConfig) -> int:
             log.error("not_healthy_in_time", url=url, logs=str(log_dir))
             return 1
         if not stop["now"]:
-            print(f"xllm is up: {url}  (OpenAI API at {url}/v1; logs in {log_dir})", flush=True)
+            print(f"xllm is up: {url}  (OpenAI API at {url}/v1; NATS at {nats_url}; logs in {log_dir})",
+                  flush=True)
         while not stop["now"]:
             supervisor.check()
             time.sleep(0.5)

@@ -62,7 +62,7 @@ class WorkerConfig:
     num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)",
                                   min=1)
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
-    host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
+    data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
     metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
     heartbeat_s: float = opt(1.0, "seconds between registry heartbeats", min=0.1)
@@ -82,7 +82,7 @@ class Worker:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.host = config.host or socket.gethostname()
+        self.host = config.data_host or socket.gethostname()
         self.instance_id = config.instance_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
         self.nc: Client | None = None
         self.engine: AsyncEngine | None = None

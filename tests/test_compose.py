@@ -244,8 +244,8 @@ def test_ports_and_addresses_agree(compose, monkeypatch, capsys):
             if healthcheck_port(svc) is not None:
                 assert healthcheck_port(svc) == config.metrics_port, f"{name}: healthcheck vs --metrics-port"
         if service == "prefill":
-            assert config.host in ("", *compose["services"]), \
-                f"{name}: XLLM_HOST {config.host!r} is not reachable from the decode container"
+            assert config.data_host in ("", *compose["services"]), \
+                f"{name}: XLLM_DATA_HOST {config.data_host!r} is not reachable from the decode container"
             assert svc.get("shm_size"), f"{name}: KV exports are staged in /dev/shm (Docker's default: 64 MB)"
 
 

@@ -1,5 +1,7 @@
 """What the machine gives the engine: the default dtype of a device and the KV cache budget."""
 
+from pathlib import Path
+
 import torch
 
 from shared.engine.config import EngineConfig
@@ -21,11 +23,22 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    available = 4 << 30
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 4 << 30
+                available = int(line.split()[1]) * 1024
+    return min(available, _cgroup_room())
+
+
+def _cgroup_room() -> int:
+    """Room left under a container's memory limit (cgroup v2); /proc/meminfo shows the host's."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return 1 << 62
+    return 1 << 62 if limit == "max" else max(0, int(limit) - used)
 
 
 def kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:
