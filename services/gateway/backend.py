@@ -1,55 +1,80 @@
-"""The gateway's side of the bus: send a request to the router, receive its chunks, abort it.
+"""The gateway's side of the bus: route a request, receive its chunks, fail over, abort.
 
 One wildcard subscription (`<inbox>.*`) receives the chunks of every request of this gateway; each
-request's reply subject is `<inbox>.<request_id>`, so sending needs no per-request SUB round trip.
+attempt's reply subject is `<inbox>.<attempt id>`, so sending needs no per-request SUB round trip.
+
+Failover ("nothing in flight is lost when a worker dies"). The request goes to the router as a NATS
+request; its RouteReply names the instances now holding it. The request moves elsewhere when
+  - one of those instances leaves the registry: one background task re-reads the registry every
+    `refresh_s` while requests are in flight and marks the attempts whose instances are gone, or
+  - a worker sends an error chunk with code 503 (it cannot go on; another instance may),
+by resubmitting it (attempt + 1), at most `max_attempts` submissions in all, then a clear 503.
+Before any output the same request goes again. After output (n == 1) it continues: prompt = prompt
++ the tokens generated so far, max_tokens and min_tokens reduced by their number, so the client's
+stream goes on where it stopped. A seeded or penalised request may then differ from an uninterrupted
+run: the new worker's sampler starts afresh and sees those tokens as prompt. With n > 1 a caller
+that has sent nothing yet (non-streaming) may start over (`on_restart`); otherwise it is a 503.
+
+Every attempt has its own request id, `<id>-r<k>` (the first keeps `<id>`): chunks still in flight
+from the old attempt (its worker may only have been slow to heartbeat) land on a reply subject that
+nobody reads and are dropped, and the abort sent for the old attempt cannot cancel the new one.
+Log lines carry the attempt's id, whose prefix is the client's request id.
 """
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import nats.errors
 import structlog
 
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, from_chunk_error
 from shared import subjects
-from shared.messages import AbortRequest, GenerateRequest, SchemaError, StreamChunk
+from shared.messages import AbortRequest, GenerateRequest, RouteReply, SchemaError, StreamChunk
 
 log = structlog.get_logger("xllm.gateway")
 
+ROUTE_TIMEOUT_S = 10.0  # the router tries a few workers, each with a ~2 s ack timeout
+REFRESH_S = 0.5  # how often the registry is re-read while requests are in flight
+RETRIABLE_CODE = 503  # a worker's "I cannot go on": the request may go to another instance
+
 
 @dataclass
-class ReplyStream:
-    """The chunks of one request, in arrival order. `finished` once the last chunk was read."""
+class Lost:
+    """Put in an attempt's queue when one of its instances left the registry."""
+
+    instance_id: str
+
+
+@dataclass
+class Attempt:
+    """One submission of a request: its own request id, reply queue and instances."""
 
     request_id: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    finished: bool = False
-
-    async def next(self, timeout: float, waiting_for: str = "output") -> StreamChunk:
-        """The next chunk; ApiError 504 when none comes within `timeout` seconds."""
-        try:
-            data = await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            raise ApiError(504, f"no {waiting_for} from the serving backend within {timeout:g} s",
-                           "server_error", None, "timeout") from None  # fmt: skip
-        try:
-            chunk = StreamChunk.decode(data)
-        except SchemaError as e:
-            raise ApiError(502, f"bad reply from the serving backend: {e}", "server_error") from None
-        if chunk.finished:
-            self.finished = True
-        return chunk
+    instances: list[str] = field(default_factory=list)  # from the RouteReply
+    watch: set[str] = field(default_factory=set)  # the instances whose leaving ends this attempt
+    routed_at: float | None = None  # monotonic time the RouteReply arrived
+    started: bool = False  # a chunk arrived
+    lost: bool = False
 
 
 class Backend:
-    def __init__(self, nc: Any, retry_after_s: int = 1):
+    def __init__(self, nc: Any, retry_after_s: int = 1, *, registry: Any | None = None, max_attempts: int = 3,
+                 route_timeout_s: float = ROUTE_TIMEOUT_S, refresh_s: float = REFRESH_S):  # fmt: skip
         self.nc = nc
         self.retry_after_s = retry_after_s
+        self.registry = registry  # anything with `async list_instances()`; None: no registry watch
+        self.max_attempts = max_attempts
+        self.route_timeout_s = route_timeout_s
+        self.refresh_s = refresh_s
         self._inbox = ""
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._attempts: dict[str, Attempt] = {}
         self._sub: Any = None
+        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -57,42 +82,76 @@ class Backend:
         # and dropping a chunk (slow consumer) would corrupt an answer.
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_chunk, pending_msgs_limit=0,
                                             pending_bytes_limit=0)  # fmt: skip
+        if self.registry is not None:
+            self._watcher = asyncio.create_task(self._watch_registry(), name="gateway-registry-watch")
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            with suppress(Exception):  # a closed connection has no subscription left to drop
+                await self._sub.unsubscribe()
             self._sub = None
 
     @property
     def active(self) -> int:
-        return len(self._streams)
-
-    async def _on_chunk(self, msg: Any) -> None:
-        queue = self._streams.get(msg.subject.rpartition(".")[2])
-        if queue is not None:  # else: a late chunk of a request already ended
-            queue.put_nowait(msg.data)
+        return len(self._attempts)
 
     @asynccontextmanager
-    async def open(self, req: GenerateRequest) -> AsyncIterator[ReplyStream]:
-        """Send `req` to the router and yield its reply stream. Leaving before the last chunk
-        (client gone, timeout, error) publishes an abort so workers free the request's KV blocks."""
-        rid = req.request_id
-        req.reply_subject = f"{self._inbox}.{rid}"
-        stream = ReplyStream(rid)
-        self._streams[rid] = stream.queue
+    async def open(self, req: GenerateRequest, first_timeout: float, inter_timeout: float,
+                   on_restart: Callable[[], None] | None = None) -> AsyncIterator["Generation"]:  # fmt: skip
+        """Route `req` and yield its Generation. Leaving before the last chunk (client gone, timeout,
+        error) aborts the current attempt, so workers free its KV blocks."""
+        gen = Generation(self, req, first_timeout, inter_timeout, on_restart)
         try:
-            try:
-                await self.nc.publish(subjects.ROUTER_GENERATE, req.encode())
-            except Exception as e:  # connection closed / draining: nothing was sent
-                stream.finished = True
-                log.warning("publish_failed", error=repr(e))
-                raise ApiError(503, "the message bus is unavailable; retry later", "server_error", None,
-                               "bus_unavailable", self.retry_after_s) from None  # fmt: skip
-            yield stream
+            await gen.start()
+            yield gen
         finally:
-            del self._streams[rid]
-            if not stream.finished:
-                await self.abort(rid)
+            if gen.attempt is not None:
+                await self.release(gen.attempt, abort=not gen.finished)
+
+    # -- attempts ---------------------------------------------------------------------------------
+
+    async def route(self, req: GenerateRequest) -> Attempt | None:
+        """Register an attempt for `req` and send it to the router: the Attempt, or None when the
+        router did not answer in time (the caller may try again). Router refusals raise ApiError."""
+        attempt = Attempt(req.request_id)
+        self._attempts[req.request_id] = attempt
+        req.reply_subject = f"{self._inbox}.{req.request_id}"
+        try:
+            answer = await self.nc.request(subjects.ROUTER_GENERATE, req.encode(), timeout=self.route_timeout_s)
+        except nats.errors.NoRespondersError:
+            await self.release(attempt, abort=False)
+            raise ApiError(503, "no router is running; retry later", "server_error", None, "router_unavailable",
+                           self.retry_after_s) from None  # fmt: skip
+        except nats.errors.TimeoutError:
+            await self.release(attempt, abort=True)  # the router may still place it: cancel that
+            log.warning("route_timeout", timeout_s=self.route_timeout_s)
+            return None
+        except Exception as e:  # connection closed / draining: nothing was sent
+            await self.release(attempt, abort=False)
+            log.warning("publish_failed", error=repr(e))
+            raise ApiError(503, "the message bus is unavailable; retry later", "server_error", None,
+                           "bus_unavailable", self.retry_after_s) from None  # fmt: skip
+        try:
+            reply = RouteReply.decode(answer.data)
+        except SchemaError as e:
+            await self.release(attempt, abort=True)
+            raise ApiError(502, f"bad reply from the router: {e}", "server_error") from None
+        if reply.error:
+            await self.release(attempt, abort=False)
+            raise from_chunk_error(reply.error, self.retry_after_s)
+        attempt.instances = list(reply.instances)
+        attempt.watch = set(reply.instances)
+        attempt.routed_at = time.monotonic()
+        return attempt
+
+    async def release(self, attempt: Attempt, abort: bool) -> None:
+        """Forget an attempt; `abort` tells every worker to drop it (a no-op where it is not)."""
+        if self._attempts.pop(attempt.request_id, None) is not None and abort:
+            await self.abort(attempt.request_id)
 
     async def abort(self, request_id: str) -> None:
         try:
@@ -100,3 +159,142 @@ class Backend:
             log.info("request_aborted", request_id=request_id)
         except Exception as e:
             log.warning("abort_publish_failed", request_id=request_id, error=repr(e))
+
+    async def _on_chunk(self, msg: Any) -> None:
+        attempt = self._attempts.get(msg.subject.rpartition(".")[2])
+        if attempt is not None:  # else: a late chunk of an attempt already ended
+            attempt.queue.put_nowait(msg.data)
+
+    async def _watch_registry(self) -> None:
+        """While attempts are in flight, mark those whose instances left the registry."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            if not any(a.watch for a in self._attempts.values()):
+                continue
+            started = time.monotonic()
+            try:
+                infos = await asyncio.wait_for(self.registry.list_instances(), max(1.0, 4 * self.refresh_s))
+            except Exception as e:  # NATS hiccup: no verdict this round (never fail over on a guess)
+                log.warning("registry_read_failed", error=f"{type(e).__name__}: {e}")
+                continue
+            live = {i.instance_id for i in infos}
+            for attempt in list(self._attempts.values()):
+                # Only a snapshot taken after the router chose these instances can say one has left.
+                if attempt.lost or attempt.routed_at is None or attempt.routed_at >= started:
+                    continue
+                gone = sorted(attempt.watch - live)
+                if gone:
+                    attempt.lost = True
+                    attempt.queue.put_nowait(Lost(gone[0]))
+
+
+class Generation:
+    """A request's output across attempts: `next()` returns its chunks in order, failover hidden.
+
+    `finished` once the last chunk was returned; `attempt` is the submission now running.
+    """
+
+    def __init__(self, backend: Backend, req: GenerateRequest, first_timeout: float, inter_timeout: float,
+                 on_restart: Callable[[], None] | None = None):  # fmt: skip
+        self.backend, self.req = backend, req
+        self.first_timeout, self.inter_timeout = first_timeout, inter_timeout
+        self.on_restart = on_restart
+        self.attempt: Attempt | None = None
+        self.submissions = 0
+        self.generated: list[int] = []  # n == 1: token ids returned so far (a continuation's prompt tail)
+        self.produced = False  # output reached the caller
+        self.finished = False
+
+    async def start(self) -> None:
+        if not await self._submit():
+            await self._fail_over("the router did not answer")
+
+    async def next(self) -> StreamChunk:
+        """The next chunk; ApiError 504 when none comes in time, 503 when failover is exhausted."""
+        while True:
+            item = await self._get()
+            if isinstance(item, Lost):
+                why = f"instance {item.instance_id} left the registry"
+            else:
+                try:
+                    chunk = StreamChunk.decode(item)
+                except SchemaError as e:
+                    raise ApiError(502, f"bad reply from the serving backend: {e}", "server_error") from None
+                err = chunk.error
+                if not (err and err.get("code") == RETRIABLE_CODE and chunk.instance_id):
+                    return self._accept(chunk)
+                why = f"instance {chunk.instance_id}: {err.get('message') or 'unavailable'}"
+            last = await self._fail_over(why)
+            if last is not None:
+                return self._accept(last)
+
+    async def _get(self) -> Any:
+        attempt = self.attempt
+        timeout = self.inter_timeout if attempt.started else self.first_timeout
+        try:
+            item = await asyncio.wait_for(attempt.queue.get(), timeout)
+        except TimeoutError:
+            waiting_for = "output" if self.produced else "first output"
+            raise ApiError(504, f"no {waiting_for} from the serving backend within {timeout:g} s",
+                           "server_error", None, "timeout") from None  # fmt: skip
+        attempt.started = attempt.started or not isinstance(item, Lost)
+        return item
+
+    def _accept(self, chunk: StreamChunk) -> StreamChunk:
+        attempt, prompt_len = self.attempt, len(self.req.prompt_token_ids)
+        if attempt.request_id != self.req.request_id:  # usage counts the client's prompt, not ours
+            chunk.prompt_tokens, chunk.cached_tokens = prompt_len, min(chunk.cached_tokens, prompt_len)
+        if any(o.get("token_ids") or o.get("text") for o in chunk.outputs):
+            self.produced = True
+            if chunk.instance_id in attempt.instances:  # once it streams, only the streamer matters
+                attempt.watch = {chunk.instance_id}
+            if self.req.params.get("n", 1) == 1:
+                self.generated.extend(t for o in chunk.outputs if o.get("index", 0) == 0 for t in o["token_ids"])
+        self.finished = self.finished or chunk.finished
+        return chunk
+
+    async def _fail_over(self, why: str) -> StreamChunk | None:
+        """Resubmit elsewhere; a final chunk when nothing is left to generate, else None."""
+        while True:
+            await self.backend.release(self.attempt, abort=True)
+            log.warning("failover", reason=why, attempts=self.submissions, generated=len(self.generated))
+            if self.submissions >= self.backend.max_attempts:
+                raise ApiError(503, f"the request failed on {self.submissions} attempts (last: {why}); "
+                               "retry later", "server_error", None, "worker_unavailable",
+                               self.backend.retry_after_s)  # fmt: skip
+            if self.produced and self.req.params.get("n", 1) != 1:
+                if self.on_restart is None:
+                    raise ApiError(503, f"the request was interrupted after producing output ({why}); "
+                                   "a request with n > 1 cannot be continued elsewhere", "server_error",
+                                   None, "worker_unavailable", self.backend.retry_after_s)  # fmt: skip
+                self.on_restart()  # the caller sent nothing yet: start over
+                self.produced = False
+            max_tokens = self.req.params.get("max_tokens")
+            if max_tokens is not None and len(self.generated) >= max_tokens:  # all there but the finish
+                return StreamChunk(self.req.request_id, [{"index": 0, "token_ids": [], "text": "",
+                                                          "finish_reason": "length"}], finished=True)  # fmt: skip
+            if await self._submit():
+                return None
+            why = "the router did not answer"
+
+    async def _submit(self) -> bool:
+        """Route the next attempt: False when the router did not answer (ApiError when it refused)."""
+        k, base = self.submissions, self.req
+        req = replace(base, request_id=base.request_id if k == 0 else f"{base.request_id}-r{k}",
+                      attempt=base.attempt + k, decode_instance=None)  # fmt: skip
+        if self.generated:  # continue after the tokens the caller already has
+            done, params = len(self.generated), dict(base.params)
+            if params.get("max_tokens") is not None:
+                params["max_tokens"] -= done
+            params["min_tokens"] = max(0, params.get("min_tokens", 0) - done)
+            req.prompt_token_ids, req.params = [*base.prompt_token_ids, *self.generated], params
+        self.submissions += 1
+        self.attempt = Attempt(req.request_id)  # until routed; releasing it releases the routed one (same id)
+        attempt = await self.backend.route(req)
+        if attempt is None:
+            return False
+        self.attempt = attempt
+        if k:
+            log.info("resubmitted", attempt_id=req.request_id, attempt=req.attempt, instances=attempt.instances,
+                     continued_after=len(self.generated))  # fmt: skip
+        return True

@@ -11,6 +11,7 @@ from aiohttp import web
 from services.gateway.app import create_app
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
+from services.gateway.jobs import JobRunner
 from services.gateway.protocol import ModelInfo
 from shared.bus import connect
 from shared.logging import configure_logging
@@ -47,11 +48,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     tokenizer, model_config = await loop.run_in_executor(None, load_tokenizer, config.model)
     nc = await connect(config.nats, name="gateway")
-    backend = Backend(nc, config.retry_after_s)
-    await backend.start()
     registry = await InstanceRegistry.open(nc.jetstream())
+    backend = Backend(nc, config.retry_after_s, registry=registry, max_attempts=config.max_attempts,
+                      route_timeout_s=config.route_timeout_s)  # fmt: skip
+    await backend.start()
     info = model_info(config, model_config)
     app = create_app(config, tokenizer, info, backend, registry)
+    jobs = JobRunner(nc, backend, tokenizer, info, config) if config.job_concurrency else None
+    if jobs is not None:
+        await jobs.start()
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.shutdown_timeout_s)  # fmt: skip
@@ -68,6 +73,8 @@ async def serve(
         await stop.wait()
         log.info("gateway_stopping", inflight=backend.active)
     finally:
+        if jobs is not None:
+            await jobs.stop()  # a job in progress goes back to the stream, resumed by the next runner
         await runner.cleanup()  # stops accepting; in-flight requests get shutdown_timeout_s to finish
         await backend.close()
         await nc.drain()

@@ -1,9 +1,13 @@
-"""One generation request end to end: body -> ParsedRequest -> router -> chunks -> JSON or SSE."""
+"""One generation request end to end: body -> ParsedRequest -> router -> chunks -> JSON or SSE.
+
+The chunks come from a backend.Generation, which hides failover: a request whose worker dies goes on
+elsewhere and this module sees one stream of chunks.
+"""
 
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -16,7 +20,7 @@ from shared.messages import GenerateRequest, SeqOutput, StreamChunk
 
 if TYPE_CHECKING:
     from services.gateway.app import Gateway
-    from services.gateway.backend import ReplyStream
+    from services.gateway.backend import Generation
 
 log = structlog.get_logger("xllm.gateway")
 
@@ -36,13 +40,16 @@ async def generate(request: web.Request, gw: "Gateway", kind: str) -> web.Stream
         log.info("request_accepted", kind=kind, prompt_tokens=len(req.prompt_token_ids),
                  n=parsed.params.n, max_tokens=parsed.params.max_tokens, stream=parsed.stream)  # fmt: skip
         run = _Run(request, gw, parsed, rid, arrival)
-        async with gw.backend.open(req) as stream:
-            first = await stream.next(gw.config.first_token_timeout_s, "first output")
+        # Non-streaming, nothing reached the client yet: after a failure with n > 1 it may start over.
+        restart = None if parsed.stream else run.restart
+        cfg = gw.config
+        async with gw.backend.open(req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart) as gen:
+            first = await gen.next()
             if first.error:  # nothing sent yet: a real HTTP status (429/503 from the router, 400...)
-                raise from_chunk_error(first.error, gw.config.retry_after_s)
+                raise from_chunk_error(first.error, cfg.retry_after_s)
             if parsed.stream:
-                return await run.stream_sse(stream, first)
-            return await run.respond_json(stream, first)
+                return await run.stream_sse(gen, first)
+            return await run.respond_json(gen, first)
 
 
 async def _parse(raw: bytes, gw: "Gateway", kind: str) -> ParsedRequest:
@@ -56,6 +63,14 @@ async def _parse(raw: bytes, gw: "Gateway", kind: str) -> ParsedRequest:
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
+def response_body(parsed: ParsedRequest, rid: str, created: int, model: str, col: R.Collector,
+                  tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+    """The non-streaming OpenAI response of a finished request (the REST API's and the job runner's)."""
+    if parsed.kind == "chat":
+        return R.chat_response(rid, created, model, col, tokenizer)
+    return R.completion_response(rid, created, model, col, tokenizer, parsed.echo)
+
+
 class _Run:
     """The state of one request while its chunks arrive."""
 
@@ -65,7 +80,11 @@ class _Run:
         self.col = R.Collector(parsed.params.n, len(parsed.prompt_token_ids), keep=not parsed.stream)
         self.last_output: float | None = None
 
-    async def respond_json(self, stream: "ReplyStream", chunk: StreamChunk) -> web.Response:
+    def restart(self) -> None:
+        """Drop what was collected: the request starts over on another instance."""
+        self.col = R.Collector(self.parsed.params.n, len(self.parsed.prompt_token_ids), keep=True)
+
+    async def respond_json(self, gen: "Generation", chunk: StreamChunk) -> web.Response:
         while True:
             if chunk.error:
                 raise from_chunk_error(chunk.error, self.gw.config.retry_after_s)
@@ -75,17 +94,13 @@ class _Run:
             if self.request.transport is None or self.request.transport.is_closing():
                 log.info("client_disconnected")
                 return web.Response(status=499)  # leaving the stream aborts the request
-            chunk = await stream.next(self.gw.config.inter_token_timeout_s)
+            chunk = await gen.next()
         self._done()
-        tok, model = self.gw.tokenizer, self.gw.model.name
-        if self.parsed.kind == "chat":
-            body = R.chat_response(self.rid, self.created, model, self.col, tok)
-        else:
-            body = R.completion_response(self.rid, self.created, model, self.col, tok, self.parsed.echo)
+        body = response_body(self.parsed, self.rid, self.created, self.gw.model.name, self.col, self.gw.tokenizer)
         return web.Response(body=R.dumps(body), content_type="application/json",
                             headers={"X-Request-Id": self.rid})  # fmt: skip
 
-    async def stream_sse(self, stream: "ReplyStream", chunk: StreamChunk) -> web.StreamResponse:
+    async def stream_sse(self, gen: "Generation", chunk: StreamChunk) -> web.StreamResponse:
         """OpenAI SSE: role chunk(s) first (chat), deltas, finish_reason, usage chunk if asked, [DONE].
         Errors after the headers went out become an error event before [DONE]."""
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -115,7 +130,7 @@ class _Run:
                 if chunk.finished:
                     break
                 try:
-                    chunk = await stream.next(self.gw.config.inter_token_timeout_s)
+                    chunk = await gen.next()
                 except ApiError as e:
                     log.warning("stream_ended_early", error=e.message)
                     await resp.write(R.sse(e.body()))

@@ -22,7 +22,7 @@ from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.protocol import ModelInfo
 from shared import subjects
-from shared.messages import AbortRequest, GenerateRequest, SeqOutput, StreamChunk
+from shared.messages import AbortRequest, GenerateRequest, RouteReply, SeqOutput, StreamChunk
 
 
 class FakeTokenizer:
@@ -104,13 +104,15 @@ Script = Callable[["ScriptedRouter", GenerateRequest], Awaitable[None]]
 
 
 class ScriptedRouter:
-    """Test double of the router and a worker: answers each GenerateRequest with `script`."""
+    """Test double of the router and a worker: answers each GenerateRequest with a RouteReply naming
+    `instances` (none by default: nothing for the gateway to watch), then runs `script`."""
 
     def __init__(self, nc: nats.NATS):
         self.nc = nc
         self.requests: list[GenerateRequest] = []
         self.aborts: list[str] = []
         self.script: Script = reply_words()
+        self.instances: list[str] = []
         self._subs: list = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -119,7 +121,8 @@ class ScriptedRouter:
                       await self.nc.subscribe(subjects.ABORT, cb=self._on_abort)]  # fmt: skip
 
     async def stop(self) -> None:
-        for sub in self._subs:
+        subs, self._subs = self._subs, []  # a second stop (the fixture's, after a test's) is a no-op
+        for sub in subs:
             await sub.unsubscribe()
         for task in self._tasks:
             task.cancel()
@@ -127,6 +130,8 @@ class ScriptedRouter:
     async def _on_request(self, msg: nats.aio.msg.Msg) -> None:
         req = GenerateRequest.decode(msg.data)
         self.requests.append(req)
+        if msg.reply:
+            await msg.respond(RouteReply(req.request_id, list(self.instances)).encode())
         task = asyncio.create_task(self.script(self, req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -199,12 +204,15 @@ MakeClient = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 async def make_client(nc: nats.NATS, router: ScriptedRouter) -> AsyncIterator[MakeClient]:
-    """make_client(registry=None, **GatewayConfig overrides) -> a started aiohttp TestClient."""
+    """make_client(registry=None, watch=False, **GatewayConfig overrides) -> a started aiohttp TestClient.
+    With `watch`, the backend also watches `registry` for instances leaving (failover), every 50 ms."""
     made: list[tuple[TestClient, Backend]] = []
 
-    async def make(registry: object = None, **overrides: object) -> TestClient:
+    async def make(registry: object = None, watch: bool = False, **overrides: object) -> TestClient:
         config = GatewayConfig(**{"first_token_timeout_s": 2.0, "inter_token_timeout_s": 2.0, **overrides})
-        backend = Backend(nc, config.retry_after_s)
+        backend = Backend(nc, config.retry_after_s, registry=registry if watch else None,
+                          max_attempts=config.max_attempts, route_timeout_s=config.route_timeout_s,
+                          refresh_s=0.05)  # fmt: skip
         await backend.start()
         app = create_app(config, FakeTokenizer(), MODEL, backend, registry)
         client = TestClient(TestServer(app))

@@ -1,0 +1,289 @@
+"""The offline job runner: batch jobs from JetStream, run at low priority, results back to JetStream.
+
+    client --Job--> xllm.jobs.submit (stream XLLM_JOBS) --durable pull consumer "xllm-jobs"--> a gateway
+    gateway --JobResult per request, then JobDone--> xllm.jobs.results.<job_id> (stream XLLM_JOB_RESULTS)
+
+Every gateway replica binds the same durable consumer, so each job goes to one of them. A gateway runs
+one job at a time, `concurrency` of its requests in flight, each parsed by protocol.py (the REST
+API's one place that templates and tokenizes) and sent through the same Backend (failover included)
+with priority 1: the engines schedule online requests first. Router refusals (429 / 503) are retried
+with backoff until `RETRY_FOR_S`: an offline request waits for room rather than fail.
+
+The job message is acked only once all its results and its JobDone are published; until then the
+runner marks it in progress, so a gateway that dies mid-job leaves it to be redelivered after
+`ACK_WAIT_S`. A job is resumable: before running it, the runner reads what its results subject
+already holds and runs only the requests without a result (nothing if a JobDone is there). Results
+carry msg ids "<job_id>:<custom_id>" (JobDone: "<job_id>"), so JetStream drops a duplicate published
+within its dedupe window by two runners that raced on one job.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import nats.errors
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.gateway import responses as R
+from services.gateway.backend import Backend
+from services.gateway.body import parse_json
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import ApiError, from_chunk_error, invalid
+from services.gateway.protocol import ModelInfo, ParsedRequest, parse_chat, parse_completion
+from services.gateway.serving import response_body
+from shared import bus, subjects
+from shared.jobs_client import JOB_ID_RE, URLS, iter_results
+from shared.messages import GenerateRequest, Job, JobDone, JobResult, SchemaError
+
+log = structlog.get_logger("xllm.gateway.jobs")
+
+DURABLE = "xllm-jobs"
+ACK_WAIT_S = 60.0  # a job not marked in progress for this long is redelivered (its gateway died)
+PROGRESS_EVERY_S = 15.0
+FETCH_WAIT_S = 5.0
+MAX_DELIVERIES = 20  # a job redelivered this often (it keeps killing gateways?) fails what is left
+RETRY_FOR_S = 600.0  # how long an offline request keeps retrying router refusals (429 / 503)
+OFFLINE_PRIORITY = 1
+KINDS = dict(zip(URLS, ("chat", "completion")))
+
+
+@dataclass
+class _Line:
+    custom_id: str
+    url: Any
+    body: Any
+
+
+class JobError(ValueError):
+    """The job as a whole is malformed (reported as one error result with custom_id "")."""
+
+
+class JobRunner:
+    def __init__(self, nc: Any, backend: Backend, tokenizer: Any, model: ModelInfo, config: GatewayConfig,
+                 concurrency: int | None = None):  # fmt: skip
+        self.nc, self.js = nc, nc.jetstream()
+        self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
+        self.concurrency = concurrency or config.job_concurrency or 16
+        self.jobs_done = 0
+        self._sub: Any = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await bus.ensure_streams(self.js, (bus.JOBS, bus.JOB_RESULTS))
+        consumer = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
+                                  deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1)  # fmt: skip
+        self._sub = await self.js.pull_subscribe(subjects.JOBS_SUBMIT, durable=DURABLE,
+                                                 stream=subjects.JOBS_STREAM, config=consumer)  # fmt: skip
+        self._task = asyncio.create_task(self._loop(), name="job-runner")
+        log.info("job_runner_started", subject=subjects.JOBS_SUBMIT, concurrency=self.concurrency)
+
+    async def stop(self) -> None:
+        """Stop taking jobs; a job in progress is handed back (nak) for another gateway to resume."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._sub is not None:
+            with suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                msgs = await self._sub.fetch(1, timeout=FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # NATS reconnecting, consumer gone...: try again shortly
+                log.warning("job_fetch_failed", error=f"{type(e).__name__}: {e}")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self._handle(msg)
+
+    async def _handle(self, msg: Any) -> None:
+        progress = asyncio.create_task(self._keep_in_progress(msg))
+        try:
+            await self.run_job(msg.data, msg.metadata.num_delivered)
+        except asyncio.CancelledError:
+            with suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception as e:  # NATS failed under us: hand it back, a later run resumes it
+            log.warning("job_failed", error=f"{type(e).__name__}: {e}")
+            with suppress(Exception):
+                await msg.nak(delay=5.0)
+        else:
+            await msg.ack()
+            self.jobs_done += 1
+        finally:
+            progress.cancel()
+
+    async def _keep_in_progress(self, msg: Any) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            with suppress(Exception):
+                await msg.in_progress()
+
+    # -- one job ----------------------------------------------------------------------------------
+
+    async def run_job(self, data: bytes, deliveries: int = 1) -> None:
+        """Run a job message to its JobDone (resuming what an earlier delivery published)."""
+        try:
+            job_id, lines = parse_job(data)
+        except JobError as e:
+            job_id = _salvage_job_id(data)
+            log.warning("bad_job", job_id=job_id, error=str(e))
+            if job_id is not None:
+                err = {"message": f"malformed job: {e}", "type": "invalid_request_error", "code": 400}
+                await self._publish(JobResult(job_id, "", error=err), f"{job_id}:")
+                await self._publish(JobDone(job_id, 0, 1), job_id)
+            return
+        with structlog.contextvars.bound_contextvars(job_id=job_id):
+            previous, done = await self._published(job_id)
+            if done:
+                log.info("job_already_done", requests=len(lines))
+                return
+            todo = [line for line in lines if line.custom_id not in previous]
+            log.info("job_started", requests=len(lines), resumed=len(previous), delivery=deliveries)
+            started = time.monotonic()
+            outcomes = dict(previous)
+            if deliveries > MAX_DELIVERIES:
+                err = {"message": f"the job was delivered {deliveries} times without finishing",
+                       "type": "server_error", "code": 500}  # fmt: skip
+                for line in todo:
+                    outcomes[line.custom_id] = await self._report(job_id, line.custom_id, None, err)
+                todo = []
+            queue: asyncio.Queue[_Line] = asyncio.Queue()
+            for line in todo:
+                queue.put_nowait(line)
+
+            async def worker() -> None:
+                while not queue.empty():
+                    line = queue.get_nowait()
+                    response, error = await self.run_request(line)
+                    outcomes[line.custom_id] = await self._report(job_id, line.custom_id, response, error)
+
+            async with asyncio.TaskGroup() as group:  # one failure (NATS gone) stops the others
+                for _ in range(min(self.concurrency, len(todo))):
+                    group.create_task(worker())
+            failed = sum(not ok for ok in outcomes.values())
+            await self._publish(JobDone(job_id, len(outcomes) - failed, failed), job_id)
+            log.info("job_done", completed=len(outcomes) - failed, failed=failed,
+                     seconds=round(time.monotonic() - started, 3))  # fmt: skip
+
+    async def run_request(self, line: _Line) -> tuple[dict | None, dict | None]:
+        """(response body, None) or (None, error) for one request; refusals retried with backoff."""
+        deadline, delay = time.monotonic() + RETRY_FOR_S, 0.5
+        while True:
+            try:
+                return await self._generate(line), None
+            except ApiError as e:
+                if e.status in (429, 503) and time.monotonic() + delay < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                return None, {**e.body()["error"], "code": e.status}
+            except Exception as e:  # a bug must cost one result, not the job
+                log.exception("job_request_crashed", custom_id=line.custom_id)
+                return None, {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                              "param": None, "code": 500}  # fmt: skip
+
+    async def _generate(self, line: _Line) -> dict:
+        parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line)
+        rid = f"{'chatcmpl' if parsed.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="",
+                              priority=OFFLINE_PRIORITY, model=self.model.name, arrival_time=time.time())  # fmt: skip
+        n, prompt_len = parsed.params.n, len(parsed.prompt_token_ids)
+        col = R.Collector(n, prompt_len)
+
+        def restart() -> None:
+            nonlocal col
+            col = R.Collector(n, prompt_len)
+
+        cfg = self.config
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            async with self.backend.open(req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart) as gen:
+                while True:
+                    chunk = await gen.next()
+                    if chunk.error:
+                        raise from_chunk_error(chunk.error, cfg.retry_after_s)
+                    col.add(chunk)
+                    if chunk.finished:
+                        break
+        return response_body(parsed, rid, int(time.time()), self.model.name, col, self.tokenizer)
+
+    def _parse(self, line: _Line) -> ParsedRequest:
+        """The REST API's parsing, from the same bytes a client would POST."""
+        kind = KINDS.get(line.url)
+        if kind is None:
+            raise ApiError(404, f"url must be one of {', '.join(URLS)}, got {line.url!r}", "invalid_request_error",
+                           "url", "unknown_url")  # fmt: skip
+        try:
+            raw = json.dumps(line.body, allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise invalid(f"body is not a JSON object: {e}", "body", "invalid_json") from None
+        parse = parse_chat if kind == "chat" else parse_completion
+        parsed = parse(parse_json(raw), self.model, self.tokenizer, self.config.max_n)
+        if parsed.stream:
+            raise invalid("stream is not supported in batch jobs: results are whole responses", "stream")
+        return parsed
+
+    async def _report(self, job_id: str, custom_id: str, response: dict | None, error: dict | None) -> bool:
+        await self._publish(JobResult(job_id, custom_id, response, error), f"{job_id}:{custom_id}")
+        return error is None
+
+    async def _publish(self, msg: JobResult | JobDone, msg_id: str) -> None:
+        await bus.publish(self.js, subjects.job_results(msg.job_id), msg, msg_id=msg_id)
+
+    async def _published(self, job_id: str) -> tuple[dict[str, bool], bool]:
+        """What an earlier run published: {custom_id: succeeded}, and whether the JobDone is there."""
+        subject = subjects.job_results(job_id)
+        info = await self.js.stream_info(subjects.JOB_RESULTS_STREAM, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        outcomes: dict[str, bool] = {}
+        if not count:
+            return outcomes, False
+        async for item in iter_results(self.js, job_id, limit=count):
+            if isinstance(item, JobDone):
+                return outcomes, True
+            outcomes.setdefault(item.custom_id, item.error is None)
+        return outcomes, False
+
+
+def parse_job(data: bytes) -> tuple[str, list[_Line]]:
+    """(job id, requests) of a Job message; JobError when it cannot be run at all."""
+    try:
+        job = Job.decode(data)
+    except SchemaError as e:
+        raise JobError(str(e)) from None
+    if not isinstance(job.job_id, str) or not JOB_ID_RE.match(job.job_id):
+        raise JobError(f"job_id {job.job_id!r}: use 1-128 letters, digits, '-' or '_'")
+    if not isinstance(job.requests, list):
+        raise JobError("requests must be a list of {custom_id, url, body} maps")
+    lines, seen = [], set()
+    for i, item in enumerate(job.requests):
+        cid = item.get("custom_id") if isinstance(item, dict) else None
+        if not isinstance(cid, str) or not cid:
+            raise JobError(f"requests[{i}]: custom_id must be a non-empty string")
+        if cid in seen:
+            raise JobError(f"requests[{i}]: custom_id {cid!r} is used twice")
+        seen.add(cid)
+        lines.append(_Line(cid, item.get("url"), item.get("body")))
+    return job.job_id, lines
+
+
+def _salvage_job_id(data: bytes) -> str | None:
+    """The job id of a message too broken to run, if it has a usable one (to report the error)."""
+    with suppress(Exception):
+        job_id = msgpack.unpackb(data, raw=False).get("job_id")
+        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
+            return job_id
+    return None
+

@@ -1,0 +1,255 @@
+"""Gateway failover over a real nats-server and instance registry, with a scripted router/worker double.
+
+Each script looks at `req.attempt` to play a different worker per submission; the registry is the
+real NATS KV bucket, where a test removes an instance to play a worker that died.
+"""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+import nats
+import pytest
+
+from shared import subjects
+from shared.messages import GenerateRequest, InstanceInfo, SeqOutput, StreamChunk
+from shared.registry import InstanceRegistry
+from tests.gateway.conftest import FakeTokenizer, MakeClient, ScriptedRouter, reply_words
+
+pytestmark = pytest.mark.integration
+
+TOK = FakeTokenizer()
+CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+PROMPT = TOK.encode_chat(CHAT["messages"])
+UNAVAILABLE = {"message": "engine shutting down", "type": "server_error", "code": 503}
+
+
+@pytest.fixture
+async def registry(nc: nats.NATS) -> AsyncIterator[tuple[InstanceRegistry, str, str]]:
+    """The real registry with two live instances (a, b), ids unique to the test."""
+    reg = await InstanceRegistry.open(nc.jetstream())
+    a, b = f"fo-a-{uuid.uuid4().hex[:6]}", f"fo-b-{uuid.uuid4().hex[:6]}"
+    for iid in (a, b):
+        await reg.heartbeat(InstanceInfo(iid, "colocated", "test-model", 1, "h"))
+    yield reg, a, b
+    for iid in (a, b):
+        await reg.remove(iid)
+
+
+async def send(nc: nats.NATS, req: GenerateRequest, text: str = "", finish: str | None = None,
+               instance: str = "w", error: dict | None = None, n: int = 1) -> None:  # fmt: skip
+    """Publish one chunk as worker `instance`: `text` (one token per byte) for each of n sequences."""
+    outs = [asdict(SeqOutput(i, TOK.encode(text, add_special_tokens=False), text, finish)) for i in range(n)]
+    done = finish is not None or error is not None
+    chunk = StreamChunk(req.request_id, outs if text or finish else [], done, len(req.prompt_token_ids), 0,
+                        instance, error)  # fmt: skip
+    await nc.publish(req.reply_subject, chunk.encode())
+
+
+async def wait_for(cond, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def sse_text(resp) -> tuple[str, list]:
+    """(the streamed content, every event) of a chat SSE response."""
+    events = [json.loads(b[6:]) for b in (await resp.text()).strip().split("\n\n") if b != "data: [DONE]"]
+    text = "".join(c["delta"].get("content", "") for e in events for c in e.get("choices", []))
+    return text, events
+
+
+async def test_resubmits_when_the_instance_leaves_before_any_output(make_client: MakeClient, router: ScriptedRouter,
+                                                                    registry, nc) -> None:  # fmt: skip
+    reg, a, b = registry
+    client = await make_client(registry=reg, watch=True)
+    router.instances = [a]
+    first_sent = asyncio.Event()
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        if req.attempt == 0:
+            first_sent.set()  # worker a took it, then dies silently
+            return
+        await reply_words()(r, req)
+
+    router.script = script
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await first_sent.wait()
+    router.instances = [b]
+    await reg.remove(a)  # a leaves the registry (TTL lapsed / killed)
+    resp = await asyncio.wait_for(task, 5)
+    body = await resp.json()
+    assert resp.status == 200 and body["choices"][0]["message"]["content"] == "Hello world"
+    first, second = router.requests
+    assert second.attempt == 1 and second.request_id == f"{first.request_id}-r1"
+    assert second.prompt_token_ids == first.prompt_token_ids == PROMPT and second.params == first.params
+    assert second.priority == first.priority and second.arrival_time == first.arrival_time
+    assert body["id"] == first.request_id and body["usage"]["prompt_tokens"] == len(PROMPT)
+    assert await router.wait_abort(first.request_id)  # the old attempt is dropped wherever it still is
+    assert second.request_id not in router.aborts
+
+
+async def test_continues_after_partial_output_with_the_generated_tokens(make_client, router, registry, nc) -> None:
+    reg, a, b = registry
+    client = await make_client(registry=reg, watch=True)
+    router.instances = [a]
+    stale = asyncio.Event()
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        if req.attempt == 0:
+            await send(nc, req, "Hel", instance=a)
+            await stale.wait()  # a "dead" worker that still sends: must not reach the client
+            await send(nc, req, "STALE", "stop", instance=a)
+            return
+        stale.set()
+        await send(nc, req, "lo", instance=b)
+        await send(nc, req, "!", "stop", instance=b)
+
+    router.script = script
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}, "min_tokens": 4, "seed": 7}
+    async with client.post("/v1/chat/completions", json=body) as resp:
+        await resp.content.readline()  # the role chunk: the stream is live
+        await wait_for(lambda: len(router.requests) == 1)
+        await asyncio.sleep(0.1)  # "Hel" reaches the gateway
+        router.instances = [b]
+        await reg.remove(a)
+        text, events = await sse_text(resp)
+    assert text == "Hello!"
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    usage = events[-1]["usage"]
+    assert usage["prompt_tokens"] == len(PROMPT) and usage["completion_tokens"] == 6
+    first, second = router.requests
+    generated = TOK.encode("Hel", add_special_tokens=False)
+    assert second.prompt_token_ids == PROMPT + generated
+    assert second.params["max_tokens"] == 20 - 3 and second.params["min_tokens"] == 1
+    assert second.params["seed"] == 7 and second.attempt == 1
+    assert {e["id"] for e in events} == {first.request_id}
+
+
+async def test_worker_503_before_output_resubmits_then_exhausts(make_client, router) -> None:
+    client = await make_client(max_attempts=2)
+
+    async def unavailable(r: ScriptedRouter, req: GenerateRequest) -> None:
+        await r.send(req, finished=True, error=UNAVAILABLE)
+
+    router.script = unavailable
+    async with client.post("/v1/chat/completions", json=CHAT) as resp:
+        body = await resp.json()
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert body["error"]["code"] == "worker_unavailable" and "2 attempts" in body["error"]["message"]
+    assert "engine shutting down" in body["error"]["message"]
+    assert [r.attempt for r in router.requests] == [0, 1]
+
+    async def once(r: ScriptedRouter, req: GenerateRequest) -> None:
+        await (unavailable if req.attempt == 0 else reply_words())(r, req)
+
+    router.script = once
+    async with client.post("/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "Hello world"
+
+
+async def test_503_after_max_attempts_when_instances_keep_leaving(make_client, router, registry, nc) -> None:
+    reg, _, _ = registry
+    client = await make_client(registry=reg, watch=True)  # max_attempts: 3 by default
+    router.instances = [f"gone-{uuid.uuid4().hex[:6]}"]  # never in the registry: lost at the next read
+    router.script = lambda r, req: asyncio.sleep(0)
+    async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        body = await resp.json()
+        assert resp.status == 503
+    assert body["error"]["code"] == "worker_unavailable" and "left the registry" in body["error"]["message"]
+    assert len(router.requests) == 3
+    for req in router.requests:
+        assert await router.wait_abort(req.request_id)
+
+
+async def test_n_above_1_starts_over_when_nothing_was_sent(make_client, router, nc) -> None:
+    client = await make_client()
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        if req.attempt == 0:
+            await send(nc, req, "Hel", n=2)
+            await send(nc, req, error=UNAVAILABLE)
+            return
+        await reply_words()(r, req)
+
+    router.script = script
+    async with client.post("/v1/chat/completions", json={**CHAT, "n": 2}) as resp:
+        body = await resp.json()
+    assert resp.status == 200 and [c["message"]["content"] for c in body["choices"]] == ["Hello world"] * 2
+    assert router.requests[1].prompt_token_ids == PROMPT and router.requests[1].params["max_tokens"] == 20
+    # Streaming, the client already has output: n > 1 cannot continue, the stream ends with an error.
+    router.requests.clear()
+    router.script = script
+    async with client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True}) as resp:
+        events = (await resp.text()).strip().split("\n\n")
+    assert json.loads(events[-2][6:])["error"]["code"] == "worker_unavailable" and len(router.requests) == 1
+
+
+async def test_prefill_leaving_after_decode_streams_is_no_failover(make_client, router, registry, nc) -> None:
+    reg, prefill, decode = registry
+    client = await make_client(registry=reg, watch=True)
+    router.instances = [prefill, decode]
+    go_on = asyncio.Event()
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        await send(nc, req, "Hel", instance=decode)
+        await go_on.wait()
+        await send(nc, req, "lo", "stop", instance=decode)
+
+    router.script = script
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await wait_for(lambda: router.requests)
+    await asyncio.sleep(0.1)
+    await reg.remove(prefill)  # its part was done: the decode instance holds the request now
+    await asyncio.sleep(0.3)  # several registry reads
+    go_on.set()
+    resp = await asyncio.wait_for(task, 5)
+    assert (await resp.json())["choices"][0]["message"]["content"] == "Hello"
+    assert len(router.requests) == 1
+
+
+async def test_registry_read_failures_are_no_verdict(make_client, router) -> None:
+    class Broken:
+        async def list_instances(self) -> list:
+            raise ConnectionError("bucket gone")
+
+    client = await make_client(registry=Broken(), watch=True)
+    router.instances = ["x"]
+    gate = asyncio.Event()
+
+    async def slow(r: ScriptedRouter, req: GenerateRequest) -> None:
+        await gate.wait()
+        await reply_words()(r, req)
+
+    router.script = slow
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await asyncio.sleep(0.3)
+    gate.set()
+    assert (await asyncio.wait_for(task, 5)).status == 200 and len(router.requests) == 1
+
+
+async def test_router_silent_or_absent(make_client, router, nc) -> None:
+    client = await make_client(route_timeout_s=0.2, max_attempts=2)
+    await router.stop()
+    async with client.post("/v1/chat/completions", json=CHAT) as resp:  # nobody listens: at once
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "router_unavailable"
+    seen: list[str] = []
+
+    async def silent(msg) -> None:
+        seen.append(GenerateRequest.decode(msg.data).request_id)
+
+    sub = await nc.subscribe(subjects.ROUTER_GENERATE, cb=silent)
+    aborts = await router.nc.subscribe(subjects.ABORT, cb=router._on_abort)
+    try:
+        async with client.post("/v1/chat/completions", json=CHAT) as resp:
+            body = await resp.json()
+        assert resp.status == 503 and "did not answer" in body["error"]["message"]
+        assert len(seen) == 2 and seen[1] == f"{seen[0]}-r1"
+        for rid in seen:
+            assert await router.wait_abort(rid)  # a late placement is cancelled
+    finally:
+        await sub.unsubscribe()
+        await aborts.unsubscribe()
