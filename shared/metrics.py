@@ -201,13 +201,29 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(registry: Registry, host: str, port: int) -> Any:
-    """Serve `GET /metrics` for a service that has no HTTP server of its own. Returns the AppRunner
-    (call `await runner.cleanup()` to stop)."""
+def stats_text(prefix: str, stats: dict[str, Any]) -> str:
+    """A service's stats() dict as Prometheus gauges: numbers as they are, dicts of numbers with a
+    `kind` label (their keys appear as they happen, so they are read at scrape time)."""
+    lines: list[str] = []
+    for key, value in stats.items():
+        name = f"{prefix}_{key}"
+        lines.append(f"# TYPE {name} gauge")
+        if isinstance(value, dict):
+            lines += [f'{name}{{kind="{_escape_label(str(k))}"}} {_fmt(v)}' for k, v in value.items()]
+        else:
+            lines.append(f"{name} {_fmt(value)}")
+    return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(source: "Registry | Callable[[], str]", host: str, port: int) -> Any:
+    """Serve `GET /metrics` for a service that has no HTTP server of its own, from a Registry or a
+    function returning exposition text. Returns the AppRunner (`await runner.cleanup()` to stop)."""
     from aiohttp import web
 
+    render = source.render if isinstance(source, Registry) else source
+
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=registry.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

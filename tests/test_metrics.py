@@ -103,3 +103,13 @@ async def test_serve_metrics_over_http() -> None:
             assert resp.status == 200 and "up_total 1" in await resp.text()
     finally:
         await runner.cleanup()
+
+
+def test_stats_text_renders_numbers_and_kinds():
+    from shared.metrics import stats_text
+
+    text = stats_text("xllm_router", {"routed": 3, "failures": {"overloaded": 2, "no_instances": 1}})
+    assert "xllm_router_routed 3" in text
+    assert 'xllm_router_failures{kind="overloaded"} 2' in text
+    assert 'xllm_router_failures{kind="no_instances"} 1' in text
+    assert "# TYPE xllm_router_failures gauge" in text

@@ -38,6 +38,7 @@ from shared.block_hash import block_hashes
 from shared.config import load_config, opt
 from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
+from shared.metrics import serve_metrics, stats_text
 from shared.registry import InstanceRegistry
 
 log = get_logger("xllm.kvcache")
@@ -51,6 +52,7 @@ class KvCacheConfig:
     """Global KV block index: follows workers' KV events, answers longest-cached-prefix queries."""
 
     nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     prune_interval_s: float = opt(5.0, "seconds between registry checks that drop departed instances "
                                        "(0 = never)", min=0)
@@ -243,13 +245,19 @@ async def serve(config: KvCacheConfig, stop: asyncio.Event | None = None,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    metrics = None
     try:
         await service.start()
+        if config.metrics_port is not None:
+            metrics = await serve_metrics(lambda: stats_text("xllm_kvcache", service.stats()), "0.0.0.0",
+                                          config.metrics_port)
         log.info("kvcache_serving", subject=subjects.KVCACHE_QUERY, nats=config.nats)
         if started is not None:
             started.set()
         await stop.wait()
     finally:
         log.info("kvcache_stopping", **service.stats())
+        if metrics:
+            await metrics.cleanup()
         await service.stop()
         await nc.drain()

@@ -31,6 +31,7 @@ class RouterConfig:
                             env="XLLM_ROUTER_MAX_INFLIGHT")
     kv_query_timeout_s: float = opt(0.05, "prefix-aware: seconds to wait for the kvcache service", min=0.001)
     prefix_weight: float = opt(4.0, "prefix-aware: load units a fully cached prompt is worth", min=0.0)
+    metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
 
     def validate(self) -> None:

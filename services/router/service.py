@@ -59,6 +59,7 @@ from shared.messages import (
     SchemaError,
     StreamChunk,
 )
+from shared.metrics import serve_metrics, stats_text
 from shared.registry import InstanceRegistry
 
 log = get_logger("xllm.router")
@@ -272,12 +273,18 @@ async def run(config: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics = None
     try:
         await service.start()
+        if config.metrics_port is not None:
+            metrics = await serve_metrics(lambda: stats_text("xllm_router", service.stats()), "0.0.0.0",
+                                          config.metrics_port)
         log.info("serving", subject=subjects.ROUTER_GENERATE, mode=config.mode, policy=config.policy,
                  instances=len(service.instances), nats=config.nats)
         await stop.wait()
     finally:
         log.info("stopping", **service.stats())
+        if metrics:
+            await metrics.cleanup()
         await service.stop()
         await nc.drain()
