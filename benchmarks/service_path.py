@@ -1,0 +1,99 @@
+"""The cost of the service path: the same load through `xllm up` and through the in-process engine.
+
+    PYTHONPATH=. python benchmarks/service_path.py [--concurrency 32] [--modes colocated,disaggregated]
+
+All requests arrive at once (`--concurrency` of them), `--input-len` words in (one token each, plus BOS),
+`--output-len` tokens out, EOS ignored, greedy, as /v1/completions streams. In-process, the same texts
+are tokenized as the gateway tokenizes them and run through the AsyncEngine that workers use. Prints
+output tok/s and TTFT p50 for each, with the ratio and the added TTFT.
+"""
+
+import argparse
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from shared.bench.client import Target
+from shared.bench.local_system import start_system, stop_system
+from shared.bench.metrics import summarize
+from shared.bench.runner import LoadPoint, run_load
+from shared.bench.workloads import WorkloadSpec, generate
+from shared.engine.async_engine import AsyncEngine
+from shared.engine.config import EngineConfig
+from shared.engine.llm_engine import LLMEngine
+from shared.engine.sampling_params import SamplingParams
+
+
+async def in_process(texts: list[str], output_len: int, threads: int) -> dict:
+    engine = LLMEngine(EngineConfig(model="smollm2", num_threads=threads, kv_cache_memory=1 << 30))
+    ids = [engine.tokenizer.encode(t) for t in texts]
+    runner = AsyncEngine(engine)
+    await runner.start()
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    await _one(runner, "warmup", ids[0][:16], SamplingParams(max_tokens=2), time.perf_counter())
+    start = time.perf_counter()
+    results = await asyncio.gather(*(_one(runner, f"r{i}", p, params, start) for i, p in enumerate(ids)))
+    duration = time.perf_counter() - start
+    await runner.stop()
+    return {"output_throughput": sum(n for _, n in results) / duration,
+            "ttft_p50_ms": statistics.median(t for t, _ in results) * 1000}
+
+
+async def _one(runner: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, start: float):
+    ttft, tokens = None, 0
+    async for out in runner.generate(rid, prompt, params):
+        n = sum(len(d.token_ids) for d in out.outputs)
+        if n and ttft is None:
+            ttft = time.perf_counter() - start
+        tokens += n
+    return ttft, tokens
+
+
+async def through_service(url: str, texts: list[str], output_len: int, concurrency: int) -> dict:
+    from shared.bench.workloads import BenchRequest
+
+    target = Target(url, "smollm2", endpoint="completions", ignore_eos=True)
+    reqs = [BenchRequest(t, output_len, len(t.split())) for t in texts]
+    warmup = [BenchRequest("hello there", 2, 2)]
+    run = await run_load(target, reqs, LoadPoint(max_concurrency=concurrency), seed=0, warmup=warmup,
+                         progress=False)
+    s = summarize(run.results, run.duration_s, {})
+    assert s["failed"] == 0, s["errors"]
+    return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in-process (the machine's cores)")
+    parser.add_argument("--modes", default="colocated,disaggregated")
+    parser.add_argument("--worker-threads", default=None, help="per mode, e.g. disaggregated=1 (default: launcher's)")
+    args = parser.parse_args()
+    spec = WorkloadSpec(input_len=args.input_len - 1, output_len=args.output_len)  # BOS makes it input_len
+    texts = [r.prompt for r in generate(spec, args.concurrency, seed=0, salt_rng=random.Random(1))]
+    rows = [("in-process engine", asyncio.run(in_process(texts, args.output_len, args.threads)))]
+    threads = dict(kv.split("=") for kv in args.worker_threads.split(",")) if args.worker_threads else {}
+    for mode in args.modes.split(","):
+        state = Path(tempfile.mkdtemp(prefix=f"xllm-bench-{mode}-"))
+        extra = ["--worker-threads", threads[mode]] if mode in threads else []
+        system = start_system(state, "--mode", mode, "--kv-cache-fraction", "0.05", *extra)
+        try:
+            rows.append((f"xllm up --mode {mode}",
+                         asyncio.run(through_service(system.url, texts, args.output_len, args.concurrency))))
+        finally:
+            stop_system(system.proc)
+    base = rows[0][1]
+    print(f"{args.concurrency} concurrent streams, {args.input_len} in / {args.output_len} out, EOS ignored")
+    print(f"{'path':<28} {'out tok/s':>10} {'ratio':>6} {'TTFT p50 ms':>12} {'added TTFT ms':>14}")
+    for name, r in rows:
+        print(f"{name:<28} {r['output_throughput']:>10.1f} {r['output_throughput'] / base['output_throughput']:>5.2f}x "
+              f"{r['ttft_p50_ms']:>12.0f} {r['ttft_p50_ms'] - base['ttft_p50_ms']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
