@@ -111,6 +111,8 @@ class InstanceInfo(Message):
     total_blocks: int = 0
     block_size: int = 16
     data_plane: dict[str, Any] = field(default_factory=dict)  # how to reach its KV data plane
+    # cumulative: prefix_queries, prefix_hits (blocks), preemptions, kv_transfer_bytes, kv_transfer_seconds
+    counters: dict[str, float] = field(default_factory=dict)
     updated_at: float = 0.0
 
 

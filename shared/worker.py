@@ -151,7 +151,14 @@ class Worker:
                             pid=os.getpid(), host=self.host, running=stats["running"],
                             waiting=stats["waiting"], free_blocks=stats["free_blocks"],
                             total_blocks=stats["total_blocks"], block_size=self.config.block_size,
-                            data_plane=self.data_plane(), updated_at=time.time())
+                            data_plane=self.data_plane(), counters=self.counters(stats),
+                            updated_at=time.time())
+
+    def counters(self, stats: dict) -> dict[str, float]:
+        transfer = self.kv_seconds.labels()
+        return {"prefix_queries": stats["prefix_queries"], "prefix_hits": stats["prefix_hits"],
+                "preemptions": stats["preemptions"], "kv_transfer_bytes": self.kv_bytes.labels().value,
+                "kv_transfer_seconds": transfer.sum}
 
     # ---- role hooks (overridden by prefill / decode) --------------------------------------------
     async def start_data_plane(self) -> None: ...

@@ -206,8 +206,34 @@ async def _instances(gw: Gateway) -> list:
 
 
 async def metrics_text(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].metrics.registry.render().encode()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    gw = request.app[GATEWAY]
+    text = gw.metrics.registry.render()
+    try:  # the workers' load and KV figures, as their last heartbeats reported them
+        text += instance_metrics(await _instances(gw))
+    except Exception as e:  # the gateway's own metrics still answer when the registry does not
+        log.warning("metrics_registry_unavailable", error=str(e))
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def instance_metrics(instances: list) -> str:
+    gauges = {
+        "xllm_instance_running": ("sequences running", lambda i: i.running),
+        "xllm_instance_waiting": ("sequences waiting", lambda i: i.waiting),
+        "xllm_instance_kv_blocks_free": ("free KV blocks", lambda i: i.free_blocks),
+        "xllm_instance_kv_blocks_used": ("KV blocks in use", lambda i: i.total_blocks - i.free_blocks),
+        "xllm_instance_prefix_cache_hit_rate": ("prompt blocks found in the prefix cache / looked up",
+                                                lambda i: i.counters.get("prefix_hits", 0)
+                                                / max(1, i.counters.get("prefix_queries", 0))),
+        "xllm_instance_kv_transfer_bytes_total": ("KV bytes handed off (prefill) or taken (decode)",
+                                                  lambda i: i.counters.get("kv_transfer_bytes", 0)),
+        "xllm_instance_kv_transfer_seconds_total": ("time spent copying KV hand-offs",
+                                                    lambda i: i.counters.get("kv_transfer_seconds", 0)),
+    }
+    lines = []
+    for name, (help_text, value) in gauges.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{instance="{i.instance_id}",role="{i.role}"}} {float(value(i))}' for i in instances]
+    return "\n".join(lines) + "\n"
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

@@ -450,3 +450,16 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
         await registry.remove("gw-test-worker")
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_metrics_include_each_instance_load_and_kv(make_client) -> None:
+    worker = inst("d", "decode")
+    worker.counters = {"prefix_queries": 8, "prefix_hits": 2, "kv_transfer_bytes": 1024}
+    client = await make_client(registry=FakeRegistry(worker))
+    async with client.get("/metrics") as resp:
+        text = await resp.text()
+    assert 'xllm_instance_kv_blocks_free{instance="d",role="decode"} 3.0' in text
+    assert 'xllm_instance_kv_blocks_used{instance="d",role="decode"} 1.0' in text
+    assert 'xllm_instance_waiting{instance="d",role="decode"} 2.0' in text
+    assert 'xllm_instance_prefix_cache_hit_rate{instance="d",role="decode"} 0.25' in text
+    assert 'xllm_instance_kv_transfer_bytes_total{instance="d",role="decode"} 1024.0' in text
