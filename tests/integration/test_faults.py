@@ -86,3 +86,16 @@ async def test_kvcache_index_answers_the_same_after_a_restart(colocated):
         assert after is not None and after.matches == before.matches
     finally:
         await nc.close()
+
+
+def test_sigterm_stops_everything_and_leaves_no_process(colocated):
+    # runs last in this module: it takes the module's system down
+    children = subprocess.run(["pgrep", "-f", colocated.nats_url], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 5  # kvcache, router, 2 workers, gateway
+    stop_system(colocated.proc)
+    assert colocated.proc.returncode == 0
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", colocated.nats_url], capture_output=True, text=True).stdout.split()
+    assert left == [], f"orphans: {left}"
+    port = colocated.nats_url.rsplit(":", 1)[1]
+    assert subprocess.run(["pgrep", "-f", f"nats-server.*-p {port}"], capture_output=True).returncode == 1

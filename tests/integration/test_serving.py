@@ -162,3 +162,42 @@ async def test_client_disconnect_returns_the_kv_pool(xllm_system):
                 if b"content" in line:
                     break  # got output; now hang up mid-stream
     assert await settled_free_blocks(xllm_system) == before
+
+
+async def test_offline_job_completes_while_online_requests_are_served_first(xllm_system):
+    from shared import subjects
+    from shared.bus import connect
+    from shared.jobs_client import iter_results, make_job
+    from shared.messages import JobDone, JobRequest
+
+    requests = [JobRequest(f"q{i}", "/v1/chat/completions",
+                           {"model": "smollm2", "max_tokens": 24, "ignore_eos": True, "temperature": 0,
+                            "messages": [{"role": "user", "content": f"Count to {i}."}]}) for i in range(20)]
+    requests.append(JobRequest("bad", "/v1/chat/completions", {"model": "smollm2", "messages": []}))
+    job = make_job(requests)
+    nc = await connect(xllm_system.nats_url, "test-jobs")
+    try:
+        js = nc.jetstream()
+        await js.publish(subjects.JOBS_SUBMIT, job.encode(), headers={"Nats-Msg-Id": job.job_id})
+        await asyncio.sleep(1.0)  # the job is running now
+        online_done_at = []
+        async with aiohttp.ClientSession() as s:
+            async def online(i: int) -> None:
+                await chat(s, xllm_system.url, f"Say hello to {i}.", max_tokens=8)
+                online_done_at.append(asyncio.get_running_loop().time())
+
+            online_tasks = [asyncio.create_task(online(i)) for i in range(2)]
+            results, done_at = {}, None
+            async for item in iter_results(js, job.job_id, timeout=300):
+                if isinstance(item, JobDone):
+                    done_at = asyncio.get_running_loop().time()
+                    assert (item.completed, item.failed) == (20, 1)
+                else:
+                    results[item.custom_id] = item
+            await asyncio.gather(*online_tasks)
+    finally:
+        await nc.close()
+    assert len(results) == 21
+    assert results["bad"].error and results["bad"].error["code"] == 400
+    assert all(results[f"q{i}"].response["usage"]["completion_tokens"] == 24 for i in range(20))
+    assert max(online_done_at) < done_at  # online requests were not queued behind the batch
