@@ -190,6 +190,9 @@ class RouterService:
     async def route(self, req: GenerateRequest) -> RouteReply:
         """Forward `req` to an instance (or prefill + decode pair) that takes it; RouteReply says which."""
         path = choose_path(self.config.mode, self.instances)
+        if path is None:  # the cache may lag the registry (workers that just started): look once more
+            await self.refresh()
+            path = choose_path(self.config.mode, self.instances)
         if path is None:
             return self._fail(req, "no_instances", error(
                 f"no ready instances to serve mode {self.config.mode!r}", 503))
