@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python benchmarks/service_path.py [--concurrency 32] [--modes colocated,disaggregated]
 
-All requests arrive at once (`--concurrency` of them), `--input-len` words in (one token each, plus BOS),
-`--output-len` tokens out, EOS ignored, greedy, as /v1/completions streams. In-process, the same texts
-are tokenized as the gateway tokenizes them and run through the AsyncEngine that workers use. Prints
-output tok/s and TTFT p50 for each, with the ratio and the added TTFT.
+Throughput: all requests arrive at once (`--concurrency` of them), `--input-len` words in (one token
+each, plus BOS), `--output-len` tokens out, EOS ignored, greedy, as /v1/completions streams. In-process,
+the same texts are tokenized as the gateway tokenizes them and run through the AsyncEngine that workers
+use. Under that load TTFT is mostly queueing behind other prompts' prefill, so the added TTFT of the
+service path is measured apart too: `--sequential` requests one at a time, TTFT p50 each way.
 """
 
 import argparse
@@ -27,8 +28,9 @@ from shared.engine.llm_engine import LLMEngine
 from shared.engine.sampling_params import SamplingParams
 
 
-async def in_process(texts: list[str], output_len: int, threads: int) -> dict:
-    engine = LLMEngine(EngineConfig(model="smollm2", num_threads=threads, kv_cache_memory=1 << 30))
+async def in_process(texts: list[str], output_len: int, threads: int, sequential: int) -> dict:
+    engine = LLMEngine(EngineConfig(model="smollm2", num_threads=threads, kv_cache_memory=1 << 30,
+                                    enable_prefix_caching=False))
     ids = [engine.tokenizer.encode(t) for t in texts]
     runner = AsyncEngine(engine)
     await runner.start()
@@ -37,9 +39,13 @@ async def in_process(texts: list[str], output_len: int, threads: int) -> dict:
     start = time.perf_counter()
     results = await asyncio.gather(*(_one(runner, f"r{i}", p, params, start) for i, p in enumerate(ids)))
     duration = time.perf_counter() - start
+    alone = []
+    for i, p in enumerate(ids[:sequential]):
+        alone.append((await _one(runner, f"s{i}", p, SamplingParams(max_tokens=4), time.perf_counter()))[0])
     await runner.stop()
     return {"output_throughput": sum(n for _, n in results) / duration,
-            "ttft_p50_ms": statistics.median(t for t, _ in results) * 1000}
+            "ttft_p50_ms": statistics.median(t for t, _ in results) * 1000,
+            "ttft_alone_p50_ms": statistics.median(alone) * 1000}
 
 
 async def _one(runner: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, start: float):
@@ -52,7 +58,7 @@ async def _one(runner: AsyncEngine, rid: str, prompt: list[int], params: Samplin
     return ttft, tokens
 
 
-async def through_service(url: str, texts: list[str], output_len: int, concurrency: int) -> dict:
+async def through_service(url: str, texts: list[str], output_len: int, concurrency: int, sequential: int) -> dict:
     from shared.bench.workloads import BenchRequest
 
     target = Target(url, "smollm2", endpoint="completions", ignore_eos=True)
@@ -62,7 +68,11 @@ async def through_service(url: str, texts: list[str], output_len: int, concurren
                          progress=False)
     s = summarize(run.results, run.duration_s, {})
     assert s["failed"] == 0, s["errors"]
-    return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"]}
+    # the same prompts again, one at a time: the prefix cache is off in-process, so make these new
+    alone = [BenchRequest("fresh " + t, 4, len(t.split())) for t in texts[:sequential]]
+    one = await run_load(target, alone, LoadPoint(max_concurrency=1), seed=0, progress=False)
+    return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
+            "ttft_alone_p50_ms": summarize(one.results, one.duration_s, {})["ttft_ms"]["p50"]}
 
 
 def main() -> None:
@@ -71,12 +81,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in-process (the machine's cores)")
+    parser.add_argument("--sequential", type=int, default=8, help="requests sent one at a time for TTFT")
     parser.add_argument("--modes", default="colocated,disaggregated")
     parser.add_argument("--worker-threads", default=None, help="per mode, e.g. disaggregated=1 (default: launcher's)")
     args = parser.parse_args()
     spec = WorkloadSpec(input_len=args.input_len - 1, output_len=args.output_len)  # BOS makes it input_len
     texts = [r.prompt for r in generate(spec, args.concurrency, seed=0, salt_rng=random.Random(1))]
-    rows = [("in-process engine", asyncio.run(in_process(texts, args.output_len, args.threads)))]
+    rows = [("in-process engine", asyncio.run(in_process(texts, args.output_len, args.threads, args.sequential)))]
     threads = dict(kv.split("=") for kv in args.worker_threads.split(",")) if args.worker_threads else {}
     for mode in args.modes.split(","):
         state = Path(tempfile.mkdtemp(prefix=f"xllm-bench-{mode}-"))
@@ -84,15 +95,18 @@ def main() -> None:
         system = start_system(state, "--mode", mode, "--kv-cache-fraction", "0.05", *extra)
         try:
             rows.append((f"xllm up --mode {mode}",
-                         asyncio.run(through_service(system.url, texts, args.output_len, args.concurrency))))
+                         asyncio.run(through_service(system.url, texts, args.output_len, args.concurrency,
+                                                     args.sequential))))
         finally:
             stop_system(system.proc)
     base = rows[0][1]
     print(f"{args.concurrency} concurrent streams, {args.input_len} in / {args.output_len} out, EOS ignored")
-    print(f"{'path':<28} {'out tok/s':>10} {'ratio':>6} {'TTFT p50 ms':>12} {'added TTFT ms':>14}")
+    print(f"{'path':<28} {'out tok/s':>10} {'ratio':>6} {'TTFT p50 ms':>12} | {'alone: TTFT p50 ms':>18} "
+          f"{'added':>7}")
     for name, r in rows:
         print(f"{name:<28} {r['output_throughput']:>10.1f} {r['output_throughput'] / base['output_throughput']:>5.2f}x "
-              f"{r['ttft_p50_ms']:>12.0f} {r['ttft_p50_ms'] - base['ttft_p50_ms']:>14.0f}")
+              f"{r['ttft_p50_ms']:>12.0f} | {r['ttft_alone_p50_ms']:>18.1f} "
+              f"{r['ttft_alone_p50_ms'] - base['ttft_alone_p50_ms']:>7.1f}")
 
 
 if __name__ == "__main__":
