@@ -64,7 +64,9 @@ async def run_load(
         return r
 
     # limit=0: no client-side connection cap; the request count and --max-concurrency bound the load.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    # force_close: a fresh connection per request; reused keep-alive connections that a server had
+    # closed (llama-server does) failed as "Can not write request body" and counted as errors.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         if warmup:
             bar = Progress(len(warmup), "warmup", progress)
             await asyncio.gather(*(one(session, r, bar) for r in warmup))
