@@ -21,6 +21,7 @@ from shared.engine.model_runner import ModelRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LEN = struct.Struct("!Q")
+_CREATED: set[str] = set()  # segments this process created (and so owns)
 
 
 class KvTransferError(RuntimeError):
@@ -44,6 +45,7 @@ class KvExport:
         self.num_tokens = num_tokens
         self.nbytes = math.prod(self.shape) * pool.element_size()
         self.shm = shared_memory.SharedMemory(create=True, size=max(1, self.nbytes))
+        _CREATED.add(self.shm.name)
         self.created = time.monotonic()
         if block_ids:
             view = _tensor(self.shm.buf, self.shape, self.dtype)
@@ -61,6 +63,7 @@ class KvExport:
         return self.shm.buf[layer * size : (layer + 1) * size]
 
     def close(self) -> None:
+        _CREATED.discard(self.shm.name)
         self.shm.close()
         with contextlib.suppress(FileNotFoundError):
             self.shm.unlink()
@@ -158,7 +161,8 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     shm = shared_memory.SharedMemory(name=name)
     # Python < 3.13 registers attached segments too, and its tracker would unlink the exporter's
     # segment when this process exits: only the creator owns it.
-    resource_tracker.unregister(shm._name, "shared_memory")
+    if shm.name not in _CREATED:
+        resource_tracker.unregister(shm._name, "shared_memory")
     return shm
 
 
