@@ -67,7 +67,7 @@ async def through_service(url: str, texts: list[str], output_len: int, concurren
     run = await run_load(target, reqs, LoadPoint(max_concurrency=concurrency), seed=0, warmup=warmup,
                          progress=False)
     s = summarize(run.results, run.duration_s, {})
-    assert s["failed"] == 0, s["errors"]
+    assert s["failed"] == 0, s["error_examples"]
     # the same prompts again, one at a time: the prefix cache is off in-process, so make these new
     alone = [BenchRequest("fresh " + t, 4, len(t.split())) for t in texts[:sequential]]
     one = await run_load(target, alone, LoadPoint(max_concurrency=1), seed=0, progress=False)

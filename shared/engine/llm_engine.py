@@ -15,6 +15,7 @@ from shared.engine.errors import InvalidRequestError
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
+from shared.engine.rotary import RotaryEmbedding
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
@@ -49,6 +50,18 @@ class _Request:
     finished: set[int] = field(default_factory=set)
 
 
+def build_model(ckpt: Checkpoint, max_positions: int, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """The model on `device`, weights loaded; built on the meta device so no memory is touched twice."""
+    with torch.device("meta"):
+        model = CausalLM(ckpt.config, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    model.model.rotary = RotaryEmbedding(ckpt.config, max_positions).to(device)  # its tables were on meta
+    model.load_weights(ckpt.weights)
+    model.keep_gemv_copies()
+    return model.eval()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
                  on_kv_event: KvEventHook | None = None):
@@ -63,15 +76,7 @@ class LLMEngine:
         self.generation_defaults = ckpt.generation_defaults
         self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
                                  ckpt.config.max_position_embeddings)
-        with torch.device("meta"):
-            model = CausalLM(ckpt.config, self.max_model_len)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.tie_weights()
-        model.model.rotary.__init__(ckpt.config, self.max_model_len)  # buffers were on meta
-        model.model.rotary.to(self.device)
-        model.load_weights(ckpt.weights)
-        model.keep_gemv_copies()
-        self.model = model.eval()
+        self.model = model = build_model(ckpt, self.max_model_len, self.device, self.dtype)
         block_bytes = ModelRunner.block_bytes(model, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
