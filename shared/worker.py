@@ -9,7 +9,6 @@ The prefill and decode roles add the KV hand-off (services/prefill, services/dec
 
 import asyncio
 import os
-import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from shared.messages import (
 )
 from shared.metrics import Registry, serve_metrics
 from shared.registry import Heartbeater, InstanceRegistry
+from shared.signals import stop_on_signals
 
 log = structlog.get_logger()
 
@@ -96,7 +96,7 @@ class Worker:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event | None = None, started: asyncio.Event | None = None) -> None:
-        stop = stop or _stop_on_signals()
+        stop = stop or stop_on_signals()
         self.nc = await connect(self.config.nats, self.instance_id)
         js = self.nc.jetstream()
         await ensure_streams(js)
@@ -267,14 +267,6 @@ class Worker:
 
 def _error(message: str, code: int, kind: str = "server_error", param: str | None = None) -> dict:
     return {"message": message, "type": kind, "code": code, "param": param}
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def run_worker(worker_cls: type[Worker], config: WorkerConfig) -> None:

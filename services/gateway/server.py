@@ -1,7 +1,6 @@
 """Start the gateway: NATS, tokenizer, instance registry, HTTP server; stop cleanly on SIGTERM/SIGINT."""
 
 import asyncio
-import signal
 from typing import Any
 
 import structlog
@@ -16,6 +15,7 @@ from services.gateway.protocol import ModelInfo
 from shared.bus import connect
 from shared.logging import configure_logging
 from shared.registry import InstanceRegistry
+from shared.signals import stop_on_signals
 
 log = structlog.get_logger("xllm.gateway")
 
@@ -61,10 +61,7 @@ async def serve(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.shutdown_timeout_s)  # fmt: skip
     await runner.setup()
-    if stop is None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop or stop_on_signals()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         log.info("gateway_listening", url=f"http://{config.host}:{config.port}", model=info.name)

@@ -22,7 +22,6 @@ back, its next event shows a sequence gap and it is indexed afresh from there.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
 from shared.metrics import serve_metrics, stats_text
 from shared.registry import InstanceRegistry
+from shared.signals import stop_on_signals
 
 log = get_logger("xllm.kvcache")
 
@@ -240,11 +240,7 @@ async def serve(config: KvCacheConfig, stop: asyncio.Event | None = None,
     """Serve until `stop` is set (default: until SIGTERM / SIGINT); `started` is set once serving."""
     nc = await bus.connect(config.nats, name="kvcache")
     service = KvCacheService(nc, config)
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop or stop_on_signals()
     metrics = None
     try:
         await service.start()

@@ -25,7 +25,6 @@ round trip; an instance that stops heartbeating leaves the registry within its T
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from shared.messages import (
 )
 from shared.metrics import serve_metrics, stats_text
 from shared.registry import InstanceRegistry
+from shared.signals import stop_on_signals
 
 log = get_logger("xllm.router")
 
@@ -272,10 +272,7 @@ async def run(config: RouterConfig) -> None:
     configure_logging("router", config.log_level)
     nc = await bus.connect(config.nats, name="router")
     service = RouterService(nc, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     metrics = None
     try:
         await service.start()
