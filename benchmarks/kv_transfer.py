@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from shared.bench.timing import best_ms
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
@@ -24,15 +25,6 @@ from shared.kv_transfer import KvDataServer, KvExport, import_kv
 SMOLLM2 = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                       max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0)
-
-
-def best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
 
 
 async def main() -> None:
@@ -51,9 +43,9 @@ async def main() -> None:
         blocks = list(range(-(-n // 16)))
         seq = Sequence("p", list(range(n)), SamplingParams())
         seq.block_table = blocks
-        prefill = best(lambda seq=seq, n=n: src.run([ScheduledSeq(seq, n)]))
+        prefill = best_ms(lambda seq=seq, n=n: src.run([ScheduledSeq(seq, n)]), repeats=3, warmup=False)
         export = KvExport("r", src, blocks, n)
-        export_ms = best(lambda blocks=blocks, n=n: KvExport("x", src, blocks, n).close())
+        export_ms = best_ms(lambda blocks=blocks, n=n: KvExport("x", src, blocks, n).close(), repeats=3, warmup=False)
         server.exports["r"] = export
         shm = min([await _timed(import_kv(export.handle("here", server.port), dst, blocks, "here"))
                    for _ in range(3)])

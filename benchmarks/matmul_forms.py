@@ -7,22 +7,13 @@ plus lm_head (49152x576); best of 5 per form. This is what shared/engine/model.p
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from shared.bench.timing import best_ms
+
 SHAPES = [(3072, 576), (576, 1536), (960, 576), (576, 576)]
-
-
-def best(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
 
 
 def main() -> None:
@@ -37,9 +28,9 @@ def main() -> None:
     print(f"{'rows':>5} {'F.linear(x, W)':>15} {'mm(W, x.T).T':>13} {'x @ W_t (copy)':>15}")
     for m in (int(r) for r in args.rows.split(",")):
         xs = {i: torch.randn(m, i) for _, i in SHAPES + [(0, 576)]}
-        linear = best(lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in weights])
-        w_xt = best(lambda xs=xs: [torch.mm(w, xs[w.shape[1]].t()).t() for w in weights])
-        x_wt = best(lambda xs=xs: [xs[w.shape[0]] @ w for w in transposed])
+        linear = best_ms(lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in weights])
+        w_xt = best_ms(lambda xs=xs: [torch.mm(w, xs[w.shape[1]].t()).t() for w in weights])
+        x_wt = best_ms(lambda xs=xs: [xs[w.shape[0]] @ w for w in transposed])
         print(f"{m:>5} {linear:>15.1f} {w_xt:>13.1f} {x_wt:>15.1f}")
 
 
