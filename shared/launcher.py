@@ -38,7 +38,8 @@ class UpConfig:
     nats: str | None = opt(None, "use this NATS instead of starting one")
     state_dir: str = opt("./state", "where the embedded NATS keeps its JetStream data, and logs go")
     api_key: str | None = opt(None, "require this bearer token on /v1/*")
-    worker_threads: int | None = opt(None, "torch threads per worker (default: cores / workers)", min=1)
+    worker_threads: int | None = opt(None, "torch threads per worker (default: all cores, see docs/performance.md)",
+                                     min=1)
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache",
                                    min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
@@ -63,7 +64,9 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         roles = [("decode", "colocated")] * config.decode
     else:
         roles = [("prefill", None)] * config.prefill + [("decode", None)] * config.decode
-    threads = config.worker_threads or max(1, (os.cpu_count() or 1) // len(roles))
+    # Every worker may use every core: on 2 cores, 2 threads per worker beat 1 each for prefill +
+    # decode, bursty and steady alike (prefill and decode phases rarely peak together).
+    threads = config.worker_threads or (os.cpu_count() or 1)
     worker_args = ["--model", config.model, "--num-threads", str(threads),
                    "--kv-cache-fraction", str(config.kv_cache_fraction),
                    "--max-num-seqs", str(config.max_num_seqs)]
