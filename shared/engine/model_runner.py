@@ -51,6 +51,8 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(seq)
+        if not input_ids:  # e.g. a prefill-only sequence whose prompt the prefix cache already covered
+            return torch.empty(0), []
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(decodes))
         if decodes:
             meta.decode_blocks, ctx_lens = self._block_tables(decodes)

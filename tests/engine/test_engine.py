@@ -103,3 +103,38 @@ def test_n_greater_than_one_shares_the_prompt_blocks(ckpt):
     single = tokens(run_all(make_engine(ckpt), {"x": (prompt, greedy(8))}))["x"][0]
     assert res["g"][0][0] == single
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prefill_only_request_on_a_cached_prefix_is_held_without_compute(ckpt):
+    engine = make_engine(ckpt)
+    prompt = prompts(1, lengths=(17,))[0]
+    run_all(engine, {"warm": (prompt, greedy(2))})  # caches the first block
+    engine.add_prefill_request("p", prompt, greedy(1))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert [o.request_id for o in outs] == ["p"] and outs[0].finished
+    blocks, tokens = engine.held_blocks("p")
+    assert tokens == 16 and len(blocks) == 1
+    engine.release_held("p")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_kv_import_continues_like_a_local_prefill(ckpt):
+    """Prefill on one engine, copy the KV into another, decode there: same tokens as one engine."""
+    prompt = prompts(1, lengths=(40,))[0]
+    want = tokens(run_all(make_engine(ckpt), {"x": (prompt, greedy(12))}))["x"][0]
+    src, dst = make_engine(ckpt), make_engine(ckpt)
+    src.add_prefill_request("x", prompt, greedy(12))
+    while src.has_unfinished_requests():
+        src.step()
+    blocks, n = src.held_blocks("x")
+    target = dst.reserve_import("x", prompt, greedy(12), n)
+    for layer in range(ckpt.config.num_hidden_layers):
+        dst.runner.write_blocks(target, layer, *src.runner.read_blocks(blocks, layer))
+    src.release_held("x")
+    dst.commit_import("x")
+    got = []
+    while dst.has_unfinished_requests():
+        got += [t for o in dst.step() for d in o.outputs for t in d.token_ids]
+    assert got == want
