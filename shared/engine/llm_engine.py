@@ -187,6 +187,7 @@ class LLMEngine:
             self.block_manager.free(seq)
             return None
         seq.num_computed_tokens = num_tokens
+        seq.imported = True
         self.importing[request_id] = seq
         return list(seq.block_table)
 

@@ -67,7 +67,10 @@ class Scheduler:
                 self.block_manager.allocate_prefix(seq)
             num_new = min(seq.num_target_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
-                self.block_manager.free(seq)  # hold no cached blocks while waiting
+                # Hold no cached blocks while waiting, but keep KV imported from a prefill worker (it
+                # would be recomputed) unless nothing runs that could free blocks for it.
+                if not seq.imported or not self.running:
+                    self.block_manager.free(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -37,6 +37,7 @@ class Sequence:
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
         # Prefill role: compute the KV of every prompt token but the last, then hand it off.
         self.prefill_only = False
+        self.imported = False  # decode role: its prompt KV came from a prefill worker
 
     def __len__(self) -> int:
         return len(self.token_ids)
