@@ -10,8 +10,9 @@
 Single-threaded by design (every service is one asyncio loop): no locks.
 """
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -231,6 +232,17 @@ async def serve_metrics(source: "Registry | Callable[[], str]", host: str, port:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+@contextlib.asynccontextmanager
+async def stats_endpoint(prefix: str, stats: Callable[[], dict[str, Any]], port: int | None) -> AsyncIterator[None]:
+    """Serve a service's stats() as /metrics on `port` while the block runs (nothing when port is None)."""
+    runner = None if port is None else await serve_metrics(lambda: stats_text(prefix, stats()), "0.0.0.0", port)
+    try:
+        yield
+    finally:
+        if runner:
+            await runner.cleanup()
 
 
 def _fmt(value: float) -> str:

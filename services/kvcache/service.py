@@ -37,7 +37,7 @@ from shared.block_hash import block_hashes
 from shared.config import load_config, opt
 from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
-from shared.metrics import serve_metrics, stats_text
+from shared.metrics import stats_endpoint
 from shared.registry import InstanceRegistry
 from shared.signals import stop_on_signals
 
@@ -241,19 +241,14 @@ async def serve(config: KvCacheConfig, stop: asyncio.Event | None = None,
     nc = await bus.connect(config.nats, name="kvcache")
     service = KvCacheService(nc, config)
     stop = stop or stop_on_signals()
-    metrics = None
     try:
         await service.start()
-        if config.metrics_port is not None:
-            metrics = await serve_metrics(lambda: stats_text("xllm_kvcache", service.stats()), "0.0.0.0",
-                                          config.metrics_port)
-        log.info("kvcache_serving", subject=subjects.KVCACHE_QUERY, nats=config.nats)
-        if started is not None:
-            started.set()
-        await stop.wait()
+        async with stats_endpoint("xllm_kvcache", service.stats, config.metrics_port):
+            log.info("kvcache_serving", subject=subjects.KVCACHE_QUERY, nats=config.nats)
+            if started is not None:
+                started.set()
+            await stop.wait()
     finally:
         log.info("kvcache_stopping", **service.stats())
-        if metrics:
-            await metrics.cleanup()
         await service.stop()
         await nc.drain()

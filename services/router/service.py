@@ -58,7 +58,7 @@ from shared.messages import (
     SchemaError,
     StreamChunk,
 )
-from shared.metrics import serve_metrics, stats_text
+from shared.metrics import stats_endpoint
 from shared.registry import InstanceRegistry
 from shared.signals import stop_on_signals
 
@@ -273,18 +273,13 @@ async def run(config: RouterConfig) -> None:
     nc = await bus.connect(config.nats, name="router")
     service = RouterService(nc, config)
     stop = stop_on_signals()
-    metrics = None
     try:
         await service.start()
-        if config.metrics_port is not None:
-            metrics = await serve_metrics(lambda: stats_text("xllm_router", service.stats()), "0.0.0.0",
-                                          config.metrics_port)
-        log.info("serving", subject=subjects.ROUTER_GENERATE, mode=config.mode, policy=config.policy,
-                 instances=len(service.instances), nats=config.nats)
-        await stop.wait()
+        async with stats_endpoint("xllm_router", service.stats, config.metrics_port):
+            log.info("serving", subject=subjects.ROUTER_GENERATE, mode=config.mode, policy=config.policy,
+                     instances=len(service.instances), nats=config.nats)
+            await stop.wait()
     finally:
         log.info("stopping", **service.stats())
-        if metrics:
-            await metrics.cleanup()
         await service.stop()
         await nc.drain()
