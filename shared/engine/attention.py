@@ -1,7 +1,8 @@
-"""Paged attention over a flat KV slot pool, in batched torch ops (no loop over tokens).
+"""Paged attention over a flat KV slot pool, in batched ops (no loop over tokens).
 
 One step's tokens come flattened: first the single-token decodes, then the multi-token chunks
-(prefill chunks, or k+1 tokens being verified for speculative decoding). Each group runs as one
+(prefill chunks, or k+1 tokens being verified for speculative decoding). The decodes run in the C++
+kernel that reads KV blocks in place where it applies (fp32 on CPU), else like the chunks: one
 scaled_dot_product_attention call over keys gathered from the pool through the block tables.
 """
 
@@ -10,12 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.engine import cpu_kernels
+
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot each new token's K/V is written to
     num_decode_tokens: int  # tokens [0, num_decode_tokens) are one-token decodes, one per sequence
     decode_blocks: torch.Tensor | None = None  # [Bd, nb] block table of each decode, padded
+    decode_context_lens: torch.Tensor | None = None  # [Bd] keys each decode sees, its own included
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, nb * block_size] True where a key is visible
     chunk_token_index: torch.Tensor | None = None  # [Bc, Qc] flat token index of each chunk query
     chunk_valid: torch.Tensor | None = None  # [Bc, Qc] False on padding
@@ -23,18 +27,15 @@ class AttentionMetadata:
     chunk_mask: torch.Tensor | None = None  # [Bc, 1, Qc, nb * block_size] causal, after the cached context
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim]. -> [T, heads, head_dim]."""
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and cpu_kernels.usable(q):
+        out[:nd] = cpu_kernels.load().paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache,
+                                                             meta.decode_blocks, meta.decode_context_lens, scale)
+    elif nd:
         out[:nd] = _attend(q[:nd].unsqueeze(2), k_cache, v_cache, meta.decode_blocks, meta.decode_mask,
                            scale).squeeze(2)
     if meta.chunk_token_index is not None:

@@ -58,7 +58,7 @@ def build_model(ckpt: Checkpoint, max_positions: int, device: torch.device, dtyp
     model.tie_weights()
     model.model.rotary = RotaryEmbedding(ckpt.config, max_positions).to(device)  # its tables were on meta
     model.load_weights(ckpt.weights)
-    model.keep_gemv_copies()
+    model.prepack_weights()
     return model.eval()
 
 

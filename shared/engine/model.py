@@ -7,12 +7,12 @@ most of all at batch 1); PACKED maps checkpoint names onto those packed weights.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shared.engine.attention import AttentionMetadata, paged_attention, write_kv
+from shared.engine import ops
+from shared.engine.attention import AttentionMetadata, paged_attention
 from shared.engine.config import ModelConfig
-from shared.engine.rotary import RotaryEmbedding, apply_rotary
+from shared.engine.rotary import RotaryEmbedding
 
 # checkpoint module name -> (our packed module, shard index)
 PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -20,20 +20,10 @@ PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the matmul forms measured fastest on this CPU (docs/performance.md): W @ x.T for
-    several rows (faster here than F.linear's x @ W.T), and for one row (batch-1 decode) a GEMV on an
-    [in, out] copy of the weight, when the model keeps one (see CausalLM.keep_gemv_copies)."""
-
-    weight_t: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # the weight prepacked for oneDNN (CausalLM.prepack_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1 and self.weight_t is not None:
-            y = x @ self.weight_t
-        else:
-            y = torch.mm(self.weight, x.t()).t()
-        return y if self.bias is None else y + self.bias
+        return ops.linear(x, self.weight, self.bias, self.packed)
 
 
 class PackedLinear(Linear):
@@ -54,9 +44,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # written out: measured faster than F.rms_norm for the small rows of decode steps
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x), or with `residual`: residual += x in place, then rms_norm(residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm_(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -80,15 +72,14 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        q, k = ops.rotary_and_cache(q, k, v, *rope, self.k_cache, self.v_cache, meta.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, -1))
+        return self.o_proj(o.view(t, -1))
 
 
 class MLP(nn.Module):
@@ -98,11 +89,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream is carried beside the layer's output and added inside the next
+    norm (one fused op instead of an add and a norm): returns (output, residual), output not yet added."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -110,10 +103,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, rope, meta), residual)
+        return self.mlp(h), residual
 
 
 class Model(nn.Module):
@@ -126,11 +123,11 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta)
+        return self.norm(x, residual)
 
 
 class CausalLM(nn.Module):
@@ -154,15 +151,14 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def keep_gemv_copies(self, max_bytes: int = 4 << 30) -> None:
-        """On CPU, keep an [in, out] copy of every linear weight for batch-1 GEMVs (~20% faster here).
-        It doubles the weights' memory, so only for models whose linear weights fit in `max_bytes`."""
+    def prepack_weights(self, max_bytes: int = 4 << 30) -> None:
+        """On CPU, keep a oneDNN-packed copy of every linear weight for steps of more than a few rows (~25%
+        faster at 32 rows here). It doubles the weights' memory, so only for models whose linear weights
+        fit in `max_bytes`; call it after loading the weights."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        if self.lm_head.weight.device.type != "cpu" or size > max_bytes:
-            return
-        for module in linears:
-            module.weight_t = module.weight.data.t().contiguous()
+        if sum(m.weight.numel() * m.weight.element_size() for m in linears) <= max_bytes:
+            for module in linears:
+                module.packed = ops.prepack_weight(module.weight)
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

@@ -56,6 +56,7 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(decodes))
         if decodes:
             meta.decode_blocks, ctx_lens = self._block_tables(decodes)
+            meta.decode_context_lens = ctx_lens.to(self.device)
             keys = torch.arange(meta.decode_blocks.shape[1] * self.block_size)
             mask = keys < ctx_lens.unsqueeze(1)
             # no mask at all when every key is visible (one decode on full blocks): SDPA's fast path

@@ -40,16 +40,5 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token's position, [T, 1, D/2]: computed once per step, used by all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: [T, heads, D]; rotates each token by its own position (q and k in one pass: fewer ops)."""
-    qk = _rotate(torch.cat((q, k), dim=1), cos, sin)
-    return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """cos and sin for each token's position, [T, D/2]: computed once per step, used by all layers."""
+        return self.cos[positions], self.sin[positions]
