@@ -7,7 +7,8 @@
 Per request: choose the path (colocated, or prefill -> decode with `decode_instance` set), drop
 instances that are not ready or over the waiting cap, rank the rest with the policy, then forward to
 the best one. No responder, no ack within `ack_timeout_s`, or an overloaded refusal (429 / 503):
-try the next one, up to `max_attempts`. Any other refusal (say a 400) is the request's fault and is
+try the next one, up to `max_attempts` (when every instance it knew failed, it reads the registry again
+once: its cached list may lag workers that just started). Any other refusal (say a 400) is the request's fault and is
 passed on as it is. A request nobody takes gets a finished StreamChunk with the error on its
 reply subject, so it never hangs.
 
@@ -197,34 +198,40 @@ class RouterService:
             return self._fail(req, "no_instances", error(
                 f"no ready instances to serve mode {self.config.mode!r}", 503))
         roles = PATH_ROLES[path]
-        # Offline requests (priority > 0) meet a stricter cap, so online bursts keep some headroom.
-        cap = self.config.max_waiting_per_instance if req.priority <= 0 else self.config.max_waiting_offline
-        pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]
-        for role in roles:
-            if not any(i.role == role for i in pool):
-                return self._fail(req, "overloaded", error(
-                    f"every {role} instance has {cap} or more waiting requests; retry later", 429))
-        ranked = self._suspects_last(await self.policy.rank(pool, req))
-        entry = [i.instance_id for i in ranked if i.role == roles[0]]
-        decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
-        first_attempt, refusals = req.attempt, []
-        for n, iid in enumerate(entry[: self.config.max_attempts]):
-            req.attempt, req.decode_instance = first_attempt + n, decode
-            if n:
-                self.retries += 1
-            refusal = await self._forward(iid, req)
-            if refusal is None:
-                self.routed += 1
-                taken = [iid, decode] if decode else [iid]
-                log.info("routed", instances=taken, attempt=req.attempt, priority=req.priority)
-                return RouteReply(req.request_id, instances=taken)
-            if not refusal.retry:
-                return self._fail(req, "rejected", refusal.error)
-            refusals.append(refusal)
-        tried = ", ".join(r.reason for r in refusals)
+        first_attempt, refusals, tried = req.attempt, [], set()
+        for refreshed in (False, True):
+            if refreshed:  # every instance we knew failed to answer: the cache may lag (new workers)
+                await self.refresh()
+            # Offline requests (priority > 0) meet a stricter cap, so online bursts keep some headroom.
+            cap = self.config.max_waiting_per_instance if req.priority <= 0 else self.config.max_waiting_offline
+            pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]
+            for role in roles:
+                if not any(i.role == role for i in pool):
+                    return self._fail(req, "overloaded", error(
+                        f"every {role} instance has {cap} or more waiting requests; retry later", 429))
+            ranked = self._suspects_last(await self.policy.rank(pool, req))
+            entry = [i.instance_id for i in ranked if i.role == roles[0] and i.instance_id not in tried]
+            decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
+            for iid in entry[: self.config.max_attempts - len(refusals)]:
+                req.attempt, req.decode_instance = first_attempt + len(refusals), decode
+                if refusals:
+                    self.retries += 1
+                refusal = await self._forward(iid, req)
+                if refusal is None:
+                    self.routed += 1
+                    taken = [iid, decode] if decode else [iid]
+                    log.info("routed", instances=taken, attempt=req.attempt, priority=req.priority)
+                    return RouteReply(req.request_id, instances=taken)
+                if not refusal.retry:
+                    return self._fail(req, "rejected", refusal.error)
+                refusals.append(refusal)
+                tried.add(iid)
+            if len(refusals) >= self.config.max_attempts or any(r.reason == "overloaded" for r in refusals):
+                break
+        tried_reasons = ", ".join(r.reason for r in refusals)
         if any(r.reason == "overloaded" for r in refusals):
-            return self._fail(req, "overloaded", error(f"every instance tried is overloaded ({tried})", 429))
-        return self._fail(req, "unavailable", error(f"no instance took the request ({tried})", 503))
+            return self._fail(req, "overloaded", error(f"every instance tried is overloaded ({tried_reasons})", 429))
+        return self._fail(req, "unavailable", error(f"no instance took the request ({tried_reasons})", 503))
 
     async def _forward(self, iid: str, req: GenerateRequest) -> Refusal | None:
         """Send `req` to one instance; None when it took it."""

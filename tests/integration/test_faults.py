@@ -33,7 +33,9 @@ async def ask(session, url: str, content: str, max_tokens: int = 8) -> int:
     payload = {"model": "smollm2", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                "temperature": 0}
     async with session.post(f"{url}/v1/chat/completions", json=payload) as r:
-        await r.read()
+        body = await r.read()
+        if r.status != 200:
+            print(f"{r.status}: {body.decode(errors='replace')}")  # shown when the test fails
         return r.status
 
 

@@ -196,6 +196,18 @@ async def test_failover_past_a_silent_instance_aborts_it(cluster: Cluster) -> No
     assert aborts == [req.request_id]  # a late ack from "hung" must not mean two answers
 
 
+async def test_when_every_known_instance_fails_the_registry_is_read_again(cluster: Cluster) -> None:
+    """A worker that registered after the router's last refresh still takes a request that the instances
+    the router knew about could not (seen when a worker was killed just after the system started)."""
+    await cluster.add("dead", behaviour="absent")
+    router = await cluster.start_router(refresh_interval_s=3600)  # no periodic refresh in this test
+    late = await cluster.add("late", running=5)
+    assert [i.instance_id for i in router.instances] == [cluster.id("dead")]
+    reply, chunks = await cluster.send()
+    assert reply.error is None and reply.instances == [late] and chunks == []
+    assert router.attempt_errors == {"no_responders": 1}
+
+
 async def test_instance_whose_heartbeats_stop_leaves_the_pool(cluster: Cluster) -> None:
     quiet, loud = cluster.id("quiet"), cluster.id("loud")
     beats = [
