@@ -10,7 +10,7 @@ from shared.engine import cpu_kernels
 
 # Up to this many rows the kernel (each weight row read once for all rows) is the fastest form here; above
 # it oneDNN's matmul on a prepacked weight (benchmarks/matmul_forms.py).
-SMALL_BATCH_ROWS = 4
+SMALL_BATCH_ROWS = 8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
