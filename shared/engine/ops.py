@@ -21,7 +21,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.shape[0] <= SMALL_BATCH_ROWS:
         y = cpu_kernels.load().linear_small_batch(x.contiguous(), weight)
         return y if bias is None else y + bias
-    if packed is not None:
+    if packed is not None:  # the op torch's own CPU compiler (inductor) emits for a prepacked linear
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
