@@ -6,6 +6,7 @@ A token at position p of a sequence lives in slot block_table[p // block_size] *
 
 import torch
 
+from shared.engine import cpu_kernels
 from shared.engine.attention import AttentionMetadata
 from shared.engine.model import CausalLM
 from shared.engine.scheduler import ScheduledSeq
@@ -57,10 +58,11 @@ class ModelRunner:
         if decodes:
             meta.decode_blocks, ctx_lens = self._block_tables(decodes)
             meta.decode_context_lens = ctx_lens.to(self.device)
-            keys = torch.arange(meta.decode_blocks.shape[1] * self.block_size)
-            mask = keys < ctx_lens.unsqueeze(1)
-            # no mask at all when every key is visible (one decode on full blocks): SDPA's fast path
-            meta.decode_mask = None if mask.all() else mask.view(len(decodes), 1, 1, -1).to(self.device)
+            if not cpu_kernels.usable(self.k_cache):  # only the torch path (gather + SDPA) needs a mask
+                keys = torch.arange(meta.decode_blocks.shape[1] * self.block_size)
+                mask = keys < ctx_lens.unsqueeze(1)
+                # no mask at all when every key is visible (one decode on full blocks): SDPA's fast path
+                meta.decode_mask = None if mask.all() else mask.view(len(decodes), 1, 1, -1).to(self.device)
         if chunks:
             self._chunk_metadata(chunks, len(decodes), meta)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)
