@@ -143,7 +143,9 @@ class Heartbeater:
         while True:
             started = loop.time()
             try:
-                await asyncio.wait_for(self.beat(), timeout=self.interval)
+                # A slow beat (a busy bus or host) still counts if it lands before the entry expires;
+                # bounding it by the interval instead made every beat fail whenever puts got slow.
+                await asyncio.wait_for(self.beat(), timeout=self.registry.ttl)
             except Exception as e:
                 log.warning("heartbeat_failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))

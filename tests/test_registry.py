@@ -81,7 +81,7 @@ async def test_heartbeater_async_supplier_and_failures(registry) -> None:
             raise RuntimeError("engine busy")  # one bad beat must not end the heartbeats
         return _info("w-x", running=calls)
 
-    async with Heartbeater(registry, supplier, interval=0.1) as hb:
+    async with asyncio.timeout(10), Heartbeater(registry, supplier, interval=0.1) as hb:  # fail, never hang
         while hb.beats < 3:
             await asyncio.sleep(0.05)
     assert calls >= 4
