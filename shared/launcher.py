@@ -7,6 +7,7 @@ restarted (and the restart logged); Ctrl-C / SIGTERM stops everything, gateway f
 requests finish, and leaves no process behind.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from shared.config import opt
+from shared.logging import LOG_LEVELS
 from shared.natsd import NatsServer
 
 log = structlog.get_logger()
@@ -43,8 +45,8 @@ class UpConfig:
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache",
                                    min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
-    log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
-    ready_timeout_s: float = opt(300.0, "seconds to wait for /health before giving up", min=1)
+    log_level: str = opt("info", "log level", choices=LOG_LEVELS)
+    ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
 
 @dataclass
@@ -123,14 +125,21 @@ class Supervisor:
                     s.proc.wait()
 
 
-def wait_healthy(url: str, supervisor: Supervisor, timeout: float) -> bool:
+def wait_ready(url: str, supervisor: Supervisor, workers: int, timeout: float,
+               api_key: str | None = None) -> bool:
+    """True once /health is 200 and every worker started has registered (so "up" means all of it)."""
     deadline = time.monotonic() + timeout
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while time.monotonic() < deadline:
         supervisor.check()
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return True
+                healthy = r.status == 200
+            if healthy:
+                admin = urllib.request.Request(f"{url}/admin/instances", headers=auth)
+                with urllib.request.urlopen(admin, timeout=2) as r:
+                    if len(json.loads(r.read())) >= workers:
+                        return True
         except OSError:
             pass
         time.sleep(0.5)
@@ -160,7 +169,8 @@ def up(config: UpConfig) -> int:
         for service in supervisor.services:
             supervisor.start(service)
         url = f"http://{config.host}:{config.port}"
-        if not wait_healthy(url, supervisor, config.ready_timeout_s) and not stop["now"]:
+        workers = config.decode if config.mode == "colocated" else config.prefill + config.decode
+        if not wait_ready(url, supervisor, workers, config.ready_timeout_s, config.api_key) and not stop["now"]:
             log.error("not_healthy_in_time", url=url, logs=str(log_dir))
             return 1
         if not stop["now"]:
