@@ -23,9 +23,8 @@ serve: setup
 
 # docker-compose (Debian's) only validates compose.yaml in a test; without root the test falls back to its
 # own structural checks.
-test: setup
+test: setup lint
 	@command -v docker-compose >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose; } >/dev/null 2>&1 || echo "docker-compose not installed: tests/test_compose.py uses its structural checks only"
-	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 test-fast: setup

@@ -17,6 +17,8 @@ import torch
 from shared.engine import model, ops
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
+from shared.engine.loader import load_checkpoint
+from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 
 TIMED = [(ops, "linear"), (ops, "rms_norm"), (ops, "add_rms_norm_"), (ops, "silu_and_mul"),
@@ -31,15 +33,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint("smollm2")
+    token_bytes = ModelRunner.block_bytes(ckpt.config, 1, torch.float32)
     llm = LLM(EngineConfig(model="smollm2", num_threads=args.threads, max_num_seqs=max(args.batch, 1),
-                           kv_cache_memory=46080 * (args.input_len + args.output_len + 32) * args.batch,
-                           enable_prefix_caching=False))
+                           kv_cache_memory=token_bytes * (args.input_len + args.output_len + 32) * args.batch,
+                           enable_prefix_caching=False), ckpt)
     llm.generate([[1] * 16], SamplingParams(max_tokens=4))  # warm-up
     spent: dict[str, float] = collections.defaultdict(float)
     for module, name in TIMED:
         wrap(module, name, spent)
     rng = random.Random(0)
-    prompts = [[rng.randrange(49152) for _ in range(args.input_len)] for _ in range(args.batch)]
+    prompts = [[rng.randrange(ckpt.config.vocab_size) for _ in range(args.input_len)] for _ in range(args.batch)]
     start = time.perf_counter()
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True))
     total = time.perf_counter() - start

@@ -100,11 +100,9 @@ def bench(argv: list[str]) -> int:
         from shared.bench.engine import main as bench_engine
 
         return bench_engine(argv[1:])
-    from shared.bench import serve as bench_serve
+    from shared.bench.serve import main as bench_serve
 
-    parser = argparse.ArgumentParser(prog="xllm bench serve")
-    bench_serve.add_arguments(parser)
-    return bench_serve.run(parser.parse_args(argv[1:]))
+    return bench_serve(argv[1:])
 
 
 if __name__ == "__main__":

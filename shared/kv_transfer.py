@@ -46,7 +46,6 @@ class KvExport:
         self.nbytes = math.prod(self.shape) * pool.element_size()
         self.shm = shared_memory.SharedMemory(create=True, size=max(1, self.nbytes))
         _CREATED.add(self.shm.name)
-        self.created = time.monotonic()
         if block_ids:
             view = _tensor(self.shm.buf, self.shape, self.dtype)
             for layer in range(self.shape[0]):

@@ -24,7 +24,8 @@ from typing import Any
 
 import structlog
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = ("debug", "info", "warning", "error")  # what every service's --log-level accepts
+LEVELS = (*LOG_LEVELS, "critical")
 
 
 def configure_logging(service: str, level: str = "info", *, json: bool | None = None) -> None:

@@ -5,7 +5,7 @@ Request plane (core NATS):
   xllm.worker.<instance>.generate router -> one worker (colocated, or prefill in disaggregated mode)
   xllm.worker.<instance>.kv       prefill -> decode: KV hand-off handle for one request
   xllm.abort                      gateway -> every worker (broadcast): abort one request by id
-  xllm.stream.<request_id>        worker -> gateway: the request's output chunks (a NATS inbox works too)
+  <gateway inbox>.<request_id>    worker -> gateway: the request's output chunks (its reply_subject)
   xllm.kvcache.query              router -> kvcache service: longest cached prefix per instance
 Control plane:
   KV bucket  xllm_instances       instance registry, one key per instance, per-key TTL = liveness
@@ -38,10 +38,6 @@ def worker_generate(instance_id: str) -> str:
 
 def worker_kv(instance_id: str) -> str:
     return f"xllm.worker.{instance_id}.kv"
-
-
-def stream(request_id: str) -> str:
-    return f"xllm.stream.{request_id}"
 
 
 def kv_events(instance_id: str) -> str:

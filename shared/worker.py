@@ -25,7 +25,7 @@ from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
 from shared.engine.sampling_params import SamplingParams
-from shared.logging import bind_request, configure_logging
+from shared.logging import LOG_LEVELS, bind_request, configure_logging
 from shared.messages import (
     AbortRequest,
     Ack,
@@ -33,7 +33,6 @@ from shared.messages import (
     InstanceInfo,
     KvEvent,
     SchemaError,
-    SeqOutput,
     StreamChunk,
 )
 from shared.metrics import Registry, serve_metrics
@@ -66,7 +65,7 @@ class WorkerConfig:
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
     metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
     heartbeat_s: float = opt(1.0, "seconds between registry heartbeats", min=0.1)
-    log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_level: str = opt("info", "log level", choices=LOG_LEVELS)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, device=self.device, dtype=self.dtype,
@@ -209,8 +208,7 @@ class Worker:
             await self.publish_error(req, f"the engine failed: {e}", 500, "server_error")
 
     def _chunk(self, out: RequestOutput) -> StreamChunk:
-        outputs = [asdict(SeqOutput(d.index, d.token_ids, d.text, d.finish_reason, d.logprobs))
-                   for d in out.outputs]
+        outputs = [asdict(d) for d in out.outputs]  # SeqDelta has SeqOutput's fields, by name
         return StreamChunk(out.request_id, outputs, out.finished, out.prompt_tokens, out.cached_tokens,
                            self.instance_id)
 

@@ -17,7 +17,7 @@ from shared.engine.sampling_params import SamplingParams
 from shared.kv_transfer import KvTransferError, import_kv
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
-from shared.worker import Worker, WorkerConfig
+from shared.worker import Worker, WorkerConfig, run_worker
 
 log = structlog.get_logger()
 
@@ -25,13 +25,7 @@ log = structlog.get_logger()
 class DecodeWorker(Worker):
     role = "decode"
 
-    def __init__(self, config: WorkerConfig, role: str = "decode"):
-        self.role = role
-        super().__init__(config)
-
     async def subscribe_role(self) -> list:
-        if self.role == "colocated":
-            return []
         return [await self.nc.subscribe(subjects.worker_kv(self.instance_id), cb=self.on_handoff)]
 
     async def on_handoff(self, msg: Msg) -> None:
@@ -80,18 +74,15 @@ def _refusal(message: str, code: int) -> dict:
             "code": code}
 
 
-def main(argv: list[str] | None = None, role: str = "decode") -> None:
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    import uvloop
-
     from shared.config import load_config
-    from shared.logging import configure_logging
 
-    # `--role colocated` is this module's own flag; the rest is the common WorkerConfig.
+    # `--role colocated` is this module's own flag (a plain Worker: prefill and decode in one engine);
+    # the rest is the common WorkerConfig.
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--role", choices=("decode", "colocated"), default=role)
+    pre.add_argument("--role", choices=("decode", "colocated"), default="decode")
     known, rest = pre.parse_known_args(argv)
     config = load_config(WorkerConfig, rest, prog="python -m services.decode [--role decode|colocated]")
-    configure_logging(known.role, config.log_level)
-    uvloop.run(DecodeWorker(config, known.role).serve())
+    run_worker(Worker if known.role == "colocated" else DecodeWorker, config)

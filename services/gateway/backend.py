@@ -28,11 +28,10 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import nats.errors
 import structlog
 
 from services.gateway.errors import ApiError, from_chunk_error
-from shared import subjects
+from shared import bus, subjects
 from shared.messages import AbortRequest, GenerateRequest, RouteReply, SchemaError, StreamChunk
 
 log = structlog.get_logger("xllm.gateway")
@@ -121,25 +120,24 @@ class Backend:
         self._attempts[req.request_id] = attempt
         req.reply_subject = f"{self._inbox}.{req.request_id}"
         try:
-            answer = await self.nc.request(subjects.ROUTER_GENERATE, req.encode(), timeout=self.route_timeout_s)
-        except nats.errors.NoRespondersError:
+            reply = await bus.request(self.nc, subjects.ROUTER_GENERATE, req, RouteReply,
+                                      timeout=self.route_timeout_s)
+        except bus.NoResponders:
             await self.release(attempt, abort=False)
             raise ApiError(503, "no router is running; retry later", "server_error", None, "router_unavailable",
                            self.retry_after_s) from None  # fmt: skip
-        except nats.errors.TimeoutError:
+        except bus.RequestTimeout:
             await self.release(attempt, abort=True)  # the router may still place it: cancel that
             log.warning("route_timeout", timeout_s=self.route_timeout_s)
             return None
+        except SchemaError as e:
+            await self.release(attempt, abort=True)
+            raise ApiError(502, f"bad reply from the router: {e}", "server_error") from None
         except Exception as e:  # connection closed / draining: nothing was sent
             await self.release(attempt, abort=False)
             log.warning("publish_failed", error=repr(e))
             raise ApiError(503, "the message bus is unavailable; retry later", "server_error", None,
                            "bus_unavailable", self.retry_after_s) from None  # fmt: skip
-        try:
-            reply = RouteReply.decode(answer.data)
-        except SchemaError as e:
-            await self.release(attempt, abort=True)
-            raise ApiError(502, f"bad reply from the router: {e}", "server_error") from None
         if reply.error:
             await self.release(attempt, abort=False)
             raise from_chunk_error(reply.error, self.retry_after_s)

@@ -3,8 +3,7 @@
 from dataclasses import dataclass
 
 from shared.config import opt
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from shared.logging import LOG_LEVELS
 
 
 @dataclass

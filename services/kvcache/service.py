@@ -35,7 +35,7 @@ from services.kvcache.index import KvIndex
 from shared import bus, subjects
 from shared.block_hash import block_hashes
 from shared.config import load_config, opt
-from shared.logging import bind_request, configure_logging, get_logger
+from shared.logging import LOG_LEVELS, bind_request, configure_logging, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
 from shared.metrics import stats_endpoint
 from shared.registry import InstanceRegistry
@@ -43,7 +43,6 @@ from shared.signals import stop_on_signals
 
 log = get_logger("xllm.kvcache")
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 PRUNE_MISSES = 2  # consecutive registry checks an instance must be absent from before it is dropped
 
 

@@ -50,8 +50,7 @@ class PrefillWorker(Worker):
             await self.engine.call(lambda e: e.release_held(rid))
             raise
         start = time.perf_counter()
-        export = await self.engine.call(lambda e: KvExport(rid, e.runner, *e.held_blocks(rid)))
-        await self.engine.call(lambda e: e.release_held(rid))  # the export holds a copy now
+        export = await self.engine.call(lambda e: _export_and_release(e, rid))
         self.data_server.exports[rid] = export
         handoff = KvHandoff(rid, asdict(req), export.handle(self.host, self.data_server.port),
                             export.num_tokens, [], self.instance_id, LEASE_S)
@@ -74,6 +73,14 @@ class PrefillWorker(Worker):
                                      error.get("code", 503), error.get("type", "server_error"))
         else:
             self.requests_total.labels("handed_off").inc()
+
+
+def _export_and_release(engine, request_id: str) -> KvExport:
+    """Copy the held KV out (the export holds it now) and free the blocks, even when the copy fails."""
+    try:
+        return KvExport(request_id, engine.runner, *engine.held_blocks(request_id))
+    finally:
+        engine.release_held(request_id)
 
 
 def main(argv: list[str] | None = None) -> None:

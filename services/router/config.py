@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from services.router.policy import MODES
 from shared.config import opt
+from shared.logging import LOG_LEVELS
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 POLICIES = ("least-loaded", "prefix-aware")
 
 

@@ -14,6 +14,7 @@ import torch
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.loader import load_checkpoint, resolve_model
+from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     vocab = ckpt.config.vocab_size
     cfg = ckpt.config
-    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    token_bytes = ModelRunner.block_bytes(cfg, 1, torch.float32)
     kv_bytes = token_bytes * (args.input_len + args.output_len + 32) * max(batch_sizes)
     llm = LLM(EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory=kv_bytes,
                            max_num_seqs=max(batch_sizes), enable_prefix_caching=False), ckpt)

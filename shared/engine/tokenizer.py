@@ -66,14 +66,14 @@ class Tokenizer:
             raise FileNotFoundError(f"{path} has no tokenizer.json (sentencepiece-only tokenizer.model "
                                     "folders are not supported; convert with transformers first)")
         tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        cfg = _read_json(path / "tokenizer_config.json")
+        cfg = read_json(path / "tokenizer_config.json")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             template = {t["name"]: t["template"] for t in template}.get("default")
         if (path / "chat_template.jinja").exists():  # transformers 5 saves it as its own file
             template = (path / "chat_template.jinja").read_text()
         elif (path / "chat_template.json").exists():
-            template = _read_json(path / "chat_template.json").get("chat_template", template)
+            template = read_json(path / "chat_template.json").get("chat_template", template)
         names = {k: _token_text(cfg.get(k)) for k in ("unk_token", "pad_token")}
         return cls(tok, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")), template,
                    special_tokens={k: v for k, v in names.items() if v})
@@ -239,5 +239,5 @@ def _token_text(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}

@@ -1,15 +1,18 @@
 """Small helpers shared by the engine tests."""
 
+import torch
+
 from shared.engine.config import EngineConfig
 from shared.engine.llm_engine import LLMEngine
 from shared.engine.loader import Checkpoint
+from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 
 
 def make_engine(ckpt: Checkpoint, kv_blocks: int = 256, **overrides) -> LLMEngine:
     cfg = ckpt.config
     block_size = overrides.get("block_size", 16)
-    block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * 4
+    block_bytes = ModelRunner.block_bytes(cfg, block_size, torch.float32)
     config = EngineConfig(model=ckpt.path, kv_cache_memory=kv_blocks * block_bytes, num_threads=1,
                           **overrides)
     return LLMEngine(config, ckpt)

@@ -169,6 +169,18 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 // The small per-layer ops of a decode step, fused: in torch each is 3-8 ops over tiny tensors, and at
 // batch 1 their dispatch costs more than their arithmetic.
 
+namespace {
+
+// out = row * rsqrt(mean(row^2) + eps) * weight, for one row of `hidden` floats.
+void rms_norm_row(const float* row, const float* weight, float* out, int64_t hidden, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < hidden; i++) ss += row[i] * row[i];
+  const float inv = 1.f / std::sqrt(ss / hidden + eps);
+  for (int64_t i = 0; i < hidden; i++) out[i] = row[i] * inv * weight[i];
+}
+
+}  // namespace
+
 // rms_norm(x) * weight, row by row. x: [T, hidden] -> new tensor.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && x.dtype() == torch::kFloat && weight.is_contiguous());
@@ -177,27 +189,27 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   const float *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; r++) {
-      const float* xr = xp + r * hidden;
-      float ss = 0.f;
-      for (int64_t i = 0; i < hidden; i++) ss += xr[i] * xr[i];
-      const float inv = 1.f / std::sqrt(ss / hidden + static_cast<float>(eps));
-      for (int64_t i = 0; i < hidden; i++) yp[r * hidden + i] = xr[i] * inv * w[i];
-    }
+    for (int64_t r = begin; r < end; r++) rms_norm_row(xp + r * hidden, w, yp + r * hidden, hidden, eps);
   });
   return y;
 }
 
-// residual += x, then rms_norm(residual) * weight (vLLM's fused_add_rms_norm).
+// residual += x, then rms_norm(residual) * weight (vLLM's fused_add_rms_norm), one pass over the rows.
 torch::Tensor add_rms_norm_(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes());
+  TORCH_CHECK(x.dtype() == torch::kFloat && residual.dtype() == torch::kFloat && weight.is_contiguous());
   const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
-  float* rp = residual.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float *rp = residual.data_ptr<float>(), *yp = y.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * hidden; i < end * hidden; i++) rp[i] += xp[i];
+    for (int64_t r = begin; r < end; r++) {
+      float* row = rp + r * hidden;
+      for (int64_t i = 0; i < hidden; i++) row[i] += xp[r * hidden + i];
+      rms_norm_row(row, w, yp + r * hidden, hidden, eps);  // the row is still in L1
+    }
   });
-  return rms_norm(residual, weight, eps);
+  return y;
 }
 
 // silu(gate) * up for gate_up = [gate | up] along the last dimension: [T, 2 * n] -> [T, n].
