@@ -86,6 +86,9 @@ class StreamChunk(Message):
     cached_tokens: int = 0
     instance_id: str = ""
     error: dict[str, Any] | None = None  # {"message", "type", "code"} -- the request failed
+    # Position in the request's stream. NATS keeps order per publisher only, and a disaggregated
+    # request has two: the prefill worker sends chunk 0 (the first tokens), the decode worker the rest.
+    seq: int = 0
 
 
 @dataclass
@@ -137,8 +140,9 @@ class KvHandoff(Message):
     request_id: str
     request: dict[str, Any]  # the GenerateRequest as a dict
     handle: dict[str, Any]  # data plane handle: {"transport": "shm"|"tcp", ...}
-    num_tokens: int  # prompt tokens whose KV is in the handle
-    first_token_ids: list[int]  # one sampled token per sequence (n)
+    num_tokens: int  # prompt tokens whose KV is in the handle (all of them)
+    # the unfinished sequences: {"index", "token_id" (the first token), "rng_state" (seeded sampler)}
+    sequences: list[dict[str, Any]]
     prefill_instance: str = ""
     lease_s: float = 30.0
 

@@ -196,21 +196,30 @@ class Worker:
         stream = self.engine.add_request(req.request_id, req.prompt_token_ids, params, req.priority)
         await self.stream_outputs(req, stream)
 
-    async def stream_outputs(self, req: GenerateRequest, stream: asyncio.Queue) -> None:
+    async def stream_outputs(self, req: GenerateRequest, stream: asyncio.Queue,
+                             first_seq: int = 0) -> RequestOutput | None:
+        """Publish the request's outputs as StreamChunks numbered from `first_seq`; the last output,
+        or None when the request was aborted or failed."""
+        out, seq = None, first_seq
         try:
             async for out in self.engine.outputs(req.request_id, stream):
-                await self.nc.publish(req.reply_subject, self._chunk(out).encode())
-            self.requests_total.labels("finished").inc()
+                await self.nc.publish(req.reply_subject, self._chunk(out, seq).encode())
+                seq += 1
         except RequestAborted:
             self.requests_total.labels("aborted").inc()
+            return None
         except EngineDeadError as e:
             self.requests_total.labels("failed").inc()
             await self.publish_error(req, f"the engine failed: {e}", 500, "server_error")
+            return None
+        if out.finished:
+            self.requests_total.labels("finished").inc()
+        return out
 
-    def _chunk(self, out: RequestOutput) -> StreamChunk:
+    def _chunk(self, out: RequestOutput, seq: int) -> StreamChunk:
         outputs = [asdict(d) for d in out.outputs]  # SeqDelta has SeqOutput's fields, by name
         return StreamChunk(out.request_id, outputs, out.finished, out.prompt_tokens, out.cached_tokens,
-                           self.instance_id)
+                           self.instance_id, seq=seq)
 
     async def publish_error(self, req: GenerateRequest, message: str, code: int, kind: str) -> None:
         chunk = StreamChunk(req.request_id, finished=True, instance_id=self.instance_id,
@@ -222,6 +231,9 @@ class Worker:
             request_id = AbortRequest.decode(msg.data).request_id
         except SchemaError:
             return
+        self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
     def spawn(self, coro, request_id: str) -> None:

@@ -1,4 +1,5 @@
-"""Decode role: take prompt KV handed off by a prefill worker, then decode and stream.
+"""Decode role: take a request over from a prefill worker (its prompt KV and first tokens), then decode
+and stream the rest.
 
 Also serves whole requests sent to it directly, so `--role colocated` (one engine doing both) is
 this same worker registered under the colocated role: the baseline disaggregation must beat.
@@ -6,6 +7,7 @@ this same worker registered under the colocated role: the baseline disaggregatio
 
 import asyncio
 import time
+from collections import OrderedDict
 
 import structlog
 from nats.aio.msg import Msg
@@ -13,8 +15,9 @@ from nats.aio.msg import Msg
 from shared import subjects
 from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
+from shared.engine.llm_engine import Continuation
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import KvTransferError, import_kv
+from shared.kv_transfer import KvTransferError, TransferStats, import_kv
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
 from shared.worker import Worker, WorkerConfig, run_worker
@@ -22,8 +25,24 @@ from shared.worker import Worker, WorkerConfig, run_worker
 log = structlog.get_logger()
 
 
+ABORTS_KEPT = 10_000  # aborted request ids remembered: a hand-off may arrive after its abort
+
+
 class DecodeWorker(Worker):
     role = "decode"
+
+    def __init__(self, config: WorkerConfig):
+        super().__init__(config)
+        self.aborted: OrderedDict[str, None] = OrderedDict()
+        self.importing: set[str] = set()  # KV being copied in: abort only once the copy is done
+
+    def abort(self, request_id: str) -> None:
+        # The client may leave after the prefill worker's first token, before its hand-off gets here.
+        self.aborted[request_id] = None
+        if len(self.aborted) > ABORTS_KEPT:
+            self.aborted.popitem(last=False)
+        if request_id not in self.importing:
+            super().abort(request_id)
 
     async def subscribe_role(self) -> list:
         return [await self.nc.subscribe(subjects.worker_kv(self.instance_id), cb=self.on_handoff)]
@@ -33,40 +52,63 @@ class DecodeWorker(Worker):
             handoff = KvHandoff.decode(msg.data)
             req = GenerateRequest(**handoff.request)
             params = SamplingParams.from_dict(req.params)
+            continuations = [Continuation(**c) for c in handoff.sequences]
         except (SchemaError, TypeError, InvalidRequestError) as e:
             return await respond(msg, Ack("", self.instance_id, False, _refusal(str(e), 400)))
         with bind_request(req.request_id):
-            self.spawn(self._import(msg, handoff, req, params), req.request_id)
+            self.spawn(self._import(msg, handoff, req, params, continuations), req.request_id)
 
-    async def _import(self, msg: Msg, handoff: KvHandoff, req: GenerateRequest,
-                      params: SamplingParams) -> None:
+    async def _import(self, msg: Msg, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams,
+                      continuations: list[Continuation]) -> None:
         rid = req.request_id
-        deadline = time.monotonic() + handoff.lease_s * 0.8
-        while True:  # wait for room rather than waste the prefill
-            try:
-                blocks = await self.engine.call(lambda e: e.reserve_import(
-                    rid, req.prompt_token_ids, params, handoff.num_tokens, req.priority))
-            except InvalidRequestError as e:
-                return await respond(msg, Ack(rid, self.instance_id, False, _refusal(e.message, 400)))
-            if blocks is not None:
-                break
-            if time.monotonic() > deadline:
-                return await respond(msg, Ack(rid, self.instance_id, False,
-                                              _refusal("no KV room on the decode worker", 503)))
-            await asyncio.sleep(0.05)
+        self.importing.add(rid)  # from the reservation on: an abort must not free blocks being written
         try:
-            stats = await import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host)
-        except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
-            await self.engine.call(lambda e_: e_.abort_request(rid))
-            log.warning("kv_import_failed", error=str(e))
-            refusal = _refusal(f"KV import failed: {e}", 503)
-            return await respond(msg, Ack(rid, self.instance_id, False, refusal))
+            stats = await self._reserve_and_copy(handoff, req, params, continuations)
+        except _Refused as refused:
+            return await respond(msg, Ack(rid, self.instance_id, False, refused.error))
+        finally:
+            self.importing.discard(rid)
+        if stats is None or rid in self.aborted:  # the client left: nothing to go on with
+            await self.engine.call(lambda e: e.abort_request(rid))
+            return await respond(msg, Ack(rid, self.instance_id))
         self.kv_bytes.labels().inc(stats.bytes)
         self.kv_seconds.labels().observe(stats.seconds)
         stream = self.engine.register_stream(rid)
         await self.engine.call(lambda e: e.commit_import(rid))
         await respond(msg, Ack(rid, self.instance_id))
-        await self.stream_outputs(req, stream)
+        await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker
+
+
+    async def _reserve_and_copy(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams,
+                                continuations: list[Continuation]) -> TransferStats | None:
+        """Reserve blocks (waiting for room rather than wasting the prefill) and copy the KV in; None
+        when the request was aborted first."""
+        rid = req.request_id
+        deadline = time.monotonic() + handoff.lease_s * 0.8
+        while True:
+            if rid in self.aborted:
+                return None
+            try:
+                blocks = await self.engine.call(lambda e: e.reserve_import(
+                    rid, req.prompt_token_ids, params, continuations, req.priority))
+            except InvalidRequestError as e:
+                raise _Refused(_refusal(e.message, 400)) from None
+            if blocks is not None:
+                break
+            if time.monotonic() > deadline:
+                raise _Refused(_refusal("no KV room on the decode worker", 503))
+            await asyncio.sleep(0.05)
+        try:
+            return await import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host)
+        except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
+            await self.engine.call(lambda e_: e_.abort_request(rid))
+            log.warning("kv_import_failed", error=str(e))
+            raise _Refused(_refusal(f"KV import failed: {e}", 503)) from None
+
+
+class _Refused(Exception):
+    def __init__(self, error: dict):
+        self.error = error
 
 
 def _refusal(message: str, code: int) -> dict:

@@ -59,6 +59,8 @@ class Attempt:
     routed_at: float | None = None  # monotonic time the RouteReply arrived
     started: bool = False  # a chunk arrived
     lost: bool = False
+    next_seq: int = 0  # StreamChunk.seq expected next
+    early: dict[int, StreamChunk] = field(default_factory=dict)  # chunks that overtook an earlier one
 
 
 class Backend:
@@ -210,6 +212,8 @@ class Generation:
     async def next(self) -> StreamChunk:
         """The next chunk; ApiError 504 when none comes in time, 503 when failover is exhausted."""
         while True:
+            if (chunk := self.attempt.early.pop(self.attempt.next_seq, None)) is not None:
+                return self._accept(chunk)
             item = await self._get()
             if isinstance(item, Lost):
                 why = f"instance {item.instance_id} left the registry"
@@ -219,6 +223,9 @@ class Generation:
                 except SchemaError as e:
                     raise ApiError(502, f"bad reply from the serving backend: {e}", "server_error") from None
                 err = chunk.error
+                if not err and chunk.seq > self.attempt.next_seq:  # the decode worker's overtook the prefill's
+                    self.attempt.early[chunk.seq] = chunk
+                    continue
                 if not (err and err.get("code") == RETRIABLE_CODE and chunk.instance_id):
                     return self._accept(chunk)
                 why = f"instance {chunk.instance_id}: {err.get('message') or 'unavailable'}"
@@ -240,11 +247,14 @@ class Generation:
 
     def _accept(self, chunk: StreamChunk) -> StreamChunk:
         attempt, prompt_len = self.attempt, len(self.req.prompt_token_ids)
+        attempt.next_seq = max(attempt.next_seq, chunk.seq + 1)
         if attempt.request_id != self.req.request_id:  # usage counts the client's prompt, not ours
             chunk.prompt_tokens, chunk.cached_tokens = prompt_len, min(chunk.cached_tokens, prompt_len)
         if any(o.get("token_ids") or o.get("text") for o in chunk.outputs):
             self.produced = True
-            if chunk.instance_id in attempt.instances:  # once it streams, only the streamer matters
+            # Once the instance that streams to the end (decode, or the colocated one) streams, only it
+            # matters; the prefill worker's first tokens leave both watched until the hand-off is done.
+            if attempt.instances and chunk.instance_id == attempt.instances[-1]:
                 attempt.watch = {chunk.instance_id}
             if self.req.params.get("n", 1) == 1:
                 self.generated.extend(t for o in chunk.outputs if o.get("index", 0) == 0 for t in o["token_ids"])

@@ -1,9 +1,10 @@
-"""Prefill role: compute a prompt's KV, hand it to the decode worker the router chose.
+"""Prefill role: compute a prompt's KV and first token, hand the rest to the decode worker the router
+chose.
 
-The KV goes through the data plane (shared memory on one host, TCP across hosts); NATS carries only
-the handle. The blocks and the export stay held until the decode worker acks the copy, or the
-lease lapses: never a leak. A request with no decode instance (the router's fallback) runs here
-whole, as on a colocated worker.
+The first token streams to the gateway at once, as on any worker. The KV goes through the data plane
+(shared memory on one host, TCP across hosts); NATS carries only the handle. The blocks and the
+export stay held until the decode worker acks the copy, or the lease lapses: never a leak. A request
+with no decode instance (the router's fallback) runs here whole, as on a colocated worker.
 """
 
 import time
@@ -43,17 +44,19 @@ class PrefillWorker(Worker):
         stream = self.engine.register_stream(rid)
         await self.engine.call(lambda e: e.add_prefill_request(rid, req.prompt_token_ids, params,
                                                                req.priority))
-        try:
-            async for _ in self.engine.outputs(rid, stream):
-                pass  # one output, with no tokens: the prompt's KV is computed and held
-        except Exception:
-            await self.engine.call(lambda e: e.release_held(rid))
-            raise
+        # The first tokens go straight to the gateway: time to first token does not wait for the KV.
+        last = await self.stream_outputs(req, stream)
+        if last is None or not last.held:
+            return  # aborted, failed, or finished on its first token
         start = time.perf_counter()
-        export = await self.engine.call(lambda e: _export_and_release(e, rid))
+        try:
+            export, continuations = await self.engine.call(lambda e: _export_and_release(e, rid))
+        except KeyError:
+            return  # aborted meanwhile
         self.data_server.exports[rid] = export
         handoff = KvHandoff(rid, asdict(req), export.handle(self.host, self.data_server.port),
-                            export.num_tokens, [], self.instance_id, LEASE_S)
+                            export.num_tokens, [asdict(c) for c in continuations], self.instance_id,
+                            LEASE_S)
         try:
             ack = await request(self.nc, subjects.worker_kv(req.decode_instance), handoff, Ack,
                                 timeout=LEASE_S)
@@ -75,10 +78,12 @@ class PrefillWorker(Worker):
             self.requests_total.labels("handed_off").inc()
 
 
-def _export_and_release(engine, request_id: str) -> KvExport:
-    """Copy the held KV out (the export holds it now) and free the blocks, even when the copy fails."""
+def _export_and_release(engine, request_id: str) -> tuple[KvExport, list]:
+    """Copy the held KV out (the export holds it now) and free the blocks, even when the copy fails.
+    KeyError when the request is no longer held (aborted)."""
     try:
-        return KvExport(request_id, engine.runner, *engine.held_blocks(request_id))
+        continuations = engine.continuations(request_id)
+        return KvExport(request_id, engine.runner, *engine.held_blocks(request_id)), continuations
     finally:
         engine.release_held(request_id)
 

@@ -72,7 +72,7 @@ class AsyncEngine:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                finished = item.finished or item.held  # held: the rest happens on another worker
                 yield item
         finally:
             if not finished:
@@ -143,7 +143,7 @@ class AsyncEngine:
         if stream is None:
             return  # aborted meanwhile
         stream.put_nowait(out)
-        if out.finished:
+        if out.finished or out.held:
             del self._streams[out.request_id]
 
     def _fail_all(self, error: Exception) -> None:

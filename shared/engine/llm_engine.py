@@ -40,6 +40,16 @@ class RequestOutput:
     finished: bool
     prompt_tokens: int
     cached_tokens: int
+    held: bool = False  # prefill role: the request stops here, its KV waits for the hand-off
+
+
+@dataclass
+class Continuation:
+    """One unfinished sequence of a prefilled request, as the decode worker takes it over."""
+
+    index: int
+    token_id: int  # the first token, sampled by the prefill worker
+    rng_state: bytes | None = None  # the seeded sampler's state after that token
 
 
 @dataclass
@@ -85,9 +95,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
-        self.held: dict[str, Sequence] = {}  # prefill role: finished prefills whose blocks await hand-off
-        self.importing: dict[str, Sequence] = {}  # decode role: blocks reserved, KV being written
-        self._ready: list[RequestOutput] = []  # outputs produced outside a model step
+        self.held: dict[str, _Request] = {}  # prefill role: prefilled requests awaiting hand-off
+        # decode role: blocks reserved, KV being written
+        self.importing: dict[str, tuple[Sequence, list[Continuation]]] = {}
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -124,8 +134,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks at once. False if it is not here."""
-        if request_id in self.held or request_id in self.importing:
-            self.block_manager.free(self.held.pop(request_id, None) or self.importing.pop(request_id))
+        if request_id in self.held:
+            self.release_held(request_id)
+            return True
+        if request_id in self.importing:
+            self.block_manager.free(self.importing.pop(request_id)[0])
             return True
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -136,65 +149,92 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests or self._ready)
+        return bool(self.requests)
 
     # ---- prefill -> decode hand-off -------------------------------------------------------------
     def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                             priority: int = 0) -> None:
-        """Prefill role: compute the KV of every prompt token but the last (the decode worker computes
-        that one and samples, so seeds, logprobs and n work there as anywhere). When done, the request
-        finishes with no output and its blocks stay held for `held_blocks` until `release_held`."""
-        if request_id in self.requests or request_id in self.held:
-            raise InvalidRequestError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
-        seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
-        seq.prefill_only = True
-        if seq.num_target_tokens == 0:
-            self._hold(seq)
-            return
-        self.requests[request_id] = _Request(request_id, [seq], 1)
-        self.scheduler.add(seq)
+        """Prefill role: compute the prompt's KV and sample each sequence's first token, as any
+        request does; then the request stops here (its output has `held` set) and its blocks wait
+        for `held_blocks` / `continuations` until `release_held`. A request whose every sequence
+        finished on its first token is not held: it is simply finished."""
+        self.add_request(request_id, prompt_token_ids, params, priority)
+        self.requests[request_id].seqs[0].prefill_only = True
 
-    def _hold(self, seq: Sequence) -> None:
-        if seq in self.scheduler.running:
-            self.scheduler.running.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        self.requests.pop(seq.request_id, None)
-        self.held[seq.request_id] = seq
-        self._ready.append(RequestOutput(seq.request_id, [], True, seq.num_prompt_tokens,
-                                         seq.num_cached_tokens))
+    def _hold(self, request: _Request) -> None:
+        """A prefill-only request has sampled: keep its prompt blocks for the hand-off."""
+        carrier = request.seqs[0]  # the only one with blocks: its siblings only sampled here
+        self.scheduler.running.remove(carrier)
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            seq.status = SequenceStatus.FINISHED
+        if len(request.finished) == request.n:
+            self.block_manager.free(carrier)
+        else:
+            self.held[request.request_id] = request
 
     def held_blocks(self, request_id: str) -> tuple[list[int], int]:
-        """Blocks of a finished prefill and the number of tokens whose KV they hold."""
-        seq = self.held[request_id]
-        return list(seq.block_table), seq.num_computed_tokens
+        """Blocks of a held prefill and the number of tokens whose KV they hold (the prompt's)."""
+        carrier = self.held[request_id].seqs[0]
+        return list(carrier.block_table), carrier.num_computed_tokens
+
+    def continuations(self, request_id: str) -> list[Continuation]:
+        """What the decode worker needs to go on with each unfinished sequence of a held request."""
+        request = self.held[request_id]
+        return [Continuation(seq.index, seq.token_ids[-1], _rng_state(seq.generator))
+                for seq in request.seqs if seq.index not in request.finished]
 
     def release_held(self, request_id: str) -> None:
         """The decode worker has the KV: free the blocks (they stay in the prefix cache)."""
-        seq = self.held.pop(request_id, None)
-        if seq is not None:
-            self.block_manager.free(seq)
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.block_manager.free(request.seqs[0])
 
     def reserve_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       num_tokens: int, priority: int = 0) -> list[int] | None:
-        """Decode role: blocks for the KV of the first `num_tokens` prompt tokens, to be written by
-        the caller (ModelRunner.write_blocks) before `commit_import`. None when there is no room."""
+                       continuations: list[Continuation], priority: int = 0) -> list[int] | None:
+        """Decode role: blocks for the prompt's KV, to be written by the caller
+        (ModelRunner.write_blocks) before `commit_import`. None when there is no room."""
         if request_id in self.requests or request_id in self.importing:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
-        seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
-        if not 0 <= num_tokens < seq.num_tokens or not self.block_manager.allocate(seq, num_tokens):
+        indices = [c.index for c in continuations]
+        if not continuations or len(set(indices)) != len(indices) or not set(indices) <= set(range(params.n)):
+            raise InvalidRequestError(f"sequences {indices} do not fit n={params.n}")
+        seq = self._new_seq(request_id, prompt_token_ids, params, continuations[0].index, priority,
+                            time.monotonic())
+        if not self.block_manager.allocate(seq, seq.num_tokens):
             self.block_manager.free(seq)
             return None
-        seq.num_computed_tokens = num_tokens
+        seq.num_computed_tokens = seq.num_tokens
         seq.imported = True
-        self.importing[request_id] = seq
+        self.importing[request_id] = (seq, continuations)
         return list(seq.block_table)
 
     def commit_import(self, request_id: str) -> None:
-        seq = self.importing.pop(request_id)
-        self.requests[request_id] = _Request(request_id, [seq], seq.params.n)
-        self.scheduler.add(seq)
+        """The prompt's KV is in place: each sequence goes on from its first token (siblings share
+        the carrier's prompt blocks, copying only the partial last one)."""
+        carrier, continuations = self.importing.pop(request_id)
+        prompt, n = list(carrier.token_ids), carrier.params.n
+        request = _Request(request_id, [], n, set(range(n)) - {c.index for c in continuations})
+        for cont in continuations:
+            seq = carrier
+            if cont is not continuations[0]:
+                seq = self._new_seq(request_id, prompt, carrier.params, cont.index,
+                                    carrier.priority, carrier.arrival)
+                if self.block_manager.num_free_blocks >= 1:  # else it recomputes its prompt
+                    partial = self.block_manager.fork(carrier, seq)
+                    if partial is not None:
+                        self.runner.copy_block(carrier.block_table[len(seq.block_table) - 1], partial)
+                    seq.imported = True
+            seq.num_forks = 0
+            seq.token_ids.append(cont.token_id)
+            seq.stop_checker.append(cont.token_id)  # it did not finish there, so it does not here
+            seq.stop_checker.new_text(finished=False)  # the prefill worker streamed this text
+            if cont.rng_state is not None and seq.generator is not None:
+                seq.generator.set_state(torch.frombuffer(bytearray(cont.rng_state), dtype=torch.uint8))
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
 
     def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams, index: int,
                  priority: int, arrival: float) -> Sequence:
@@ -207,20 +247,16 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        ready, self._ready = self._ready, []
         batch = self.scheduler.schedule()
         if not batch:
-            return ready
+            return []
         logits, sampling = self.runner.run(batch)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(s.seq)
-            if s.seq.prefill_only and s.seq.num_computed_tokens == s.seq.num_target_tokens:
-                self._hold(s.seq)
-        ready, self._ready = ready + self._ready, []
         logits, sampling = self._fork_siblings(logits, sampling)
         if not sampling:
-            return ready
+            return []
         sampled = sample(logits, sampling, self.eos_token_ids)
         deltas: dict[str, list[SeqDelta]] = {}
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
@@ -228,11 +264,19 @@ class LLMEngine:
             reason = seq.stop_checker.append(token)
             if reason:
                 seq.finish_reason = reason
-                self.scheduler.finish(seq)
+                if not seq.prefill_only:  # a held request's blocks are freed with it
+                    self.scheduler.finish(seq)
             text = seq.stop_checker.new_text(finished=reason is not None)
             deltas.setdefault(seq.request_id, []).append(
                 SeqDelta(seq.index, [token], text, [logprob] if logprob else None, reason))
-        return ready + [self._request_output(rid, d) for rid, d in deltas.items()]
+        outputs = []
+        for rid, seq_deltas in deltas.items():
+            request = self.requests[rid]
+            outputs.append(out := self._request_output(request, seq_deltas))
+            if request.seqs[0].prefill_only:
+                out.held = not out.finished
+                self._hold(request)
+        return outputs
 
     def _fork_siblings(self, logits: torch.Tensor, sampling: list[Sequence]):
         """n > 1: when the first sequence of a request finishes its prompt, its siblings share its
@@ -247,13 +291,16 @@ class LLMEngine:
                                       seq.arrival)
                 child.num_cached_tokens = seq.num_cached_tokens
                 request.seqs.append(child)
-                if self.block_manager.num_free_blocks < 1:  # no room to copy: recompute it later
+                if seq.prefill_only:  # it only samples here: the decode worker forks the blocks
+                    child.prefill_only = True
+                elif self.block_manager.num_free_blocks < 1:  # no room to copy: recompute it later
                     self.scheduler.add(child)
                     continue
-                partial = self.block_manager.fork(seq, child)
-                if partial is not None:
-                    self.runner.copy_block(seq.block_table[len(child.block_table) - 1], partial)
-                self.scheduler.start(child)
+                else:
+                    partial = self.block_manager.fork(seq, child)
+                    if partial is not None:
+                        self.runner.copy_block(seq.block_table[len(child.block_table) - 1], partial)
+                    self.scheduler.start(child)
                 extra_rows.append(row)
                 children.append(child)
             seq.num_forks = 0
@@ -261,14 +308,14 @@ class LLMEngine:
             logits = torch.cat([logits, logits[extra_rows]])
         return logits, sampling + children
 
-    def _request_output(self, request_id: str, deltas: list[SeqDelta]) -> RequestOutput:
-        request = self.requests[request_id]
+    def _request_output(self, request: _Request, deltas: list[SeqDelta]) -> RequestOutput:
         request.finished.update(d.index for d in deltas if d.finish_reason)
         finished = len(request.finished) == request.n
         if finished:
-            del self.requests[request_id]
+            self.requests.pop(request.request_id, None)
         first = request.seqs[0]
-        return RequestOutput(request_id, deltas, finished, first.num_prompt_tokens, first.num_cached_tokens)
+        return RequestOutput(request.request_id, deltas, finished, first.num_prompt_tokens,
+                             first.num_cached_tokens)
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -282,3 +329,7 @@ class LLMEngine:
             "prefix_hits": bm.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _rng_state(generator: torch.Generator | None) -> bytes | None:
+    return None if generator is None else generator.get_state().numpy().tobytes()

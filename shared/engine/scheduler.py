@@ -50,7 +50,7 @@ class Scheduler:
         for seq in sorted(self.running, key=Sequence.sort_key):
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
-            num_new = min(seq.num_target_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = max(self.running, key=Sequence.sort_key)
                 self._preempt(victim)
@@ -65,7 +65,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table:
                 self.block_manager.allocate_prefix(seq)
-            num_new = min(seq.num_target_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 # Hold no cached blocks while waiting, but keep KV imported from a prefill worker (it
                 # would be recomputed) unless nothing runs that could free blocks for it.

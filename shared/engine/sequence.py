@@ -35,8 +35,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # set by the engine for seeded requests
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
-        # Prefill role: compute the KV of every prompt token but the last, then hand it off.
-        self.prefill_only = False
+        self.prefill_only = False  # prefill role: stop after the first token, hold the KV for hand-off
         self.imported = False  # decode role: its prompt KV came from a prefill worker
 
     def __len__(self) -> int:
@@ -53,11 +52,6 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_target_tokens(self) -> int:
-        """Tokens whose KV this sequence needs before it can sample (or hand off)."""
-        return self.num_tokens - 1 if self.prefill_only else self.num_tokens
 
     @property
     def is_finished(self) -> bool:

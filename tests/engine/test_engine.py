@@ -105,36 +105,75 @@ def test_n_greater_than_one_shares_the_prompt_blocks(ckpt):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_prefill_only_request_on_a_cached_prefix_is_held_without_compute(ckpt):
+def hand_off(src, dst, rid: str, prompt: list[int], params: SamplingParams) -> dict:
+    """Prefill `rid` on `src`, copy its KV into `dst`, decode there; per index (token_ids, text, reason)
+    across both engines, as run_all returns them."""
+    results: dict[int, tuple] = {}
+
+    def collect(outs):
+        for out in outs:
+            for d in out.outputs:
+                ids, text, _ = results.get(d.index, ([], "", None))
+                results[d.index] = (ids + d.token_ids, text + d.text, d.finish_reason)
+
+    src.add_prefill_request(rid, prompt, params)
+    outs = []
+    while src.has_unfinished_requests():
+        outs += src.step()
+    collect(outs)
+    assert len(outs) == 1  # every sequence samples its first token in the same step
+    if outs[0].finished:
+        assert rid not in src.held
+        return results
+    assert outs[0].held
+    blocks, n = src.held_blocks(rid)
+    assert n == len(prompt)
+    target = dst.reserve_import(rid, prompt, params, src.continuations(rid))
+    for layer in range(src.model_config.num_hidden_layers):
+        dst.runner.write_blocks(target, layer, *src.runner.read_blocks(blocks, layer))
+    src.release_held(rid)
+    dst.commit_import(rid)
+    while dst.has_unfinished_requests():
+        collect(dst.step())
+    return results
+
+
+def test_prefill_samples_the_first_token_and_decode_goes_on_like_one_engine(ckpt):
+    prompt = prompts(1, lengths=(40,))[0]
+    want = run_all(make_engine(ckpt), {"x": (prompt, greedy(12))})["x"]
+    src, dst = make_engine(ckpt), make_engine(ckpt)
+    assert hand_off(src, dst, "x", prompt, greedy(12)) == want
+    for engine in (src, dst):
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_seeded_n_sequences_through_a_hand_off_equal_one_engine(ckpt):
+    """Each sequence's first token, sampler state and stop strings carry over; siblings fork on decode."""
+    prompt = prompts(1, lengths=(37,))[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7, stop=["zz"],
+                            ignore_eos=True)
+    want = run_all(make_engine(ckpt), {"s": (prompt, params)})["s"]
+    got = hand_off(make_engine(ckpt), make_engine(ckpt), "s", prompt, params)
+    assert got == want
+    assert len({tuple(v[0]) for v in want.values()}) > 1  # the siblings differ: the seeds matter
+
+
+def test_a_request_done_at_its_first_token_is_not_held(ckpt):
+    src, dst = make_engine(ckpt), make_engine(ckpt)
+    got = hand_off(src, dst, "one", prompts(1, lengths=(20,))[0], greedy(1))
+    assert len(got[0][0]) == 1 and got[0][2] == "length"
+    assert src.block_manager.num_free_blocks == src.block_manager.num_blocks
+
+
+def test_prefill_on_a_cached_prefix_computes_only_the_rest(ckpt):
     engine = make_engine(ckpt)
     prompt = prompts(1, lengths=(17,))[0]
     run_all(engine, {"warm": (prompt, greedy(2))})  # caches the first block
-    engine.add_prefill_request("p", prompt, greedy(1))
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += engine.step()
-    assert [o.request_id for o in outs] == ["p"] and outs[0].finished
-    blocks, tokens = engine.held_blocks("p")
-    assert tokens == 16 and len(blocks) == 1
-    engine.release_held("p")
+    engine.add_prefill_request("p", prompt, greedy(4))
+    (out,) = engine.step()
+    assert out.held and out.cached_tokens == 16 and len(out.outputs[0].token_ids) == 1
+    blocks, tokens_held = engine.held_blocks("p")
+    assert tokens_held == 17 and len(blocks) == 2
+    assert not engine.has_unfinished_requests()
+    engine.abort_request("p")  # an abort frees a held request too
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-
-
-def test_kv_import_continues_like_a_local_prefill(ckpt):
-    """Prefill on one engine, copy the KV into another, decode there: same tokens as one engine."""
-    prompt = prompts(1, lengths=(40,))[0]
-    want = tokens(run_all(make_engine(ckpt), {"x": (prompt, greedy(12))}))["x"][0]
-    src, dst = make_engine(ckpt), make_engine(ckpt)
-    src.add_prefill_request("x", prompt, greedy(12))
-    while src.has_unfinished_requests():
-        src.step()
-    blocks, n = src.held_blocks("x")
-    target = dst.reserve_import("x", prompt, greedy(12), n)
-    for layer in range(ckpt.config.num_hidden_layers):
-        dst.runner.write_blocks(target, layer, *src.runner.read_blocks(blocks, layer))
-    src.release_held("x")
-    dst.commit_import("x")
-    got = []
-    while dst.has_unfinished_requests():
-        got += [t for o in dst.step() for d in o.outputs for t in d.token_ids]
-    assert got == want

@@ -39,12 +39,13 @@ async def registry(nc: nats.NATS) -> AsyncIterator[tuple[InstanceRegistry, str, 
 
 
 async def send(nc: nats.NATS, req: GenerateRequest, text: str = "", finish: str | None = None,
-               instance: str = "w", error: dict | None = None, n: int = 1) -> None:  # fmt: skip
-    """Publish one chunk as worker `instance`: `text` (one token per byte) for each of n sequences."""
+               instance: str = "w", error: dict | None = None, n: int = 1, seq: int = 0) -> None:  # fmt: skip
+    """Publish one chunk (number `seq` of the request's stream) as worker `instance`: `text` (one
+    token per byte) for each of n sequences."""
     outs = [asdict(SeqOutput(i, TOK.encode(text, add_special_tokens=False), text, finish)) for i in range(n)]
     done = finish is not None or error is not None
     chunk = StreamChunk(req.request_id, outs if text or finish else [], done, len(req.prompt_token_ids), 0,
-                        instance, error)  # fmt: skip
+                        instance, error, seq)  # fmt: skip
     await nc.publish(req.reply_subject, chunk.encode())
 
 
@@ -209,6 +210,47 @@ async def test_prefill_leaving_after_decode_streams_is_no_failover(make_client, 
     resp = await asyncio.wait_for(task, 5)
     assert (await resp.json())["choices"][0]["message"]["content"] == "Hello"
     assert len(router.requests) == 1
+
+
+async def test_decode_leaving_after_the_prefill_sent_the_first_token_fails_over(make_client, router, registry,
+                                                                                 nc) -> None:  # fmt: skip
+    """The prefill worker streams the first token; the decode worker that should go on dies."""
+    reg, prefill, decode = registry
+    client = await make_client(registry=reg, watch=True)
+    router.instances = [prefill, decode]
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        if req.attempt == 0:
+            await send(nc, req, "H", instance=prefill)  # then the hand-off goes nowhere
+            return
+        await send(nc, req, "ello", "stop", instance=prefill)  # attempt 1: colocated-style fallback
+
+    router.script = script
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await wait_for(lambda: router.requests)
+    await asyncio.sleep(0.1)
+    await reg.remove(decode)
+    resp = await asyncio.wait_for(task, 5)
+    assert (await resp.json())["choices"][0]["message"]["content"] == "Hello"
+    first, second = router.requests
+    assert second.prompt_token_ids == PROMPT + TOK.encode("H", add_special_tokens=False)
+
+
+async def test_chunks_from_prefill_and_decode_are_put_back_in_order(make_client, router, nc) -> None:
+    """NATS orders messages per publisher only: the decode worker's chunks may overtake the prefill's."""
+    client = await make_client()
+    router.instances = ["prefill-x", "decode-x"]
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        await send(nc, req, "el", instance="decode-x", seq=1)
+        await send(nc, req, "lo", "stop", instance="decode-x", seq=2)
+        await asyncio.sleep(0.05)
+        await send(nc, req, "H", instance="prefill-x", seq=0)
+
+    router.script = script
+    async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        text, events = await sse_text(resp)
+    assert text == "Hello"
 
 
 async def test_registry_read_failures_are_no_verdict(make_client, router) -> None:
