@@ -15,7 +15,6 @@ from shared.engine.errors import InvalidRequestError
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
-from shared.engine.rotary import RotaryEmbedding
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
@@ -60,18 +59,6 @@ class _Request:
     finished: set[int] = field(default_factory=set)
 
 
-def build_model(ckpt: Checkpoint, max_positions: int, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """The model on `device`, weights loaded; built on the meta device so no memory is touched twice."""
-    with torch.device("meta"):
-        model = CausalLM(ckpt.config, max_positions)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()
-    model.model.rotary = RotaryEmbedding(ckpt.config, max_positions).to(device)  # its tables were on meta
-    model.load_weights(ckpt.weights)
-    model.prepack_weights()
-    return model.eval()
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
                  on_kv_event: KvEventHook | None = None):
@@ -86,7 +73,8 @@ class LLMEngine:
         self.generation_defaults = ckpt.generation_defaults
         self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
                                  ckpt.config.max_position_embeddings)
-        self.model = model = build_model(ckpt, self.max_model_len, self.device, self.dtype)
+        self.model = model = CausalLM.build(ckpt.config, ckpt.weights, self.max_model_len, self.device,
+                                            self.dtype)
         block_bytes = ModelRunner.block_bytes(model.config, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,

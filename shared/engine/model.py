@@ -148,6 +148,20 @@ class CausalLM(nn.Module):
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta)
 
+    @classmethod
+    def build(cls, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+              device: torch.device, dtype: torch.dtype) -> "CausalLM":
+        """The model on `device` in `dtype`, weights loaded. Built and cast on the meta device, so no
+        memory is allocated twice (nor in fp32 first)."""
+        with torch.device("meta"):
+            model = cls(config, max_positions).to(dtype)
+        model = model.to_empty(device=device)
+        model.tie_weights()
+        model.model.rotary = RotaryEmbedding(config, max_positions).to(device)  # its tables were on meta
+        model.load_weights(weights)
+        model.prepack_weights()
+        return model.eval()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
