@@ -4,13 +4,16 @@ One export is [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim], contig
 reader can start on layer 0 before the last layer has arrived.
 - Same host: a POSIX shared-memory segment; the decode worker maps it and copies into its own pool.
 - Other hosts: the prefill worker's TCP server streams the same bytes, one layer at a time.
-The exporter owns the segment and unlinks it when the decode worker confirms receipt or the lease lapses.
+The exporter owns the segment. When the decode worker confirms receipt it goes back to a pool for the
+next export (a fresh segment costs a page fault per 4 KiB on first write: more than the copy itself);
+when the lease lapses instead, it is unlinked, so a late reader can never see another request's KV.
 """
 
 import asyncio
 import contextlib
 import math
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -34,22 +37,59 @@ class TransferStats:
     seconds: float = 0.0
 
 
+class SegmentPool:
+    """Shared-memory segments kept mapped for reuse, in power-of-two sizes, at most `max_idle_bytes` idle.
+    Taken on the engine thread, given back on the event loop: hence the lock."""
+
+    def __init__(self, max_idle_bytes: int = 256 << 20):
+        self.max_idle_bytes = max_idle_bytes
+        self.idle: dict[int, list[shared_memory.SharedMemory]] = {}
+        self.idle_bytes = 0
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> shared_memory.SharedMemory:
+        size = max(1 << 16, 1 << (nbytes - 1).bit_length())
+        with self.lock:
+            if self.idle.get(size):
+                self.idle_bytes -= size
+                return self.idle[size].pop()
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        _CREATED.add(shm.name)
+        return shm
+
+    def give_back(self, shm: shared_memory.SharedMemory) -> None:
+        with self.lock:
+            if self.idle_bytes + shm.size <= self.max_idle_bytes:
+                self.idle.setdefault(shm.size, []).append(shm)
+                self.idle_bytes += shm.size
+                return
+        _destroy(shm)
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle, self.idle_bytes = self.idle, {}, 0
+        for segments in idle.values():
+            for shm in segments:
+                _destroy(shm)
+
+
 class KvExport:
     """The KV of some blocks, copied out of the pool into a shared-memory segment."""
 
-    def __init__(self, request_id: str, runner: ModelRunner, block_ids: list[int], num_tokens: int):
-        pool = runner.k_cache  # [layers, blocks, block_size, kv_heads, head_dim]
-        self.shape = (pool.shape[0], 2, len(block_ids), *pool.shape[2:])
-        self.dtype = str(pool.dtype).removeprefix("torch.")
+    def __init__(self, request_id: str, runner: ModelRunner, block_ids: list[int], num_tokens: int,
+                 segments: SegmentPool | None = None):
+        cache = runner.k_cache  # [layers, blocks, block_size, kv_heads, head_dim]
+        self.shape = (cache.shape[0], 2, len(block_ids), *cache.shape[2:])
+        self.dtype = str(cache.dtype).removeprefix("torch.")
         self.request_id = request_id
         self.num_tokens = num_tokens
-        self.nbytes = math.prod(self.shape) * pool.element_size()
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, self.nbytes))
-        _CREATED.add(self.shm.name)
+        self.nbytes = math.prod(self.shape) * cache.element_size()
+        self.segments = segments or SegmentPool(max_idle_bytes=0)
+        self.shm = self.segments.take(max(1, self.nbytes))
         if block_ids:
             view = _tensor(self.shm.buf, self.shape, self.dtype)
             for layer in range(self.shape[0]):
-                view[layer, 0], view[layer, 1] = runner.read_blocks(block_ids, layer)
+                runner.read_blocks(block_ids, layer, out=(view[layer, 0], view[layer, 1]))
             del view  # no view may outlive the mapping
 
     def handle(self, host: str, port: int | None) -> dict:
@@ -61,11 +101,12 @@ class KvExport:
         size = self.nbytes // self.shape[0]
         return self.shm.buf[layer * size : (layer + 1) * size]
 
-    def close(self) -> None:
-        _CREATED.discard(self.shm.name)
-        self.shm.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.shm.unlink()
+    def close(self, received: bool = False) -> None:
+        """Done with the export: its segment is reused only when the decode worker confirmed receipt."""
+        if received:
+            self.segments.give_back(self.shm)
+        else:
+            _destroy(self.shm)
 
 
 class KvDataServer:
@@ -153,7 +194,15 @@ async def _copy_from_tcp(handle: dict, shape: tuple, dtype: str, nbytes: int, ru
 
 
 def _tensor(buffer, shape: tuple, dtype: str) -> torch.Tensor:
-    return torch.frombuffer(buffer, dtype=DTYPES[dtype]).view(shape)
+    """The first prod(shape) elements of `buffer` (a pooled segment may be larger)."""
+    return torch.frombuffer(buffer, dtype=DTYPES[dtype], count=math.prod(shape)).view(shape)
+
+
+def _destroy(shm: shared_memory.SharedMemory) -> None:
+    _CREATED.discard(shm.name)
+    shm.close()
+    with contextlib.suppress(FileNotFoundError):
+        shm.unlink()
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:

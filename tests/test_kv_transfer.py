@@ -6,7 +6,7 @@ import torch
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
-from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, _shm_exists, import_kv
+from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, SegmentPool, _shm_exists, import_kv
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -60,3 +60,21 @@ async def test_gone_export_over_tcp_is_an_error():
             await import_kv(handle, dst, [0], "elsewhere")
     finally:
         await server.stop()
+
+
+async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked():
+    src, dst = runner(), runner()
+    segments = SegmentPool()
+    src.k_cache.normal_()
+    first = KvExport("a", src, [1, 2], num_tokens=8, segments=segments)
+    await import_kv(first.handle("here", None), dst, [0, 1], "here")
+    first.close(received=True)  # the decode worker acked: the segment stays mapped, for the next one
+    assert _shm_exists(first.shm.name)
+    src.k_cache.normal_()  # new contents: the reused segment must carry these, not the old ones
+    second = KvExport("b", src, [3], num_tokens=4, segments=segments)
+    assert second.shm.name == first.shm.name
+    await import_kv(second.handle("here", None), dst, [4], "here")
+    assert torch.equal(dst.k_cache[:, 4], src.k_cache[:, 3])
+    second.close(received=False)  # no ack (lease lapsed): a late reader must find nothing
+    assert not _shm_exists(second.shm.name)
+    segments.close()

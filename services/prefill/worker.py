@@ -15,7 +15,7 @@ import structlog
 from shared import subjects
 from shared.bus import BusError, request
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import KvDataServer, KvExport
+from shared.kv_transfer import KvDataServer, KvExport, SegmentPool
 from shared.messages import Ack, GenerateRequest, KvHandoff
 from shared.worker import Worker
 
@@ -28,11 +28,13 @@ class PrefillWorker(Worker):
     role = "prefill"
 
     async def start_data_plane(self) -> None:
+        self.segments = SegmentPool()
         self.data_server = KvDataServer()
         await self.data_server.start("0.0.0.0", self.config.data_port)
 
     async def stop_data_plane(self) -> None:
         await self.data_server.stop()
+        self.segments.close()
 
     def data_plane(self) -> dict:
         return {"host": self.host, "port": self.data_server.port}
@@ -50,13 +52,14 @@ class PrefillWorker(Worker):
             return  # aborted, failed, or finished on its first token
         start = time.perf_counter()
         try:
-            export, continuations = await self.engine.call(lambda e: _export_and_release(e, rid))
+            export, continuations = await self.engine.call(lambda e: _export_and_release(e, rid, self.segments))
         except KeyError:
             return  # aborted meanwhile
         self.data_server.exports[rid] = export
         handoff = KvHandoff(rid, asdict(req), export.handle(self.host, self.data_server.port),
                             export.num_tokens, [asdict(c) for c in continuations], self.instance_id,
                             LEASE_S)
+        ack = None
         try:
             ack = await request(self.nc, subjects.worker_kv(req.decode_instance), handoff, Ack,
                                 timeout=LEASE_S)
@@ -66,7 +69,7 @@ class PrefillWorker(Worker):
                        "type": "server_error", "code": 503})
         finally:
             self.data_server.exports.pop(rid, None)
-            export.close()
+            export.close(received=ack is not None and ack.ok)
         self.kv_bytes.labels().inc(export.nbytes)
         self.kv_seconds.labels().observe(time.perf_counter() - start)
         if not ack.ok:
@@ -78,12 +81,12 @@ class PrefillWorker(Worker):
             self.requests_total.labels("handed_off").inc()
 
 
-def _export_and_release(engine, request_id: str) -> tuple[KvExport, list]:
+def _export_and_release(engine, request_id: str, segments: SegmentPool) -> tuple[KvExport, list]:
     """Copy the held KV out (the export holds it now) and free the blocks, even when the copy fails.
     KeyError when the request is no longer held (aborted)."""
     try:
         continuations = engine.continuations(request_id)
-        return KvExport(request_id, engine.runner, *engine.held_blocks(request_id)), continuations
+        return KvExport(request_id, engine.runner, *engine.held_blocks(request_id), segments), continuations
     finally:
         engine.release_held(request_id)
 

@@ -106,10 +106,15 @@ class ModelRunner:
         for cache in (self.k_cache, self.v_cache):
             cache[:, dst] = cache[:, src]
 
-    def read_blocks(self, block_ids: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of some blocks of one layer: [n, block_size, kv_heads, head_dim] each."""
+    def read_blocks(self, block_ids: list[int], layer: int,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of some blocks of one layer: [n, block_size, kv_heads, head_dim] each (into `out`)."""
         idx = self._tensor(block_ids)
-        return self.k_cache[layer, idx], self.v_cache[layer, idx]
+        if out is None:
+            return self.k_cache[layer, idx], self.v_cache[layer, idx]
+        torch.index_select(self.k_cache[layer], 0, idx, out=out[0])
+        torch.index_select(self.v_cache[layer], 0, idx, out=out[1])
+        return out
 
     def write_blocks(self, block_ids: list[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         idx = self._tensor(block_ids)

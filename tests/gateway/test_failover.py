@@ -232,8 +232,7 @@ async def test_decode_leaving_after_the_prefill_sent_the_first_token_fails_over(
     await reg.remove(decode)
     resp = await asyncio.wait_for(task, 5)
     assert (await resp.json())["choices"][0]["message"]["content"] == "Hello"
-    first, second = router.requests
-    assert second.prompt_token_ids == PROMPT + TOK.encode("H", add_special_tokens=False)
+    assert router.requests[1].prompt_token_ids == PROMPT + TOK.encode("H", add_special_tokens=False)
 
 
 async def test_chunks_from_prefill_and_decode_are_put_back_in_order(make_client, router, nc) -> None:
@@ -249,7 +248,7 @@ async def test_chunks_from_prefill_and_decode_are_put_back_in_order(make_client,
 
     router.script = script
     async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
-        text, events = await sse_text(resp)
+        text, _ = await sse_text(resp)
     assert text == "Hello"
 
 
