@@ -188,6 +188,8 @@ class LLMEngine:
         indices = [c.index for c in continuations]
         if not continuations or len(set(indices)) != len(indices) or not set(indices) <= set(range(params.n)):
             raise InvalidRequestError(f"sequences {indices} do not fit n={params.n}")
+        if not all(0 <= c.token_id < self.model_config.vocab_size for c in continuations):
+            raise InvalidRequestError("a first token is outside the vocabulary")
         seq = self._new_seq(request_id, prompt_token_ids, params, continuations[0].index, priority,
                             time.monotonic())
         if not self.block_manager.allocate(seq, seq.num_tokens):

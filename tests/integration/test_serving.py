@@ -58,6 +58,16 @@ async def test_disaggregated_greedy_equals_in_process_engine(xllm_system, local_
         assert resp["usage"]["completion_tokens"] == len(want.outputs[0].token_ids)
 
 
+async def test_seeded_sampling_across_the_hand_off_equals_in_process_engine(xllm_system, local_llm):
+    """The first tokens come from the prefill worker; the seeded sampler's state goes on on decode."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, n=2, seed=11)
+    (want,) = local_llm.generate([QUESTIONS[3]], params, chat=True)
+    async with aiohttp.ClientSession() as s:
+        got = await chat(s, xllm_system.url, QUESTIONS[3], temperature=1.0, top_p=0.95, max_tokens=12, n=2,
+                         seed=11)
+    assert [c["message"]["content"] for c in got["choices"]] == [o.text for o in want.outputs]
+
+
 async def test_streaming_equals_non_streaming(xllm_system):
     async with aiohttp.ClientSession() as s:
         whole = await chat(s, xllm_system.url, QUESTIONS[1], temperature=0, max_tokens=30)
