@@ -78,7 +78,6 @@ class DecodeWorker(Worker):
         await respond(msg, Ack(rid, self.instance_id))
         await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker
 
-
     async def _reserve_and_copy(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams,
                                 continuations: list[Continuation]) -> TransferStats | None:
         """Reserve blocks (waiting for room rather than wasting the prefill) and copy the KV in; None
