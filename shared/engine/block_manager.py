@@ -80,30 +80,31 @@ class BlockManager:
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the sequence's newly completed blocks in the prefix cache."""
+        """Register the sequence's newly completed blocks in the prefix cache (each block is looked at
+        once: `seq.num_hashed_blocks` and `seq.last_block_hash` say how far it got)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         num_full = min(seq.num_computed_tokens, seq.num_tokens) // bs
-        parent = None
+        parent = seq.last_block_hash
         stored: list[int] = []
         first_parent = None
-        for i in range(num_full):
+        for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:
+            if block.hash is not None:  # a prefix-cache hit, or shared with the sequence it forked from
                 parent = block.hash
                 continue
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             h = hash_block(parent, tokens)
-            if h in self.hash_to_block:  # computed twice (e.g. two equal prompts in one step): keep first
-                parent = h
-                continue
-            if not stored:
-                first_parent = parent
-            block.hash, block.token_ids = h, tokens
-            self.hash_to_block[h] = block.block_id
-            stored.append(h)
+            if h not in self.hash_to_block:  # else computed twice (two equal prompts in one step): keep first
+                if not stored:
+                    first_parent = parent
+                block.hash, block.token_ids = h, tokens
+                self.hash_to_block[h] = block.block_id
+                stored.append(h)
             parent = h
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
+        seq.last_block_hash = parent
         if stored and self.on_event:
             self.on_event("stored", stored, first_parent)
 
@@ -133,6 +134,7 @@ class BlockManager:
                     self.free_ids.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_hashed_blocks, seq.last_block_hash = 0, None
 
     def reset_prefix_cache(self) -> None:
         for block_id in list(self.evictable):

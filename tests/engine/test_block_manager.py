@@ -1,6 +1,6 @@
 """Block manager: ref counts, prefix cache on chained hashes, LRU eviction, KV events."""
 
-from shared.block_hash import block_hashes
+from shared.block_hash import block_hashes, hash_block
 from shared.engine.block_manager import BlockManager
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.sequence import Sequence
@@ -94,3 +94,24 @@ def test_fork_shares_full_blocks_and_gives_a_fresh_partial_block():
     bm.free(parent)
     bm.free(child)
     assert bm.num_free_blocks == 8
+
+
+def test_each_full_block_is_hashed_once_and_a_growing_sequence_stores_only_new_blocks(monkeypatch):
+    import shared.engine.block_manager as block_manager
+
+    calls = []
+    monkeypatch.setattr(block_manager, "hash_block", lambda *a: calls.append(a) or hash_block(*a))
+    events = []
+    bm = BlockManager(16, 4, on_event=lambda *e: events.append(e))
+    twin_a, twin_b = seq_of(list(range(9))), seq_of(list(range(9)))
+    for seq in (twin_a, twin_b):  # two equal prompts computed in the same step
+        computed(bm, seq)
+    assert len(calls) == 4  # 2 full blocks each; twin_b's are duplicates, kept out of the cache
+    for seq in (twin_a, twin_b):
+        bm.cache_full_blocks(seq)  # the next step: nothing new, nothing re-hashed
+    assert len(calls) == 4
+    twin_a.token_ids += [20, 21, 22]  # it decodes on and fills its third block
+    computed(bm, twin_a)
+    assert len(calls) == 5
+    hashes = block_hashes(list(range(9)) + [20, 21, 22], 4)
+    assert events == [("stored", hashes[:2], None), ("stored", hashes[2:], hashes[1])]
