@@ -43,16 +43,17 @@ async def serve(
     config: GatewayConfig, stop: asyncio.Event | None = None, started: asyncio.Event | None = None
 ) -> None:
     """Serve until `stop` is set (default: until SIGTERM / SIGINT); `started` is set once listening."""
-    from shared.engine.loader import load_tokenizer  # imports torch: only when serving
+    from shared.engine.loader import load_generation_defaults, load_tokenizer  # imports torch: only when serving
 
     loop = asyncio.get_running_loop()
     tokenizer, model_config = await loop.run_in_executor(None, load_tokenizer, config.model)
+    defaults = await loop.run_in_executor(None, load_generation_defaults, config.model)
     nc = await connect(config.nats, name="gateway")
     registry = await InstanceRegistry.open(nc.jetstream())
     backend = Backend(nc, config.retry_after_s, registry=registry, max_attempts=config.max_attempts,
                       route_timeout_s=config.route_timeout_s)  # fmt: skip
     await backend.start()
-    info = model_info(config, model_config)
+    info = model_info(config, model_config, defaults)
     app = create_app(config, tokenizer, info, backend, registry)
     jobs = JobRunner(nc, backend, tokenizer, info, config) if config.job_concurrency else None
     if jobs is not None:

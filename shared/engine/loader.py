@@ -81,8 +81,17 @@ def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Ch
         config.tie_word_embeddings = "lm_head.weight" not in weights
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some checkpoints save the tied copy too
-    defaults = {k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None}
-    return Checkpoint(config, weights, tokenizer, defaults, str(path))
+    return Checkpoint(config, weights, tokenizer, _sampling_defaults(generation), str(path))
+
+
+def load_generation_defaults(name_or_path: str) -> dict:
+    """The model's sampling defaults (generation_config.json of a Hugging Face folder; a GGUF has none)."""
+    path = resolve_model(name_or_path)
+    return {} if path.suffix == ".gguf" else _sampling_defaults(read_json(path / "generation_config.json"))
+
+
+def _sampling_defaults(generation: dict) -> dict:
+    return {k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None}
 
 
 def load_tokenizer(name_or_path: str) -> tuple[Tokenizer, ModelConfig]:

@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from shared.engine.gguf_loader import read_tensor, unpermute_qk
-from shared.engine.loader import load_checkpoint, resolve_model
+from shared.engine.loader import load_checkpoint, load_generation_defaults, resolve_model
 from tests.engine.conftest import TINY_MODEL_KINDS
 
 Q = gguf.GGMLQuantizationType
@@ -178,6 +178,7 @@ def test_generation_defaults_and_eos_list(tiny_model_dir):
     ckpt = load_checkpoint(str(tiny_model_dir("qwen3")))
     expected = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
     assert ckpt.generation_defaults == expected
+    assert load_generation_defaults(str(tiny_model_dir("qwen3"))) == expected  # what the gateway applies
     assert ckpt.config.eos_token_ids == [2, 0]
     assert load_checkpoint(str(tiny_model_dir("llama"))).generation_defaults == {}
 

@@ -424,6 +424,7 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
     cfg = ModelConfig("llama", 259, 8, 8, 1, 1, 1, 8, max_position_embeddings=256, name="fake-llm")
     loader = types.ModuleType("shared.engine.loader")
     loader.load_tokenizer = lambda name: (FakeTokenizer(), cfg)
+    loader.load_generation_defaults = lambda name: {"temperature": 0.25, "top_k": 7}
     monkeypatch.setitem(sys.modules, "shared.engine.loader", loader)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -446,6 +447,8 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
             async with http.post(f"{base}/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200
                 assert (await resp.json())["choices"][0]["message"]["content"] == "Hello world"
+            params = router.requests[-1].params  # the model's sampling defaults, where the body is silent
+            assert params["temperature"] == 0.25 and params["top_k"] == 7
     finally:
         await registry.remove("gw-test-worker")
         stop.set()
