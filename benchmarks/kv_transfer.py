@@ -1,10 +1,17 @@
-"""What a prefill -> decode KV hand-off costs next to the prefill it follows (SmolLM2-135M shapes).
+"""What a prefill -> decode KV hand-off costs, and whether it overlaps the prefill (SmolLM2-135M shapes).
 
     PYTHONPATH=. python benchmarks/kv_transfer.py [--tokens 128,512,2048]
 
-For each prompt length: the prefill time of that many tokens (one step), the export into shared memory
-(prefill side) into a fresh segment and into a reused one (the worker's SegmentPool), and the import into
-another pool over shared memory and over TCP on 127.0.0.1 (decode side); best of 3.
+For each prompt length, best of 3:
+- prefill: one forward step of the prompt, alone;
+- shm (a decode worker on this host): how long after the prompt's step the importer has every layer:
+  the export copied after the step (`write_rest`), then read out of shared memory;
+- tcp (a decode worker on another host, here over 127.0.0.1): the same figure when the export is
+  copied and sent after the step ("sequential") and when each layer is copied and sent right after
+  its forward, inside the step (the engine's kv_sink, "streamed"), plus the step's own time while it
+  streams (what the overlap costs the prefill).
+The prefill runs on a thread and the importer on the event loop of this one process; in `xllm up`
+they are two processes.
 """
 
 import argparse
@@ -13,7 +20,6 @@ import time
 
 import torch
 
-from shared.bench.timing import best_ms
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
@@ -25,6 +31,31 @@ from shared.kv_transfer import KvDataServer, KvExport, SegmentPool, import_kv
 SMOLLM2 = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                       max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0)
+HOST = "127.0.0.1"
+
+
+async def hand_off(src: ModelRunner, dst: ModelRunner, server: KvDataServer, segments: SegmentPool, n: int,
+                   streamed: bool, reader_host: str) -> tuple[float, float]:
+    """(the prompt's step in ms, ms from its end until the importer has every layer)."""
+    blocks = list(range(-(-n // 16)))
+    seq = Sequence("p", list(range(n)), SamplingParams())
+    seq.block_table = blocks
+    export = KvExport("r", src, n, segments)
+    server.exports["r"] = export
+    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst, blocks, reader_host))
+    while streamed and not export.streaming:  # the importer is connected before the prefill computes
+        await asyncio.sleep(0.001)
+    sink = (lambda layer: export.stream_layer(src, layer, blocks)) if streamed else None
+    start = time.perf_counter()
+    await asyncio.to_thread(src.run, [ScheduledSeq(seq, n)], sink)
+    step_done = time.perf_counter()
+    await asyncio.to_thread(export.write_rest, src, blocks)  # nothing left when it streamed
+    export.finish({"sequences": []})
+    await importing
+    done = time.perf_counter()
+    await export.received.wait()
+    export.close()
+    return (step_done - start) * 1000, (done - step_done) * 1000
 
 
 async def main() -> None:
@@ -36,35 +67,28 @@ async def main() -> None:
     model = CausalLM(SMOLLM2, 4096).eval()
     src = ModelRunner(model, 160, 16, torch.device("cpu"), torch.float32)
     dst = ModelRunner(model, 160, 16, torch.device("cpu"), torch.float32)
-    server = KvDataServer()
-    await server.start("127.0.0.1")
-    segments = SegmentPool(max_idle_bytes=1 << 30)
-    print(f"{'tokens':>6} {'MB':>6} {'prefill ms':>10} {'export ms: fresh':>16} {'reused':>6} "
-          f"{'import shm ms':>13} {'import tcp ms':>13}")
+    server, segments = KvDataServer(), SegmentPool(max_idle_bytes=1 << 30)
+    await server.start(HOST)
+    print(f"{'tokens':>6} {'MB':>5} {'prefill ms':>10} | after the prompt, ms: {'shm':>6} "
+          f"{'tcp sequential':>14} {'tcp streamed':>12} | prefill ms, streaming")
     for n in (int(t) for t in args.tokens.split(",")):
-        blocks = list(range(-(-n // 16)))
-        seq = Sequence("p", list(range(n)), SamplingParams())
-        seq.block_table = blocks
-        prefill = best_ms(lambda seq=seq, n=n: src.run([ScheduledSeq(seq, n)]), repeats=3, warmup=False)
-        export = KvExport("r", src, blocks, n)
-        fresh = best_ms(lambda blocks=blocks, n=n: KvExport("x", src, blocks, n).close(), repeats=3, warmup=False)
-        reused = best_ms(lambda blocks=blocks, n=n: KvExport("x", src, blocks, n, segments).close(received=True),
-                         repeats=3, warmup=True)
-        server.exports["r"] = export
-        shm = min([await _timed(import_kv(export.handle("here", server.port), dst, blocks, "here"))
-                   for _ in range(3)])
-        tcp = min([await _timed(import_kv(export.handle("127.0.0.1", server.port), dst, blocks, "elsewhere"))
-                   for _ in range(3)])
-        print(f"{n:>6} {export.nbytes / 1e6:>6.1f} {prefill:>10.0f} {fresh:>16.1f} {reused:>6.1f} {shm:>13.1f} "
-              f"{tcp:>13.1f}")
-        export.close()
+        mb = n * 30 * 2 * 3 * 64 * 4 / 1e6
+        await hand_off(src, dst, server, segments, n, True, "elsewhere")  # warm-up: pages, segments
+        alone = min([await _timed_step(src, n) for _ in range(3)])
+        shm = min([(await hand_off(src, dst, server, segments, n, False, HOST))[1] for _ in range(3)])
+        tcp = min([(await hand_off(src, dst, server, segments, n, False, "elsewhere"))[1] for _ in range(3)])
+        runs = [await hand_off(src, dst, server, segments, n, True, "elsewhere") for _ in range(3)]
+        print(f"{n:>6} {mb:>5.1f} {alone:>10.0f} | {'':>21}{shm:>6.1f} {tcp:>14.1f} "
+              f"{min(r[1] for r in runs):>12.1f} | {min(r[0] for r in runs):.0f}")
     await server.stop()
     segments.close()
 
 
-async def _timed(coro) -> float:
+async def _timed_step(src: ModelRunner, n: int) -> float:
+    seq = Sequence("p", list(range(n)), SamplingParams())
+    seq.block_table = list(range(-(-n // 16)))
     start = time.perf_counter()
-    await coro
+    await asyncio.to_thread(src.run, [ScheduledSeq(seq, n)])
     return (time.perf_counter() - start) * 1000
 
 

@@ -1,12 +1,23 @@
 """The prefill -> decode KV data plane. NATS carries only the handle; the bytes go another way.
 
-One export is [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim], contiguous, layer-major so a
-reader can start on layer 0 before the last layer has arrived.
-- Same host: a POSIX shared-memory segment; the decode worker maps it and copies into its own pool.
-- Other hosts: the prefill worker's TCP server streams the same bytes, one layer at a time.
-The exporter owns the segment. When the decode worker confirms receipt it goes back to a pool for the
-next export (a fresh segment costs a page fault per 4 KiB on first write: more than the copy itself);
-when the lease lapses instead, it is unlinked, so a late reader can never see another request's KV.
+One export is [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim], contiguous and layer-major,
+in a POSIX shared-memory segment of the prefill worker. The decode worker gets the handle when the
+prefill begins, reserves its blocks, and connects to the prefill worker's TCP data server with
+`<request id> <mode>\n`. The server answers with frames `kind (1 byte) | length (8 bytes) | payload`:
+one "L" frame per layer once it is written, then one "T" frame.
+- Mode "tcp" (another host): the engine copies each layer out right after its forward in the prompt's
+  last step (`KvExport.stream_layer`, the engine's kv_sink) and its L frame, carrying the bytes, goes
+  at once: the network transfer overlaps the prefill's compute.
+- Mode "shm" (this host): the L frames are empty, the reader copies each layer out of the segment
+  itself, and the segment is filled after the step (`write_rest`, ~1 ms for 128 tokens): filling it
+  during the step cost the time to first token more than reading early saved (docs/performance.md).
+The trailer (msgpack) is {"sequences": [...]} (each sequence's first token and sampler state: the
+request goes on), {"done": true} (it finished on its first token) or {"error": "..."}; a trailer may
+come early, after fewer layers. The reader answers "R" once it has everything: the export is received.
+
+The exporter owns the segment. Once received it goes back to a pool for the next export (a fresh
+segment costs a page fault per 4 KiB on first write: more than the copy itself); when the lease lapses
+instead, it is unlinked, so a late reader can never see another request's KV.
 """
 
 import asyncio
@@ -17,13 +28,15 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from typing import Any
 
+import msgpack
 import torch
 
 from shared.engine.model_runner import ModelRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LEN = struct.Struct("!Q")
+_FRAME = struct.Struct("!cQ")  # kind, payload length
 _CREATED: set[str] = set()  # segments this process created (and so owns)
 
 
@@ -74,43 +87,112 @@ class SegmentPool:
 
 
 class KvExport:
-    """The KV of some blocks, copied out of the pool into a shared-memory segment."""
+    """A request's prompt KV in a shared-memory segment, written on the engine thread (during the last
+    step for a TCP reader, after it for a shared-memory one) and served from the event loop's thread as
+    layers become ready. Make it on the event loop."""
 
-    def __init__(self, request_id: str, runner: ModelRunner, block_ids: list[int], num_tokens: int,
+    def __init__(self, request_id: str, runner: ModelRunner, num_tokens: int,
                  segments: SegmentPool | None = None):
         cache = runner.k_cache  # [layers, blocks, block_size, kv_heads, head_dim]
-        self.shape = (cache.shape[0], 2, len(block_ids), *cache.shape[2:])
+        num_blocks = -(-num_tokens // cache.shape[2])
+        self.shape = (cache.shape[0], 2, num_blocks, *cache.shape[2:])
         self.dtype = str(cache.dtype).removeprefix("torch.")
         self.request_id = request_id
         self.num_tokens = num_tokens
         self.nbytes = math.prod(self.shape) * cache.element_size()
         self.segments = segments or SegmentPool(max_idle_bytes=0)
         self.shm = self.segments.take(max(1, self.nbytes))
-        if block_ids:
-            view = _tensor(self.shm.buf, self.shape, self.dtype)
-            for layer in range(self.shape[0]):
-                runner.read_blocks(block_ids, layer, out=(view[layer, 0], view[layer, 1]))
-            del view  # no view may outlive the mapping
+        self._view: torch.Tensor | None = _tensor(self.shm.buf, self.shape, self.dtype)
+        self._lock = threading.Lock()  # a write in progress on the engine thread vs close()
+        self.layers_ready = 0  # what readers have been told
+        self.layers_written = 0  # a prefix of the layers, on the engine thread
+        self.streaming = False  # a TCP reader is connected: stream layers during the step
+        self._streaming_step = False  # ... and it was from the step's first layer on
+        self.trailer: dict[str, Any] | None = None
+        self.received = asyncio.Event()  # the reader has it all
+        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def stream_layer(self, runner: ModelRunner, layer: int, block_ids: list[int]) -> None:
+        """The engine's kv_sink, right after a layer's forward in the prompt's last step: for a TCP
+        reader (another host), copy the layer out and announce it, so the network transfer overlaps the
+        compute. For a shared-memory reader (this host) nothing: `write_rest` copies everything after
+        the step, which costs the time to first token less (docs/performance.md)."""
+        if layer == 0:
+            self._streaming_step = self.streaming
+        if self._streaming_step and self._write(runner, layer, block_ids):
+            self._loop.call_soon_threadsafe(self.announce, layer + 1)
+
+    def write_rest(self, runner: ModelRunner, block_ids: list[int]) -> None:
+        """Engine thread, after the prompt's last step: copy the layers not streamed yet."""
+        for layer in range(self.layers_written, self.shape[0]):
+            if not self._write(runner, layer, block_ids):
+                return
+
+    def _write(self, runner: ModelRunner, layer: int, block_ids: list[int]) -> bool:
+        try:
+            if len(block_ids) != self.shape[2]:
+                raise KvTransferError(f"{len(block_ids)} blocks for an export of {self.shape[2]}")
+            with self._lock:
+                if self._view is None:
+                    return False  # closed: the request was aborted while its last step ran
+                runner.read_blocks(block_ids, layer, out=(self._view[layer, 0], self._view[layer, 1]))
+        except Exception as e:  # never fail the engine step: the reader gets the error instead
+            self._loop.call_soon_threadsafe(self.finish, {"error": f"KV export failed: {e}"})
+            return False
+        self.layers_written = layer + 1
+        return True
+
+    def finish(self, trailer: dict[str, Any]) -> None:
+        """The last word to the reader (see the module doc); the first one given counts. Called once
+        the prompt is over, so every layer written by then is announced too."""
+        if self.trailer is None:
+            self.trailer = trailer
+            self.layers_ready = max(self.layers_ready, self.layers_written)
+            self._notify()
+
+    async def wait_layer(self, layer: int) -> bool:
+        """True once `layer` is written; False if the export ended (trailer) without it."""
+        while self.layers_ready <= layer:
+            if self.trailer is not None:
+                return False
+            await self._changed.wait()
+        return True
+
+    async def wait_trailer(self) -> dict[str, Any]:
+        while self.trailer is None:
+            await self._changed.wait()
+        return self.trailer
+
+    def announce(self, layers_ready: int) -> None:
+        self.layers_ready = max(self.layers_ready, layers_ready)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def handle(self, host: str, port: int | None) -> dict:
         return {"transport": "shm", "name": self.shm.name, "host": host, "port": port,
                 "request_id": self.request_id, "shape": list(self.shape), "dtype": self.dtype,
                 "num_tokens": self.num_tokens}
 
-    def layer_bytes(self, layer: int) -> memoryview:
+    def layer_bytes(self, layer: int) -> bytes:
         size = self.nbytes // self.shape[0]
-        return self.shm.buf[layer * size : (layer + 1) * size]
+        return bytes(self.shm.buf[layer * size : (layer + 1) * size])  # a copy: the segment may go
 
-    def close(self, received: bool = False) -> None:
-        """Done with the export: its segment is reused only when the decode worker confirmed receipt."""
-        if received:
+    def close(self) -> None:
+        """Done with the export: its segment is reused only if the reader confirmed receipt."""
+        with self._lock:  # after this no write can start, and none is running
+            self._view = None  # no view may outlive the mapping
+        if self.received.is_set():
             self.segments.give_back(self.shm)
         else:
             _destroy(self.shm)
 
 
 class KvDataServer:
-    """TCP side of the data plane: serves live exports by request id, layer by layer."""
+    """TCP side of the data plane: serves live exports by request id, layer by layer as they are written."""
 
     def __init__(self) -> None:
         self.exports: dict[str, KvExport] = {}
@@ -128,69 +210,76 @@ class KvDataServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_id = (await reader.readline()).decode().strip()
+            request_id, _, mode = (await reader.readline()).decode().strip().partition(" ")
             export = self.exports.get(request_id)
             if export is None:
-                writer.write(_LEN.pack(0))
-            else:
-                writer.write(_LEN.pack(export.nbytes))
-                for layer in range(export.shape[0]):
-                    writer.write(export.layer_bytes(layer))
-                    await writer.drain()
-            await writer.drain()
+                return await _send(writer, b"T", msgpack.packb({"error": f"no export of {request_id!r} here"}))
+            if mode == "tcp":
+                export.streaming = True  # first, then catch up: a layer written meanwhile is not missed
+                export.announce(export.layers_written)
+            for layer in range(export.shape[0]):
+                if not await export.wait_layer(layer):
+                    break
+                await _send(writer, b"L", export.layer_bytes(layer) if mode == "tcp" else b"")
+            await _send(writer, b"T", msgpack.packb(await export.wait_trailer()))
+            if await reader.read(1) == b"R":
+                export.received.set()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the reader is gone: the export is not received, its lease runs out
         finally:
             writer.close()
 
 
+async def _send(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> None:
+    writer.write(_FRAME.pack(kind, len(payload)))
+    writer.write(payload)
+    await writer.drain()
+
+
 async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
-                    local_host: str) -> TransferStats:
-    """Copy an export into `block_ids` of this worker's pool: shared memory when on the same host
-    (and the segment is there), else the exporter's TCP stream."""
-    start = time.perf_counter()
+                    local_host: str) -> tuple[TransferStats, dict[str, Any]]:
+    """Copy an export into `block_ids` of this worker's pool as its layers are written, each from the
+    shared-memory segment when on the same host (and the segment is there), else from the TCP stream.
+    Returns the transfer's figures (from the first layer on) and the exporter's trailer."""
     shape, dtype = tuple(handle["shape"]), handle["dtype"]
     if shape[2] != len(block_ids) or list(shape[3:]) != list(runner.k_cache.shape[2:]):
         raise KvTransferError(f"KV layout {shape} does not fit this worker's pool "
                               f"{tuple(runner.k_cache.shape)} with {len(block_ids)} blocks")
-    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-    if not block_ids:
-        return TransferStats(0, 0.0)
-    if handle["host"] == local_host and _shm_exists(handle["name"]):
-        await asyncio.to_thread(_copy_from_shm, handle["name"], shape, dtype, runner, block_ids)
-    else:
-        await _copy_from_tcp(handle, shape, dtype, nbytes, runner, block_ids)
-    return TransferStats(nbytes, time.perf_counter() - start)
-
-
-def _copy_from_shm(name: str, shape: tuple, dtype: str, runner: ModelRunner, block_ids: list[int]) -> None:
-    shm = _attach(name)
-    try:
-        view = _tensor(shm.buf, shape, dtype)
-        for layer in range(shape[0]):
-            runner.write_blocks(block_ids, layer, view[layer, 0], view[layer, 1])
-        del view
-    finally:
-        shm.close()
-
-
-async def _copy_from_tcp(handle: dict, shape: tuple, dtype: str, nbytes: int, runner: ModelRunner,
-                         block_ids: list[int]) -> None:
     if not handle.get("port"):
-        raise KvTransferError("the prefill worker offers no TCP data plane")
-    reader, writer = await asyncio.open_connection(handle["host"], handle["port"])
+        raise KvTransferError("the prefill worker offers no data plane")
+    layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize
+    shm = _attach_if_there(handle["name"]) if handle["host"] == local_host else None
+    view = kv = _tensor(shm.buf, shape, dtype) if shm else None
+    stats, first = TransferStats(), None
+    writer = None
     try:
-        writer.write(f"{handle['request_id']}\n".encode())
+        reader, writer = await asyncio.open_connection(handle["host"], handle["port"])
+        writer.write(f"{handle['request_id']} {'shm' if shm else 'tcp'}\n".encode())
         await writer.drain()
-        (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-        if size != nbytes:
-            raise KvTransferError(f"export of {handle['request_id']} is gone or has {size} bytes, "
-                                  f"not {nbytes}")
-        layer_shape = shape[1:]
-        for layer in range(shape[0]):
-            data = await reader.readexactly(nbytes // shape[0])
-            kv = _tensor(bytearray(data), layer_shape, dtype)
+        for layer in range(shape[0] + 1):
+            kind, size = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+            payload = await reader.readexactly(size)
+            if kind == b"T":
+                trailer = msgpack.unpackb(payload)
+                if "error" not in trailer and "done" not in trailer and layer != shape[0]:
+                    raise KvTransferError(f"the export ended after {layer} of {shape[0]} layers")
+                break
+            if kind != b"L" or layer == shape[0] or (view is None and size != layer_nbytes):
+                raise KvTransferError(f"unexpected {kind!r} frame of {size} bytes at layer {layer}")
+            first = first or time.perf_counter()
+            kv = view[layer] if view is not None else _tensor(bytearray(payload), shape[1:], dtype)
             runner.write_blocks(block_ids, layer, kv[0], kv[1])
+            stats.bytes += layer_nbytes
+        writer.write(b"R")
+        await writer.drain()
     finally:
-        writer.close()
+        view = kv = None  # no view may outlive the mapping
+        if writer is not None:
+            writer.close()
+        if shm is not None:
+            shm.close()
+    stats.seconds = time.perf_counter() - first if first else 0.0
+    return stats, trailer
 
 
 def _tensor(buffer, shape: tuple, dtype: str) -> torch.Tensor:
@@ -214,9 +303,8 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return shm
 
 
-def _shm_exists(name: str) -> bool:
+def _attach_if_there(name: str) -> shared_memory.SharedMemory | None:
     try:
-        _attach(name).close()
-        return True
+        return _attach(name)
     except FileNotFoundError:
-        return False
+        return None

@@ -134,15 +134,14 @@ class KvEvent(Message):
 
 @dataclass
 class KvHandoff(Message):
-    """Prefill -> decode: where to read the request's prompt KV, plus what decode needs to go on."""
+    """Prefill -> decode, as the prefill starts: where the request's prompt KV will be, layer by layer.
+    The first tokens and sampler states follow on the data plane (shared.kv_transfer)."""
 
     kind: ClassVar[str] = "kv_handoff"
     request_id: str
     request: dict[str, Any]  # the GenerateRequest as a dict
     handle: dict[str, Any]  # data plane handle: {"transport": "shm"|"tcp", ...}
-    num_tokens: int  # prompt tokens whose KV is in the handle (all of them)
-    # the unfinished sequences: {"index", "token_id" (the first token), "rng_state" (seeded sampler)}
-    sequences: list[dict[str, Any]]
+    num_tokens: int  # prompt tokens whose KV the handle will hold (all of them)
     prefill_instance: str = ""
     lease_s: float = 30.0
 

@@ -91,7 +91,9 @@ class Worker:
         self.requests_total = self.metrics.counter("xllm_worker_requests_total", "requests by outcome",
                                                    ["outcome"])
         self.kv_bytes = self.metrics.counter("xllm_kv_transfer_bytes_total", "KV bytes handed off")
-        self.kv_seconds = self.metrics.histogram("xllm_kv_transfer_seconds", "KV hand-off copy time")
+        self.kv_seconds = self.metrics.histogram(
+            "xllm_kv_transfer_seconds",
+            "KV hand-off: decode, first layer to last; prefill, prompt done to the decode's receipt")
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event | None = None, started: asyncio.Event | None = None) -> None:

@@ -1,4 +1,9 @@
-"""The KV data plane: an export read back over shared memory and over TCP lands bit-identical."""
+"""The KV data plane: an export written layer by layer is read as it is written, over shared memory or
+TCP, and lands bit-identical; the trailer carries what the decode side needs; segments are reused only
+once received."""
+
+import asyncio
+import threading
 
 import pytest
 import torch
@@ -6,75 +11,139 @@ import torch
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
-from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, SegmentPool, _shm_exists, import_kv
+from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, SegmentPool, _attach_if_there, import_kv
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+LAYERS = TINY.num_hidden_layers
+TRAILER = {"sequences": [{"index": 0, "token_id": 7, "rng_state": None}]}
 
 
 def runner() -> ModelRunner:
-    return ModelRunner(CausalLM(TINY), num_blocks=12, block_size=4, device=torch.device("cpu"),
-                       dtype=torch.float32)
+    r = ModelRunner(CausalLM(TINY), num_blocks=12, block_size=4, device=torch.device("cpu"), dtype=torch.float32)
+    r.k_cache.normal_()
+    r.v_cache.normal_()
+    return r
 
 
-@pytest.mark.parametrize("local_host", ["here", "elsewhere"])  # same host: shm; another: TCP
-async def test_export_import_roundtrip(local_host):
+HOST = "127.0.0.1"  # the exporter's host; a reader there uses shared memory, one elsewhere TCP
+
+
+@pytest.fixture
+async def server():
+    s = KvDataServer()
+    await s.start("127.0.0.1")
+    yield s
+    await s.stop()
+
+
+def landed(dst: ModelRunner, src: ModelRunner, dst_blocks: list[int], src_blocks: list[int], layer: int) -> bool:
+    return torch.equal(dst.k_cache[layer, dst_blocks], src.k_cache[layer, src_blocks]) and torch.equal(
+        dst.v_cache[layer, dst_blocks], src.v_cache[layer, src_blocks])
+
+
+async def test_over_tcp_layers_are_read_while_later_ones_are_still_being_computed(server):
+    """The writer (an engine thread) does not write layer 1 until the reader has layer 0 in its pool."""
     src, dst = runner(), runner()
-    src.k_cache.normal_()
-    src.v_cache.normal_()
-    server = KvDataServer()
-    await server.start("127.0.0.1")
-    export = KvExport("req", src, [5, 2, 7], num_tokens=10)
+    export = KvExport("req", src, num_tokens=10)
     server.exports["req"] = export
-    try:
-        host = "here" if local_host == "here" else "127.0.0.1"
-        stats = await import_kv(export.handle(host, server.port), dst, [0, 1, 2], local_host)
-    finally:
-        export.close()
-        await server.stop()
-    assert stats.bytes == export.nbytes > 0
-    assert torch.equal(dst.k_cache[:, :3], src.k_cache[:, [5, 2, 7]])
-    assert torch.equal(dst.v_cache[:, :3], src.v_cache[:, [5, 2, 7]])
-    assert not _shm_exists(export.shm.name)  # the exporter's close unlinked it
+    loop = asyncio.get_running_loop()
+
+    def engine_thread() -> None:
+        for layer in range(LAYERS):
+            export.stream_layer(src, layer, [5, 2, 7])
+            if layer == 0:
+                for _ in range(1000):  # 5 s at most
+                    if landed(dst, src, [0, 1, 2], [5, 2, 7], 0):
+                        break
+                    threading.Event().wait(0.005)
+                else:
+                    raise AssertionError("layer 0 was not read before layer 1 was written")
+        loop.call_soon_threadsafe(export.finish, TRAILER)
+
+    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst, [0, 1, 2], "elsewhere"))
+    while not export.streaming:  # the decode worker connects when the prefill begins
+        await asyncio.sleep(0.001)
+    await asyncio.wait_for(asyncio.to_thread(engine_thread), 10)
+    stats, trailer = await asyncio.wait_for(importing, 10)
+    assert trailer == TRAILER and stats.bytes == export.nbytes > 0
+    assert all(landed(dst, src, [0, 1, 2], [5, 2, 7], layer) for layer in range(LAYERS))
+    await asyncio.wait_for(export.received.wait(), 5)
+    name = export.shm.name
+    export.close()
+    assert _attach_if_there(name) is None  # no pool: unlinked
 
 
-async def test_layout_mismatch_is_refused():
+@pytest.mark.parametrize("reader_host", [HOST, "elsewhere"])  # shared memory, TCP
+async def test_written_layers_land_bit_identical(server, reader_host):
     src, dst = runner(), runner()
-    export = KvExport("req", src, [1, 2], num_tokens=8)
-    try:
-        with pytest.raises(KvTransferError):
-            await import_kv(export.handle("here", None), dst, [0], "here")
-    finally:
-        export.close()
+    export = KvExport("req", src, num_tokens=10)
+    server.exports["req"] = export
+    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst, [0, 1, 2], reader_host))
+    await asyncio.to_thread(lambda: [export.stream_layer(src, layer, [5, 2, 7]) for layer in range(LAYERS)])
+    await asyncio.to_thread(export.write_rest, src, [5, 2, 7])  # all of it for a reader on this host
+    export.finish(TRAILER)
+    stats, trailer = await asyncio.wait_for(importing, 10)
+    assert trailer == TRAILER and stats.bytes == export.nbytes
+    assert all(landed(dst, src, [0, 1, 2], [5, 2, 7], layer) for layer in range(LAYERS))
+    export.close()
 
 
-async def test_gone_export_over_tcp_is_an_error():
+async def test_an_early_trailer_ends_the_stream(server):
+    """The request finished on its first token (or failed) before every layer was written."""
     src, dst = runner(), runner()
-    server = KvDataServer()
-    await server.start("127.0.0.1")
-    export = KvExport("req", src, [1], num_tokens=4)
-    handle = export.handle("127.0.0.1", server.port)
+    export = KvExport("req", src, num_tokens=4)
+    server.exports["req"] = export
+    export.finish({"done": True})
+    stats, trailer = await import_kv(export.handle(HOST, server.port), dst, [0], "elsewhere")
+    assert trailer == {"done": True} and stats.bytes == 0
+    export.close()
+
+
+async def test_sequences_after_missing_layers_are_an_error(server):
+    src, dst = runner(), runner()
+    export = KvExport("req", src, num_tokens=4)
+    server.exports["req"] = export
+    export._write(src, 0, [1])  # one layer of three... and then the trailer says the request goes on
+    export.finish(TRAILER)
+    with pytest.raises(KvTransferError):
+        await import_kv(export.handle(HOST, server.port), dst, [0], "elsewhere")
+    export.close()
+
+
+async def test_layout_mismatch_and_a_gone_export(server):
+    src, dst = runner(), runner()
+    export = KvExport("req", src, num_tokens=8)
+    with pytest.raises(KvTransferError):
+        await import_kv(export.handle(HOST, server.port), dst, [0], HOST)  # 2 blocks into 1
+    handle = export.handle(HOST, server.port)
     export.close()  # lease lapsed: the export is gone
-    try:
-        with pytest.raises(KvTransferError):
-            await import_kv(handle, dst, [0], "elsewhere")
-    finally:
-        await server.stop()
+    _, trailer = await import_kv(handle, dst, [0, 1], "elsewhere")
+    assert "error" in trailer
 
 
-async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked():
+async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked(server):
     src, dst = runner(), runner()
     segments = SegmentPool()
-    src.k_cache.normal_()
-    first = KvExport("a", src, [1, 2], num_tokens=8, segments=segments)
-    await import_kv(first.handle("here", None), dst, [0, 1], "here")
-    first.close(received=True)  # the decode worker acked: the segment stays mapped, for the next one
-    assert _shm_exists(first.shm.name)
+
+    async def export_of(rid: str, blocks: list[int]) -> KvExport:
+        export = KvExport(rid, src, num_tokens=4 * len(blocks), segments=segments)
+        server.exports[rid] = export
+        export.write_rest(src, blocks)
+        export.finish(TRAILER)
+        return export
+
+    first = await export_of("a", [1, 2])
+    await import_kv(first.handle(HOST, server.port), dst, [0, 1], HOST)
+    await asyncio.wait_for(first.received.wait(), 5)
+    first.close()  # received: the segment stays mapped, for the next export
+    assert _attach_if_there(first.shm.name) is not None
     src.k_cache.normal_()  # new contents: the reused segment must carry these, not the old ones
-    second = KvExport("b", src, [3], num_tokens=4, segments=segments)
+    second = await export_of("b", [3])
     assert second.shm.name == first.shm.name
-    await import_kv(second.handle("here", None), dst, [4], "here")
-    assert torch.equal(dst.k_cache[:, 4], src.k_cache[:, 3])
-    second.close(received=False)  # no ack (lease lapsed): a late reader must find nothing
-    assert not _shm_exists(second.shm.name)
+    await import_kv(second.handle(HOST, server.port), dst, [4], HOST)
+    assert landed(dst, src, [4], [3], 0)
+    third = await export_of("c", [3])  # nobody reads it: the lease lapses
+    third.close()
+    assert _attach_if_there(third.shm.name) is None
     segments.close()

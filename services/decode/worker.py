@@ -17,7 +17,7 @@ from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import Continuation
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import KvTransferError, TransferStats, import_kv
+from shared.kv_transfer import KvTransferError, import_kv
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
 from shared.worker import Worker, WorkerConfig, run_worker
@@ -52,57 +52,59 @@ class DecodeWorker(Worker):
             handoff = KvHandoff.decode(msg.data)
             req = GenerateRequest(**handoff.request)
             params = SamplingParams.from_dict(req.params)
-            continuations = [Continuation(**c) for c in handoff.sequences]
         except (SchemaError, TypeError, InvalidRequestError) as e:
             return await respond(msg, Ack("", self.instance_id, False, _refusal(str(e), 400)))
         with bind_request(req.request_id):
-            self.spawn(self._import(msg, handoff, req, params, continuations), req.request_id)
+            self.spawn(self._import(msg, handoff, req, params), req.request_id)
 
-    async def _import(self, msg: Msg, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams,
-                      continuations: list[Continuation]) -> None:
+    async def _import(self, msg: Msg, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> None:
         rid = req.request_id
         self.importing.add(rid)  # from the reservation on: an abort must not free blocks being written
         try:
-            stats = await self._reserve_and_copy(handoff, req, params, continuations)
-        except _Refused as refused:
-            return await respond(msg, Ack(rid, self.instance_id, False, refused.error))
+            try:
+                blocks = await self._reserve(handoff, req, params)
+            except _Refused as refused:
+                return await respond(msg, Ack(rid, self.instance_id, False, refused.error))
+            await respond(msg, Ack(rid, self.instance_id))  # blocks reserved: now read the KV as it comes
+            try:
+                stats, trailer = await import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host)
+            except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
+                await self.engine.call(lambda e_: e_.abort_request(rid))
+                log.warning("kv_import_failed", error=str(e))
+                return await self.publish_error(req, f"KV import failed: {e}", 503, "server_error")
         finally:
             self.importing.discard(rid)
-        if stats is None or rid in self.aborted:  # the client left: nothing to go on with
+        sequences = trailer.get("sequences")
+        if not sequences or rid in self.aborted:  # finished or failed on the prefill side, or the client left
             await self.engine.call(lambda e: e.abort_request(rid))
-            return await respond(msg, Ack(rid, self.instance_id))
+            return
         self.kv_bytes.labels().inc(stats.bytes)
         self.kv_seconds.labels().observe(stats.seconds)
         stream = self.engine.register_stream(rid)
-        await self.engine.call(lambda e: e.commit_import(rid))
-        await respond(msg, Ack(rid, self.instance_id))
+        try:
+            continuations = [Continuation(**c) for c in sequences]
+            await self.engine.call(lambda e: e.commit_import(rid, continuations))
+        except (TypeError, InvalidRequestError) as e:
+            self.engine.abort(rid)
+            return await self.publish_error(req, f"bad hand-off: {e}", 500, "server_error")
         await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker
 
-    async def _reserve_and_copy(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams,
-                                continuations: list[Continuation]) -> TransferStats | None:
-        """Reserve blocks (waiting for room rather than wasting the prefill) and copy the KV in; None
-        when the request was aborted first."""
-        rid = req.request_id
+    async def _reserve(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> list[int]:
+        """Blocks for the prompt's KV, waiting for room rather than wasting the prefill."""
         deadline = time.monotonic() + handoff.lease_s * 0.8
         while True:
-            if rid in self.aborted:
-                return None
+            if req.request_id in self.aborted:
+                raise _Refused({"message": "the request was aborted", "type": "server_error", "code": 499})
             try:
                 blocks = await self.engine.call(lambda e: e.reserve_import(
-                    rid, req.prompt_token_ids, params, continuations, req.priority))
+                    req.request_id, req.prompt_token_ids, params, req.priority))
             except InvalidRequestError as e:
                 raise _Refused(_refusal(e.message, 400)) from None
             if blocks is not None:
-                break
+                return blocks
             if time.monotonic() > deadline:
                 raise _Refused(_refusal("no KV room on the decode worker", 503))
             await asyncio.sleep(0.05)
-        try:
-            return await import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host)
-        except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
-            await self.engine.call(lambda e_: e_.abort_request(rid))
-            log.warning("kv_import_failed", error=str(e))
-            raise _Refused(_refusal(f"KV import failed: {e}", 503)) from None
 
 
 class _Refused(Exception):

@@ -1,12 +1,16 @@
 """Prefill role: compute a prompt's KV and first token, hand the rest to the decode worker the router
 chose.
 
-The first token streams to the gateway at once, as on any worker. The KV goes through the data plane
-(shared memory on one host, TCP across hosts); NATS carries only the handle. The blocks and the
-export stay held until the decode worker acks the copy, or the lease lapses: never a leak. A request
-with no decode instance (the router's fallback) runs here whole, as on a colocated worker.
+The decode worker gets the hand-off (NATS carries only the handle) when the prefill starts: it reserves
+its blocks and connects to the data plane (shared memory on one host; TCP across hosts, where each
+layer's KV streams as the prompt's last step computes it). The first token streams to the gateway at
+once, as on any worker; then the decode worker learns each sequence's first token and sampler state
+and goes on. The blocks are freed once the KV is copied out; the export lives until the decode worker
+confirms receipt, or the lease lapses: never a leak. A request with no decode instance (the
+router's fallback) runs here whole, as on a colocated worker.
 """
 
+import asyncio
 import time
 from dataclasses import asdict
 
@@ -14,6 +18,7 @@ import structlog
 
 from shared import subjects
 from shared.bus import BusError, request
+from shared.engine.llm_engine import Continuation, RequestOutput
 from shared.engine.sampling_params import SamplingParams
 from shared.kv_transfer import KvDataServer, KvExport, SegmentPool
 from shared.messages import Ack, GenerateRequest, KvHandoff
@@ -21,7 +26,7 @@ from shared.worker import Worker
 
 log = structlog.get_logger()
 
-LEASE_S = 30.0  # how long an export waits for the decode worker's ack
+LEASE_S = 30.0  # how long an export waits for the decode worker: to answer, then to take the KV
 
 
 class PrefillWorker(Worker):
@@ -42,53 +47,84 @@ class PrefillWorker(Worker):
     async def run_request(self, req: GenerateRequest, params: SamplingParams) -> None:
         if not req.decode_instance:
             return await super().run_request(req, params)
-        rid = req.request_id
-        stream = self.engine.register_stream(rid)
-        await self.engine.call(lambda e: e.add_prefill_request(rid, req.prompt_token_ids, params,
-                                                               req.priority))
-        # The first tokens go straight to the gateway: time to first token does not wait for the KV.
-        last = await self.stream_outputs(req, stream)
-        if last is None or not last.held:
-            return  # aborted, failed, or finished on its first token
-        start = time.perf_counter()
-        try:
-            export, continuations = await self.engine.call(lambda e: _export_and_release(e, rid, self.segments))
-        except KeyError:
-            return  # aborted meanwhile
+        rid, runner = req.request_id, self.engine.engine.runner
+        export = KvExport(rid, runner, len(req.prompt_token_ids), self.segments)
         self.data_server.exports[rid] = export
-        handoff = KvHandoff(rid, asdict(req), export.handle(self.host, self.data_server.port),
-                            export.num_tokens, [asdict(c) for c in continuations], self.instance_id,
-                            LEASE_S)
-        ack = None
         try:
-            ack = await request(self.nc, subjects.worker_kv(req.decode_instance), handoff, Ack,
-                                timeout=LEASE_S)
-        except BusError as e:
-            ack = Ack(rid, req.decode_instance, False,
-                      {"message": f"decode worker {req.decode_instance} unreachable: {e}",
-                       "type": "server_error", "code": 503})
+            stream = self.engine.register_stream(rid)
+            await self.engine.call(lambda e: e.add_prefill_request(
+                rid, req.prompt_token_ids, params, req.priority,
+                kv_sink=lambda layer, blocks: export.stream_layer(runner, layer, blocks)))
+            # The decode worker reserves its blocks and starts reading layers while this one computes.
+            decode_ack = asyncio.create_task(self._hand_off(req, export))
+            last = await self.stream_outputs(req, stream)  # the first tokens, straight to the gateway
+            export.finish(await self._trailer(rid, last, export))
+            finished_at = time.perf_counter()
+            ack = await decode_ack
+            if ack.ok and not await _wait(export.received, LEASE_S):
+                ack = _failed(req, f"decode worker {req.decode_instance} did not take the KV in {LEASE_S:g} s")
         finally:
             self.data_server.exports.pop(rid, None)
-            export.close(received=ack is not None and ack.ok)
-        self.kv_bytes.labels().inc(export.nbytes)
-        self.kv_seconds.labels().observe(time.perf_counter() - start)
-        if not ack.ok:
-            log.warning("handoff_failed", decode=req.decode_instance, error=ack.error)
+            export.close()
+        handed_off = last is not None and last.held  # else nothing was left to hand off, or to report
+        if ack.ok:
+            self.kv_bytes.labels().inc(export.nbytes)
+            self.kv_seconds.labels().observe(time.perf_counter() - finished_at)
+            if handed_off:
+                self.requests_total.labels("handed_off").inc()
+            return
+        log.warning("handoff_failed", decode=req.decode_instance, error=ack.error)
+        if handed_off:
             error = ack.error or {}
             await self.publish_error(req, error.get("message", "KV hand-off failed"),
                                      error.get("code", 503), error.get("type", "server_error"))
-        else:
-            self.requests_total.labels("handed_off").inc()
+
+    async def _hand_off(self, req: GenerateRequest, export: KvExport) -> Ack:
+        """Tell the decode worker where the KV will be; its answer: blocks reserved (it reads), or why not."""
+        handoff = KvHandoff(req.request_id, asdict(req), export.handle(self.host, self.data_server.port),
+                            export.num_tokens, self.instance_id, LEASE_S)
+        try:
+            ack = await request(self.nc, subjects.worker_kv(req.decode_instance), handoff, Ack, timeout=LEASE_S)
+        except BusError as e:
+            ack = _failed(req, f"decode worker {req.decode_instance} unreachable: {e}")
+        if not ack.ok:
+            export.finish({"error": "refused"})  # nobody reads: end the export now
+        return ack
+
+    async def _trailer(self, request_id: str, last: RequestOutput | None, export: KvExport) -> dict:
+        """What the decode worker learns once the prompt is done (see shared.kv_transfer)."""
+        if last is None:
+            return {"error": "the request was aborted or failed on the prefill worker"}
+        if not last.held:
+            return {"done": True}  # it finished on its first token
+        try:
+            continuations = await self.engine.call(lambda e: _export_and_release(e, request_id, export))
+        except KeyError:
+            return {"error": "the request was aborted on the prefill worker"}
+        return {"sequences": [asdict(c) for c in continuations]}
 
 
-def _export_and_release(engine, request_id: str, segments: SegmentPool) -> tuple[KvExport, list]:
-    """Copy the held KV out (the export holds it now) and free the blocks, even when the copy fails.
-    KeyError when the request is no longer held (aborted)."""
+def _export_and_release(engine, request_id: str, export: KvExport) -> list[Continuation]:
+    """Copy out what the last step did not stream, then free the blocks (they stay in the prefix
+    cache), even when the copy fails. KeyError when the request is no longer held (aborted)."""
     try:
-        continuations = engine.continuations(request_id)
-        return KvExport(request_id, engine.runner, *engine.held_blocks(request_id), segments), continuations
+        export.write_rest(engine.runner, engine.held_blocks(request_id)[0])
+        return engine.continuations(request_id)
     finally:
         engine.release_held(request_id)
+
+
+def _failed(req: GenerateRequest, message: str) -> Ack:
+    return Ack(req.request_id, req.decode_instance, False, {"message": message, "type": "server_error",
+                                                            "code": 503})
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

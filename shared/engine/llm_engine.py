@@ -5,6 +5,7 @@ tokens, text and logprobs. `LLM` on top gives the in-process `generate(prompts, 
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,8 +85,7 @@ class LLMEngine:
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, _Request] = {}  # prefill role: prefilled requests awaiting hand-off
-        # decode role: blocks reserved, KV being written
-        self.importing: dict[str, tuple[Sequence, list[Continuation]]] = {}
+        self.importing: dict[str, Sequence] = {}  # decode role: blocks reserved, KV being written
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -126,7 +126,7 @@ class LLMEngine:
             self.release_held(request_id)
             return True
         if request_id in self.importing:
-            self.block_manager.free(self.importing.pop(request_id)[0])
+            self.block_manager.free(self.importing.pop(request_id))
             return True
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -141,13 +141,17 @@ class LLMEngine:
 
     # ---- prefill -> decode hand-off -------------------------------------------------------------
     def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                            priority: int = 0) -> None:
+                            priority: int = 0,
+                            kv_sink: Callable[[int, list[int]], None] | None = None) -> None:
         """Prefill role: compute the prompt's KV and sample each sequence's first token, as any
         request does; then the request stops here (its output has `held` set) and its blocks wait
         for `held_blocks` / `continuations` until `release_held`. A request whose every sequence
-        finished on its first token is not held: it is simply finished."""
+        finished on its first token is not held: it is simply finished. `kv_sink(layer, block_ids)`
+        is called after each layer of the prompt's last step, so the KV can leave while later
+        layers compute."""
         self.add_request(request_id, prompt_token_ids, params, priority)
-        self.requests[request_id].seqs[0].prefill_only = True
+        seq = self.requests[request_id].seqs[0]
+        seq.prefill_only, seq.kv_sink = True, kv_sink
 
     def _hold(self, request: _Request) -> None:
         """A prefill-only request has sampled: keep its prompt blocks for the hand-off."""
@@ -179,32 +183,33 @@ class LLMEngine:
             self.block_manager.free(request.seqs[0])
 
     def reserve_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       continuations: list[Continuation], priority: int = 0) -> list[int] | None:
+                       priority: int = 0) -> list[int] | None:
         """Decode role: blocks for the prompt's KV, to be written by the caller
         (ModelRunner.write_blocks) before `commit_import`. None when there is no room."""
         if request_id in self.requests or request_id in self.importing:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
-        indices = [c.index for c in continuations]
-        if not continuations or len(set(indices)) != len(indices) or not set(indices) <= set(range(params.n)):
-            raise InvalidRequestError(f"sequences {indices} do not fit n={params.n}")
-        if not all(0 <= c.token_id < self.model_config.vocab_size for c in continuations):
-            raise InvalidRequestError("a first token is outside the vocabulary")
-        seq = self._new_seq(request_id, prompt_token_ids, params, continuations[0].index, priority,
-                            time.monotonic())
+        seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
         if not self.block_manager.allocate(seq, seq.num_tokens):
             self.block_manager.free(seq)
             return None
         seq.num_computed_tokens = seq.num_tokens
         seq.imported = True
-        self.importing[request_id] = (seq, continuations)
+        self.importing[request_id] = seq
         return list(seq.block_table)
 
-    def commit_import(self, request_id: str) -> None:
+    def commit_import(self, request_id: str, continuations: list[Continuation]) -> None:
         """The prompt's KV is in place: each sequence goes on from its first token (siblings share
-        the carrier's prompt blocks, copying only the partial last one)."""
-        carrier, continuations = self.importing.pop(request_id)
+        the carrier's prompt blocks, copying only the partial last one). Continuations that do not
+        fit the request are refused (InvalidRequestError) and its blocks freed."""
+        carrier = self.importing.pop(request_id)
         prompt, n = list(carrier.token_ids), carrier.params.n
+        indices = [c.index for c in continuations]
+        if (not continuations or len(set(indices)) != len(indices) or not set(indices) <= set(range(n))
+                or not all(0 <= c.token_id < self.model_config.vocab_size for c in continuations)):
+            self.block_manager.free(carrier)
+            raise InvalidRequestError(f"sequences {continuations} do not fit the request (n={n})")
+        carrier.index = continuations[0].index
         request = _Request(request_id, [], n, set(range(n)) - {c.index for c in continuations})
         for cont in continuations:
             seq = carrier
@@ -240,7 +245,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, sampling = self.runner.run(batch)
+        sinks = [s.seq for s in batch if s.seq.kv_sink is not None and s.samples]  # prompts ending now
+        after_layer = (lambda i: [seq.kv_sink(i, seq.block_table) for seq in sinks]) if sinks else None
+        logits, sampling = self.runner.run(batch, after_layer)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(s.seq)

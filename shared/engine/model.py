@@ -6,6 +6,8 @@ q/k/v and gate/up projections are packed into one matmul each (fewer, larger mat
 most of all at batch 1); PACKED maps checkpoint names onto those packed weights.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -121,12 +123,14 @@ class Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, meta)
+            if after_layer is not None:  # layer i's KV is in the cache: e.g. stream it out meanwhile
+                after_layer(i)
         return self.norm(x, residual)
 
 
@@ -143,10 +147,10 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, after_layer)
 
     @classmethod
     def build(cls, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,

@@ -4,6 +4,8 @@ The pool is one preallocated tensor per K and V: [layers, blocks, block_size, kv
 A token at position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from shared.engine import cpu_kernels
@@ -35,8 +37,10 @@ class ModelRunner:
         return elems * torch.empty(0, dtype=dtype).element_size()
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Forward one step; returns logits of the sequences that sample, and those sequences."""
+    def run(self, batch: list[ScheduledSeq],
+            after_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+        """Forward one step; returns logits of the sequences that sample, and those sequences.
+        `after_layer(i)` runs once layer i's KV is in the cache."""
         decodes = [s for s in batch if s.num_new_tokens == 1]
         chunks = [s for s in batch if s.num_new_tokens > 1]
         input_ids: list[int] = []
@@ -53,7 +57,7 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(seq)
-        if not input_ids:  # e.g. a prefill-only sequence whose prompt the prefix cache already covered
+        if not input_ids:
             return torch.empty(0), []
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(decodes))
         if decodes:
@@ -66,7 +70,7 @@ class ModelRunner:
                 meta.decode_mask = None if mask.all() else mask.view(len(decodes), 1, 1, -1).to(self.device)
         if chunks:
             self._chunk_metadata(chunks, len(decodes), meta)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, after_layer)
         if not logits_rows:
             return torch.empty(0), []
         return self.model.compute_logits(hidden[self._tensor(logits_rows)]), sampling
@@ -112,8 +116,11 @@ class ModelRunner:
         idx = self._tensor(block_ids)
         if out is None:
             return self.k_cache[layer, idx], self.v_cache[layer, idx]
-        torch.index_select(self.k_cache[layer], 0, idx, out=out[0])
-        torch.index_select(self.v_cache[layer], 0, idx, out=out[1])
+        for cache, dst in zip((self.k_cache, self.v_cache), out):
+            if dst.device == cache.device:
+                torch.index_select(cache[layer], 0, idx, out=dst)  # one copy, no temporary
+            else:
+                dst.copy_(cache[layer, idx])
         return out
 
     def write_blocks(self, block_ids: list[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """A sequence's state: its tokens, its block table, how far its KV has been computed, its outputs."""
 
+from collections.abc import Callable
 from enum import Enum, auto
 from itertools import count
 
@@ -38,6 +39,8 @@ class Sequence:
         self.generator: torch.Generator | None = None  # set by the engine for seeded requests
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
         self.prefill_only = False  # prefill role: stop after the first token, hold the KV for hand-off
+        # prefill role: kv_sink(layer, block_ids) copies out a layer's KV during the prompt's last step
+        self.kv_sink: Callable[[int, list[int]], None] | None = None
         self.imported = False  # decode role: its prompt KV came from a prefill worker
 
     def __len__(self) -> int:

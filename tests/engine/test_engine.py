@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from shared.engine.loader import load_checkpoint
 from shared.engine.sampling_params import SamplingParams
@@ -128,11 +129,12 @@ def hand_off(src, dst, rid: str, prompt: list[int], params: SamplingParams) -> d
     assert outs[0].held
     blocks, n = src.held_blocks(rid)
     assert n == len(prompt)
-    target = dst.reserve_import(rid, prompt, params, src.continuations(rid))
+    target = dst.reserve_import(rid, prompt, params)
     for layer in range(src.model_config.num_hidden_layers):
         dst.runner.write_blocks(target, layer, *src.runner.read_blocks(blocks, layer))
+    continuations = src.continuations(rid)
     src.release_held(rid)
-    dst.commit_import(rid)
+    dst.commit_import(rid, continuations)
     while dst.has_unfinished_requests():
         collect(dst.step())
     return results
@@ -177,3 +179,28 @@ def test_prefill_on_a_cached_prefix_computes_only_the_rest(ckpt):
     assert not engine.has_unfinished_requests()
     engine.abort_request("p")  # an abort frees a held request too
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_kv_sink_gets_every_layer_during_the_prompt_s_last_step_only(ckpt):
+    """A prompt chunked over 2 steps after a prefix-cache hit: the sink sees each layer once, in order,
+    in the last step, with the blocks of the whole prompt (the cached one too) holding that layer's KV."""
+    engine = make_engine(ckpt, max_num_batched_tokens=16)
+    prompt = prompts(1, lengths=(40,))[0]
+    run_all(engine, {"warm": (prompt[:20], greedy(1))})  # the first block comes from the prefix cache
+    calls, copies = [], {}
+
+    def sink(layer: int, block_ids: list[int]) -> None:
+        calls.append((steps, layer))
+        copies[layer] = engine.runner.read_blocks(list(block_ids), layer)
+
+    engine.add_prefill_request("p", prompt, greedy(4), kv_sink=sink)
+    steps = 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        engine.step()
+    layers = ckpt.config.num_hidden_layers
+    assert calls == [(steps, i) for i in range(layers)] and steps == 2  # 16 cached + 16 + 8 tokens
+    blocks, _ = engine.held_blocks("p")
+    for layer in range(layers):
+        k, v = engine.runner.read_blocks(blocks, layer)
+        assert torch.equal(copies[layer][0], k) and torch.equal(copies[layer][1], v)
