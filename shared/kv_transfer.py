@@ -110,6 +110,7 @@ class KvExport:
         self._streaming_step = False  # ... and it was from the step's first layer on
         self.trailer: dict[str, Any] | None = None
         self.received = asyncio.Event()  # the reader has it all
+        self.reader_gone = asyncio.Event()  # the reader hung up, with it all or not
         self._changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -209,6 +210,7 @@ class KvDataServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        export = None
         try:
             request_id, _, mode = (await reader.readline()).decode().strip().partition(" ")
             export = self.exports.get(request_id)
@@ -225,9 +227,11 @@ class KvDataServer:
             if await reader.read(1) == b"R":
                 export.received.set()
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the reader is gone: the export is not received, its lease runs out
+            pass  # the reader is gone: the export is not received
         finally:
             writer.close()
+            if export is not None:
+                export.reader_gone.set()
 
 
 async def _send(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> None:

@@ -26,6 +26,7 @@ log = structlog.get_logger()
 
 
 ABORTS_KEPT = 10_000  # aborted request ids remembered: a hand-off may arrive after its abort
+ABORTED = {"message": "the request was aborted", "type": "server_error", "code": 499}
 
 
 class DecodeWorker(Worker):
@@ -34,14 +35,18 @@ class DecodeWorker(Worker):
     def __init__(self, config: WorkerConfig):
         super().__init__(config)
         self.aborted: OrderedDict[str, None] = OrderedDict()
-        self.importing: set[str] = set()  # KV being copied in: abort only once the copy is done
+        self.copies: dict[str, asyncio.Task] = {}  # KV imports in progress, by request id
 
     def abort(self, request_id: str) -> None:
-        # The client may leave after the prefill worker's first token, before its hand-off gets here.
+        # Remembered: the hand-off and the abort travel different ways, either may come first.
         self.aborted[request_id] = None
         if len(self.aborted) > ABORTS_KEPT:
             self.aborted.popitem(last=False)
-        if request_id not in self.importing:
+        if request_id in self.copies:
+            # Stop the copy first (it writes blocks only between awaits, so never half a layer);
+            # its request frees the blocks after.
+            self.copies[request_id].cancel()
+        else:
             super().abort(request_id)
 
     async def subscribe_role(self) -> list:
@@ -59,28 +64,37 @@ class DecodeWorker(Worker):
 
     async def _import(self, msg: Msg, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> None:
         rid = req.request_id
-        self.importing.add(rid)  # from the reservation on: an abort must not free blocks being written
         try:
-            try:
-                blocks = await self._reserve(handoff, req, params)
-            except _Refused as refused:
-                return await respond(msg, Ack(rid, self.instance_id, False, refused.error))
-            await respond(msg, Ack(rid, self.instance_id))  # blocks reserved: now read the KV as it comes
-            try:
-                stats, trailer = await import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host)
-            except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
-                await self.engine.call(lambda e_: e_.abort_request(rid))
-                log.warning("kv_import_failed", error=str(e))
-                return await self.publish_error(req, f"KV import failed: {e}", 503, "server_error")
-        finally:
-            self.importing.discard(rid)
-        sequences = trailer.get("sequences")
-        if not sequences or rid in self.aborted:  # finished or failed on the prefill side, or the client left
+            blocks = await self._reserve(handoff, req, params)
+        except _Refused as refused:
+            return await respond(msg, Ack(rid, self.instance_id, False, refused.error))
+        if rid in self.aborted:  # aborted while the blocks were being reserved
             await self.engine.call(lambda e: e.abort_request(rid))
-            return
+            return await respond(msg, Ack(rid, self.instance_id, False, ABORTED))
+        copy = self.copies[rid] = asyncio.create_task(
+            import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host))
+        try:
+            await respond(msg, Ack(rid, self.instance_id))  # blocks reserved: the KV comes as it is computed
+            await asyncio.wait({copy})
+        finally:
+            self.copies.pop(rid, None)
+            copy.cancel()  # when this task itself is cancelled (shutdown)
+        try:
+            stats, trailer = copy.result()
+        except asyncio.CancelledError:  # aborted
+            return await self.engine.call(lambda e: e.abort_request(rid))
+        except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
+            await self.engine.call(lambda e_: e_.abort_request(rid))
+            log.warning("kv_import_failed", error=str(e))
+            return await self.publish_error(req, f"KV import failed: {e}", 503, "server_error")
+        sequences = trailer.get("sequences")
+        # Nothing to go on with: it finished on its first token, or failed, on the prefill worker; or
+        # the client left just as the copy ended (too late to cancel it).
+        if not sequences or rid in self.aborted:
+            return await self.engine.call(lambda e: e.abort_request(rid))
         self.kv_bytes.labels().inc(stats.bytes)
         self.kv_seconds.labels().observe(stats.seconds)
-        stream = self.engine.register_stream(rid)
+        stream = self.engine.register_stream(rid)  # from here an abort reaches the engine, after the commit
         try:
             continuations = [Continuation(**c) for c in sequences]
             await self.engine.call(lambda e: e.commit_import(rid, continuations))
@@ -94,7 +108,7 @@ class DecodeWorker(Worker):
         deadline = time.monotonic() + handoff.lease_s * 0.8
         while True:
             if req.request_id in self.aborted:
-                raise _Refused({"message": "the request was aborted", "type": "server_error", "code": 499})
+                raise _Refused(ABORTED)
             try:
                 blocks = await self.engine.call(lambda e: e.reserve_import(
                     req.request_id, req.prompt_token_ids, params, req.priority))

@@ -61,8 +61,8 @@ class PrefillWorker(Worker):
             export.finish(await self._trailer(rid, last, export))
             finished_at = time.perf_counter()
             ack = await decode_ack
-            if ack.ok and not await _wait(export.received, LEASE_S):
-                ack = _failed(req, f"decode worker {req.decode_instance} did not take the KV in {LEASE_S:g} s")
+            if ack.ok and not (await _wait(export.reader_gone, LEASE_S) and export.received.is_set()):
+                ack = _failed(req, f"decode worker {req.decode_instance} did not take the KV")
         finally:
             self.data_server.exports.pop(rid, None)
             export.close()

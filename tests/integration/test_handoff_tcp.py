@@ -14,7 +14,7 @@ from shared import bus, subjects
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.sampling_params import SamplingParams
-from shared.messages import Ack, GenerateRequest, StreamChunk
+from shared.messages import AbortRequest, Ack, GenerateRequest, StreamChunk
 from shared.worker import WorkerConfig
 
 pytestmark = pytest.mark.integration
@@ -58,6 +58,22 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
         assert tokens == want.outputs[0].token_ids
         assert decode.kv_bytes.labels().value > 0
         assert set(range(1, 31)) <= set(announced)  # SmolLM2's 30 layers, streamed one at a time
+
+        # An abort while the decode worker waits for a long prompt's KV: the copy stops, blocks are freed.
+        free = decode.engine.engine.block_manager.num_free_blocks
+        long = GenerateRequest(f"long-{tag}", prompt * 20, params.to_dict(), inbox, decode_instance=decode.instance_id)
+        assert (await bus.request(nc, subjects.worker_generate(prefill.instance_id), long, Ack, timeout=10)).ok
+        for _ in range(200):  # the decode worker has reserved and is reading
+            if long.request_id in decode.copies:
+                break
+            await asyncio.sleep(0.01)
+        assert decode.engine.engine.block_manager.num_free_blocks < free
+        await nc.publish(subjects.ABORT, AbortRequest(long.request_id).encode())
+        for _ in range(500):
+            if decode.engine.engine.block_manager.num_free_blocks == free and not decode.copies:
+                break
+            await asyncio.sleep(0.01)
+        assert decode.engine.engine.block_manager.num_free_blocks == free and not decode.copies
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
