@@ -21,23 +21,20 @@ instead, it is unlinked, so a late reader can never see another request's KV.
 """
 
 import asyncio
-import contextlib
 import math
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import msgpack
 import torch
 
 from shared.engine.model_runner import ModelRunner
+from shared.shm import DTYPES, SegmentPool, attach_if_there, destroy, tensor_view
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FRAME = struct.Struct("!cQ")  # kind, payload length
-_CREATED: set[str] = set()  # segments this process created (and so owns)
 
 
 class KvTransferError(RuntimeError):
@@ -48,42 +45,6 @@ class KvTransferError(RuntimeError):
 class TransferStats:
     bytes: int = 0
     seconds: float = 0.0
-
-
-class SegmentPool:
-    """Shared-memory segments kept mapped for reuse, in power-of-two sizes, at most `max_idle_bytes` idle.
-    Taken on the engine thread, given back on the event loop: hence the lock."""
-
-    def __init__(self, max_idle_bytes: int = 256 << 20):
-        self.max_idle_bytes = max_idle_bytes
-        self.idle: dict[int, list[shared_memory.SharedMemory]] = {}
-        self.idle_bytes = 0
-        self.lock = threading.Lock()
-
-    def take(self, nbytes: int) -> shared_memory.SharedMemory:
-        size = max(1 << 16, 1 << (nbytes - 1).bit_length())
-        with self.lock:
-            if self.idle.get(size):
-                self.idle_bytes -= size
-                return self.idle[size].pop()
-        shm = shared_memory.SharedMemory(create=True, size=size)
-        _CREATED.add(shm.name)
-        return shm
-
-    def give_back(self, shm: shared_memory.SharedMemory) -> None:
-        with self.lock:
-            if self.idle_bytes + shm.size <= self.max_idle_bytes:
-                self.idle.setdefault(shm.size, []).append(shm)
-                self.idle_bytes += shm.size
-                return
-        _destroy(shm)
-
-    def close(self) -> None:
-        with self.lock:
-            idle, self.idle, self.idle_bytes = self.idle, {}, 0
-        for segments in idle.values():
-            for shm in segments:
-                _destroy(shm)
 
 
 class KvExport:
@@ -102,7 +63,7 @@ class KvExport:
         self.nbytes = math.prod(self.shape) * cache.element_size()
         self.segments = segments or SegmentPool(max_idle_bytes=0)
         self.shm = self.segments.take(max(1, self.nbytes))
-        self._view: torch.Tensor | None = _tensor(self.shm.buf, self.shape, self.dtype)
+        self._view: torch.Tensor | None = tensor_view(self.shm.buf, self.shape, self.dtype)
         self._lock = threading.Lock()  # a write in progress on the engine thread vs close()
         self.layers_ready = 0  # what readers have been told
         self.layers_written = 0  # a prefix of the layers, on the engine thread
@@ -189,7 +150,7 @@ class KvExport:
         if self.received.is_set():
             self.segments.give_back(self.shm)
         else:
-            _destroy(self.shm)
+            destroy(self.shm)
 
 
 class KvDataServer:
@@ -252,8 +213,8 @@ async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
     if not handle.get("port"):
         raise KvTransferError("the prefill worker offers no data plane")
     layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize
-    shm = _attach_if_there(handle["name"]) if handle["host"] == local_host else None
-    view = kv = _tensor(shm.buf, shape, dtype) if shm else None
+    shm = attach_if_there(handle["name"]) if handle["host"] == local_host else None
+    view = kv = tensor_view(shm.buf, shape, dtype) if shm else None
     stats, first = TransferStats(), None
     writer = None
     try:
@@ -271,7 +232,7 @@ async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
             if kind != b"L" or layer == shape[0] or (view is None and size != layer_nbytes):
                 raise KvTransferError(f"unexpected {kind!r} frame of {size} bytes at layer {layer}")
             first = first or time.perf_counter()
-            kv = view[layer] if view is not None else _tensor(bytearray(payload), shape[1:], dtype)
+            kv = view[layer] if view is not None else tensor_view(bytearray(payload), shape[1:], dtype)
             runner.write_blocks(block_ids, layer, kv[0], kv[1])
             stats.bytes += layer_nbytes
         writer.write(b"R")
@@ -284,31 +245,3 @@ async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
             shm.close()
     stats.seconds = time.perf_counter() - first if first else 0.0
     return stats, trailer
-
-
-def _tensor(buffer, shape: tuple, dtype: str) -> torch.Tensor:
-    """The first prod(shape) elements of `buffer` (a pooled segment may be larger)."""
-    return torch.frombuffer(buffer, dtype=DTYPES[dtype], count=math.prod(shape)).view(shape)
-
-
-def _destroy(shm: shared_memory.SharedMemory) -> None:
-    _CREATED.discard(shm.name)
-    shm.close()
-    with contextlib.suppress(FileNotFoundError):
-        shm.unlink()
-
-
-def _attach(name: str) -> shared_memory.SharedMemory:
-    shm = shared_memory.SharedMemory(name=name)
-    # Python < 3.13 registers attached segments too, and its tracker would unlink the exporter's
-    # segment when this process exits: only the creator owns it.
-    if shm.name not in _CREATED:
-        resource_tracker.unregister(shm._name, "shared_memory")
-    return shm
-
-
-def _attach_if_there(name: str) -> shared_memory.SharedMemory | None:
-    try:
-        return _attach(name)
-    except FileNotFoundError:
-        return None

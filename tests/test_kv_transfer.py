@@ -11,7 +11,8 @@ import torch
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
-from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, SegmentPool, _attach_if_there, import_kv
+from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, import_kv
+from shared.shm import SegmentPool, attach_if_there
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -71,7 +72,7 @@ async def test_over_tcp_layers_are_read_while_later_ones_are_still_being_compute
     await asyncio.wait_for(export.received.wait(), 5)
     name = export.shm.name
     export.close()
-    assert _attach_if_there(name) is None  # no pool: unlinked
+    assert attach_if_there(name) is None  # no pool: unlinked
 
 
 @pytest.mark.parametrize("reader_host", [HOST, "elsewhere"])  # shared memory, TCP
@@ -137,7 +138,7 @@ async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked(s
     await import_kv(first.handle(HOST, server.port), dst, [0, 1], HOST)
     await asyncio.wait_for(first.received.wait(), 5)
     first.close()  # received: the segment stays mapped, for the next export
-    assert _attach_if_there(first.shm.name) is not None
+    assert attach_if_there(first.shm.name) is not None
     src.k_cache.normal_()  # new contents: the reused segment must carry these, not the old ones
     second = await export_of("b", [3])
     assert second.shm.name == first.shm.name
@@ -145,5 +146,5 @@ async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked(s
     assert landed(dst, src, [4], [3], 0)
     third = await export_of("c", [3])  # nobody reads it: the lease lapses
     third.close()
-    assert _attach_if_there(third.shm.name) is None
+    assert attach_if_there(third.shm.name) is None
     segments.close()

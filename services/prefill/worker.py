@@ -20,8 +20,9 @@ from shared import subjects
 from shared.bus import BusError, request
 from shared.engine.llm_engine import Continuation, RequestOutput
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import KvDataServer, KvExport, SegmentPool
+from shared.kv_transfer import KvDataServer, KvExport
 from shared.messages import Ack, GenerateRequest, KvHandoff
+from shared.shm import SegmentPool
 from shared.worker import Worker
 
 log = structlog.get_logger()

@@ -216,11 +216,7 @@ class LLMEngine:
             if cont is not continuations[0]:
                 seq = self._new_seq(request_id, prompt, carrier.params, cont.index,
                                     carrier.priority, carrier.arrival)
-                if self.block_manager.num_free_blocks >= 1:  # else it recomputes its prompt
-                    partial = self.block_manager.fork(carrier, seq)
-                    if partial is not None:
-                        self.runner.copy_block(carrier.block_table[len(seq.block_table) - 1], partial)
-                    seq.imported = True
+                seq.imported = self._fork_blocks(carrier, seq)  # else it recomputes its prompt
             seq.num_forks = 0
             seq.token_ids.append(cont.token_id)
             seq.stop_checker.append(cont.token_id)  # it did not finish there, so it does not here
@@ -230,6 +226,16 @@ class LLMEngine:
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
+
+    def _fork_blocks(self, parent: Sequence, child: Sequence) -> bool:
+        """Share the parent's computed blocks with a child, copying only the partial last one;
+        False (nothing shared) when there is no block to copy into."""
+        if self.block_manager.num_free_blocks < 1:
+            return False
+        partial = self.block_manager.fork(parent, child)
+        if partial is not None:
+            self.runner.copy_block(parent.block_table[len(child.block_table) - 1], partial)
+        return True
 
     def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams, index: int,
                  priority: int, arrival: float) -> Sequence:
@@ -290,13 +296,10 @@ class LLMEngine:
                 request.seqs.append(child)
                 if seq.prefill_only:  # it only samples here: the decode worker forks the blocks
                     child.prefill_only = True
-                elif self.block_manager.num_free_blocks < 1:  # no room to copy: recompute it later
+                elif not self._fork_blocks(seq, child):  # no room to copy: recompute it later
                     self.scheduler.add(child)
                     continue
                 else:
-                    partial = self.block_manager.fork(seq, child)
-                    if partial is not None:
-                        self.runner.copy_block(seq.block_table[len(child.block_table) - 1], partial)
                     self.scheduler.start(child)
                 extra_rows.append(row)
                 children.append(child)

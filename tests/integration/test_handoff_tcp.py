@@ -24,7 +24,7 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
     def no_shared_memory(name):
         raise AssertionError("a reader on another host must not map the segment")
 
-    monkeypatch.setattr(shared.kv_transfer, "_attach_if_there", no_shared_memory)
+    monkeypatch.setattr(shared.kv_transfer, "attach_if_there", no_shared_memory)
     announced = []  # layers announced to the reader one by one, during the prompt's step
     announce = shared.kv_transfer.KvExport.announce
     monkeypatch.setattr(shared.kv_transfer.KvExport, "announce",
