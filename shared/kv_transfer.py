@@ -225,7 +225,7 @@ async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
             kind, size = _FRAME.unpack(await reader.readexactly(_FRAME.size))
             payload = await reader.readexactly(size)
             if kind == b"T":
-                trailer = msgpack.unpackb(payload)
+                trailer = _trailer(payload)
                 if "error" not in trailer and "done" not in trailer and layer != shape[0]:
                     raise KvTransferError(f"the export ended after {layer} of {shape[0]} layers")
                 break
@@ -245,3 +245,13 @@ async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
             shm.close()
     stats.seconds = time.perf_counter() - first if first else 0.0
     return stats, trailer
+
+
+def _trailer(payload: bytes) -> dict[str, Any]:
+    try:
+        trailer = msgpack.unpackb(payload)
+    except Exception as e:
+        raise KvTransferError(f"bad trailer: {e}") from e
+    if not isinstance(trailer, dict):
+        raise KvTransferError(f"bad trailer: {trailer!r}")
+    return trailer

@@ -17,7 +17,7 @@ from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import Continuation
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import KvTransferError, import_kv
+from shared.kv_transfer import import_kv
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
 from shared.worker import Worker, WorkerConfig, run_worker
@@ -83,9 +83,9 @@ class DecodeWorker(Worker):
             stats, trailer = copy.result()
         except asyncio.CancelledError:  # aborted
             return await self.engine.call(lambda e: e.abort_request(rid))
-        except (KvTransferError, OSError, asyncio.IncompleteReadError) as e:
+        except Exception as e:  # the prefill worker died, a bad stream...: this attempt is over
             await self.engine.call(lambda e_: e_.abort_request(rid))
-            log.warning("kv_import_failed", error=str(e))
+            log.warning("kv_import_failed", error=f"{type(e).__name__}: {e}")
             return await self.publish_error(req, f"KV import failed: {e}", 503, "server_error")
         sequences = trailer.get("sequences")
         # Nothing to go on with: it finished on its first token, or failed, on the prefill worker; or
@@ -98,7 +98,7 @@ class DecodeWorker(Worker):
         try:
             continuations = [Continuation(**c) for c in sequences]
             await self.engine.call(lambda e: e.commit_import(rid, continuations))
-        except (TypeError, InvalidRequestError) as e:
+        except (TypeError, InvalidRequestError) as e:  # e.g. a prefill worker on another device type
             self.engine.abort(rid)
             return await self.publish_error(req, f"bad hand-off: {e}", 500, "server_error")
         await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker

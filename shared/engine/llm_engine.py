@@ -205,8 +205,10 @@ class LLMEngine:
         carrier = self.importing.pop(request_id)
         prompt, n = list(carrier.token_ids), carrier.params.n
         indices = [c.index for c in continuations]
+        state_size = len(_rng_state(carrier.generator) or b"")  # another device type's state differs
         if (not continuations or len(set(indices)) != len(indices) or not set(indices) <= set(range(n))
-                or not all(0 <= c.token_id < self.model_config.vocab_size for c in continuations)):
+                or not all(0 <= c.token_id < self.model_config.vocab_size for c in continuations)
+                or any(len(c.rng_state or b"") != state_size for c in continuations)):
             self.block_manager.free(carrier)
             raise InvalidRequestError(f"sequences {continuations} do not fit the request (n={n})")
         carrier.index = continuations[0].index

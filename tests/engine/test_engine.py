@@ -204,3 +204,24 @@ def test_kv_sink_gets_every_layer_during_the_prompt_s_last_step_only(ckpt):
     for layer in range(layers):
         k, v = engine.runner.read_blocks(blocks, layer)
         assert torch.equal(copies[layer][0], k) and torch.equal(copies[layer][1], v)
+
+
+def test_commit_import_refuses_continuations_that_do_not_fit_and_frees_the_blocks(ckpt):
+    from shared.engine.errors import InvalidRequestError
+    from shared.engine.llm_engine import Continuation
+
+    engine = make_engine(ckpt)
+    prompt = prompts(1, lengths=(20,))[0]
+    seeded = SamplingParams(temperature=1.0, max_tokens=4, n=2, seed=3)
+    good_state = torch.Generator().manual_seed(0).get_state().numpy().tobytes()
+    for bad in ([Continuation(2, 5, good_state)],  # index outside n
+                [Continuation(0, 5, good_state), Continuation(0, 6, good_state)],  # twice the same
+                [Continuation(0, 10**9, good_state)],  # outside the vocabulary
+                [Continuation(0, 5, b"\0" * 16)]):  # another device type's sampler state
+        assert engine.reserve_import("x", prompt, seeded) is not None
+        with pytest.raises(InvalidRequestError):
+            engine.commit_import("x", bad)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.reserve_import("x", prompt, seeded) is not None
+    engine.commit_import("x", [Continuation(1, 5, good_state)])  # index 0 finished on the prefill side
+    assert not engine.importing and len(engine.requests["x"].seqs) == 1
