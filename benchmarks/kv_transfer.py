@@ -73,7 +73,7 @@ async def main() -> None:
     print(f"{'tokens':>6} {'MB':>5} {'prefill ms':>10} | after the prompt, ms: {'shm':>6} "
           f"{'tcp sequential':>14} {'tcp streamed':>12} | prefill ms, streaming")
     for n in (int(t) for t in args.tokens.split(",")):
-        mb = n * 30 * 2 * 3 * 64 * 4 / 1e6
+        mb = n * ModelRunner.block_bytes(SMOLLM2, 1, torch.float32) / 1e6
         await hand_off(src, dst, server, segments, n, True, "elsewhere")  # warm-up: pages, segments
         alone = min([await _timed_step(src, n) for _ in range(3)])
         shm = min([(await hand_off(src, dst, server, segments, n, False, HOST))[1] for _ in range(3)])

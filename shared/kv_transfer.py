@@ -135,9 +135,9 @@ class KvExport:
         self._changed = asyncio.Event()
 
     def handle(self, host: str, port: int | None) -> dict:
-        return {"transport": "shm", "name": self.shm.name, "host": host, "port": port,
-                "request_id": self.request_id, "shape": list(self.shape), "dtype": self.dtype,
-                "num_tokens": self.num_tokens}
+        """Where a reader finds the export: the segment (this host) and the data server (any host)."""
+        return {"name": self.shm.name, "host": host, "port": port, "request_id": self.request_id,
+                "shape": list(self.shape), "dtype": self.dtype}
 
     def layer_bytes(self, layer: int) -> bytes:
         size = self.nbytes // self.shape[0]
