@@ -29,13 +29,13 @@ SAMPLING_FIELDS = (
 )  # fmt: skip
 # Accepted only at their "off" value: refusing beats silently ignoring them.
 CHAT_UNSUPPORTED = (
-    "tools", "functions", "function_call", "logit_bias", "audio", "prediction", "use_beam_search",
+    "tools", "functions", "function_call", "audio", "prediction", "use_beam_search",
     "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
 )  # fmt: skip
 COMPLETION_UNSUPPORTED = (
-    "suffix", "logit_bias", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex",
-    "guided_choice",
+    "suffix", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
 )  # fmt: skip
+MAX_STOP = 4  # OpenAI: "up to 4 sequences" (vLLM sets no limit)
 _INT64 = (-(2**63), 2**63)
 
 
@@ -66,9 +66,7 @@ def parse_chat(body: dict[str, Any], model: ModelInfo, tokenizer: Any, max_n: in
     _refuse(body, CHAT_UNSUPPORTED)
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise invalid("tool_choice is not supported by this server", "tool_choice", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise invalid("only response_format {'type': 'text'} is supported", "response_format")
+    _check_openai_fields(body)
     messages = _messages(body.get("messages"))
     want_logprobs = _flag(body, "logprobs", False)
     top = body.get("top_logprobs")
@@ -76,6 +74,8 @@ def parse_chat(body: dict[str, Any], model: ModelInfo, tokenizer: Any, max_n: in
         raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (0 if top is None else top) if want_logprobs else None
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_name == "max_completion_tokens" and body.get("max_tokens") is not None:
+        _check_length(body, "max_tokens")  # the deprecated alias is ignored, but a bad one is still refused
     params = _sampling(body, model, max_n, logprobs, max_name, {"logprobs": "top_logprobs"})
     add_generation_prompt = _flag(body, "add_generation_prompt", True)
     try:
@@ -94,11 +94,16 @@ def parse_completion(
     _check_model(body, model)
     stream, include_usage = _stream_flags(body)
     _refuse(body, COMPLETION_UNSUPPORTED)
+    _check_openai_fields(body)
     echo = _flag(body, "echo", False)
+    # logprobs: an integer in [0, 20] (SamplingParams), not OpenAI's legacy [0, 5]: vLLM accepts up to
+    # its max_logprobs (20 by default) here, and clients written against vLLM ask for more than 5
     logprobs = body.get("logprobs")
     if echo and logprobs is not None:
         raise invalid("echo together with logprobs is not supported", "echo", "unsupported_parameter")
     best_of = body.get("best_of")
+    if best_of is not None and not _is_int(best_of):
+        raise invalid(f"best_of must be an integer, got {best_of!r}", "best_of", "invalid_type")
     if best_of is not None and best_of != (body.get("n") or 1):
         raise invalid("best_of other than n is not supported", "best_of", "unsupported_parameter")
     params = _sampling(body, model, max_n, logprobs, "max_tokens", {})
@@ -114,6 +119,7 @@ def _sampling(
     known = {f.name for f in fields(SamplingParams)} - {"n", "max_tokens", "logprobs"}
     values = {k: v for k, v in model.generation_defaults.items() if k in known}
     values.update({k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None})
+    values["logit_bias"] = _logit_bias(body.get("logit_bias"), model)
     values["max_tokens"] = body.get(max_name)
     values["logprobs"] = logprobs
     renames = {"max_tokens": max_name, **renames}
@@ -133,6 +139,51 @@ def _sampling(
             "stop_token_ids",
         )
     return params
+
+
+def _check_openai_fields(body: dict) -> None:
+    """Rules of OpenAI's API that are not sampling rules of the engine."""
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid(f"user must be a string, got {type(user).__name__}", "user", "invalid_type")
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise invalid(f"stop may hold at most {MAX_STOP} sequences, got {len(stop)}", "stop")
+    fmt = body.get("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        raise invalid(
+            f"response_format {fmt['type']!r} is not supported by this server (no guided decoding); "
+            "only {'type': 'text'}",
+            "response_format",
+            "unsupported_parameter",
+        )
+    raise invalid("response_format must be {'type': 'text'}, the only format supported", "response_format")
+
+
+def _check_length(body: dict, name: str) -> None:
+    value = body.get(name)
+    if not _is_int(value) or value < 1:
+        raise invalid(f"{name} must be an integer >= 1, got {value!r}", name)
+
+
+def _logit_bias(value: Any, model: ModelInfo) -> dict[int, Any]:
+    """JSON's {"token id": bias} -> {token id: bias}; the biases are SamplingParams' to check."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid("logit_bias must be an object mapping token ids to biases in [-100, 100]", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        # "5", not "-5", "5.0", "٥" or 5000 digits (past int()'s digit limit; no vocabulary is that large)
+        token = int(key) if key.isascii() and key.isdigit() and len(key) <= 18 else None
+        if token is None or token >= model.vocab_size:
+            shown = repr(key) if len(key) <= 24 else repr(key[:21] + "...")
+            msg = f"logit_bias: {shown} is not a token id of this model (0..{model.vocab_size - 1})"
+            raise invalid(msg, "logit_bias")
+        out[token] = bias
+    return out
 
 
 def _renamed(e: InvalidRequestError, renames: dict[str, str]) -> ApiError:

@@ -1,9 +1,9 @@
 """Turn a step's logits into tokens, with the OpenAI / vLLM sampling parameters of each row.
 
-Order (as in vLLM): logprobs of the raw model distribution; penalties; min_tokens; then greedy rows
-take the argmax, the others are scaled by temperature, filtered by top-k, top-p and min-p, and
-sampled with the exponential-race trick, where seeded rows draw their noise from their own generator
-so their output does not depend on what else is in the batch.
+Order (as in vLLM): logprobs of the raw model distribution; penalties; logit_bias; min_tokens; then
+greedy rows take the argmax, the others are scaled by temperature, filtered by top-k, top-p and min-p,
+and sampled with the exponential-race trick, where seeded rows draw their noise from their own
+generator so their output does not depend on what else is in the batch.
 """
 
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int])
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-    logits = apply_penalties(logits, seqs)
+    logits = apply_logit_bias(apply_penalties(logits, seqs), seqs)
     for row, seq in enumerate(seqs):
         if seq.num_output_tokens < seq.params.min_tokens:
             banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
@@ -71,6 +71,22 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if output and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Add each row's logit_bias to its logits (a copy: the caller's tensor is left as it was)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for row in rows:
+        # the gateway refuses ids outside the vocabulary; skipping them here keeps a direct engine
+        # caller's bad id from failing the whole batch's step with an IndexError
+        bias = {t: b for t, b in seqs[row].params.logit_bias.items() if 0 <= t < vocab}
+        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+        logits[row, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
     return logits
 
 

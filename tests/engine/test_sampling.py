@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+from shared.engine.errors import InvalidRequestError
 from shared.engine.loader import load_checkpoint
-from shared.engine.sampler import apply_penalties
+from shared.engine.sampler import apply_logit_bias, apply_penalties, sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.sequence import Sequence
+from shared.messages import GenerateRequest
 from tests.engine.helpers import greedy, make_engine, run_all
 
 PROMPT = [101, 202, 303, 404, 505, 606, 707]
@@ -137,3 +139,96 @@ def test_logprobs_are_returned_per_token(ckpt):
     for token, (lp, top) in zip(ids, lps):
         assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - lp) < 1e-6  # greedy = argmax
         assert lp <= 0
+
+
+# --- logit_bias and parameter ranges (issue 9 §2) ------------------------------------------------------
+
+
+def one_row(params: SamplingParams, logits: list[float]):
+    """sample() on a single hand-made row: (token, its logprob or None)."""
+    seq = Sequence("b", [0], params)
+    out = sample(torch.tensor([logits]), [seq], eos_token_ids=[])
+    return out.token_ids[0], out.logprobs[0]
+
+
+def test_logit_bias_forces_or_bans_a_token_greedy_and_sampled():
+    logits = [0.0, 5.0, 1.0, -3.0, 2.0]  # argmax 1
+    assert one_row(SamplingParams(temperature=0), logits)[0] == 1
+    assert one_row(SamplingParams(temperature=0, logit_bias={3: 100}), logits)[0] == 3
+    assert one_row(SamplingParams(temperature=0, logit_bias={1: -100}), logits)[0] == 4  # the runner-up
+    for _ in range(5):  # sampled rows too: +100 dwarfs every other logit, -100 leaves no mass
+        assert one_row(SamplingParams(temperature=1, logit_bias={3: 100}), logits)[0] == 3
+        forced = SamplingParams(temperature=2, logit_bias={t: -100 for t in (0, 2, 3, 4)})
+        assert one_row(forced, logits)[0] == 1
+
+
+def test_logit_bias_leaves_logprobs_raw_and_the_callers_logits_alone():
+    logits = torch.tensor([[0.0, 5.0, 1.0, -3.0, 2.0]])
+    seq = Sequence("b", [0], SamplingParams(temperature=0, logprobs=2, logit_bias={3: 100}))
+    out = sample(logits, [seq], eos_token_ids=[])
+    raw = torch.log_softmax(logits[0], dim=-1)
+    lp, top = out.logprobs[0]
+    assert out.token_ids == [3] and abs(lp - raw[3].item()) < 1e-6  # the model's own logprob of 3
+    assert [t for t, _ in top] == [1, 4]
+    assert logits[0, 3] == -3.0
+    assert torch.equal(apply_logit_bias(logits, [seq]), torch.tensor([[0.0, 5.0, 1.0, 97.0, 2.0]]))
+
+
+def test_logit_bias_only_touches_its_own_row_and_skips_ids_past_the_vocabulary():
+    logits = torch.zeros(2, 4)
+    seqs = [Sequence("a", [0], SamplingParams(logit_bias={1: 3.0, 99: 5.0})), Sequence("b", [0], SamplingParams())]
+    out = apply_logit_bias(logits, seqs)
+    assert out.tolist() == [[0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_logit_bias_applies_after_penalties():
+    seq = Sequence("p", [1], SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={1: 1.0}))
+    logits = torch.tensor([[0.0, 4.0, 2.8]])
+    # penalty then bias: 4 / 2 + 1 = 3 (token 1 wins); bias then penalty would give (4 + 1) / 2 = 2.5
+    assert sample(logits, [seq], eos_token_ids=[]).token_ids == [1]
+    assert apply_logit_bias(apply_penalties(logits, [seq]), [seq])[0, 1] == 3.0
+
+
+def test_logit_bias_survives_the_bus_with_int_keys():
+    params = SamplingParams(logit_bias={5: -100, 49151: 100, 7: 2.5})
+    req = GenerateRequest("r", [1, 2], params.to_dict(), "reply")
+    back = SamplingParams.from_dict(GenerateRequest.decode(req.encode()).params)
+    assert back.logit_bias == {5: -100, 49151: 100, 7: 2.5} and all(type(k) is int for k in back.logit_bias)
+    assert back == params
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    params = SamplingParams(temperature=1e-30)
+    assert params.greedy
+    assert one_row(params, [0.0, 50.0, 49.0])[0] == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 9}, {"temperature": 2.0001}, {"temperature": float("nan")}, {"temperature": float("inf")},
+        {"temperature": 10**400}, {"top_p": float("nan")}, {"min_p": float("nan")},
+        {"repetition_penalty": float("nan")}, {"repetition_penalty": float("inf")}, {"repetition_penalty": 0},
+        {"presence_penalty": float("nan")}, {"logprobs": 21}, {"logprobs": True}, {"n": True},
+    ],
+)
+def test_sampling_params_refuse_out_of_range_values(kw):
+    name = next(iter(kw))
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kw)
+    assert info.value.param == name and info.value.message.startswith(name) and len(info.value.message) < 120
+
+
+@pytest.mark.parametrize(
+    "bias", [[1], {"5": 1}, {True: 1}, {5: 100.01}, {5: -101}, {5: float("nan")}, {5: float("-inf")}, {5: "1"}]
+)
+def test_sampling_params_refuse_bad_logit_bias(bias):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(logit_bias=bias)
+    assert info.value.param == "logit_bias"
+
+
+def test_sampling_params_edge_values():
+    p = SamplingParams(temperature=2, top_p=1, presence_penalty=-2, frequency_penalty=2, logprobs=20,
+                       logit_bias={0: -100, 1: 100.0}, repetition_penalty=1e-3, min_p=1)
+    assert p.logit_bias == {0: -100, 1: 100.0} and SamplingParams().logit_bias == {}

@@ -172,7 +172,9 @@ def test_chat_without_model_uses_the_served_one(model, tokenizer) -> None:
         ({"tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
         ({"tool_choice": "required"}, 400, "tool_choice", "unsupported_parameter"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format", None),
-        ({"logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
+        ({"functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice", None),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, 400, "response_format", None),
     ],
 )
 def test_chat_errors(model, tokenizer, body, status, param, code) -> None:
@@ -197,6 +199,145 @@ def test_sampling_errors_keep_the_name_the_client_used(model, tokenizer) -> None
     assert e.message.startswith("max_completion_tokens")
     e = expect(lambda: chat({"logprobs": True, "top_logprobs": 99}, model, tokenizer), 400, "top_logprobs")
     assert e.message.startswith("top_logprobs")
+
+
+# --- issue 9 §2: every field against OpenAI's documented range and type, and vLLM's extras -------------
+
+# field -> values that both endpoints refuse with a 400 naming the field
+BAD_VALUES = {
+    "temperature": [9, 2.001, -0.1, "hot", True, [1]],
+    "top_p": [0, 1.01, -1, "1"],
+    "presence_penalty": [2.01, -2.01, "x"],
+    "frequency_penalty": [3, -3, False],
+    "n": [0, -1, 1.5, True, "2", 17],  # 17: over max_n
+    "seed": [1.5, True, "1", 2**63, -(2**63) - 1],
+    "stop": [["a", "b", "c", "d", "e"], [""], ["a", 1], {"a": 1}, 5],
+    "max_tokens": [0, -5, 2.5, "5", True],
+    "user": [5, {"id": "u"}, ["u"]],
+    "response_format": [{"type": "json_object"}, {"type": "json_schema"}, "text", {"type": "xml"}],
+    "stream": [1, "true"],
+    "top_k": [-2, 1.5, "5"],
+    "min_p": [-0.01, 1.01, "0"],
+    "repetition_penalty": [0, -1, "2", 10**400],
+    "min_tokens": [-1, 1.5, 300],  # 300: over the default max_tokens (what the context leaves)
+    "stop_token_ids": [[-1], [259], ["5"], 5],
+    "ignore_eos": [1],
+    "skip_special_tokens": ["no"],
+    "include_stop_str_in_output": [0],
+    "logit_bias": [{"5": 100.5}, {"5": -101}, {"5": "10"}, {"5": True}, {"5": None}, [5, 1], "5"],
+}
+BAD_VALUES["logit_bias"] += [{key: 1} for key in ("abc", "-1", "5.0", "\u0665", "259", "9" * 5000)]
+BAD_FIELDS = [(name, value) for name, values in BAD_VALUES.items() for value in values]
+
+
+@pytest.mark.parametrize("name, value", BAD_FIELDS)
+def test_out_of_range_or_mistyped_fields_are_400_naming_the_field(model, tokenizer, name, value) -> None:
+    for parse in (chat, comp):
+        e = expect(lambda parse=parse: parse({name: value}, model, tokenizer), 400, name)
+        assert e.type == "invalid_request_error" and len(e.message) < 200
+
+
+def test_range_messages_say_the_rule_and_the_value(model, tokenizer) -> None:
+    e = expect(lambda: chat({"temperature": 9}, model, tokenizer), 400, "temperature")
+    assert e.message == "temperature must be in [0, 2], got 9"
+    e = expect(lambda: chat({"logit_bias": {"5": 150}}, model, tokenizer), 400, "logit_bias")
+    assert "[-100, 100]" in e.message and "150" in e.message
+    e = expect(lambda: chat({"logit_bias": {"300": 1}}, model, tokenizer), 400, "logit_bias")
+    assert "'300'" in e.message and "0..258" in e.message
+    e = expect(lambda: chat({"response_format": {"type": "json_object"}}, model, tokenizer), 400, "response_format")
+    assert e.code == "unsupported_parameter" and "json_object" in e.message
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 2.5}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": True}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_completion_tokens": "5"}, "max_completion_tokens"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+        ({"max_completion_tokens": 5, "max_tokens": 0}, "max_tokens"),  # the ignored alias is still checked
+        ({"max_completion_tokens": 5, "max_tokens": "x"}, "max_tokens"),
+        ({"max_completion_tokens": 5, "min_tokens": 6}, "min_tokens"),
+    ],
+)
+def test_chat_only_fields_out_of_range(model, tokenizer, body, param) -> None:
+    e = expect(lambda: chat(body, model, tokenizer), 400, param)
+    assert e.message.startswith(param) or param in e.message
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 1.5}, "logprobs"),
+        ({"logprobs": "3"}, "logprobs"),
+        ({"echo": 1}, "echo"),
+        ({"best_of": 1.5}, "best_of"),
+        ({"best_of": True}, "best_of"),
+    ],
+)
+def test_completion_only_fields_out_of_range(model, tokenizer, body, param) -> None:
+    expect(lambda: comp(body, model, tokenizer), 400, param)
+
+
+# field -> edge values both endpoints accept
+GOOD_VALUES = {
+    "temperature": [0, 2, 2.0],
+    "top_p": [1, 1e-9],
+    "presence_penalty": [2, -2],
+    "frequency_penalty": [2.0, -2],
+    "n": [1, 16],
+    "seed": [0, 2**63 - 1, -(2**63)],
+    "stop": [["a", "b", "c", "d"], "x", []],
+    "max_tokens": [1],
+    "user": ["user-1", ""],
+    "response_format": [{"type": "text"}],
+    "stream": [False],
+    "top_k": [-1, 0, 1],
+    "min_p": [0, 1],
+    "repetition_penalty": [0.01, 5],
+    "min_tokens": [0],
+    "stop_token_ids": [[0, 258]],
+    "skip_special_tokens": [False],
+    "include_stop_str_in_output": [True],
+    "logit_bias": [{}, {"0": -100, "258": 100}, {"5": 0.5, "6": -7}],
+    "tools": [[]],
+    "tool_choice": ["none"],
+}
+GOOD_EDGES = [{name: value} for name, values in GOOD_VALUES.items() for value in values]
+GOOD_EDGES.append({"min_tokens": 3, "max_tokens": 3})
+
+
+@pytest.mark.parametrize("body", GOOD_EDGES)
+def test_edge_values_are_accepted(model, tokenizer, body) -> None:
+    for parse in (chat, comp):
+        parse(body, model, tokenizer)
+
+
+def test_logit_bias_reaches_sampling_params_with_int_keys(model, tokenizer) -> None:
+    p = chat({"logit_bias": {"0": -100, "258": 100, "5": 2.5}}, model, tokenizer)
+    assert p.params.logit_bias == {0: -100, 258: 100, 5: 2.5}
+    assert p.params.to_dict()["logit_bias"] == {0: -100, 258: 100, 5: 2.5}
+    assert comp({"logit_bias": {"7": 1}}, model, tokenizer).params.logit_bias == {7: 1}
+    assert chat({}, model, tokenizer).params.logit_bias == {}
+
+
+def test_logprobs_edges(model, tokenizer) -> None:
+    assert chat({"logprobs": True, "top_logprobs": 20}, model, tokenizer).params.logprobs == 20
+    assert chat({"logprobs": True, "top_logprobs": 0}, model, tokenizer).params.logprobs == 0
+    assert chat({"logprobs": False}, model, tokenizer).params.logprobs is None
+    # completions: up to 20, as vLLM (its max_logprobs), not OpenAI's legacy 5
+    assert comp({"logprobs": 20}, model, tokenizer).params.logprobs == 20
+    assert comp({"logprobs": 0}, model, tokenizer).params.logprobs == 0
+
+
+def test_tiny_temperature_is_greedy(model, tokenizer) -> None:
+    assert chat({"temperature": 1e-9}, model, tokenizer).params.greedy  # dividing by it would overflow
 
 
 # --- completions -------------------------------------------------------------------------------------
