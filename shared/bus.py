@@ -12,7 +12,9 @@ clear `BusError`; once connected it reconnects forever, buffering what it publis
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import nats
@@ -72,6 +74,37 @@ JOB_RESULTS = StreamSpec(subjects.JOB_RESULTS_STREAM, [f"{subjects.JOB_RESULTS_P
 STREAMS: tuple[StreamSpec, ...] = (KV_EVENTS, JOBS, JOB_RESULTS)
 
 
+@dataclass
+class _Hooks:
+    lost: list[Callable[[], None]] = field(default_factory=list)
+    restored: list[Callable[[], None]] = field(default_factory=list)
+
+
+_hooks: weakref.WeakKeyDictionary[Client, _Hooks] = weakref.WeakKeyDictionary()
+
+
+def on_connection(nc: Client, *, lost: Callable[[], None] | None = None,
+                  restored: Callable[[], None] | None = None) -> None:
+    """Call `lost()` when `nc` (made by `connect`) loses its server, `restored()` once it is connected again.
+
+    Core NATS does not keep what was published to a subject while a subscriber was away, and consumers
+    a restarted server forgot are not there: whoever depends on either acts on `restored`.
+    """
+    hooks = _hooks.setdefault(nc, _Hooks())
+    if lost is not None:
+        hooks.lost.append(lost)
+    if restored is not None:
+        hooks.restored.append(restored)
+
+
+def _run_hooks(nc: Client, which: str) -> None:
+    for hook in getattr(_hooks.get(nc), which, []):
+        try:
+            hook()
+        except Exception:  # one listener's bug must not keep the others from hearing
+            log.exception("connection_hook_failed", hook=which)
+
+
 async def connect(url: str, name: str, *, connect_wait_s: float | None = None,
                   connect_timeout_s: float = 2.0) -> Client:
     """Connect to NATS at `url` (comma-separated for a cluster); raise BusError if unreachable.
@@ -90,9 +123,11 @@ async def connect(url: str, name: str, *, connect_wait_s: float | None = None,
     async def on_disconnected() -> None:
         if not nc.is_closed:  # a close() we asked for is not news
             log.warning("nats_disconnected")
+            _run_hooks(nc, "lost")
 
     async def on_reconnected() -> None:
         log.info("nats_reconnected", url=nc.connected_url.netloc if nc.connected_url else None)
+        _run_hooks(nc, "restored")
 
     nc = Client()
     try:

@@ -1,14 +1,16 @@
 """The prefill -> decode KV data plane. NATS carries only the handle; the bytes go another way.
 
 One export is [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim], contiguous and layer-major,
-in a POSIX shared-memory segment of the prefill worker. The decode worker gets the handle when the
-prefill begins, reserves its blocks, and connects to the prefill worker's TCP data server with
-`<request id> <mode>\n`. The server answers with frames `kind (1 byte) | length (8 bytes) | payload`:
-one "L" frame per layer once it is written, then one "T" frame.
+in a POSIX shared-memory segment of the prefill worker. The decode worker gets the handle first,
+reserves its blocks, and connects to the prefill worker's TCP data server with `<request id> <mode>\n`;
+the prefill worker starts the prompt only once that reader is connected (`KvExport.connected`), so a TCP
+reader's layers always stream during the step (deciding it at the step's first layer raced with the
+connection, and a short prompt's step often won). The server answers with frames
+`kind (1 byte) | length (8 bytes) | payload`: one "L" frame per layer once it is written, then one "T".
 - Mode "tcp" (another host): the engine copies each layer out right after its forward in the prompt's
   last step (`KvExport.stream_layer`, the engine's kv_sink) and its L frame, carrying the bytes, goes
   at once: the network transfer overlaps the prefill's compute.
-- Mode "shm" (this host): the L frames are empty, the reader copies each layer out of the segment
+- Mode "shm" (this host): the L frames are empty, the reader copies the layers out of the segment
   itself, and the segment is filled after the step (`write_rest`, ~1 ms for 128 tokens): filling it
   during the step cost the time to first token more than reading early saved (docs/performance.md).
 The trailer (msgpack) is {"sequences": [...]} (each sequence's first token and sampler state: the
@@ -21,10 +23,12 @@ instead, it is unlinked, so a late reader can never see another request's KV.
 """
 
 import asyncio
+import contextlib
 import math
 import struct
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +74,7 @@ class KvExport:
         self.streaming = False  # a TCP reader is connected: stream layers during the step
         self._streaming_step = False  # ... and it was from the step's first layer on
         self.trailer: dict[str, Any] | None = None
+        self.connected = asyncio.Event()  # a reader asked for this export
         self.received = asyncio.Event()  # the reader has it all
         self.reader_gone = asyncio.Event()  # the reader hung up, with it all or not
         self._changed = asyncio.Event()
@@ -180,6 +185,7 @@ class KvDataServer:
             if mode == "tcp":
                 export.streaming = True  # first, then catch up: a layer written meanwhile is not missed
                 export.announce(export.layers_written)
+            export.connected.set()
             for layer in range(export.shape[0]):
                 if not await export.wait_layer(layer):
                     break
@@ -201,22 +207,25 @@ async def _send(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> No
     await writer.drain()
 
 
-async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
-                    local_host: str) -> tuple[TransferStats, dict[str, Any]]:
-    """Copy an export into `block_ids` of this worker's pool as its layers are written, each from the
-    shared-memory segment when on the same host (and the segment is there), else from the TCP stream.
-    Returns the transfer's figures (from the first layer on) and the exporter's trailer."""
+async def import_kv(handle: dict, block_shape: tuple[int, ...], num_blocks: int, local_host: str,
+                    write: Callable[[torch.Tensor], Awaitable[None]]) -> tuple[TransferStats, dict[str, Any]]:
+    """Receive an export as its layers are written: from the exporter's shared-memory segment when on the
+    same host (and the segment is there), else from the TCP stream into a buffer of this process. Once
+    every layer is here, `write(kv)` ([layers, 2, blocks, block_size, kv_heads, head_dim]) puts them into
+    the engine's blocks (on the engine thread: this coroutine never touches engine state), and only then
+    is receipt confirmed, so the exporter may reuse its segment. `write` is not called when the export
+    ends early (the request finished or failed on the prefill worker). Returns the transfer's figures
+    (first layer to receipt) and the exporter's trailer."""
     shape, dtype = tuple(handle["shape"]), handle["dtype"]
-    if shape[2] != len(block_ids) or list(shape[3:]) != list(runner.k_cache.shape[2:]):
-        raise KvTransferError(f"KV layout {shape} does not fit this worker's pool "
-                              f"{tuple(runner.k_cache.shape)} with {len(block_ids)} blocks")
+    if shape[2] != num_blocks or tuple(shape[3:]) != tuple(block_shape):
+        raise KvTransferError(f"KV layout {shape} does not fit this worker's blocks {tuple(block_shape)} "
+                              f"with {num_blocks} blocks")
     if not handle.get("port"):
         raise KvTransferError("the prefill worker offers no data plane")
     layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize
     shm = attach_if_there(handle["name"]) if handle["host"] == local_host else None
-    view = kv = tensor_view(shm.buf, shape, dtype) if shm else None
-    stats, first = TransferStats(), None
-    writer = None
+    staging = shm.buf if shm is not None else bytearray(layer_nbytes * shape[0])
+    stats, first, writer = TransferStats(), None, None
     try:
         reader, writer = await asyncio.open_connection(handle["host"], handle["port"])
         writer.write(f"{handle['request_id']} {'shm' if shm else 'tcp'}\n".encode())
@@ -229,20 +238,27 @@ async def import_kv(handle: dict, runner: ModelRunner, block_ids: list[int],
                 if "error" not in trailer and "done" not in trailer and layer != shape[0]:
                     raise KvTransferError(f"the export ended after {layer} of {shape[0]} layers")
                 break
-            if kind != b"L" or layer == shape[0] or (view is None and size != layer_nbytes):
+            if kind != b"L" or layer == shape[0] or (shm is None and size != layer_nbytes):
                 raise KvTransferError(f"unexpected {kind!r} frame of {size} bytes at layer {layer}")
             first = first or time.perf_counter()
-            kv = view[layer] if view is not None else tensor_view(bytearray(payload), shape[1:], dtype)
-            runner.write_blocks(block_ids, layer, kv[0], kv[1])
+            if shm is None:
+                staging[layer * layer_nbytes : (layer + 1) * layer_nbytes] = payload
             stats.bytes += layer_nbytes
+        if "sequences" in trailer:
+            kv = tensor_view(staging, shape, dtype)
+            try:
+                await write(kv)
+            finally:
+                del kv  # no view may outlive the mapping
         writer.write(b"R")
         await writer.drain()
     finally:
-        view = kv = None  # no view may outlive the mapping
+        staging = None
         if writer is not None:
             writer.close()
         if shm is not None:
-            shm.close()
+            with contextlib.suppress(BufferError):  # a traceback may still hold a view: GC unmaps it then
+                shm.close()
     stats.seconds = time.perf_counter() - first if first else 0.0
     return stats, trailer
 

@@ -3,8 +3,9 @@
 An embedded nats-server (JetStream on, data under the state dir) unless `--nats` names one, then the
 kvcache service, the router, the workers and the gateway, each its own OS process running the same
 `python -m services.<name>` command that compose and Kubernetes run. A process that dies is
-restarted (and the restart logged); Ctrl-C / SIGTERM stops everything, gateway first so in-flight
-requests finish, and leaves no process behind.
+restarted (and the restart logged); the embedded NATS on the same port with the same JetStream store,
+so services reconnect to it and nothing in its streams (offline jobs, KV events) is lost. Ctrl-C /
+SIGTERM stops everything, gateway first so in-flight requests finish, and leaves no process behind.
 """
 
 import json
@@ -21,7 +22,7 @@ import structlog
 
 from shared.config import opt
 from shared.logging import LOG_LEVELS
-from shared.natsd import NatsServer
+from shared.natsd import NatsServer, NatsServerError
 
 log = structlog.get_logger()
 
@@ -87,9 +88,10 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
 
 
 class Supervisor:
-    def __init__(self, services: list[Service], log_dir: Path):
+    def __init__(self, services: list[Service], log_dir: Path, nats: NatsServer | None = None):
         self.services = services
         self.log_dir = log_dir
+        self.nats = nats  # the embedded server, if this launcher started one
         self.stopping = False
 
     def start(self, service: Service) -> None:
@@ -99,7 +101,14 @@ class Supervisor:
         logfile.close()
 
     def check(self) -> None:
-        """Restart whatever exited while we are not stopping."""
+        """Restart whatever exited while we are not stopping: NATS first, every service needs it."""
+        if self.nats is not None and not self.nats.running and not self.stopping:
+            log.warning("nats_exited_restarting", url=self.nats.url, log=str(self.nats.log_path))
+            try:
+                self.nats.restart()
+                log.info("nats_restarted", url=self.nats.url)
+            except NatsServerError as e:  # say, the port is taken meanwhile: try again at the next check
+                log.error("nats_restart_failed", error=str(e))
         for s in self.services:
             if s.proc and s.proc.poll() is not None and not self.stopping:
                 s.restarts += 1
@@ -164,7 +173,7 @@ def up(config: UpConfig) -> int:
         log.info("nats_started", url=nats_url, data=str(state / "nats"))
     else:
         nats_url = config.nats
-    supervisor = Supervisor(plan(config, nats_url), log_dir)
+    supervisor = Supervisor(plan(config, nats_url), log_dir, nats)
     try:
         for service in supervisor.services:
             supervisor.start(service)

@@ -125,6 +125,18 @@ class NatsServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def kill(self) -> None:
+        """SIGKILL the server (as a crash would); its store stays for `restart()`."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self, timeout: float = STARTUP_TIMEOUT_S) -> str:
+        """Start again on the same port with the same JetStream store, as clients expect after a crash."""
+        self._fixed_port = self.port
+        return self.start(timeout)
+
     def __enter__(self) -> NatsServer:
         self.start()
         return self

@@ -1,9 +1,8 @@
 """Instance registry: one key per live instance in a NATS KV bucket whose TTL is the liveness timeout.
 
 Workers put their InstanceInfo every ~1 s (a `Heartbeater` does it); the bucket's max age drops a key
-that has not been refreshed for `ttl` seconds, so a crashed or hung worker leaves `list_instances()`
-within a few seconds without anyone having to notice. A worker that stops cleanly calls `remove()`
-and is gone at once.
+that has not been refreshed for `ttl` seconds. A worker that stops cleanly calls `remove()`. Readers
+(router, gateway, kvcache) keep one live `InstanceView` per process (shared/instance_view.py).
 
     registry = await InstanceRegistry.open(js)
     async with Heartbeater(registry, lambda: engine_info(), interval=1.0):
@@ -23,6 +22,7 @@ from nats.js.kv import KeyValue
 
 from shared.logging import get_logger
 from shared.messages import InstanceInfo, SchemaError
+from shared.retry import every
 from shared.subjects import INSTANCES_BUCKET
 
 log = get_logger("xllm.registry")
@@ -38,8 +38,9 @@ InfoSupplier = Callable[[], InstanceInfo | Awaitable[InstanceInfo]]
 
 
 class InstanceRegistry:
-    def __init__(self, kv: KeyValue, ttl: float):
+    def __init__(self, kv: KeyValue, bucket: str, ttl: float):
         self.kv = kv
+        self.bucket = bucket
         self.ttl = ttl
 
     @classmethod
@@ -55,37 +56,21 @@ class InstanceRegistry:
             if info.config.max_age and abs(info.config.max_age - ttl) > 1e-3:
                 log.warning("registry_ttl_differs", bucket=bucket, wanted=ttl, actual=info.config.max_age)
             ttl = info.config.max_age or ttl
-        return cls(kv, ttl)
+        return cls(kv, bucket, ttl)
 
     async def heartbeat(self, info: InstanceInfo) -> None:
         """Put (refresh) the instance's entry; its TTL restarts now."""
-        await self.kv.put(_key(info.instance_id), info.encode())
+        await self.kv.put(key(info.instance_id), info.encode())
 
     async def remove(self, instance_id: str) -> None:
-        await self.kv.purge(_key(instance_id))
+        await self.kv.purge(key(instance_id))
 
     async def get(self, instance_id: str) -> InstanceInfo | None:
         try:
-            entry = await self.kv.get(_key(instance_id))
+            entry = await self.kv.get(key(instance_id))
         except nats.js.errors.KeyNotFoundError:  # also raised for deleted/purged keys
             return None
-        return _decode(entry.value)
-
-    async def list_instances(self) -> list[InstanceInfo]:
-        """Live instances (entries not expired nor removed), sorted by instance id."""
-        # keys() + get() would cost a round trip per key; one watcher snapshot gets every last value.
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        infos: list[InstanceInfo] = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial snapshot
-                    break
-                info = _decode(entry.value)
-                if info is not None:
-                    infos.append(info)
-        finally:
-            await watcher.stop()
-        return sorted(infos, key=lambda i: i.instance_id)
+        return decode(entry.value)
 
 
 class Heartbeater:
@@ -139,26 +124,24 @@ class Heartbeater:
         await self.stop()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                # A slow beat (a busy bus or host) still counts if it lands before the entry expires;
-                # bounding it by the interval instead made every beat fail whenever puts got slow.
-                await asyncio.wait_for(self.beat(), timeout=self.registry.ttl)
-            except Exception as e:
-                log.warning("heartbeat_failed", error=f"{type(e).__name__}: {e}")
-            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+        await every(self.interval, self._beat_in_time, "heartbeat")
+
+    async def _beat_in_time(self) -> None:
+        # A slow beat (a busy bus or host) still counts if it lands before the entry expires; bounding
+        # it by the interval instead made every beat fail whenever puts got slow. (asyncio.timeout, not
+        # wait_for: on Python 3.11 wait_for can swallow the cancel that stops the heartbeats.)
+        async with asyncio.timeout(self.registry.ttl):
+            await self.beat()
 
 
-def _key(instance_id: str) -> str:
+def key(instance_id: str) -> str:
     if not _VALID_KEY.match(instance_id) or instance_id.startswith(".") or instance_id.endswith("."):
         raise ValueError(f"instance id {instance_id!r} is not a valid registry key "
                          "(letters, digits, and - / _ = . only)")
     return instance_id
 
 
-def _decode(data: bytes | None) -> InstanceInfo | None:
+def decode(data: bytes | None) -> InstanceInfo | None:
     if not data:
         return None
     try:

@@ -11,13 +11,14 @@ import asyncio
 import os
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shared import subjects
+from shared import bus, subjects
 from shared.bus import connect, ensure_streams, respond
 from shared.config import opt
 from shared.engine.async_engine import AsyncEngine, EngineDeadError, RequestAborted
@@ -37,9 +38,13 @@ from shared.messages import (
 )
 from shared.metrics import Registry, serve_metrics
 from shared.registry import Heartbeater, InstanceRegistry
+from shared.retry import retry
 from shared.signals import stop_on_signals
 
 log = structlog.get_logger()
+
+ABORTS_KEPT = 10_000  # aborted request ids remembered: a request or hand-off may arrive after its abort
+ABORTED = {"message": "the request was aborted", "type": "server_error", "code": 499}
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Worker:
         self.nc: Client | None = None
         self.engine: AsyncEngine | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # the last ABORTS_KEPT aborted request ids
         self.kv_seq = 0
         self.metrics = Registry()
         self.requests_total = self.metrics.counter("xllm_worker_requests_total", "requests by outcome",
@@ -236,7 +242,15 @@ class Worker:
         self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self.remember_abort(request_id)
         self.engine.abort(request_id)
+
+    def remember_abort(self, request_id: str) -> None:
+        # The abort (from the gateway) and the request or hand-off (from the router or the prefill
+        # worker) travel different ways: either may come first.
+        self.aborted[request_id] = None
+        if len(self.aborted) > ABORTS_KEPT:
+            self.aborted.popitem(last=False)
 
     def spawn(self, coro, request_id: str) -> None:
         async def run() -> None:
@@ -259,12 +273,12 @@ class Worker:
             await self._publish_kv(js, subject, KvEvent(self.instance_id, 0, event, hashes, parent))
 
     async def _publish_kv(self, js, subject: str, event: KvEvent) -> None:
+        """Publish in order, riding out a NATS outage: a lost event would cost the index this instance's
+        entries (it sees the gap). The msg id drops a retry whose first try landed."""
         self.kv_seq += 1
         event.seq = self.kv_seq
-        try:
-            await js.publish(subject, event.encode())
-        except Exception as e:  # the index notices the gap and resyncs; serving goes on
-            log.warning("kv_event_publish_failed", error=str(e))
+        msg_id = f"{self.instance_id}:{event.seq}"
+        await retry(lambda: bus.publish(js, subject, event, msg_id=msg_id), "kv_event_publish")
 
     def _register_metrics(self) -> None:
         stats = self.engine.engine.stats

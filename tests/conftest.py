@@ -53,5 +53,18 @@ def xllm_system(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def xllm_colocated(tmp_path_factory: pytest.TempPathFactory):
+    """`xllm up --mode colocated` with two workers, so one can die while the other serves."""
+    from shared.bench.local_system import start_system, stop_system
+
+    system = start_system(tmp_path_factory.mktemp("xllm-colocated"), *SMALL_SYSTEM, "--mode", "colocated",
+                          "--decode", "2")
+    try:
+        yield system
+    finally:
+        stop_system(system.proc)
+
+
+@pytest.fixture(scope="session")
 def xllm_server_url(xllm_system) -> str:
     return xllm_system.url

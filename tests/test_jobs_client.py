@@ -14,6 +14,7 @@ from nats.js.api import DeliverPolicy
 from shared import bus, subjects
 from shared.jobs_client import JobFileError, batch_line, main, make_job, parse_jsonl
 from shared.messages import Job, JobDone, JobResult
+from tests.waiting import until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -141,7 +142,9 @@ async def test_round_trip_wait_and_fetch_later(nats_server: str, job_service: li
     for _ in range(2):
         assert await asyncio.to_thread(main, [str(f), "--nats", nats_server, "--job-id", jid2]) == 0
     assert capsys.readouterr().out.split() == [jid2, jid2]
-    await asyncio.sleep(0.2)
+    marker = f"ct-{uuid.uuid4().hex[:8]}"  # the stream delivers in order: once this is seen, jid2's were
+    assert await asyncio.to_thread(main, [str(f), "--nats", nats_server, "--job-id", marker]) == 0
+    await until(lambda: marker in [j.job_id for j in job_service], 20, "the marker job never arrived")
     assert [j.job_id for j in job_service].count(jid2) == 1
 
 

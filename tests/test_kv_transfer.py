@@ -1,6 +1,6 @@
-"""The KV data plane: an export written layer by layer is read as it is written, over shared memory or
-TCP, and lands bit-identical; the trailer carries what the decode side needs; segments are reused only
-once received."""
+"""The KV data plane: an export written layer by layer is sent as it is written, over shared memory or
+TCP, and lands bit-identical through the reader's `write`; the trailer carries what the decode side
+needs; segments are reused only once received."""
 
 import asyncio
 import threading
@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+import shared.kv_transfer
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
@@ -30,6 +31,20 @@ def runner() -> ModelRunner:
 HOST = "127.0.0.1"  # the exporter's host; a reader there uses shared memory, one elsewhere TCP
 
 
+def into(dst: ModelRunner, blocks: list[int]):
+    """The reader's `write`: every layer into `blocks` of `dst` (the decode worker does it on its engine
+    thread)."""
+    async def write(kv: torch.Tensor) -> None:
+        dst.write_kv(blocks, kv)
+
+    return write
+
+
+async def read(export: KvExport, port: int, dst: ModelRunner, blocks: list[int], reader_host: str):
+    return await import_kv(export.handle(HOST, port), tuple(dst.k_cache.shape[2:]), len(blocks), reader_host,
+                           into(dst, blocks))
+
+
 @pytest.fixture
 async def server():
     s = KvDataServer()
@@ -43,28 +58,31 @@ def landed(dst: ModelRunner, src: ModelRunner, dst_blocks: list[int], src_blocks
         dst.v_cache[layer, dst_blocks], src.v_cache[layer, src_blocks])
 
 
-async def test_over_tcp_layers_are_read_while_later_ones_are_still_being_computed(server):
-    """The writer (an engine thread) does not write layer 1 until the reader has layer 0 in its pool."""
+async def test_over_tcp_layers_are_sent_while_later_ones_are_still_being_computed(server, monkeypatch):
+    """The writer (an engine thread) does not write layer 1 until layer 0 went to the reader."""
     src, dst = runner(), runner()
     export = KvExport("req", src, num_tokens=10)
     server.exports["req"] = export
+    sent = threading.Event()
+    send = shared.kv_transfer._send
+
+    async def sending(writer, kind: bytes, payload: bytes) -> None:
+        await send(writer, kind, payload)
+        if kind == b"L" and payload:
+            sent.set()
+
+    monkeypatch.setattr(shared.kv_transfer, "_send", sending)
     loop = asyncio.get_running_loop()
 
     def engine_thread() -> None:
         for layer in range(LAYERS):
             export.stream_layer(src, layer, [5, 2, 7])
-            if layer == 0:
-                for _ in range(1000):  # 5 s at most
-                    if landed(dst, src, [0, 1, 2], [5, 2, 7], 0):
-                        break
-                    threading.Event().wait(0.005)
-                else:
-                    raise AssertionError("layer 0 was not read before layer 1 was written")
+            if layer == 0 and not sent.wait(5):
+                raise AssertionError("layer 0 was not sent before layer 1 was written")
         loop.call_soon_threadsafe(export.finish, TRAILER)
 
-    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst, [0, 1, 2], "elsewhere"))
-    while not export.streaming:  # the decode worker connects when the prefill begins
-        await asyncio.sleep(0.001)
+    importing = asyncio.create_task(read(export, server.port, dst, [0, 1, 2], "elsewhere"))
+    await export.connected.wait()  # the prefill worker starts the prompt once the reader is there
     await asyncio.wait_for(asyncio.to_thread(engine_thread), 10)
     stats, trailer = await asyncio.wait_for(importing, 10)
     assert trailer == TRAILER and stats.bytes == export.nbytes > 0
@@ -80,7 +98,7 @@ async def test_written_layers_land_bit_identical(server, reader_host):
     src, dst = runner(), runner()
     export = KvExport("req", src, num_tokens=10)
     server.exports["req"] = export
-    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst, [0, 1, 2], reader_host))
+    importing = asyncio.create_task(read(export, server.port, dst, [0, 1, 2], reader_host))
     await asyncio.to_thread(lambda: [export.stream_layer(src, layer, [5, 2, 7]) for layer in range(LAYERS)])
     await asyncio.to_thread(export.write_rest, src, [5, 2, 7])  # all of it for a reader on this host
     export.finish(TRAILER)
@@ -96,8 +114,10 @@ async def test_an_early_trailer_ends_the_stream(server):
     export = KvExport("req", src, num_tokens=4)
     server.exports["req"] = export
     export.finish({"done": True})
-    stats, trailer = await import_kv(export.handle(HOST, server.port), dst, [0], "elsewhere")
+    before = dst.k_cache.clone()
+    stats, trailer = await read(export, server.port, dst, [0], "elsewhere")
     assert trailer == {"done": True} and stats.bytes == 0
+    assert torch.equal(dst.k_cache, before)  # nothing to write
     export.close()
 
 
@@ -108,7 +128,7 @@ async def test_sequences_after_missing_layers_are_an_error(server):
     export._write(src, 0, [1])  # one layer of three... and then the trailer says the request goes on
     export.finish(TRAILER)
     with pytest.raises(KvTransferError):
-        await import_kv(export.handle(HOST, server.port), dst, [0], "elsewhere")
+        await read(export, server.port, dst, [0], "elsewhere")
     export.close()
 
 
@@ -116,10 +136,9 @@ async def test_layout_mismatch_and_a_gone_export(server):
     src, dst = runner(), runner()
     export = KvExport("req", src, num_tokens=8)
     with pytest.raises(KvTransferError):
-        await import_kv(export.handle(HOST, server.port), dst, [0], HOST)  # 2 blocks into 1
-    handle = export.handle(HOST, server.port)
+        await read(export, server.port, dst, [0], HOST)  # 2 blocks into 1
     export.close()  # lease lapsed: the export is gone
-    _, trailer = await import_kv(handle, dst, [0, 1], "elsewhere")
+    _, trailer = await read(export, server.port, dst, [0, 1], "elsewhere")
     assert "error" in trailer
 
 
@@ -135,14 +154,14 @@ async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked(s
         return export
 
     first = await export_of("a", [1, 2])
-    await import_kv(first.handle(HOST, server.port), dst, [0, 1], HOST)
+    await read(first, server.port, dst, [0, 1], HOST)
     await asyncio.wait_for(first.received.wait(), 5)
     first.close()  # received: the segment stays mapped, for the next export
     assert attach_if_there(first.shm.name) is not None
     src.k_cache.normal_()  # new contents: the reused segment must carry these, not the old ones
     second = await export_of("b", [3])
     assert second.shm.name == first.shm.name
-    await import_kv(second.handle(HOST, server.port), dst, [4], HOST)
+    await read(second, server.port, dst, [4], HOST)
     assert landed(dst, src, [4], [3], 0)
     third = await export_of("c", [3])  # nobody reads it: the lease lapses
     third.close()

@@ -17,9 +17,11 @@ from services.kvcache.index import KvIndex
 from services.kvcache.service import KvCacheConfig, KvCacheService
 from shared import bus, subjects
 from shared.block_hash import block_hashes
+from shared.instance_view import InstanceView
 from shared.messages import InstanceInfo, KvEvent, KvQuery, KvQueryReply
 from shared.natsd import free_port
-from shared.registry import InstanceRegistry
+from shared.registry import Heartbeater
+from tests.waiting import until
 
 BS = 4
 PROMPT = list(range(100, 124))  # 6 full blocks of 4
@@ -118,9 +120,9 @@ def test_duplicates_first_seq_and_cleared() -> None:
 
 def test_config_from_args_and_env(monkeypatch) -> None:
     monkeypatch.setenv("XLLM_NATS", "nats://envhost:4222")
-    monkeypatch.setenv("XLLM_PRUNE_INTERVAL_S", "2.5")
+    monkeypatch.setenv("XLLM_REPLAY_TIMEOUT_S", "2.5")
     c = KvCacheConfig.from_args([])
-    assert (c.nats, c.prune_interval_s, c.log_level) == ("nats://envhost:4222", 2.5, "info")
+    assert (c.nats, c.replay_timeout_s, c.log_level) == ("nats://envhost:4222", 2.5, "info")
     c = KvCacheConfig.from_args(["--nats", "nats://a:1,nats://b:2", "--log-level", "debug"])
     assert (c.nats, c.log_level) == ("nats://a:1,nats://b:2", "debug")
 
@@ -128,7 +130,7 @@ def test_config_from_args_and_env(monkeypatch) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--nats", "localhost:4222"], "expected nats://"),
     (["--log-level", "loud"], "--log-level"),
-    (["--prune-interval-s", "soon"], "expected float"),
+    (["--replay-timeout-s", "soon"], "expected float"),
     (["--replay-timeout-s", "-1"], "must be >= 0"),
 ])
 def test_config_rejects_bad_values(argv, message, capsys) -> None:
@@ -136,6 +138,8 @@ def test_config_rejects_bad_values(argv, message, capsys) -> None:
         KvCacheConfig.from_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
+
+TTL = 1.5
 
 # -- the service over a real nats-server ------------------------------------------------------------
 
@@ -145,10 +149,18 @@ async def publish(js, events: list[KvEvent]) -> None:
         await bus.publish(js, subjects.kv_events(e.instance_id), e)
 
 
-async def started(nc, **kw) -> KvCacheService:
-    svc = KvCacheService(nc, KvCacheConfig(prune_interval_s=0, **kw))
+async def started(nc, view: InstanceView, **kw) -> KvCacheService:
+    svc = KvCacheService(nc, KvCacheConfig(**kw), view)
     await asyncio.wait_for(svc.start(), 10)
     return svc
+
+
+@pytest.fixture
+async def view(nc):
+    """A registry view of its own, with a TTL longer than any test: no instance departs unless removed."""
+    view = await InstanceView.open(nc, bucket=f"kv_{uuid.uuid4().hex[:8]}", ttl=60)
+    yield view
+    await view.close()
 
 
 async def ask(nc, tokens: list[int], block_size: int = BS) -> KvQueryReply:
@@ -165,10 +177,10 @@ async def js(nc):
 
 
 @pytest.mark.integration
-async def test_query_over_nats_and_replay_after_restart(nc, js) -> None:
+async def test_query_over_nats_and_replay_after_restart(nc, js, view) -> None:
     await publish(js, [ev("w-a", 1, hashes=H[:5]), ev("w-b", 1, hashes=H[:2]),
                        ev("w-b", 2, hashes=H[:1], tier="host"), ev("w-a", 2, "removed", hashes=H[4:])])
-    svc = await started(nc)
+    svc = await started(nc, view)
     before = await ask(nc, PROMPT + [1, 2])  # a partial last block does not count
     assert before.matches == {"w-a": 4, "w-b": 2} and before.num_blocks == 6
     assert before.tiers == {"w-a": {"device": 4}, "w-b": {"device": 2}}
@@ -177,14 +189,14 @@ async def test_query_over_nats_and_replay_after_restart(nc, js) -> None:
 
     # Live: events published while serving reach the index.
     await publish(js, [ev("w-b", 3, hashes=H[2:6], parent=H[1])])
-    deadline = time.monotonic() + 5
-    while (await ask(nc, PROMPT)).matches.get("w-b") != 6:
-        assert time.monotonic() < deadline, "live event not applied"
-        await asyncio.sleep(0.05)
+    async def applied() -> bool:
+        return (await ask(nc, PROMPT)).matches.get("w-b") == 6
+
+    await until(applied, 20, "live event not applied")
     live = await ask(nc, PROMPT)
     await svc.stop()
 
-    restarted = await started(nc)  # a new process would do the same: replay from the first message
+    restarted = await started(nc, view)  # a new process would do the same: replay from the first message
     assert restarted.events_applied == 5
     replayed = await ask(nc, PROMPT)
     assert (replayed.matches, replayed.tiers) == (live.matches, live.tiers)
@@ -193,29 +205,26 @@ async def test_query_over_nats_and_replay_after_restart(nc, js) -> None:
 
 
 @pytest.mark.integration
-async def test_gap_in_sequence_detected_live_and_on_replay(nc, js) -> None:
+async def test_gap_in_sequence_detected_live_and_on_replay(nc, js, view) -> None:
     await publish(js, [ev("w-g", 1, hashes=H[:3]), ev("w-ok", 1, hashes=H[:3])])
-    svc = await started(nc)
+    svc = await started(nc, view)
     assert (await ask(nc, PROMPT)).matches == {"w-g": 3, "w-ok": 3}
     await publish(js, [ev("w-g", 3, hashes=H[5:6], parent=H[4])])  # seq 2 never arrives
-    deadline = time.monotonic() + 5
-    while svc.gaps_detected == 0:
-        assert time.monotonic() < deadline, "gap not detected"
-        await asyncio.sleep(0.05)
+    await until(lambda: svc.gaps_detected, 20, "gap not detected")
     assert (await ask(nc, PROMPT)).matches == {"w-ok": 3}
     await svc.stop()
 
-    again = await started(nc)
+    again = await started(nc, view)
     assert again.gaps_detected == 1 and again.events_applied == 3
     assert (await ask(nc, PROMPT)).matches == {"w-ok": 3}
     await again.stop()
 
 
 @pytest.mark.integration
-async def test_bad_queries_and_events_get_clear_errors(nc, js) -> None:
+async def test_bad_queries_and_events_get_clear_errors(nc, js, view) -> None:
     await nc.publish(subjects.kv_events("w-junk"), b"not msgpack")  # core publish still lands in the stream
     await publish(js, [ev("w-2", 1, hashes=["not", "ints"]), ev("w-1", 1, hashes=H[:1])])
-    svc = await started(nc)
+    svc = await started(nc, view)
     assert svc.bad_events == 2 and svc.events_applied == 1
     reply = await ask(nc, PROMPT, block_size=0)
     assert reply.error and "block_size" in reply.error and reply.matches == {}
@@ -226,22 +235,27 @@ async def test_bad_queries_and_events_get_clear_errors(nc, js) -> None:
 
 
 @pytest.mark.integration
-async def test_instances_gone_from_registry_are_dropped(nc, js) -> None:
-    registry = await InstanceRegistry.open(js)
-    live, dead = f"w-live-{uuid.uuid4().hex[:6]}", f"w-dead-{uuid.uuid4().hex[:6]}"
-    await registry.heartbeat(InstanceInfo(instance_id=live, role="decode", model="m", pid=1, host="h"))
-    await publish(js, [ev(live, 1, hashes=H[:2]), ev(dead, 1, hashes=H[:3])])
-    svc = await started(nc)
-    assert await svc.check_registry() == []  # first miss: grace for a worker not yet registered
-    assert (await ask(nc, PROMPT)).matches == {live: 2, dead: 3}
-    await registry.heartbeat(InstanceInfo(instance_id=live, role="decode", model="m", pid=1, host="h"))
-    assert await svc.check_registry() == [dead]
-    assert (await ask(nc, PROMPT)).matches == {live: 2}
-    assert svc.instances_dropped == 1
-    info = await js.stream_info(subjects.KV_EVENTS_STREAM)
-    assert info.state.messages == 1  # the dead instance's history was purged
-    await svc.stop()
-    await registry.remove(live)
+async def test_instances_that_leave_the_registry_are_dropped(nc, js) -> None:
+    view = await InstanceView.open(nc, bucket=f"kv_{uuid.uuid4().hex[:8]}", ttl=TTL)
+    live, dead, ghost = "w-live", "w-dead", "w-ghost"
+    for iid in (live, dead):
+        await view.registry.heartbeat(InstanceInfo(instance_id=iid, role="decode", model="m", pid=1, host="h"))
+    await publish(js, [ev(live, 1, hashes=H[:2]), ev(dead, 1, hashes=H[:3]), ev(ghost, 1, hashes=H[:1])])
+    async with Heartbeater(view.registry, lambda: InstanceInfo(live, "decode", "m", 1, "h"), interval=TTL / 4):
+        svc = await started(nc, view)
+        assert (await ask(nc, PROMPT)).matches == {live: 2, dead: 3, ghost: 1}
+        await view.registry.remove(dead)  # a clean stop: dropped at once
+        await view.wait(lambda: svc.instances_dropped == 1)
+        assert (await ask(nc, PROMPT)).matches == {live: 2, ghost: 1}
+        # Known from its events only: dropped once a TTL passes without its heartbeat.
+        await view.wait(lambda: svc.instances_dropped == 2, timeout=TTL + 3)
+        assert (await ask(nc, PROMPT)).matches == {live: 2}
+        async def purged() -> bool:  # their histories are purged (a task after the drop)
+            return (await js.stream_info(subjects.KV_EVENTS_STREAM)).state.messages == 1
+
+        await until(purged, 20, "the departed instances' histories were not purged")
+        await svc.stop()
+    await view.close()
 
 
 @pytest.mark.integration

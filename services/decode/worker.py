@@ -7,7 +7,6 @@ this same worker registered under the colocated role: the baseline disaggregatio
 
 import asyncio
 import time
-from collections import OrderedDict
 
 import structlog
 from nats.aio.msg import Msg
@@ -20,13 +19,11 @@ from shared.engine.sampling_params import SamplingParams
 from shared.kv_transfer import import_kv
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
-from shared.worker import Worker, WorkerConfig, run_worker
+from shared.worker import ABORTED, Worker, WorkerConfig, run_worker
 
 log = structlog.get_logger()
 
 
-ABORTS_KEPT = 10_000  # aborted request ids remembered: a hand-off may arrive after its abort
-ABORTED = {"message": "the request was aborted", "type": "server_error", "code": 499}
 
 
 class DecodeWorker(Worker):
@@ -34,14 +31,10 @@ class DecodeWorker(Worker):
 
     def __init__(self, config: WorkerConfig):
         super().__init__(config)
-        self.aborted: OrderedDict[str, None] = OrderedDict()
         self.copies: dict[str, asyncio.Task] = {}  # KV imports in progress, by request id
 
     def abort(self, request_id: str) -> None:
-        # Remembered: the hand-off and the abort travel different ways, either may come first.
-        self.aborted[request_id] = None
-        if len(self.aborted) > ABORTS_KEPT:
-            self.aborted.popitem(last=False)
+        self.remember_abort(request_id)
         if request_id in self.copies:
             # Stop the copy first (it writes blocks only between awaits, so never half a layer);
             # its request frees the blocks after.
@@ -71,8 +64,9 @@ class DecodeWorker(Worker):
         if rid in self.aborted:  # aborted while the blocks were being reserved
             await self.engine.call(lambda e: e.abort_request(rid))
             return await respond(msg, Ack(rid, self.instance_id, False, ABORTED))
+        block_shape = tuple(self.engine.engine.runner.k_cache.shape[2:])
         copy = self.copies[rid] = asyncio.create_task(
-            import_kv(handoff.handle, self.engine.engine.runner, blocks, self.host))
+            import_kv(handoff.handle, block_shape, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
         try:
             await respond(msg, Ack(rid, self.instance_id))  # blocks reserved: the KV comes as it is computed
             await asyncio.wait({copy})
@@ -102,6 +96,14 @@ class DecodeWorker(Worker):
             self.engine.abort(rid)
             return await self.publish_error(req, f"bad hand-off: {e}", 500, "server_error")
         await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker
+
+    async def _write_kv(self, blocks: list[int], kv) -> None:
+        """The imported layers into the reserved blocks, on the engine thread: the event loop's thread never
+        touches engine state. The engine drops its reference to `kv` (maybe a view of the exporter's
+        segment) before this returns, so the segment can be closed right after."""
+        held = [kv]
+        del kv
+        await self.engine.call(lambda e: e.runner.write_kv(blocks, held.pop()))
 
     async def _reserve(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> list[int]:
         """Blocks for the prompt's KV, waiting for room rather than wasting the prefill."""

@@ -1,6 +1,6 @@
 """The aiohttp application: routes, auth, limits, and the error middleware that speaks OpenAI JSON.
 
-Everything the app talks to is passed in (tokenizer, model info, backend, registry), so tests can
+Everything the app talks to is passed in (tokenizer, model info, backend, instance view), so tests can
 run it against a real NATS with a scripted router, or with fakes.
 """
 
@@ -27,7 +27,6 @@ from shared.metrics import CONTENT_TYPE
 log = structlog.get_logger("xllm.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-HEALTH_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Gateway:
     tokenizer: Any  # shared.engine.tokenizer.Tokenizer or anything with its methods
     model: ModelInfo
     backend: Backend
-    registry: Any | None  # anything with `async list_instances() -> list[InstanceInfo]`
+    view: Any | None  # the process's InstanceView, or anything with `instances() -> list[InstanceInfo]`
     metrics: GatewayMetrics
     inflight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
@@ -64,11 +63,11 @@ def create_app(
     tokenizer: Any,
     model: ModelInfo,
     backend: Backend,
-    registry: Any | None = None,
+    view: Any | None = None,
     metrics: GatewayMetrics | None = None,
 ) -> web.Application:
     """The gateway app. `backend` must be started (`await backend.start()`); the caller owns NATS."""
-    gw = Gateway(config, tokenizer, model, backend, registry, metrics or GatewayMetrics.create())
+    gw = Gateway(config, tokenizer, model, backend, view, metrics or GatewayMetrics.create())
     gw.metrics.running.set_function(lambda: gw.inflight)
     app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
     app[GATEWAY] = gw
@@ -168,15 +167,13 @@ def _model_card(gw: Gateway) -> dict:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 only while a full path to a worker exists: a ready colocated instance, or a ready prefill
-    and a ready decode instance."""
+    """200 only while a full path to a worker exists: NATS is reachable, and there is a ready colocated
+    instance, or a ready prefill and a ready decode instance."""
     gw = request.app[GATEWAY]
-    try:
-        live = await _instances(gw)
-    except Exception as e:
-        return _json({"status": "unavailable", "reason": f"instance registry: {e!r}"}, status=503)
+    if not gw.backend.nc.is_connected:
+        return _json({"status": "unavailable", "reason": "the message bus is unreachable"}, status=503)
     ready: dict[str, int] = {}
-    for info in live:
+    for info in _instances(gw):
         if info.state == "ready":
             ready[info.role] = ready.get(info.role, 0) + 1
     ok = "colocated" in ready or ("prefill" in ready and "decode" in ready)
@@ -185,33 +182,23 @@ async def health(request: web.Request) -> web.Response:
 
 async def instances(request: web.Request) -> web.Response:
     """Live instances for operators: id, role, pid, host, state and load."""
-    gw = request.app[GATEWAY]
-    try:
-        live = await _instances(gw)
-    except Exception as e:
-        raise ApiError(503, f"instance registry unavailable: {e!r}", "server_error") from None
     return _json([
         {"instance_id": i.instance_id, "role": i.role, "model": i.model, "pid": i.pid, "host": i.host,
          "state": i.state, "updated_at": i.updated_at,
          "load": {"running": i.running, "waiting": i.waiting, "free_blocks": i.free_blocks,
                   "total_blocks": i.total_blocks}}
-        for i in live
+        for i in _instances(request.app[GATEWAY])
     ])  # fmt: skip
 
 
-async def _instances(gw: Gateway) -> list:
-    if gw.registry is None:
-        raise RuntimeError("no instance registry configured")
-    return await asyncio.wait_for(gw.registry.list_instances(), HEALTH_TIMEOUT_S)
+def _instances(gw: Gateway) -> list:
+    return gw.view.instances() if gw.view is not None else []
 
 
 async def metrics_text(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    text = gw.metrics.registry.render()
-    try:  # the workers' load and KV figures, as their last heartbeats reported them
-        text += instance_metrics(await _instances(gw))
-    except Exception as e:  # the gateway's own metrics still answer when the registry does not
-        log.warning("metrics_registry_unavailable", error=str(e))
+    # the workers' load and KV figures, as their last heartbeats reported them
+    text = gw.metrics.registry.render() + instance_metrics(_instances(gw))
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -5,10 +5,14 @@ attempt's reply subject is `<inbox>.<attempt id>`, so sending needs no per-reque
 
 Failover ("nothing in flight is lost when a worker dies"). The request goes to the router as a NATS
 request; its RouteReply names the instances now holding it. The request moves elsewhere when
-  - one of those instances leaves the registry: one background task re-reads the registry every
-    `refresh_s` while requests are in flight and marks the attempts whose instances are gone, or
-  - a worker sends an error chunk with code 503 (it cannot go on; another instance may),
-by resubmitting it (attempt + 1), at most `max_attempts` submissions in all, then a clear 503.
+  - one of those instances leaves the registry (the process's live view says so: its entry was removed
+    or its heartbeats stopped for the TTL), or
+  - a worker sends an error chunk with code 503 (it cannot go on; another instance may), or
+  - this gateway's NATS connection came back after a loss: chunks published meanwhile are gone (core
+    NATS keeps none), so every request in flight goes on from what reached it,
+by resubmitting it (attempt + 1), at most `max_submissions` submissions in all, then a clear 503; for
+`RECOVERY_S` after a reconnection, a resubmission that finds no router or no instance yet (they are
+reconnecting too) is tried again with backoff and not counted.
 Before any output the same request goes again. After output (n == 1) it continues: prompt = prompt
 + the tokens generated so far, max_tokens and min_tokens reduced by their number, so the client's
 stream goes on where it stopped. A seeded or penalised request may then differ from an uninterrupted
@@ -37,15 +41,21 @@ from shared.messages import AbortRequest, GenerateRequest, RouteReply, SchemaErr
 log = structlog.get_logger("xllm.gateway")
 
 ROUTE_TIMEOUT_S = 10.0  # the router tries a few workers, each with a ~2 s ack timeout
-REFRESH_S = 0.5  # how often the registry is re-read while requests are in flight
 RETRIABLE_CODE = 503  # a worker's "I cannot go on": the request may go to another instance
+RECOVERY_S = 15.0  # after a NATS reconnection, how long resubmissions wait for routers and workers
 
 
 @dataclass
 class Lost:
-    """Put in an attempt's queue when one of its instances left the registry."""
+    """Put in an attempt's queue when one of its instances left the registry ("" : the bus reconnected)."""
 
     instance_id: str
+
+    @property
+    def reason(self) -> str:
+        if not self.instance_id:
+            return "the message bus reconnected (chunks may have been lost)"
+        return f"instance {self.instance_id} left the registry"
 
 
 @dataclass
@@ -56,7 +66,6 @@ class Attempt:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     instances: list[str] = field(default_factory=list)  # from the RouteReply
     watch: set[str] = field(default_factory=set)  # the instances whose leaving ends this attempt
-    routed_at: float | None = None  # monotonic time the RouteReply arrived
     started: bool = False  # a chunk arrived
     lost: bool = False
     next_seq: int = 0  # StreamChunk.seq expected next
@@ -64,37 +73,39 @@ class Attempt:
 
 
 class Backend:
-    def __init__(self, nc: Any, retry_after_s: int = 1, *, registry: Any | None = None, max_attempts: int = 3,
-                 route_timeout_s: float = ROUTE_TIMEOUT_S, refresh_s: float = REFRESH_S):  # fmt: skip
+    def __init__(self, nc: Any, retry_after_s: int = 1, *, view: Any | None = None, max_submissions: int = 3,
+                 route_timeout_s: float = ROUTE_TIMEOUT_S):
         self.nc = nc
         self.retry_after_s = retry_after_s
-        self.registry = registry  # anything with `async list_instances()`; None: no registry watch
-        self.max_attempts = max_attempts
+        self.view = view  # the process's InstanceView (or anything with `on_gone` and `expect`); None: no watch
+        self.max_submissions = max_submissions
         self.route_timeout_s = route_timeout_s
-        self.refresh_s = refresh_s
+        self.restored_at = -RECOVERY_S  # monotonic time NATS last came back
         self._inbox = ""
         self._attempts: dict[str, Attempt] = {}
         self._sub: Any = None
-        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
         # Unbounded pending on the subscription: each stream is bounded by its request's max_tokens,
         # and dropping a chunk (slow consumer) would corrupt an answer.
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_chunk, pending_msgs_limit=0,
-                                            pending_bytes_limit=0)  # fmt: skip
-        if self.registry is not None:
-            self._watcher = asyncio.create_task(self._watch_registry(), name="gateway-registry-watch")
+                                            pending_bytes_limit=0)
+        if self.view is not None:
+            self.view.on_gone.append(self._instance_gone)
+        bus.on_connection(self.nc, restored=self._bus_restored)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-            self._watcher = None
+        if self.view is not None and self._instance_gone in self.view.on_gone:
+            self.view.on_gone.remove(self._instance_gone)
         if self._sub is not None:
             with suppress(Exception):  # a closed connection has no subscription left to drop
                 await self._sub.unsubscribe()
             self._sub = None
+
+    def recovering(self) -> bool:
+        """NATS came back a moment ago: routers and workers may still be reconnecting."""
+        return time.monotonic() - self.restored_at < RECOVERY_S
 
     @property
     def active(self) -> int:
@@ -145,7 +156,9 @@ class Backend:
             raise from_chunk_error(reply.error, self.retry_after_s)
         attempt.instances = list(reply.instances)
         attempt.watch = set(reply.instances)
-        attempt.routed_at = time.monotonic()
+        if self.view is not None:
+            for instance_id in reply.instances:  # one this view has not seen yet must show up in time
+                self.view.expect(instance_id)
         return attempt
 
     async def release(self, attempt: Attempt, abort: bool) -> None:
@@ -165,27 +178,22 @@ class Backend:
         if attempt is not None:  # else: a late chunk of an attempt already ended
             attempt.queue.put_nowait(msg.data)
 
-    async def _watch_registry(self) -> None:
-        """While attempts are in flight, mark those whose instances left the registry."""
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            if not any(a.watch for a in self._attempts.values()):
-                continue
-            started = time.monotonic()
-            try:
-                infos = await asyncio.wait_for(self.registry.list_instances(), max(1.0, 4 * self.refresh_s))
-            except Exception as e:  # NATS hiccup: no verdict this round (never fail over on a guess)
-                log.warning("registry_read_failed", error=f"{type(e).__name__}: {e}")
-                continue
-            live = {i.instance_id for i in infos}
-            for attempt in list(self._attempts.values()):
-                # Only a snapshot taken after the router chose these instances can say one has left.
-                if attempt.lost or attempt.routed_at is None or attempt.routed_at >= started:
-                    continue
-                gone = sorted(attempt.watch - live)
-                if gone:
-                    attempt.lost = True
-                    attempt.queue.put_nowait(Lost(gone[0]))
+    def _instance_gone(self, instance_id: str) -> None:
+        for attempt in self._attempts.values():
+            if instance_id in attempt.watch:
+                self._lose(attempt, instance_id)
+
+    def _bus_restored(self) -> None:
+        self.restored_at = time.monotonic()
+        for attempt in self._attempts.values():
+            if attempt.instances:  # routed: its chunks travel the bus
+                self._lose(attempt, "")
+
+    @staticmethod
+    def _lose(attempt: Attempt, instance_id: str) -> None:
+        if not attempt.lost:
+            attempt.lost = True
+            attempt.queue.put_nowait(Lost(instance_id))
 
 
 class Generation:
@@ -216,7 +224,12 @@ class Generation:
                 return self._accept(chunk)
             item = await self._get()
             if isinstance(item, Lost):
-                why = f"instance {item.instance_id} left the registry"
+                if not item.instance_id and self.produced and self.req.params.get("n", 1) != 1 \
+                        and self.on_restart is None:
+                    # Streamed n > 1 output cannot be continued elsewhere: better to hope nothing was lost.
+                    self.attempt.lost = False
+                    continue
+                why = item.reason
             else:
                 try:
                     chunk = StreamChunk.decode(item)
@@ -263,10 +276,11 @@ class Generation:
 
     async def _fail_over(self, why: str) -> StreamChunk | None:
         """Resubmit elsewhere; a final chunk when nothing is left to generate, else None."""
+        backoff = 0.05
         while True:
             await self.backend.release(self.attempt, abort=True)
             log.warning("failover", reason=why, attempts=self.submissions, generated=len(self.generated))
-            if self.submissions >= self.backend.max_attempts:
+            if self.submissions >= self.backend.max_submissions and not self.backend.recovering():
                 raise ApiError(503, f"the request failed on {self.submissions} attempts (last: {why}); "
                                "retry later", "server_error", None, "worker_unavailable",
                                self.backend.retry_after_s)  # fmt: skip
@@ -281,9 +295,17 @@ class Generation:
             if max_tokens is not None and len(self.generated) >= max_tokens:  # all there but the finish
                 return StreamChunk(self.req.request_id, [{"index": 0, "token_ids": [], "text": "",
                                                           "finish_reason": "length"}], finished=True)  # fmt: skip
-            if await self._submit():
-                return None
-            why = "the router did not answer"
+            try:
+                if await self._submit():
+                    return None
+                why = "the router did not answer"
+            except ApiError as e:  # refused: final, unless routers and workers are still reconnecting
+                if not (e.status == 503 and self.backend.recovering()):
+                    raise
+                why = e.message
+            if self.backend.recovering():
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, 2 * backoff)
 
     async def _submit(self) -> bool:
         """Route the next attempt: False when the router did not answer (ApiError when it refused)."""

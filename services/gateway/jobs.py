@@ -40,6 +40,7 @@ from services.gateway.serving import response_body
 from shared import bus, subjects
 from shared.jobs_client import JOB_ID_RE, URLS, iter_results
 from shared.messages import GenerateRequest, Job, JobDone, JobResult, SchemaError
+from shared.retry import every, retry
 
 log = structlog.get_logger("xllm.gateway.jobs")
 
@@ -49,6 +50,7 @@ PROGRESS_EVERY_S = 15.0
 FETCH_WAIT_S = 5.0
 MAX_DELIVERIES = 20  # a job redelivered this often (it keeps killing gateways?) fails what is left
 RETRY_FOR_S = 600.0  # how long an offline request keeps retrying router refusals (429 / 503)
+PUBLISH_FOR_S = 60.0  # how long a result waits for NATS to come back before the job is handed back
 OFFLINE_PRIORITY = 1
 KINDS = dict(zip(URLS, ("chat", "completion")))
 
@@ -96,16 +98,16 @@ class JobRunner:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                msgs = await self._sub.fetch(1, timeout=FETCH_WAIT_S)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as e:  # NATS reconnecting, consumer gone...: try again shortly
-                log.warning("job_fetch_failed", error=f"{type(e).__name__}: {e}")
-                await asyncio.sleep(1.0)
-                continue
+            # NATS reconnecting, consumer gone...: try again shortly; no job waiting is no failure
+            msgs = await retry(self._fetch, "job_fetch", delay=1.0, max_delay=1.0)
             for msg in msgs:
                 await self._handle(msg)
+
+    async def _fetch(self) -> list:
+        try:
+            return await self._sub.fetch(1, timeout=FETCH_WAIT_S)
+        except nats.errors.TimeoutError:
+            return []
 
     async def _handle(self, msg: Any) -> None:
         progress = asyncio.create_task(self._keep_in_progress(msg))
@@ -126,10 +128,8 @@ class JobRunner:
             progress.cancel()
 
     async def _keep_in_progress(self, msg: Any) -> None:
-        while True:
-            await asyncio.sleep(PROGRESS_EVERY_S)
-            with suppress(Exception):
-                await msg.in_progress()
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        await every(PROGRESS_EVERY_S, msg.in_progress, "job_in_progress")
 
     # -- one job ----------------------------------------------------------------------------------
 
@@ -180,20 +180,15 @@ class JobRunner:
 
     async def run_request(self, line: _Line) -> tuple[dict | None, dict | None]:
         """(response body, None) or (None, error) for one request; refusals retried with backoff."""
-        deadline, delay = time.monotonic() + RETRY_FOR_S, 0.5
-        while True:
-            try:
-                return await self._generate(line), None
-            except ApiError as e:
-                if e.status in (429, 503) and time.monotonic() + delay < deadline:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                return None, {**e.body()["error"], "code": e.status}
-            except Exception as e:  # a bug must cost one result, not the job
-                log.exception("job_request_crashed", custom_id=line.custom_id)
-                return None, {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                              "param": None, "code": 500}  # fmt: skip
+        try:
+            return await retry(lambda: self._generate(line), "job_request", delay=0.5, max_delay=5.0,
+                               give_up_after=RETRY_FOR_S, retry_if=_refused), None
+        except ApiError as e:
+            return None, {**e.body()["error"], "code": e.status}
+        except Exception as e:  # a bug must cost one result, not the job
+            log.exception("job_request_crashed", custom_id=line.custom_id)
+            return None, {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                          "param": None, "code": 500}
 
     async def _generate(self, line: _Line) -> dict:
         parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line)
@@ -240,7 +235,9 @@ class JobRunner:
         return error is None
 
     async def _publish(self, msg: JobResult | JobDone, msg_id: str) -> None:
-        await bus.publish(self.js, subjects.job_results(msg.job_id), msg, msg_id=msg_id)
+        """Publish a result, riding out a NATS outage (the msg id drops a retry whose first try landed)."""
+        await retry(lambda: bus.publish(self.js, subjects.job_results(msg.job_id), msg, msg_id=msg_id),
+                    "job_result_publish", give_up_after=PUBLISH_FOR_S)
 
     async def _published(self, job_id: str) -> tuple[dict[str, bool], bool]:
         """What an earlier run published: {custom_id: succeeded}, and whether the JobDone is there."""
@@ -255,6 +252,10 @@ class JobRunner:
                 return outcomes, True
             outcomes.setdefault(item.custom_id, item.error is None)
         return outcomes, False
+
+
+def _refused(e: Exception) -> bool:
+    return isinstance(e, ApiError) and e.status in (429, 503)
 
 
 def parse_job(data: bytes) -> tuple[str, list[_Line]]:

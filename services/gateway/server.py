@@ -13,8 +13,8 @@ from services.gateway.config import GatewayConfig
 from services.gateway.jobs import JobRunner
 from services.gateway.protocol import ModelInfo
 from shared.bus import connect
+from shared.instance_view import InstanceView
 from shared.logging import configure_logging
-from shared.registry import InstanceRegistry
 from shared.signals import stop_on_signals
 
 log = structlog.get_logger("xllm.gateway")
@@ -49,12 +49,12 @@ async def serve(
     tokenizer, model_config = await loop.run_in_executor(None, load_tokenizer, config.model)
     defaults = await loop.run_in_executor(None, load_generation_defaults, config.model)
     nc = await connect(config.nats, name="gateway")
-    registry = await InstanceRegistry.open(nc.jetstream())
-    backend = Backend(nc, config.retry_after_s, registry=registry, max_attempts=config.max_attempts,
-                      route_timeout_s=config.route_timeout_s)  # fmt: skip
+    view = await InstanceView.open(nc)
+    backend = Backend(nc, config.retry_after_s, view=view, max_submissions=config.max_submissions,
+                      route_timeout_s=config.route_timeout_s)
     await backend.start()
     info = model_info(config, model_config, defaults)
-    app = create_app(config, tokenizer, info, backend, registry)
+    app = create_app(config, tokenizer, info, backend, view)
     jobs = JobRunner(nc, backend, tokenizer, info, config) if config.job_concurrency else None
     if jobs is not None:
         await jobs.start()
@@ -75,5 +75,6 @@ async def serve(
             await jobs.stop()  # a job in progress goes back to the stream, resumed by the next runner
         await runner.cleanup()  # stops accepting; in-flight requests get shutdown_timeout_s to finish
         await backend.close()
+        await view.close()
         await nc.drain()
         log.info("gateway_stopped")

@@ -12,39 +12,41 @@ would also have to be per replica to give each replica every event. Queries are 
 the replay has caught up with the stream as it was at start, so a restart never answers from a
 half-built index.
 
-Departed instances: every `prune_interval_s` the service reads the registry; an instance with
-entries in the index that is absent from the registry at two checks in a row (so a worker that
-publishes events just before its first heartbeat survives) is dropped from the index, and its
-subject is purged from the stream so that replays stay short. If it was only stalled and comes
-back, its next event shows a sequence gap and it is indexed afresh from there.
+After a NATS reconnection the consumer is made again from the event after the last one applied (a
+restarted server forgot it; waiting for the client to notice missed heartbeats would take ~10 s).
+
+Departed instances: when the process's live registry view says an instance left (its entry removed,
+or no heartbeat for the TTL), its entries are dropped from the index and its subject purged from the
+stream so that replays stay short. An instance seen only in events, never in the registry, counts as
+departed once a TTL passes without its heartbeat. If it was only stalled and comes back, its next event
+shows a sequence gap and it is indexed afresh from there.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
 import uvloop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.kvcache.index import KvIndex
 from shared import bus, subjects
 from shared.block_hash import block_hashes
 from shared.config import load_config, opt
+from shared.instance_view import InstanceView
 from shared.logging import LOG_LEVELS, bind_request, configure_logging, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
 from shared.metrics import stats_endpoint
-from shared.registry import InstanceRegistry
+from shared.retry import retry
 from shared.signals import stop_on_signals
 
 log = get_logger("xllm.kvcache")
-
-PRUNE_MISSES = 2  # consecutive registry checks an instance must be absent from before it is dropped
-
 
 @dataclass
 class KvCacheConfig:
@@ -53,8 +55,6 @@ class KvCacheConfig:
     nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
     metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
-    prune_interval_s: float = opt(5.0, "seconds between registry checks that drop departed instances "
-                                       "(0 = never)", min=0)
     replay_timeout_s: float = opt(120.0, "at start, serve after this many seconds even if the replay "
                                          "has not caught up (answers may under-report)", min=0)
 
@@ -72,20 +72,21 @@ class KvCacheConfig:
 class KvCacheService:
     """One replica of the service. Counters below are read by the metrics exporter."""
 
-    def __init__(self, nc: Client, config: KvCacheConfig):
+    def __init__(self, nc: Client, config: KvCacheConfig, view: InstanceView | None = None):
         self.nc = nc
         self.config = config
+        self.view = view
         self.index = KvIndex()
         self.ready = asyncio.Event()  # replay caught up; queries are served
         self.queries_served = 0
         self.bad_events = 0
         self.instances_dropped = 0
         self._replay_until = 0  # stream sequence of the last message present at start
-        self._misses: dict[str, int] = {}
-        self._registry: InstanceRegistry | None = None
+        self._last_seq = 0  # stream sequence of the last event handled
         self._events_sub = None
         self._query_sub = None
-        self._prune_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._own_view: InstanceView | None = None
 
     # -- metrics ------------------------------------------------------------------------------------
 
@@ -113,21 +114,40 @@ class KvCacheService:
         """Replay the event stream, then serve queries and follow new events."""
         js = self.nc.jetstream()
         await bus.ensure_stream(js, bus.KV_EVENTS)
-        self._registry = await InstanceRegistry.open(js)
+        if self.view is None:
+            self.view = self._own_view = await InstanceView.open(self.nc)
+        self.view.on_gone.append(self._instance_gone)
         state = (await js.stream_info(subjects.KV_EVENTS_STREAM)).state
         self._replay_until = state.last_seq if state.messages else 0
         if not self._replay_until:
             self.ready.set()
-        self._events_sub = await js.subscribe(
-            f"{subjects.KV_EVENTS_PREFIX}.>", stream=subjects.KV_EVENTS_STREAM, cb=self._on_event,
-            ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, idle_heartbeat=5.0)
+        await self._follow(DeliverPolicy.ALL)
+        bus.on_connection(self.nc, restored=lambda: self._spawn(self._follow_again()))
         await self._wait_replayed(js)
         log.info("kvcache_replayed", events=self.events_applied, gaps=self.gaps_detected,
                  instances=len(self.index.instances), blocks=self.index_size)
         self._query_sub = await self.nc.subscribe(subjects.KVCACHE_QUERY, queue=subjects.KVCACHE_QUEUE,
                                                   cb=self._on_query)
-        if self.config.prune_interval_s > 0:
-            self._prune_task = asyncio.create_task(self._prune_loop(), name="kvcache-prune")
+
+    async def _follow(self, policy: DeliverPolicy, start_seq: int | None = None) -> None:
+        config = ConsumerConfig(deliver_policy=policy, opt_start_seq=start_seq)
+        self._events_sub = await self.nc.jetstream().subscribe(
+            f"{subjects.KV_EVENTS_PREFIX}.>", stream=subjects.KV_EVENTS_STREAM, cb=self._on_event,
+            ordered_consumer=True, config=config, idle_heartbeat=5.0)
+
+    async def _follow_again(self) -> None:
+        """Back on NATS: follow the stream from the event after the last one handled."""
+        old, self._events_sub = self._events_sub, None
+        with suppress(Exception):  # its consumer may have died with the server
+            await old.unsubscribe()
+        await retry(lambda: self._follow(DeliverPolicy.BY_START_SEQUENCE, self._last_seq + 1),
+                    "kv_events_follow")
+        log.info("kv_events_followed_again", from_seq=self._last_seq + 1)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _wait_replayed(self, js: JetStreamContext) -> None:
         deadline = asyncio.get_running_loop().time() + self.config.replay_timeout_s
@@ -144,13 +164,16 @@ class KvCacheService:
                     self.ready.set()
 
     async def stop(self) -> None:
-        if self._prune_task is not None:
-            self._prune_task.cancel()
-            await asyncio.gather(self._prune_task, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        if self.view is not None and self._instance_gone in self.view.on_gone:
+            self.view.on_gone.remove(self._instance_gone)
         for sub in (self._query_sub, self._events_sub):
             if sub is not None and not self.nc.is_closed:
                 await sub.unsubscribe()
-        self._query_sub = self._events_sub = self._prune_task = None
+        self._query_sub = self._events_sub = None
+        if self._own_view is not None:
+            await self._own_view.close()
 
     # -- handlers -----------------------------------------------------------------------------------
 
@@ -165,7 +188,10 @@ class KvCacheService:
             if result.gap:
                 log.warning("kv_event_gap", instance=ev.instance_id, expected_seq=result.expected_seq,
                             got_seq=ev.seq, action="dropped the instance's entries")
+            if ev.instance_id in self.index.instances:
+                self.view.expect(ev.instance_id)  # gone unless it heartbeats
         meta = msg.metadata
+        self._last_seq = meta.sequence.stream
         if not self.ready.is_set() and (meta.sequence.stream >= self._replay_until or meta.num_pending == 0):
             self.ready.set()
 
@@ -197,35 +223,19 @@ class KvCacheService:
         return KvQueryReply(request_id=q.request_id, matches={i: len(ts) for i, ts in tiers.items()},
                             tiers=by_tier, num_blocks=len(hashes))
 
-    # -- registry pruning ---------------------------------------------------------------------------
+    # -- departed instances -------------------------------------------------------------------------
 
-    async def check_registry(self) -> list[str]:
-        """Compare indexed instances with the registry; drop those missing twice in a row."""
-        assert self._registry is not None, "start() first"
-        live = {info.instance_id for info in await self._registry.list_instances()}
-        dropped = []
-        for iid in list(self.index.instances):
-            if iid in live:
-                self._misses.pop(iid, None)
-                continue
-            self._misses[iid] = self._misses.get(iid, 0) + 1
-            if self._misses[iid] >= PRUNE_MISSES:
-                del self._misses[iid]
-                self.index.drop_instance(iid)
-                self.instances_dropped += 1
-                dropped.append(iid)
-                await self.nc.jetstream().purge_stream(subjects.KV_EVENTS_STREAM,
-                                                       subject=subjects.kv_events(iid))
-                log.info("instance_dropped", instance=iid, reason="absent from the registry")
-        return dropped
+    def _instance_gone(self, instance_id: str) -> None:
+        if self.index.drop_instance(instance_id):
+            self.instances_dropped += 1
+            log.info("instance_dropped", instance=instance_id, reason="left the registry")
+            self._spawn(self._purge(instance_id))
 
-    async def _prune_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.prune_interval_s)
-            try:
-                await self.check_registry()
-            except Exception as e:  # NATS hiccup: try again next time
-                log.warning("registry_check_failed", error=f"{type(e).__name__}: {e}")
+    async def _purge(self, instance_id: str) -> None:
+        try:
+            await self.nc.jetstream().purge_stream(subjects.KV_EVENTS_STREAM, subject=subjects.kv_events(instance_id))
+        except Exception as e:  # NATS hiccup: the history stays, a replay drops the instance again
+            log.warning("kv_events_purge_failed", instance=instance_id, error=f"{type(e).__name__}: {e}")
 
 
 def run(config: KvCacheConfig) -> None:

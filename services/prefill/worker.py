@@ -1,13 +1,14 @@
 """Prefill role: compute a prompt's KV and first token, hand the rest to the decode worker the router
 chose.
 
-The decode worker gets the hand-off (NATS carries only the handle) when the prefill starts: it reserves
-its blocks and connects to the data plane (shared memory on one host; TCP across hosts, where each
-layer's KV streams as the prompt's last step computes it). The first token streams to the gateway at
-once, as on any worker; then the decode worker learns each sequence's first token and sampler state
-and goes on. The blocks are freed once the KV is copied out; the export lives until the decode worker
-confirms receipt, or the lease lapses: never a leak. A request with no decode instance (the
-router's fallback) runs here whole, as on a colocated worker.
+The decode worker gets the hand-off (NATS carries only the handle) first: it reserves its blocks and
+connects to the data plane (shared memory on one host; TCP across hosts, where each layer's KV streams
+as the prompt's last step computes it), and only then does the prompt start here, so a decode worker
+without room costs no prefill and the layers always stream (as SGLang's bootstrap queue does). The
+first token streams to the gateway at once, as on any worker; then the decode worker learns each
+sequence's first token and sampler state and goes on. The blocks are freed once the KV is copied out;
+the export lives until the decode worker confirms receipt, or the lease lapses: never a leak. A request
+with no decode instance (the router's fallback) runs here whole, as on a colocated worker.
 """
 
 import asyncio
@@ -51,20 +52,24 @@ class PrefillWorker(Worker):
         rid, runner = req.request_id, self.engine.engine.runner
         export = KvExport(rid, runner, len(req.prompt_token_ids), self.segments)
         self.data_server.exports[rid] = export
+        last = None
         try:
+            ack = await self._hand_off(req, export)  # the decode worker has room and reads: prefill now
+            if not ack.ok:
+                return await self._refused(req, ack)
+            if rid in self.aborted:  # while the hand-off was being set up
+                return
             stream = self.engine.register_stream(rid)
             await self.engine.call(lambda e: e.add_prefill_request(
                 rid, req.prompt_token_ids, params, req.priority,
                 kv_sink=lambda layer, blocks: export.stream_layer(runner, layer, blocks)))
-            # The decode worker reserves its blocks and starts reading layers while this one computes.
-            decode_ack = asyncio.create_task(self._hand_off(req, export))
             last = await self.stream_outputs(req, stream)  # the first tokens, straight to the gateway
             export.finish(await self._trailer(rid, last, export))
             finished_at = time.perf_counter()
-            ack = await decode_ack
-            if ack.ok and not (await _wait(export.reader_gone, LEASE_S) and export.received.is_set()):
+            if not (await _wait(export.reader_gone, LEASE_S) and export.received.is_set()):
                 ack = _failed(req, f"decode worker {req.decode_instance} did not take the KV")
         finally:
+            export.finish({"error": "the request ended on the prefill worker"})  # unless it had its trailer
             self.data_server.exports.pop(rid, None)
             export.close()
         handed_off = last is not None and last.held  # else nothing was left to hand off, or to report
@@ -73,24 +78,30 @@ class PrefillWorker(Worker):
             self.kv_seconds.labels().observe(time.perf_counter() - finished_at)
             if handed_off:
                 self.requests_total.labels("handed_off").inc()
-            return
-        log.warning("handoff_failed", decode=req.decode_instance, error=ack.error)
-        if handed_off:
-            error = ack.error or {}
-            await self.publish_error(req, error.get("message", "KV hand-off failed"),
-                                     error.get("code", 503), error.get("type", "server_error"))
+        elif handed_off:
+            await self._refused(req, ack)
 
     async def _hand_off(self, req: GenerateRequest, export: KvExport) -> Ack:
-        """Tell the decode worker where the KV will be; its answer: blocks reserved (it reads), or why not."""
+        """Tell the decode worker where the KV will be, and wait until it has reserved its blocks and
+        connected to the data plane; or say why not."""
         handoff = KvHandoff(req.request_id, asdict(req), export.handle(self.host, self.data_server.port),
                             export.num_tokens, self.instance_id, LEASE_S)
         try:
             ack = await request(self.nc, subjects.worker_kv(req.decode_instance), handoff, Ack, timeout=LEASE_S)
         except BusError as e:
             ack = _failed(req, f"decode worker {req.decode_instance} unreachable: {e}")
+        if ack.ok and not await _wait(export.connected, LEASE_S):
+            ack = _failed(req, f"decode worker {req.decode_instance} did not connect to the data plane")
         if not ack.ok:
             export.finish({"error": "refused"})  # nobody reads: end the export now
         return ack
+
+    async def _refused(self, req: GenerateRequest, ack: Ack) -> None:
+        """The hand-off failed: the gateway hears it (a 503 moves the request to other instances)."""
+        log.warning("handoff_failed", decode=req.decode_instance, error=ack.error)
+        error = ack.error or {}
+        await self.publish_error(req, error.get("message", "KV hand-off failed"), error.get("code", 503),
+                                 error.get("type", "server_error"))
 
     async def _trailer(self, request_id: str, last: RequestOutput | None, export: KvExport) -> dict:
         """What the decode worker learns once the prompt is done (see shared.kv_transfer)."""

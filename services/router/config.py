@@ -19,7 +19,6 @@ class RouterConfig:
     policy: str = opt("least-loaded", "instance ranking", choices=POLICIES, env="XLLM_ROUTER_POLICY")
     max_attempts: int = opt(3, "instances tried per request before it fails", min=1, max=16)
     ack_timeout_s: float = opt(2.0, "seconds a worker has to accept (ack) a forwarded request", min=0.01)
-    refresh_interval_s: float = opt(0.5, "seconds between reads of the instance registry", min=0.05)
     recent_window_s: float = opt(1.0, "requests forwarded this recently count as load (~ heartbeat interval)",
                                  min=0.0)
     suspect_s: float = opt(3.0, "an instance that did not answer is tried last for this long", min=0.0)

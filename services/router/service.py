@@ -7,9 +7,9 @@
 Per request: choose the path (colocated, or prefill -> decode with `decode_instance` set), drop
 instances that are not ready or over the waiting cap, rank the rest with the policy, then forward to
 the best one. No responder, no ack within `ack_timeout_s`, or an overloaded refusal (429 / 503):
-try the next one, up to `max_attempts` (when every instance it knew failed, it reads the registry again
-once: its cached list may lag workers that just started). Any other refusal (say a 400) is the request's fault and is
-passed on as it is. A request nobody takes gets a finished StreamChunk with the error on its
+try the next one, up to `max_attempts` (when every instance it knew failed, it looks once more at the
+live registry view: a worker may have registered meanwhile). Any other refusal (say a 400) is the
+request's fault and is passed on as it is. A request nobody takes gets a finished StreamChunk with the error on its
 reply subject, so it never hangs.
 
 Priority (0 online, 1 offline) passes through unchanged: the engine orders by it. The router only
@@ -19,8 +19,8 @@ refused (429, the job runner retries) before it fills the queues online requests
 After an ack timeout the router broadcasts an abort for the request before trying elsewhere: a
 worker that took it late must not stream a second answer to the same reply subject.
 
-The instance list is a cache refreshed every `refresh_interval_s`, so routing costs no registry
-round trip; an instance that stops heartbeating leaves the registry within its TTL (~5 s).
+The instances come from the process's live registry view (shared/instance_view.py), so routing costs
+no registry round trip; an instance that stops heartbeating leaves it within the TTL (~5 s).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from services.router.policy import (
     choose_path,
 )
 from shared import bus, subjects
+from shared.instance_view import InstanceView
 from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import (
     AbortRequest,
@@ -60,7 +61,6 @@ from shared.messages import (
     StreamChunk,
 )
 from shared.metrics import stats_endpoint
-from shared.registry import InstanceRegistry
 from shared.signals import stop_on_signals
 
 log = get_logger("xllm.router")
@@ -85,14 +85,13 @@ def error(message: str, code: int) -> dict[str, Any]:
 class RouterService:
     """One router replica. Counters (`routed`, `retries`, `failures`, `attempt_errors`) are for metrics."""
 
-    def __init__(self, nc: Client, config: RouterConfig, *, registry: InstanceRegistry | None = None,
+    def __init__(self, nc: Client, config: RouterConfig, *, view: InstanceView | None = None,
                  policy: Policy | None = None):
         self.nc = nc
         self.config = config
-        self.registry = registry
+        self.view = view
         self.recent = RecentForwards(config.recent_window_s)
         self.policy = policy or self._make_policy()
-        self.instances: list[InstanceInfo] = []  # the cached registry
         self.routed = 0  # requests an instance took
         self.retries = 0  # forwards after the first one of a request
         self.failures: Counter[str] = Counter()  # requests that failed, by reason
@@ -100,7 +99,7 @@ class RouterService:
         self._suspects: dict[str, float] = {}  # instance id -> monotonic time it stops being suspect
         self._tasks: set[asyncio.Task] = set()
         self._sub: Any = None
-        self._refresh_task: asyncio.Task | None = None
+        self._own_view: InstanceView | None = None
 
     def _make_policy(self) -> Policy:
         if self.config.policy == "prefix-aware":
@@ -110,6 +109,10 @@ class RouterService:
             return PrefixAwarePolicy(query, self.recent, LoadWeights(), self.config.prefix_weight)
         return LeastLoadedPolicy(self.recent)
 
+    @property
+    def instances(self) -> list[InstanceInfo]:
+        return self.view.instances() if self.view is not None else []
+
     def stats(self) -> dict[str, Any]:
         return {"routed": self.routed, "retries": self.retries, "failures": dict(self.failures),
                 "attempt_errors": dict(self.attempt_errors), "instances": len(self.instances),
@@ -118,15 +121,14 @@ class RouterService:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.registry is None:
-            self.registry = await InstanceRegistry.open(self.nc.jetstream())
-        await self.refresh()
-        self._refresh_task = asyncio.create_task(self._refresh_loop(), name="router-refresh")
+        if self.view is None:
+            self.view = self._own_view = await InstanceView.open(self.nc)
+        self.view.on_gone.append(self._forget)
         self._sub = await self.nc.subscribe(subjects.ROUTER_GENERATE, queue=subjects.ROUTER_QUEUE,
                                             cb=self._on_message)
 
     async def stop(self) -> None:
-        """Stop taking requests, let those being routed finish (bounded), stop refreshing."""
+        """Stop taking requests, let those being routed finish (bounded)."""
         if self._sub is not None and not self.nc.is_closed:
             await self._sub.unsubscribe()
         self._sub = None
@@ -134,26 +136,15 @@ class RouterService:
             await asyncio.wait(self._tasks, timeout=self.config.max_attempts * self.config.ack_timeout_s + 1)
             for task in self._tasks:
                 task.cancel()
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            await asyncio.gather(self._refresh_task, return_exceptions=True)
-            self._refresh_task = None
+        if self.view is not None and self._forget in self.view.on_gone:
+            self.view.on_gone.remove(self._forget)
+        if self._own_view is not None:
+            await self._own_view.close()
 
-    async def refresh(self) -> None:
-        assert self.registry is not None, "start() first"
-        self.instances = await self.registry.list_instances()
-        ids = [i.instance_id for i in self.instances]
-        self.recent.retain(ids)
-        now = time.monotonic()
-        self._suspects = {i: t for i, t in self._suspects.items() if t > now and i in ids}
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.refresh_interval_s)
-            try:
-                await self.refresh()
-            except Exception as e:  # NATS hiccup: keep the last list, failover covers dead instances
-                log.warning("registry_refresh_failed", error=f"{type(e).__name__}: {e}")
+    def _forget(self, instance_id: str) -> None:
+        """An instance left the registry: its bookkeeping goes too (memory stays bounded)."""
+        self.recent.retain(i.instance_id for i in self.instances)
+        self._suspects.pop(instance_id, None)
 
     # -- request handling ---------------------------------------------------------------------------
 
@@ -191,17 +182,12 @@ class RouterService:
     async def route(self, req: GenerateRequest) -> RouteReply:
         """Forward `req` to an instance (or prefill + decode pair) that takes it; RouteReply says which."""
         path = choose_path(self.config.mode, self.instances)
-        if path is None:  # the cache may lag the registry (workers that just started): look once more
-            await self.refresh()
-            path = choose_path(self.config.mode, self.instances)
         if path is None:
             return self._fail(req, "no_instances", error(
                 f"no ready instances to serve mode {self.config.mode!r}", 503))
         roles = PATH_ROLES[path]
         first_attempt, refusals, tried = req.attempt, [], set()
-        for refreshed in (False, True):
-            if refreshed:  # every instance we knew failed to answer: the cache may lag (new workers)
-                await self.refresh()
+        for _ in range(2):  # a second pass for instances that registered while the first one failed
             # Offline requests (priority > 0) meet a stricter cap, so online bursts keep some headroom.
             cap = self.config.max_waiting_per_instance if req.priority <= 0 else self.config.max_waiting_offline
             pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]

@@ -6,6 +6,7 @@ submit closures, and outputs come back through per-request asyncio queues.
 """
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls: set[asyncio.Future] = set()  # `call`s not answered yet
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     async def start(self) -> None:
@@ -45,6 +47,8 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10)
+        for future in list(self._calls):  # queued behind the last step: they will never run
+            _set_exception(future, EngineDeadError("the engine stopped"))
 
     # ---- API for the event loop ---------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -86,7 +90,8 @@ class AsyncEngine:
         self._submit(lambda: self.engine.abort_request(request_id))
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Run fn(engine) on the engine thread, between steps, and return its result."""
+        """Run fn(engine) on the engine thread, between steps, and return its result. Once this returns or
+        raises, even when cancelled, fn has finished: it may be using memory the caller frees next."""
         future = self._loop.create_future()
 
         def run() -> None:
@@ -97,8 +102,15 @@ class AsyncEngine:
             else:
                 self._loop.call_soon_threadsafe(_set_result, future, result)
 
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
         self._submit(run)
-        return await future
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
 
     def register_stream(self, request_id: str) -> asyncio.Queue:
         """A stream for a request added through `call` (e.g. one imported from a prefill worker)."""

@@ -127,3 +127,9 @@ class ModelRunner:
         idx = self._tensor(block_ids)
         self.k_cache[layer, idx] = k.to(self.device, self.k_cache.dtype)
         self.v_cache[layer, idx] = v.to(self.device, self.v_cache.dtype)
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Every layer of some blocks at once: kv is [layers, 2 (K, V), n, block_size, kv_heads, head_dim]."""
+        idx = self._tensor(block_ids)
+        self.k_cache[:, idx] = kv[:, 0].to(self.device, self.k_cache.dtype)
+        self.v_cache[:, idx] = kv[:, 1].to(self.device, self.v_cache.dtype)

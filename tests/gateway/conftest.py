@@ -111,7 +111,7 @@ class ScriptedRouter:
                             len(req.prompt_token_ids), cached, "fake-0", error)  # fmt: skip
         await self.nc.publish(req.reply_subject, chunk.encode())
 
-    async def wait_abort(self, request_id: str, timeout: float = 3.0) -> bool:
+    async def wait_abort(self, request_id: str, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         while request_id not in self.aborts and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -170,17 +170,16 @@ MakeClient = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 async def make_client(nc: nats.NATS, router: ScriptedRouter) -> AsyncIterator[MakeClient]:
-    """make_client(registry=None, watch=False, **GatewayConfig overrides) -> a started aiohttp TestClient.
-    With `watch`, the backend also watches `registry` for instances leaving (failover), every 50 ms."""
+    """make_client(view=None, watch=False, **GatewayConfig overrides) -> a started aiohttp TestClient.
+    With `watch`, the backend also fails requests over when an instance leaves `view`."""
     made: list[tuple[TestClient, Backend]] = []
 
-    async def make(registry: object = None, watch: bool = False, **overrides: object) -> TestClient:
+    async def make(view: object = None, watch: bool = False, **overrides: object) -> TestClient:
         config = GatewayConfig(**{"first_token_timeout_s": 2.0, "inter_token_timeout_s": 2.0, **overrides})
-        backend = Backend(nc, config.retry_after_s, registry=registry if watch else None,
-                          max_attempts=config.max_attempts, route_timeout_s=config.route_timeout_s,
-                          refresh_s=0.05)  # fmt: skip
+        backend = Backend(nc, config.retry_after_s, view=view if watch else None,
+                          max_submissions=config.max_submissions, route_timeout_s=config.route_timeout_s)
         await backend.start()
-        app = create_app(config, FakeTokenizer(), MODEL, backend, registry)
+        app = create_app(config, FakeTokenizer(), MODEL, backend, view)
         client = TestClient(TestServer(app))
         await client.start_server()
         made.append((client, backend))

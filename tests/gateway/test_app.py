@@ -20,6 +20,7 @@ from shared.engine.config import ModelConfig
 from shared.messages import InstanceInfo, SeqOutput
 from shared.registry import InstanceRegistry
 from tests.gateway.conftest import FakeTokenizer, ScriptedRouter, hold, reply_words
+from tests.waiting import until
 
 CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
 TOK = FakeTokenizer()
@@ -306,8 +307,7 @@ async def test_inflight_limit_gives_429_then_recovers(make_client, router) -> No
     gate = asyncio.Event()
     router.script = hold(gate, reply_words())
     first = asyncio.create_task(post(client, "/v1/chat/completions", CHAT))
-    while not router.requests:
-        await asyncio.sleep(0.01)
+    await until(lambda: router.requests, 20, "the request never reached the router")
     async with client.post("/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 429 and resp.headers["Retry-After"] == "2"
         assert (await resp.json())["error"]["code"] == "too_many_requests"
@@ -330,14 +330,12 @@ async def test_publish_on_a_closed_bus_is_503(make_client, gw_nats_url) -> None:
 # --- health, admin, metrics --------------------------------------------------------------------------
 
 
-class FakeRegistry:
-    def __init__(self, *instances: InstanceInfo, fail: bool = False):
-        self.instances, self.fail = list(instances), fail
+class FakeView:
+    def __init__(self, *instances: InstanceInfo):
+        self.live = list(instances)
 
-    async def list_instances(self) -> list[InstanceInfo]:
-        if self.fail:
-            raise ConnectionError("bucket gone")
-        return self.instances
+    def instances(self) -> list[InstanceInfo]:
+        return self.live
 
 
 def inst(iid: str, role: str, state: str = "ready") -> InstanceInfo:
@@ -347,26 +345,25 @@ def inst(iid: str, role: str, state: str = "ready") -> InstanceInfo:
 
 
 @pytest.mark.parametrize(
-    "registry, status",
+    "view, status",
     [
         (None, 503),
-        (FakeRegistry(), 503),
-        (FakeRegistry(fail=True), 503),
-        (FakeRegistry(inst("a", "colocated")), 200),
-        (FakeRegistry(inst("a", "colocated", "draining")), 503),
-        (FakeRegistry(inst("p", "prefill")), 503),
-        (FakeRegistry(inst("p", "prefill"), inst("d", "decode", "starting")), 503),
-        (FakeRegistry(inst("p", "prefill"), inst("d", "decode")), 200),
+        (FakeView(), 503),
+        (FakeView(inst("a", "colocated")), 200),
+        (FakeView(inst("a", "colocated", "draining")), 503),
+        (FakeView(inst("p", "prefill")), 503),
+        (FakeView(inst("p", "prefill"), inst("d", "decode", "starting")), 503),
+        (FakeView(inst("p", "prefill"), inst("d", "decode")), 200),
     ],
 )
-async def test_health_needs_a_full_path_to_a_worker(make_client, registry, status) -> None:
-    client = await make_client(registry=registry)
+async def test_health_needs_a_full_path_to_a_worker(make_client, view, status) -> None:
+    client = await make_client(view=view)
     async with client.get("/health") as resp:
         assert resp.status == status
 
 
 async def test_admin_instances(make_client) -> None:
-    client = await make_client(registry=FakeRegistry(inst("p", "prefill"), inst("d", "decode")))
+    client = await make_client(view=FakeView(inst("p", "prefill"), inst("d", "decode")))
     async with client.get("/admin/instances") as resp:
         body = await resp.json()
     assert body[0] == {"instance_id": "p", "role": "prefill", "model": "m", "pid": 42, "host": "host1",
@@ -439,8 +436,9 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
             async with http.get(f"{base}/health") as resp:
                 assert resp.status == 503  # no worker yet
             await registry.heartbeat(inst("gw-test-worker", "colocated"))
-            async with http.get(f"{base}/health") as resp:
-                assert resp.status == 200
+            async with asyncio.timeout(10):  # until the gateway's live view has the put
+                while await _status(http, f"{base}/health") != 200:
+                    await asyncio.sleep(0.02)
             async with http.get(f"{base}/admin/instances") as resp:
                 assert "gw-test-worker" in [i["instance_id"] for i in await resp.json()]
             body = {"model": "fake-llm", "messages": CHAT["messages"]}
@@ -455,10 +453,15 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
         await asyncio.wait_for(task, 10)
 
 
+async def _status(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as resp:
+        return resp.status
+
+
 async def test_metrics_include_each_instance_load_and_kv(make_client) -> None:
     worker = inst("d", "decode")
     worker.counters = {"prefix_queries": 8, "prefix_hits": 2, "kv_transfer_bytes": 1024}
-    client = await make_client(registry=FakeRegistry(worker))
+    client = await make_client(view=FakeView(worker))
     async with client.get("/metrics") as resp:
         text = await resp.text()
     assert 'xllm_instance_kv_blocks_free{instance="d",role="decode"} 3.0' in text

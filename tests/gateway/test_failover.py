@@ -1,7 +1,8 @@
 """Gateway failover over a real nats-server and instance registry, with a scripted router/worker double.
 
-Each script looks at `req.attempt` to play a different worker per submission; the registry is the
-real NATS KV bucket, where a test removes an instance to play a worker that died.
+Each script looks at `req.attempt` to play a different worker per submission; the registry is a real
+NATS KV bucket (one per test, short TTL) followed by a real InstanceView, where a test removes an
+instance to play a worker that died.
 """
 
 import asyncio
@@ -14,8 +15,8 @@ import nats
 import pytest
 
 from shared import subjects
+from shared.instance_view import InstanceView
 from shared.messages import GenerateRequest, InstanceInfo, SeqOutput, StreamChunk
-from shared.registry import InstanceRegistry
 from tests.gateway.conftest import FakeTokenizer, MakeClient, ScriptedRouter, reply_words
 
 pytestmark = pytest.mark.integration
@@ -26,16 +27,35 @@ PROMPT = TOK.encode_chat(CHAT["messages"])
 UNAVAILABLE = {"message": "engine shutting down", "type": "server_error", "code": 503}
 
 
+TTL = 1.0
+
+
 @pytest.fixture
-async def registry(nc: nats.NATS) -> AsyncIterator[tuple[InstanceRegistry, str, str]]:
-    """The real registry with two live instances (a, b), ids unique to the test."""
-    reg = await InstanceRegistry.open(nc.jetstream())
-    a, b = f"fo-a-{uuid.uuid4().hex[:6]}", f"fo-b-{uuid.uuid4().hex[:6]}"
-    for iid in (a, b):
-        await reg.heartbeat(InstanceInfo(iid, "colocated", "test-model", 1, "h"))
-    yield reg, a, b
-    for iid in (a, b):
-        await reg.remove(iid)
+async def registry(nc: nats.NATS) -> AsyncIterator[tuple[InstanceView, str, str]]:
+    """A live view of a registry with two instances (a, b) that stay live while the test runs."""
+    view = await InstanceView.open(nc, bucket=f"fo_{uuid.uuid4().hex[:10]}", ttl=TTL)
+    a, b = "fo-a", "fo-b"
+    beating = {a, b}
+
+    async def beat() -> None:
+        while True:
+            for iid in list(beating):
+                await view.registry.heartbeat(InstanceInfo(iid, "colocated", "test-model", 1, "h"))
+            await asyncio.sleep(TTL / 4)
+
+    heart = asyncio.create_task(beat())
+    await view.wait(lambda: len(view.instances()) == 2)
+    view.beating = beating  # a test stops one's heartbeats by removing it from here
+    yield view, a, b
+    heart.cancel()
+    await view.close()
+    await nc.jetstream().delete_key_value(view.registry.bucket)
+
+
+async def remove(view: InstanceView, iid: str) -> None:
+    """Instance `iid` dies: no more heartbeats, its entry removed (as a TTL lapse would)."""
+    view.beating.discard(iid)
+    await view.registry.remove(iid)
 
 
 async def send(nc: nats.NATS, req: GenerateRequest, text: str = "", finish: str | None = None,
@@ -49,16 +69,20 @@ async def send(nc: nats.NATS, req: GenerateRequest, text: str = "", finish: str 
     await nc.publish(req.reply_subject, chunk.encode())
 
 
-async def wait_for(cond, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+async def read_until(resp, content: str) -> str:
+    """Read a chat SSE stream up to the event whose delta is `content`; what was read."""
+    read = ""
+    while f'"content":"{content}"' not in read.rpartition("data:")[2]:
+        line = await resp.content.readline()
+        assert line, f"the stream ended before {content!r}"
+        read += line.decode()
+    return read
 
 
-async def sse_text(resp) -> tuple[str, list]:
-    """(the streamed content, every event) of a chat SSE response."""
-    events = [json.loads(b[6:]) for b in (await resp.text()).strip().split("\n\n") if b != "data: [DONE]"]
+async def sse_text(resp, read: str = "") -> tuple[str, list]:
+    """(the streamed content, every event) of a chat SSE response, after what was `read` of it already."""
+    raw = read + await resp.text()
+    events = [json.loads(b[6:]) for b in raw.strip().split("\n\n") if b != "data: [DONE]"]
     text = "".join(c["delta"].get("content", "") for e in events for c in e.get("choices", []))
     return text, events
 
@@ -66,7 +90,7 @@ async def sse_text(resp) -> tuple[str, list]:
 async def test_resubmits_when_the_instance_leaves_before_any_output(make_client: MakeClient, router: ScriptedRouter,
                                                                     registry, nc) -> None:  # fmt: skip
     reg, a, b = registry
-    client = await make_client(registry=reg, watch=True)
+    client = await make_client(view=reg, watch=True)
     router.instances = [a]
     first_sent = asyncio.Event()
 
@@ -80,7 +104,7 @@ async def test_resubmits_when_the_instance_leaves_before_any_output(make_client:
     task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
     await first_sent.wait()
     router.instances = [b]
-    await reg.remove(a)  # a leaves the registry (TTL lapsed / killed)
+    await remove(reg, a)  # a leaves the registry (TTL lapsed / killed)
     resp = await asyncio.wait_for(task, 5)
     body = await resp.json()
     assert resp.status == 200 and body["choices"][0]["message"]["content"] == "Hello world"
@@ -95,7 +119,7 @@ async def test_resubmits_when_the_instance_leaves_before_any_output(make_client:
 
 async def test_continues_after_partial_output_with_the_generated_tokens(make_client, router, registry, nc) -> None:
     reg, a, b = registry
-    client = await make_client(registry=reg, watch=True)
+    client = await make_client(view=reg, watch=True)
     router.instances = [a]
     stale = asyncio.Event()
 
@@ -112,12 +136,10 @@ async def test_continues_after_partial_output_with_the_generated_tokens(make_cli
     router.script = script
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}, "min_tokens": 4, "seed": 7}
     async with client.post("/v1/chat/completions", json=body) as resp:
-        await resp.content.readline()  # the role chunk: the stream is live
-        await wait_for(lambda: len(router.requests) == 1)
-        await asyncio.sleep(0.1)  # "Hel" reaches the gateway
+        read = await read_until(resp, "Hel")  # "Hel" reached the client
         router.instances = [b]
-        await reg.remove(a)
-        text, events = await sse_text(resp)
+        await remove(reg, a)
+        text, events = await sse_text(resp, read)
     assert text == "Hello!"
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     usage = events[-1]["usage"]
@@ -131,7 +153,7 @@ async def test_continues_after_partial_output_with_the_generated_tokens(make_cli
 
 
 async def test_worker_503_before_output_resubmits_then_exhausts(make_client, router) -> None:
-    client = await make_client(max_attempts=2)
+    client = await make_client(max_submissions=2)
 
     async def unavailable(r: ScriptedRouter, req: GenerateRequest) -> None:
         await r.send(req, finished=True, error=UNAVAILABLE)
@@ -152,10 +174,10 @@ async def test_worker_503_before_output_resubmits_then_exhausts(make_client, rou
         assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "Hello world"
 
 
-async def test_503_after_max_attempts_when_instances_keep_leaving(make_client, router, registry, nc) -> None:
+async def test_503_after_max_submissions_when_instances_keep_leaving(make_client, router, registry, nc) -> None:
     reg, _, _ = registry
-    client = await make_client(registry=reg, watch=True)  # max_attempts: 3 by default
-    router.instances = [f"gone-{uuid.uuid4().hex[:6]}"]  # never in the registry: lost at the next read
+    client = await make_client(view=reg, watch=True)  # max_submissions: 3 by default
+    router.instances = [f"gone-{uuid.uuid4().hex[:6]}"]  # never heartbeats: lost once the TTL is over
     router.script = lambda r, req: asyncio.sleep(0)
     async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
         body = await resp.json()
@@ -191,7 +213,7 @@ async def test_n_above_1_starts_over_when_nothing_was_sent(make_client, router, 
 
 async def test_prefill_leaving_after_decode_streams_is_no_failover(make_client, router, registry, nc) -> None:
     reg, prefill, decode = registry
-    client = await make_client(registry=reg, watch=True)
+    client = await make_client(view=reg, watch=True)
     router.instances = [prefill, decode]
     go_on = asyncio.Event()
 
@@ -201,14 +223,13 @@ async def test_prefill_leaving_after_decode_streams_is_no_failover(make_client, 
         await send(nc, req, "lo", "stop", instance=decode)
 
     router.script = script
-    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-    await wait_for(lambda: router.requests)
-    await asyncio.sleep(0.1)
-    await reg.remove(prefill)  # its part was done: the decode instance holds the request now
-    await asyncio.sleep(0.3)  # several registry reads
-    go_on.set()
-    resp = await asyncio.wait_for(task, 5)
-    assert (await resp.json())["choices"][0]["message"]["content"] == "Hello"
+    async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        read = await read_until(resp, "Hel")  # the decode instance streams
+        await remove(reg, prefill)  # its part was done: the decode instance holds the request now
+        await reg.wait(lambda: reg.get(prefill) is None)  # the gateway's view has seen it go
+        go_on.set()
+        text, _ = await sse_text(resp, read)
+    assert text == "Hello"
     assert len(router.requests) == 1
 
 
@@ -216,7 +237,7 @@ async def test_decode_leaving_after_the_prefill_sent_the_first_token_fails_over(
                                                                                  nc) -> None:  # fmt: skip
     """The prefill worker streams the first token; the decode worker that should go on dies."""
     reg, prefill, decode = registry
-    client = await make_client(registry=reg, watch=True)
+    client = await make_client(view=reg, watch=True)
     router.instances = [prefill, decode]
 
     async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
@@ -226,12 +247,11 @@ async def test_decode_leaving_after_the_prefill_sent_the_first_token_fails_over(
         await send(nc, req, "ello", "stop", instance=prefill)  # attempt 1: colocated-style fallback
 
     router.script = script
-    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-    await wait_for(lambda: router.requests)
-    await asyncio.sleep(0.1)
-    await reg.remove(decode)
-    resp = await asyncio.wait_for(task, 5)
-    assert (await resp.json())["choices"][0]["message"]["content"] == "Hello"
+    async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        read = await read_until(resp, "H")  # the first token reached the client
+        await remove(reg, decode)
+        text, _ = await sse_text(resp, read)
+    assert text == "Hello"
     assert router.requests[1].prompt_token_ids == PROMPT + TOK.encode("H", add_special_tokens=False)
 
 
@@ -252,28 +272,8 @@ async def test_chunks_from_prefill_and_decode_are_put_back_in_order(make_client,
     assert text == "Hello"
 
 
-async def test_registry_read_failures_are_no_verdict(make_client, router) -> None:
-    class Broken:
-        async def list_instances(self) -> list:
-            raise ConnectionError("bucket gone")
-
-    client = await make_client(registry=Broken(), watch=True)
-    router.instances = ["x"]
-    gate = asyncio.Event()
-
-    async def slow(r: ScriptedRouter, req: GenerateRequest) -> None:
-        await gate.wait()
-        await reply_words()(r, req)
-
-    router.script = slow
-    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-    await asyncio.sleep(0.3)
-    gate.set()
-    assert (await asyncio.wait_for(task, 5)).status == 200 and len(router.requests) == 1
-
-
 async def test_router_silent_or_absent(make_client, router, nc) -> None:
-    client = await make_client(route_timeout_s=0.2, max_attempts=2)
+    client = await make_client(route_timeout_s=0.2, max_submissions=2)
     await router.stop()
     async with client.post("/v1/chat/completions", json=CHAT) as resp:  # nobody listens: at once
         assert resp.status == 503 and (await resp.json())["error"]["code"] == "router_unavailable"

@@ -17,6 +17,7 @@ from shared import bus, subjects
 from shared.jobs_client import iter_results
 from shared.messages import GenerateRequest, Job, JobDone, JobRequest, JobResult
 from tests.gateway.conftest import MODEL, FakeTokenizer, ScriptedRouter, reply_words
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -142,12 +143,11 @@ async def test_malformed_jobs_are_acked_and_reported(make_runner, router, nc) ->
     good = job_id()  # the runner goes on
     await submit(nc, Job(good, [line("a")]))
     assert (await results(nc, good))[1].completed == 1
-    for _ in range(200):  # the ack follows the JobDone: give it a moment
+    async def acked() -> bool:  # the ack follows the JobDone
         info = await nc.jetstream().consumer_info(subjects.JOBS_STREAM, jobs_module.DURABLE)
-        if runner.jobs_done >= 4 and info.num_ack_pending == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert runner.jobs_done >= 4 and info.num_ack_pending == 0 and info.num_pending == 0  # none to redeliver
+        return runner.jobs_done >= 4 and info.num_ack_pending == 0 and info.num_pending == 0  # none to redeliver
+
+    await until(acked, 20, "the jobs were not all acked")
 
 
 async def test_a_job_handed_back_mid_way_is_resumed_without_repeats(make_runner, router, nc) -> None:
@@ -163,8 +163,7 @@ async def test_a_job_handed_back_mid_way_is_resumed_without_repeats(make_runner,
     jid = job_id()
     job = Job(jid, [line(f"c{i}", COMPLETIONS_URL, prompt=f"p{i}ab") for i in (1, 2, 3)])
     await submit(nc, job)
-    while len(router.requests) < 2:  # c1 done, c2 running
-        await asyncio.sleep(0.01)
+    await until(lambda: len(router.requests) >= 2, 20, "c2 never started")  # c1 done, c2 running
     await first.stop()  # the gateway stops mid-job: the job goes back to the stream (nak)
     assert await router.wait_abort(router.requests[1].request_id)
     gate.set()

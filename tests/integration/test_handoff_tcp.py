@@ -16,6 +16,7 @@ from shared.engine.llm import LLM
 from shared.engine.sampling_params import SamplingParams
 from shared.messages import AbortRequest, Ack, GenerateRequest, StreamChunk
 from shared.worker import WorkerConfig
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -63,17 +64,11 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
         free = decode.engine.engine.block_manager.num_free_blocks
         long = GenerateRequest(f"long-{tag}", prompt * 20, params.to_dict(), inbox, decode_instance=decode.instance_id)
         assert (await bus.request(nc, subjects.worker_generate(prefill.instance_id), long, Ack, timeout=10)).ok
-        for _ in range(200):  # the decode worker has reserved and is reading
-            if long.request_id in decode.copies:
-                break
-            await asyncio.sleep(0.01)
-        assert decode.engine.engine.block_manager.num_free_blocks < free
+        bm = decode.engine.engine.block_manager
+        await until(lambda: long.request_id in decode.copies, 60, "the decode worker never took the hand-off")
+        assert bm.num_free_blocks < free  # it has reserved and is reading
         await nc.publish(subjects.ABORT, AbortRequest(long.request_id).encode())
-        for _ in range(500):
-            if decode.engine.engine.block_manager.num_free_blocks == free and not decode.copies:
-                break
-            await asyncio.sleep(0.01)
-        assert decode.engine.engine.block_manager.num_free_blocks == free and not decode.copies
+        await until(lambda: bm.num_free_blocks == free and not decode.copies, 60, "the blocks were not freed")
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)

@@ -189,16 +189,16 @@ async def test_offline_job_completes_while_online_requests_are_served_first(xllm
     try:
         js = nc.jetstream()
         await js.publish(subjects.JOBS_SUBMIT, job.encode(), headers={"Nats-Msg-Id": job.job_id})
-        await asyncio.sleep(1.0)  # the job is running now
         online_done_at = []
         async with aiohttp.ClientSession() as s:
             async def online(i: int) -> None:
                 await chat(s, xllm_system.url, f"Say hello to {i}.", max_tokens=8)
                 online_done_at.append(asyncio.get_running_loop().time())
 
-            online_tasks = [asyncio.create_task(online(i)) for i in range(2)]
-            results, done_at = {}, None
+            online_tasks, results, done_at = [], {}, None
             async for item in iter_results(js, job.job_id, timeout=300):
+                if not online_tasks:  # the job is running now: online requests arrive in its midst
+                    online_tasks = [asyncio.create_task(online(i)) for i in range(2)]
                 if isinstance(item, JobDone):
                     done_at = asyncio.get_running_loop().time()
                     assert (item.completed, item.failed) == (20, 1)

@@ -6,9 +6,8 @@ import asyncio
 import json
 import signal
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,10 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from shared import subjects
 from shared.config import load_config
+from shared.instance_view import InstanceView
 from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, RouteReply, StreamChunk
 from shared.registry import Heartbeater, InstanceRegistry
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +45,8 @@ class FakeWorker:
 class Cluster:
     """A registry bucket of its own, fake workers, and a router reading that bucket."""
 
-    def __init__(self, nc, registry: InstanceRegistry):
-        self.nc, self.registry = nc, registry
+    def __init__(self, nc, view: InstanceView):
+        self.nc, self.view, self.registry = nc, view, view.registry
         self.tag = uuid.uuid4().hex[:6]
         self.workers: dict[str, FakeWorker] = {}
         self.router: RouterService | None = None
@@ -56,18 +57,20 @@ class Cluster:
 
     async def add(self, name: str, role: str = "colocated", behaviour: str = "ack", error: dict | None = None,
                   **load) -> str:
-        """Register an instance; behaviour "absent" registers it without a worker behind it."""
+        """Register an instance (seen by the view when this returns); behaviour "absent" registers it
+        without a worker behind it."""
         iid = self.id(name)
-        await self.registry.heartbeat(InstanceInfo(iid, role, "m", 1, "h", **load))
+        info = InstanceInfo(iid, role, "m", 1, "h", **load)
+        await self.registry.heartbeat(info)
+        await self.view.wait(lambda: self.view.get(iid) == info)
         if behaviour != "absent":
             worker = self.workers[name] = FakeWorker(iid, behaviour, error)
             self._subs.append(await self.nc.subscribe(subjects.worker_generate(iid), cb=worker.on_msg))
         return iid
 
     async def start_router(self, **overrides) -> RouterService:
-        config = RouterConfig(**{"refresh_interval_s": 0.1, "ack_timeout_s": 0.3, "recent_window_s": 5.0,
-                                 **overrides})
-        self.router = RouterService(self.nc, config, registry=self.registry)
+        config = RouterConfig(**{"ack_timeout_s": 0.3, "recent_window_s": 5.0, **overrides})
+        self.router = RouterService(self.nc, config, view=self.view)
         await self.router.start()
         return self.router
 
@@ -81,12 +84,12 @@ class Cluster:
 
         sub = await self.nc.subscribe(req.reply_subject, cb=on_chunk)
         try:
-            answer = await self.nc.request(subjects.ROUTER_GENERATE, req.encode(), timeout=5)
-            await self.nc.flush()
-            await asyncio.sleep(0.02)  # an error chunk is published just before the reply
+            reply = RouteReply.decode((await self.nc.request(subjects.ROUTER_GENERATE, req.encode(), timeout=5)).data)
+            if reply.error:  # the router publishes an error chunk just before it replies
+                await until(lambda: chunks, 5, "no error chunk on the reply subject")
         finally:
             await sub.unsubscribe()
-        return RouteReply.decode(answer.data), chunks
+        return reply, chunks
 
     async def close(self) -> None:
         if self.router is not None:
@@ -103,21 +106,14 @@ def make_request(priority: int = 0) -> GenerateRequest:
 
 @pytest.fixture
 async def cluster(nc) -> AsyncIterator[Cluster]:
-    registry = await InstanceRegistry.open(nc.jetstream(), bucket=f"rt_{uuid.uuid4().hex[:10]}", ttl=TTL)
-    c = Cluster(nc, registry)
+    view = await InstanceView.open(nc, bucket=f"rt_{uuid.uuid4().hex[:10]}", ttl=TTL)
+    c = Cluster(nc, view)
     try:
         yield c
     finally:
         await c.close()
-        await nc.jetstream().delete_key_value(registry.kv._name)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < within, what
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
+        await view.close()
+        await nc.jetstream().delete_key_value(view.registry.bucket)
 
 
 async def test_least_loaded_ready_instance_is_chosen_and_bursts_spread(cluster: Cluster) -> None:
@@ -196,13 +192,13 @@ async def test_failover_past_a_silent_instance_aborts_it(cluster: Cluster) -> No
     assert aborts == [req.request_id]  # a late ack from "hung" must not mean two answers
 
 
-async def test_when_every_known_instance_fails_the_registry_is_read_again(cluster: Cluster) -> None:
-    """A worker that registered after the router's last refresh still takes a request that the instances
-    the router knew about could not (seen when a worker was killed just after the system started)."""
+async def test_a_worker_that_registers_after_the_router_started_takes_requests(cluster: Cluster) -> None:
+    """The live view sees a new worker at its first heartbeat: it takes a request the instance the router
+    knew before could not (seen when a worker was killed just after the system started)."""
     await cluster.add("dead", behaviour="absent")
-    router = await cluster.start_router(refresh_interval_s=3600)  # no periodic refresh in this test
+    router = await cluster.start_router()
     late = await cluster.add("late", running=5)
-    assert [i.instance_id for i in router.instances] == [cluster.id("dead")]
+    assert [i.instance_id for i in router.instances] == sorted([cluster.id("dead"), late])
     reply, chunks = await cluster.send()
     assert reply.error is None and reply.instances == [late] and chunks == []
     assert router.attempt_errors == {"no_responders": 1}
@@ -225,8 +221,8 @@ async def test_instance_whose_heartbeats_stop_leaves_the_pool(cluster: Cluster) 
         assert (await cluster.send())[0].instances == [quiet]
 
         await beats[0].stop(remove=False)  # as if the worker hung or was SIGKILLed
-        took = await eventually(lambda: _listed_without(router, quiet), within=TTL + 2.5,
-                                what="a silent instance stayed in the router's pool")
+        took = await until(lambda: _listed_without(router, quiet), TTL + 2.5,
+                           "a silent instance stayed in the router's pool")
         assert took > TTL - 0.6  # the TTL dropped it, not some early guess
         reply, _ = await cluster.send()
         assert reply.instances == [loud]
@@ -235,7 +231,7 @@ async def test_instance_whose_heartbeats_stop_leaves_the_pool(cluster: Cluster) 
             await b.stop(remove=False)
 
 
-async def _listed_without(router: RouterService, iid: str) -> bool:
+def _listed_without(router: RouterService, iid: str) -> bool:
     return bool(router.instances) and iid not in {i.instance_id for i in router.instances}
 
 
@@ -287,7 +283,7 @@ async def test_no_instances_fails_503(cluster: Cluster) -> None:
     assert reply.error["code"] == 503 and reply.error["type"] == "server_error"
     assert chunks[0].error == reply.error
     await cluster.registry.remove(cluster.id("gone"))
-    await router.refresh()
+    await cluster.view.wait(lambda: not router.instances)
     reply, _ = await cluster.send()
     assert reply.error["code"] == 503 and "no ready instances" in reply.error["message"]
     assert router.failures == {"unavailable": 1, "no_instances": 1}
@@ -329,7 +325,9 @@ async def test_python_m_services_router_serves_and_stops_on_sigterm(nc, nats_ser
     registry = await InstanceRegistry.open(nc.jetstream())  # the default bucket, as in production
     worker = FakeWorker(iid)
     sub = await nc.subscribe(subjects.worker_generate(iid), cb=worker.on_msg)
-    await registry.heartbeat(InstanceInfo(iid, "colocated", "m", 1, "h"))
+    beats = Heartbeater(registry, lambda: InstanceInfo(iid, "colocated", "m", 1, "h"), interval=1.0)
+    await beats.beat()
+    beats.start()  # alive however long the router process takes to start
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.router", "--nats", nats_server, "--mode", "colocated",
         cwd=Path(__file__).resolve().parents[2], stderr=asyncio.subprocess.PIPE)
@@ -341,7 +339,7 @@ async def test_python_m_services_router_serves_and_stops_on_sigterm(nc, nats_ser
                 return False
             return RouteReply.decode(answer.data).instances == [iid]
 
-        await eventually(routed, within=15, what="the router process never routed a request")
+        await until(routed, 15, "the router process never routed a request")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         stderr = (await proc.stderr.read()).splitlines()
@@ -353,4 +351,4 @@ async def test_python_m_services_router_serves_and_stops_on_sigterm(nc, nats_ser
             proc.kill()
             await proc.wait()
         await sub.unsubscribe()
-        await registry.remove(iid)
+        await beats.stop(remove=True)
