@@ -221,7 +221,7 @@ async def soak(system: System, args: argparse.Namespace) -> Stats:
         while not work.done():
             await asyncio.wait([work], timeout=30)
             print(f"  {time.monotonic() - start:5.0f} s: served {sum(stats.served.values())}, errors "
-                  f"{sum(stats.errors.values())}, jobs done {stats.jobs_done}", flush=True)  # fmt: skip
+                  f"{sum(stats.errors.values())}, jobs done {stats.jobs_done}; {memory_line(system)}", flush=True)
         await work
     return stats
 
@@ -280,6 +280,19 @@ def rss_mib(root: int) -> dict[int, tuple[str, float]]:
             name += f" (under {ppid})"
         out[pid] = (name, next((int(x.split()[1]) / 1024 for x in status if x.startswith("VmRSS:")), 0.0))
     return out
+
+
+def memory_line(system: System) -> str:
+    """RSS of the system's big processes, split into anonymous memory and shared memory (KV export
+    segments), to tell a leak (anon climbing for good) from caches filling up to their bound."""
+    parts = []
+    for pid, (name, mib) in sorted(rss_mib(system.proc.pid).items()):
+        if mib > 100:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            kib = {x.split(":")[0]: int(x.split()[1]) for x in status if x.startswith(("RssAnon:", "RssShmem:"))}
+            parts.append(f"{name.split()[0].removeprefix('services.')} {mib:.0f} MiB "
+                         f"(anon {kib.get('RssAnon', 0) / 1024:.0f}, shm {kib.get('RssShmem', 0) / 1024:.0f})")
+    return "; ".join(parts)
 
 
 def show_state(title: str, used: dict[str, int], idle: bool, rss: dict[int, tuple[str, float]]) -> None:
