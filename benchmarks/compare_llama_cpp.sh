@@ -23,7 +23,7 @@ wait_up() {  # url
 
 bench() {  # name base-url
   for c in 1 8 32; do
-    "$PYTHON" -m shared.bench.serve --base-url "$2" --input-len 128 --output-len 128 --ignore-eos \
+    "$PYTHON" -m xllm.bench.serve --base-url "$2" --input-len 128 --output-len 128 --ignore-eos \
       --max-concurrency "$c" --num-prompts "${PROMPTS[$c]}" --warmup 2 --timeout 600 --no-progress \
       --result-dir "$OUT" --result-name "compare-$1-c$c" >/dev/null
   done
@@ -38,7 +38,7 @@ bench llama.cpp http://127.0.0.1:8080
 kill $LLAMA; wait $LLAMA 2>/dev/null || true
 
 for mode in $MODES; do
-  "$PYTHON" -m shared.cli up --mode "$mode" --port 8000 --state-dir "$OUT/state-$mode" \
+  "$PYTHON" -m xllm.cli up --mode "$mode" --port 8000 --state-dir "$OUT/state-$mode" \
     --kv-cache-fraction 0.05 >"$OUT/xllm-$mode.log" 2>&1 &
   UP=$!
   wait_up http://127.0.0.1:8000/health

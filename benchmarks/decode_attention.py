@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from shared.bench.timing import best_ms
 from shared.engine import cpu_kernels
 from shared.engine.attention import _attend
+from xllm.bench.timing import best_ms
 
 HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
 

@@ -20,14 +20,14 @@ import time
 
 import torch
 
+from services.worker.kv_transfer import KvDataServer, KvExport, import_kv
+from services.worker.shm import SegmentPool
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
-from shared.kv_transfer import KvDataServer, KvExport, import_kv
-from shared.shm import SegmentPool
 
 SMOLLM2 = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,

@@ -14,8 +14,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from shared.bench.timing import best_ms
 from shared.engine import cpu_kernels, ops
+from xllm.bench.timing import best_ms
 
 SHAPES = [(3072, 576), (576, 1536), (960, 576), (576, 576)]
 

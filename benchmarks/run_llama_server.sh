@@ -6,7 +6,7 @@
 #   benchmarks/run_llama_server.sh                  # port 8080
 #   PORT=8081 SLOTS=8 benchmarks/run_llama_server.sh --verbose
 #
-# Then:  python -m shared.bench.serve --base-url http://127.0.0.1:8080 ...
+# Then:  python -m xllm.bench.serve --base-url http://127.0.0.1:8080 ...
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import aiohttp
 
-from shared.bench.client import Target
-from shared.bench.local_system import start_system, stop_system
-from shared.bench.metrics import summarize
-from shared.bench.runner import LoadPoint, run_load
-from shared.bench.workloads import WorkloadSpec, generate
-from shared.engine.async_engine import AsyncEngine
+from services.worker.async_engine import AsyncEngine
 from shared.engine.config import EngineConfig
 from shared.engine.llm_engine import LLMEngine
 from shared.engine.sampling_params import SamplingParams
+from xllm.bench.client import Target
+from xllm.bench.local_system import start_system, stop_system
+from xllm.bench.metrics import summarize
+from xllm.bench.runner import LoadPoint, run_load
+from xllm.bench.workloads import WorkloadSpec, generate
 
 
 async def in_process(runner: AsyncEngine, texts: list[str], output_len: int) -> dict:
@@ -46,8 +46,8 @@ async def in_process(runner: AsyncEngine, texts: list[str], output_len: int) -> 
 
 async def ttft_pairs(runner: AsyncEngine, url: str, texts: list[str]) -> dict:
     """Per text, TTFT in-process then through the service; medians and the median difference, in ms."""
-    from shared.bench.client import send
-    from shared.bench.workloads import BenchRequest
+    from xllm.bench.client import send
+    from xllm.bench.workloads import BenchRequest
 
     target = Target(url, "smollm2", endpoint="completions")
     local, served = [], []
@@ -75,7 +75,7 @@ async def _one(runner: AsyncEngine, rid: str, prompt: list[int], params: Samplin
 
 
 async def through_service(url: str, texts: list[str], output_len: int, concurrency: int) -> dict:
-    from shared.bench.workloads import BenchRequest
+    from xllm.bench.workloads import BenchRequest
 
     target = Target(url, "smollm2", endpoint="completions", ignore_eos=True)
     reqs = [BenchRequest(t, output_len, len(t.split())) for t in texts]

@@ -32,11 +32,11 @@ import aiohttp
 import nats.errors
 
 from shared import subjects
-from shared.bench.local_system import System, start_system, stop_system
-from shared.bench.words import WORDS
 from shared.bus import connect
-from shared.jobs_client import iter_results, make_job
+from shared.jobs import iter_results, make_job
 from shared.messages import JobDone, JobRequest
+from xllm.bench.local_system import System, start_system, stop_system
+from xllm.bench.words import WORDS
 
 MODEL = "smollm2"
 UP_ARGS = "--kv-cache-fraction 0.02 --worker-threads 1 --max-num-seqs 32"
@@ -340,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stop_launcher_of_failed_start() -> None:
     """Ctrl-C while start_system waits leaves its launcher running (its own session): stop it here."""
     for pid in list(descendants(os.getpid()))[1:]:
-        if b"shared.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if b"xllm.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
             os.kill(pid, signal.SIGTERM)
             for _ in range(180):
                 if os.waitpid(pid, os.WNOHANG)[0]:

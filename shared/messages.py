@@ -135,7 +135,7 @@ class KvEvent(Message):
 @dataclass
 class KvHandoff(Message):
     """Prefill -> decode, as the prefill starts: where the request's prompt KV will be, layer by layer.
-    The first tokens and sampler states follow on the data plane (shared.kv_transfer)."""
+    The first tokens and sampler states follow on the data plane (services.worker.kv_transfer)."""
 
     kind: ClassVar[str] = "kv_handoff"
     request_id: str

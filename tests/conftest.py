@@ -8,7 +8,7 @@ import pytest
 from nats.aio.client import Client
 
 from shared.bus import connect
-from shared.natsd import NatsServer
+from xllm.natsd import NatsServer
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ SMALL_SYSTEM = ("--kv-cache-fraction", "0.02", "--worker-threads", "1", "--max-n
 @pytest.fixture(scope="session")
 def xllm_system(tmp_path_factory: pytest.TempPathFactory):
     """`xllm up` in its default disaggregated mode (1 prefill + 1 decode), real default model."""
-    from shared.bench.local_system import start_system, stop_system
+    from xllm.bench.local_system import start_system, stop_system
 
     system = start_system(tmp_path_factory.mktemp("xllm-disagg"), *SMALL_SYSTEM)
     try:
@@ -55,7 +55,7 @@ def xllm_system(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def xllm_colocated(tmp_path_factory: pytest.TempPathFactory):
     """`xllm up --mode colocated` with two workers, so one can die while the other serves."""
-    from shared.bench.local_system import start_system, stop_system
+    from xllm.bench.local_system import start_system, stop_system
 
     system = start_system(tmp_path_factory.mktemp("xllm-colocated"), *SMALL_SYSTEM, "--mode", "colocated",
                           "--decode", "2")

@@ -15,7 +15,7 @@ import structlog
 from shared import bus
 from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import AbortRequest, KvQuery, KvQueryReply, SchemaError
-from shared.natsd import free_port
+from xllm.natsd import free_port
 
 # -- connect ----------------------------------------------------------------------------------------
 

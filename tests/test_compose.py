@@ -5,11 +5,10 @@
   structural checks below run either way.
 - Every service's command and XLLM_* environment is parsed by the real config of the service it
   runs, so a flag or variable that does not exist (or a bad value) fails here, not at `docker compose up`.
-- The topology is the one `xllm up` runs by default (shared.launcher.plan).
+- The topology is the one `xllm up` runs by default (xllm.up.plan).
 - The Kubernetes example (deploy/k8s/xllm.yaml) is held to the same topology and commands.
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -25,17 +24,17 @@ import yaml
 from services.gateway.config import GatewayConfig
 from services.kvcache.service import KvCacheConfig
 from services.router.config import RouterConfig
-from shared import cli
+from services.worker.worker import WorkerConfig
 from shared.config import ENV_PREFIX, load_config
-from shared.launcher import UpConfig, plan
-from shared.worker import WorkerConfig
+from xllm import cli
+from xllm.up import UpConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 
 CONFIGS = {"gateway": GatewayConfig, "router": RouterConfig, "kvcache": KvCacheConfig,
-           "prefill": WorkerConfig, "decode": WorkerConfig}
+           "prefill": WorkerConfig, "decode": WorkerConfig, "colocated": WorkerConfig}
 SERVICE_KEYS = {
     "build", "image", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
     "depends_on", "healthcheck", "restart", "init", "stop_grace_period", "stop_signal", "shm_size",
@@ -88,13 +87,7 @@ def parse_command(name: str, command: list[str], env: dict[str, str], monkeypatc
     """(service, config) as `xllm serve` would build them from the command and the environment."""
     assert len(command) >= 2, f"{name}: command {command} names no service"
     service, args = command[1], list(command[2:])
-    assert service in (*cli.SERVICES, "colocated"), f"{name}: `xllm serve {service}` is not a service"
-    if service == "colocated":
-        service, args = "decode", ["--role", "colocated", *args]
-    if service == "decode":  # decode's own flag, parsed before the WorkerConfig ones (its main() does so)
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--role", choices=("decode", "colocated"), default="decode")
-        _, args = pre.parse_known_args(args)
+    assert service in cli.SERVICES, f"{name}: `xllm serve {service}` is not a service"
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     for key, value in env.items():
@@ -188,24 +181,13 @@ def test_nats_runs_jetstream_on_a_volume(compose):
 # ---- the services' commands ------------------------------------------------------------------------
 
 def topology(commands: list[list[str]]) -> Counter:
-    """(module, role) of each `serve SERVICE [flags]` command."""
-    got = Counter()
-    for command in commands:
-        name, args = command[1], command[2:]
-        role = "colocated" if name == "colocated" else args[args.index("--role") + 1] if "--role" in args else None
-        module = cli.SERVICES["decode" if name == "colocated" else name]
-        got[(module.removesuffix(".__main__").removesuffix(".worker"), role)] += 1
-    return got
+    """The service module of each `serve SERVICE [flags]` command."""
+    return Counter(f"services.{command[1]}" for command in commands)
 
 
 def xllm_up_topology() -> Counter:
     """The processes `xllm up` starts in its default (disaggregated) mode."""
-    expected = Counter()
-    for service in plan(UpConfig(), "nats://nats:4222"):
-        argv = service.argv
-        role = argv[argv.index("--role") + 1] if "--role" in argv else None
-        expected[(argv[argv.index("-m") + 1], role)] += 1
-    return expected
+    return Counter(service.argv[service.argv.index("-m") + 1] for service in plan(UpConfig(), "nats://nats:4222"))
 
 
 def test_topology_is_that_of_xllm_up(compose):

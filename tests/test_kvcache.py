@@ -19,9 +19,9 @@ from shared import bus, subjects
 from shared.block_hash import block_hashes
 from shared.instance_view import InstanceView
 from shared.messages import InstanceInfo, KvEvent, KvQuery, KvQueryReply
-from shared.natsd import free_port
 from shared.registry import Heartbeater
 from tests.waiting import until
+from xllm.natsd import free_port
 
 BS = 4
 PROMPT = list(range(100, 124))  # 6 full blocks of 4

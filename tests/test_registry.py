@@ -13,8 +13,8 @@ from shared import bus
 from shared.bus import connect
 from shared.instance_view import InstanceView
 from shared.messages import InstanceInfo
-from shared.natsd import NatsServer
 from shared.registry import Heartbeater, InstanceRegistry
+from xllm.natsd import NatsServer
 
 pytestmark = pytest.mark.integration
 

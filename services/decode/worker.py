@@ -1,8 +1,6 @@
 """Decode role: take a request over from a prefill worker (its prompt KV and first tokens), then decode
-and stream the rest.
-
-Also serves whole requests sent to it directly, so `--role colocated` (one engine doing both) is
-this same worker registered under the colocated role: the baseline disaggregation must beat.
+and stream the rest. A whole request sent to it directly (the router's fallback) runs here as on a
+colocated worker.
 """
 
 import asyncio
@@ -11,15 +9,15 @@ import time
 import structlog
 from nats.aio.msg import Msg
 
+from services.worker.kv_transfer import import_kv
+from services.worker.worker import ABORTED, Worker, WorkerConfig
 from shared import subjects
 from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import Continuation
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import import_kv
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
-from shared.worker import ABORTED, Worker, WorkerConfig, run_worker
 
 log = structlog.get_logger()
 
@@ -131,17 +129,3 @@ class _Refused(Exception):
 def _refusal(message: str, code: int) -> dict:
     return {"message": message, "type": "server_error" if code >= 500 else "invalid_request_error",
             "code": code}
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from shared.config import load_config
-
-    # `--role colocated` is this module's own flag (a plain Worker: prefill and decode in one engine);
-    # the rest is the common WorkerConfig.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--role", choices=("decode", "colocated"), default="decode")
-    known, rest = pre.parse_known_args(argv)
-    config = load_config(WorkerConfig, rest, prog="python -m services.decode [--role decode|colocated]")
-    run_worker(Worker if known.role == "colocated" else DecodeWorker, config)

@@ -38,7 +38,7 @@ from services.gateway.errors import ApiError, from_chunk_error, invalid
 from services.gateway.protocol import ModelInfo, ParsedRequest, parse_chat, parse_completion
 from services.gateway.serving import response_body
 from shared import bus, subjects
-from shared.jobs_client import JOB_ID_RE, URLS, iter_results
+from shared.jobs import JOB_ID_RE, URLS, iter_results
 from shared.messages import GenerateRequest, Job, JobDone, JobResult, SchemaError
 from shared.retry import every, retry
 

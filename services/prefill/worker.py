@@ -17,14 +17,14 @@ from dataclasses import asdict
 
 import structlog
 
+from services.worker.kv_transfer import KvDataServer, KvExport
+from services.worker.shm import SegmentPool
+from services.worker.worker import Worker
 from shared import subjects
 from shared.bus import BusError, request
 from shared.engine.llm_engine import Continuation, RequestOutput
 from shared.engine.sampling_params import SamplingParams
-from shared.kv_transfer import KvDataServer, KvExport
 from shared.messages import Ack, GenerateRequest, KvHandoff
-from shared.shm import SegmentPool
-from shared.worker import Worker
 
 log = structlog.get_logger()
 
@@ -104,7 +104,7 @@ class PrefillWorker(Worker):
                                  error.get("type", "server_error"))
 
     async def _trailer(self, request_id: str, last: RequestOutput | None, export: KvExport) -> dict:
-        """What the decode worker learns once the prompt is done (see shared.kv_transfer)."""
+        """What the decode worker learns once the prompt is done (see services.worker.kv_transfer)."""
         if last is None:
             return {"error": "the request was aborted or failed on the prefill worker"}
         if not last.held:
@@ -137,10 +137,3 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
         return True
     except TimeoutError:
         return False
-
-
-def main(argv: list[str] | None = None) -> None:
-    from shared.config import load_config
-    from shared.worker import WorkerConfig, run_worker
-
-    run_worker(PrefillWorker, load_config(WorkerConfig, argv, prog="python -m services.prefill"))

@@ -15,7 +15,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.protocol import ModelInfo
 from shared import subjects
 from shared.messages import AbortRequest, GenerateRequest, RouteReply, SeqOutput, StreamChunk
-from shared.natsd import NatsServer
+from xllm.natsd import NatsServer
 
 
 class FakeTokenizer:

@@ -14,7 +14,7 @@ from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.jobs import JobRunner
 from shared import bus, subjects
-from shared.jobs_client import iter_results
+from shared.jobs import iter_results
 from shared.messages import GenerateRequest, Job, JobDone, JobRequest, JobResult
 from tests.gateway.conftest import MODEL, FakeTokenizer, ScriptedRouter, reply_words
 from tests.waiting import until

@@ -12,7 +12,7 @@ import pytest
 
 from shared import subjects
 from shared.bus import connect, request
-from shared.jobs_client import iter_results, make_job
+from shared.jobs import iter_results, make_job
 from shared.messages import JobDone, JobRequest, KvQuery, KvQueryReply
 from tests.integration.streams import completion_stream
 from tests.waiting import until

@@ -7,15 +7,15 @@ import uuid
 
 import pytest
 
-import shared.kv_transfer
+import services.worker.kv_transfer
 from services.decode.worker import DecodeWorker
 from services.prefill.worker import PrefillWorker
+from services.worker.worker import WorkerConfig
 from shared import bus, subjects
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.sampling_params import SamplingParams
 from shared.messages import AbortRequest, Ack, GenerateRequest, StreamChunk
-from shared.worker import WorkerConfig
 from tests.waiting import until
 
 pytestmark = pytest.mark.integration
@@ -25,10 +25,10 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
     def no_shared_memory(name):
         raise AssertionError("a reader on another host must not map the segment")
 
-    monkeypatch.setattr(shared.kv_transfer, "attach_if_there", no_shared_memory)
+    monkeypatch.setattr(services.worker.kv_transfer, "attach_if_there", no_shared_memory)
     announced = []  # layers announced to the reader one by one, during the prompt's step
-    announce = shared.kv_transfer.KvExport.announce
-    monkeypatch.setattr(shared.kv_transfer.KvExport, "announce",
+    announce = services.worker.kv_transfer.KvExport.announce
+    monkeypatch.setattr(services.worker.kv_transfer.KvExport, "announce",
                         lambda self, n: announced.append(n) or announce(self, n))
     llm = LLM(EngineConfig(model="smollm2", kv_cache_memory=64 << 20, num_threads=1))
     prompt = llm.encode("Name three colours of the rainbow.", chat=True)

@@ -177,7 +177,7 @@ async def test_client_disconnect_returns_the_kv_pool(xllm_system):
 async def test_offline_job_completes_while_online_requests_are_served_first(xllm_system):
     from shared import subjects
     from shared.bus import connect
-    from shared.jobs_client import iter_results, make_job
+    from shared.jobs import iter_results, make_job
     from shared.messages import JobDone, JobRequest
 
     requests = [JobRequest(f"q{i}", "/v1/chat/completions",

@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from shared.bench.local_system import start_system, stop_system
 from tests.conftest import SMALL_SYSTEM
+from xllm.bench.local_system import start_system, stop_system
 
 pytestmark = pytest.mark.integration
 

@@ -10,33 +10,23 @@ JobResult per request, then a JobDone, to `xllm.jobs.results.<job_id>` (stream X
 With --wait (or --results) those are read back and written as OpenAI batch output lines:
     {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
 
-The result helpers here (`iter_results`, `decode_result`) are the job runner's too.
+The job protocol itself (ids, results, reading them back) is shared/jobs.py, the job runner's too.
 """
 
 import argparse
 import asyncio
 import json
 import os
-import re
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import asdict
+from collections.abc import Iterable
 from typing import IO, Any
 
-import msgpack
 import nats.errors
 import nats.js.errors
 
 from shared import bus, subjects
-from shared.messages import Job, JobDone, JobRequest, JobResult, SchemaError
-
-URLS = ("/v1/chat/completions", "/v1/completions")
-# A job id is one subject token and the prefix of result msg ids ("<job_id>:<custom_id>"): no dots,
-# wildcards, spaces or colons.
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-READ_WAIT_S = 5.0  # the longest gap between two messages of a stream that is known to hold them
+from shared.jobs import URLS, iter_results, make_job
+from shared.messages import Job, JobDone, JobRequest, JobResult
 
 
 class JobFileError(ValueError):
@@ -73,61 +63,6 @@ def parse_jsonl(lines: Iterable[str], name: str = "<input>") -> list[JobRequest]
     if not out:
         raise JobFileError(f"{name}: no requests in the file")
     return out
-
-
-def new_job_id() -> str:
-    return f"job-{uuid.uuid4().hex[:16]}"
-
-
-def make_job(requests: list[JobRequest], job_id: str | None = None) -> Job:
-    job_id = job_id or new_job_id()
-    if not JOB_ID_RE.match(job_id):
-        raise ValueError(f"job id {job_id!r}: use 1-128 letters, digits, '-' or '_'")
-    return Job(job_id, [asdict(r) for r in requests])
-
-
-def decode_result(data: bytes) -> JobResult | JobDone:
-    """A message of a job's results subject (SchemaError if it is neither kind)."""
-    try:
-        kind = msgpack.unpackb(data, raw=False).get("kind")
-    except Exception as e:
-        raise SchemaError(f"not a msgpack map: {e}") from e
-    return JobDone.decode(data) if kind == JobDone.kind else JobResult.decode(data)
-
-
-async def iter_results(js: Any, job_id: str, *, limit: int | None = None,
-                       timeout: float | None = None) -> AsyncIterator[JobResult | JobDone]:  # fmt: skip
-    """The job's results from the start of the stream, up to its JobDone (or `limit` messages).
-
-    TimeoutError when `timeout` seconds pass before the end. Messages that do not decode are skipped.
-    """
-    sub = await js.subscribe(subjects.job_results(job_id), stream=subjects.JOB_RESULTS_STREAM,
-                             ordered_consumer=True)  # fmt: skip
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        read = 0
-        while limit is None or read < limit:
-            wait = READ_WAIT_S if limit is not None else 3600.0
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"job {job_id}: not done within {timeout:g} s")
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats.errors.TimeoutError:
-                if limit is not None:
-                    raise TimeoutError(f"job {job_id}: results stream stalled") from None
-                continue
-            read += 1
-            try:
-                item = decode_result(msg.data)
-            except SchemaError:
-                continue
-            yield item
-            if isinstance(item, JobDone):
-                return
-    finally:
-        await sub.unsubscribe()
 
 
 def batch_line(result: JobResult) -> dict[str, Any]:

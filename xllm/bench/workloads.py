@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.bench.words import WORDS
+from xllm.bench.words import WORDS
 
 SALT_WORDS = 6  # 456**6 ~ 9e15 different salts: enough to never collide within a run
 WORKLOADS = ("synthetic", "chat", "shared-prefix", "offline")

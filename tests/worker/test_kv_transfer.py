@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
-import shared.kv_transfer
+import services.worker.kv_transfer
+from services.worker.kv_transfer import KvDataServer, KvExport, KvTransferError, import_kv
+from services.worker.shm import SegmentPool, attach_if_there
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
-from shared.kv_transfer import KvDataServer, KvExport, KvTransferError, import_kv
-from shared.shm import SegmentPool, attach_if_there
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -64,14 +64,14 @@ async def test_over_tcp_layers_are_sent_while_later_ones_are_still_being_compute
     export = KvExport("req", src, num_tokens=10)
     server.exports["req"] = export
     sent = threading.Event()
-    send = shared.kv_transfer._send
+    send = services.worker.kv_transfer._send
 
     async def sending(writer, kind: bytes, payload: bytes) -> None:
         await send(writer, kind, payload)
         if kind == b"L" and payload:
             sent.set()
 
-    monkeypatch.setattr(shared.kv_transfer, "_send", sending)
+    monkeypatch.setattr(services.worker.kv_transfer, "_send", sending)
     loop = asyncio.get_running_loop()
 
     def engine_thread() -> None:

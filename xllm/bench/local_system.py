@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.natsd import free_port
+from xllm.natsd import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ class System:
 def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
     port = free_port()
     launcher_log = open(state_dir / "launcher.log", "wb")  # noqa: SIM115 -- the child keeps it
-    argv = [sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--state-dir", str(state_dir),
+    argv = [sys.executable, "-m", "xllm.cli", "up", "--port", str(port), "--state-dir", str(state_dir),
             *args]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=launcher_log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -10,18 +10,20 @@ The prefill and decode roles add the KV hand-off (services/prefill, services/dec
 import asyncio
 import os
 import socket
+import sys
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from services.worker.async_engine import AsyncEngine, EngineDeadError, RequestAborted
 from shared import bus, subjects
-from shared.bus import connect, ensure_streams, respond
-from shared.config import opt
-from shared.engine.async_engine import AsyncEngine, EngineDeadError, RequestAborted
+from shared.bus import BusError, connect, ensure_streams, respond
+from shared.config import load_config, opt
 from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
@@ -295,9 +297,17 @@ def _error(message: str, code: int, kind: str = "server_error", param: str | Non
     return {"message": message, "type": kind, "code": code, "param": param}
 
 
-def run_worker(worker_cls: type[Worker], config: WorkerConfig) -> None:
+def run_worker(worker_cls: type[Worker], argv: Sequence[str] | None, prog: str) -> int:
     """Entry point of a worker service process."""
     import uvloop
 
+    config = load_config(WorkerConfig, sys.argv[1:] if argv is None else argv, prog=prog)
     configure_logging(worker_cls.role, config.log_level)
-    uvloop.run(worker_cls(config).serve())
+    try:
+        uvloop.run(worker_cls(config).serve())
+    except BusError as e:
+        print(f"{worker_cls.role}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

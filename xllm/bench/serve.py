@@ -2,7 +2,7 @@
 
     xllm bench serve --base-url http://127.0.0.1:8000 --input-len 128 --output-len 128 \\
         --max-concurrency 8 --num-prompts 64 --ignore-eos --goodput ttft:500 tpot:50
-    python -m shared.bench.serve ...   # the same, without the CLI
+    python -m xllm.bench.serve ...   # the same, without the CLI
 
 Each load point (one, or one per --sweep-rates / --sweep-concurrency value) gets the same seeded
 workload with fresh salts, a warm-up that is not counted, a table on stdout, and at the end a JSON
@@ -20,12 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from shared.bench.client import Target
-from shared.bench.metrics import parse_goodput, summarize
-from shared.bench.offline import OfflineError, run_offline
-from shared.bench.report import format_run, format_sweep, request_record, write_json
-from shared.bench.runner import LoadPoint, RunResult, first_model, run_load
-from shared.bench.workloads import WORKLOADS, WorkloadSpec, generate
+from xllm.bench.client import Target
+from xllm.bench.metrics import parse_goodput, summarize
+from xllm.bench.offline import OfflineError, run_offline
+from xllm.bench.report import format_run, format_sweep, request_record, write_json
+from xllm.bench.runner import LoadPoint, RunResult, first_model, run_load
+from xllm.bench.workloads import WORKLOADS, WorkloadSpec, generate
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -199,7 +199,7 @@ def write_outputs(
     paths = [write_json(out / f"{stem}.json", doc)]
     if not args.no_plots:
         try:
-            from shared.bench import plots
+            from xllm.bench import plots
         except ImportError:
             print("matplotlib is missing (pip install 'xllm[bench]'): no plots", file=sys.stderr)
         else:

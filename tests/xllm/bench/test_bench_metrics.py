@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from shared.bench.arrivals import arrival_times
-from shared.bench.client import RequestResult
-from shared.bench.metrics import meets_slo, parse_goodput, summarize
+from xllm.bench.arrivals import arrival_times
+from xllm.bench.client import RequestResult
+from xllm.bench.metrics import meets_slo, parse_goodput, summarize
 
 
 def result(ttft_ms: float, tpot_ms: float, out: int = 11, ok: bool = True) -> RequestResult:

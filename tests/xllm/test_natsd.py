@@ -1,4 +1,4 @@
-"""shared.natsd: the embedded nats-server starts, serves JetStream, and stops without leftovers."""
+"""xllm.natsd: the embedded nats-server starts, serves JetStream, and stops without leftovers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from shared.natsd import NatsServer, NatsServerError, find_nats_server
+from xllm.natsd import NatsServer, NatsServerError, find_nats_server
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
-from shared.bench.arrivals import arrival_times
-from shared.bench.client import RequestResult, Target, api_root, send
-from shared.bench.progress import Progress
-from shared.bench.workloads import BenchRequest
+from xllm.bench.arrivals import arrival_times
+from xllm.bench.client import RequestResult, Target, api_root, send
+from xllm.bench.progress import Progress
+from xllm.bench.workloads import BenchRequest
 
 
 @dataclass

@@ -11,13 +11,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = {
-    "gateway": "services.gateway.__main__",
-    "router": "services.router.__main__",
-    "kvcache": "services.kvcache.__main__",
-    "prefill": "services.prefill.worker",
-    "decode": "services.decode.worker",
-}
+SERVICES = ("gateway", "router", "kvcache", "prefill", "decode", "colocated")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "up":
         from shared.config import load_config
-        from shared.launcher import UpConfig, up
         from shared.logging import configure_logging
+        from xllm.up import UpConfig, up
 
         config = load_config(UpConfig, rest, prog="xllm up")
         configure_logging("xllm-up", config.log_level)
@@ -41,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench":
         return bench(rest)
     if command == "submit":
-        from shared.jobs_client import main as submit
+        from xllm.submit import main as submit
 
         return submit(rest)
     print(f"xllm: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
@@ -49,16 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(argv: list[str]) -> int:
-    names = [*SERVICES, "colocated"]
-    if not argv or argv[0] not in names:
-        print(f"usage: xllm serve {{{','.join(names)}}} [flags]  (flags: xllm serve SERVICE --help)",
+    if not argv or argv[0] not in SERVICES:
+        print(f"usage: xllm serve {{{','.join(SERVICES)}}} [flags]  (flags: xllm serve SERVICE --help)",
               file=sys.stderr)
         return 2
-    name, rest = argv[0], argv[1:]
-    if name == "colocated":
-        name, rest = "decode", ["--role", "colocated", *rest]
-    result = importlib.import_module(SERVICES[name]).main(rest)
-    return result or 0
+    return importlib.import_module(f"services.{argv[0]}.__main__").main(argv[1:]) or 0
 
 
 def generate(argv: list[str]) -> int:
@@ -97,10 +86,10 @@ def bench(argv: list[str]) -> int:
         print("usage: xllm bench {engine,serve} [flags]", file=sys.stderr)
         return 2
     if argv[0] == "engine":
-        from shared.bench.engine import main as bench_engine
+        from xllm.bench.engine import main as bench_engine
 
         return bench_engine(argv[1:])
-    from shared.bench.serve import main as bench_serve
+    from xllm.bench.serve import main as bench_serve
 
     return bench_serve(argv[1:])
 

@@ -22,7 +22,7 @@ import structlog
 
 from shared.config import opt
 from shared.logging import LOG_LEVELS
-from shared.natsd import NatsServer, NatsServerError
+from xllm.natsd import NatsServer, NatsServerError
 
 log = structlog.get_logger()
 
@@ -63,10 +63,8 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     """The processes to run, in start order (the gateway last: it is the one users reach)."""
     py = [sys.executable, "-m"]
     common = ["--nats", nats_url, "--log-level", config.log_level]
-    if config.mode == "colocated":
-        roles = [("decode", "colocated")] * config.decode
-    else:
-        roles = [("prefill", None)] * config.prefill + [("decode", None)] * config.decode
+    roles = ["colocated"] * config.decode if config.mode == "colocated" else \
+        ["prefill"] * config.prefill + ["decode"] * config.decode
     # Every worker may use every core: on 2 cores, 2 threads per worker beat 1 each for prefill +
     # decode, bursty and steady alike (prefill and decode phases rarely peak together).
     threads = config.worker_threads or (os.cpu_count() or 1)
@@ -75,10 +73,9 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
                    "--max-num-seqs", str(config.max_num_seqs)]
     services = [Service("kvcache", [*py, "services.kvcache", *common]),
                 Service("router", [*py, "services.router", *common])]
-    for i, (module, role) in enumerate(roles):
-        extra = ["--role", role] if role else []
-        name = f"{role or module}-{i}"
-        services.append(Service(name, [*py, f"services.{module}", *extra, *common, *worker_args,
+    for i, role in enumerate(roles):
+        name = f"{role}-{i}"
+        services.append(Service(name, [*py, f"services.{role}", *common, *worker_args,
                                        "--instance-id", f"{name}-{os.getpid()}"]))
     gateway = [*py, "services.gateway", *common, "--model", config.model, "--host", config.host,
                "--port", str(config.port)]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from shared.bench import serve
+from xllm.bench import serve
 
 
 @pytest.mark.integration

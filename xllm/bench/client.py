@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from shared.bench.workloads import BenchRequest
+from xllm.bench.workloads import BenchRequest
 
 
 @dataclass

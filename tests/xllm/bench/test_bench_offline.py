@@ -10,10 +10,10 @@ import json
 import nats
 import pytest
 
-from shared.bench import serve
 from shared.messages import Job, JobDone, JobResult
-from shared.natsd import NatsServer
 from shared.subjects import JOB_RESULTS_PREFIX, JOB_RESULTS_STREAM, JOBS_STREAM, JOBS_SUBMIT, job_results
+from xllm.bench import serve
+from xllm.natsd import NatsServer
 
 pytestmark = pytest.mark.integration
 

@@ -35,8 +35,8 @@ from typing import Any
 import msgpack
 import torch
 
+from services.worker.shm import DTYPES, SegmentPool, attach_if_there, destroy, tensor_view
 from shared.engine.model_runner import ModelRunner
-from shared.shm import DTYPES, SegmentPool, attach_if_there, destroy, tensor_view
 
 _FRAME = struct.Struct("!cQ")  # kind, payload length
 

@@ -17,12 +17,12 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
-from shared.bench.client import RequestResult, Target, build_payload
-from shared.bench.progress import Progress
-from shared.bench.runner import LoadPoint, RunResult
-from shared.bench.workloads import BenchRequest
 from shared.messages import Job, JobDone, JobRequest, JobResult
 from shared.subjects import JOBS_SUBMIT, job_results
+from xllm.bench.client import RequestResult, Target, build_payload
+from xllm.bench.progress import Progress
+from xllm.bench.runner import LoadPoint, RunResult
+from xllm.bench.workloads import BenchRequest
 
 
 class OfflineError(RuntimeError):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.bench.client import RequestResult
+from xllm.bench.client import RequestResult
 
 PERCENTILES = (50, 90, 99)
 SLO_METRICS = ("ttft", "tpot", "e2e")

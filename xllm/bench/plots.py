@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from shared.bench.client import RequestResult
+from xllm.bench.client import RequestResult
 
 
 def _cdf(ax: Any, values_ms: list[float], label: str) -> None:

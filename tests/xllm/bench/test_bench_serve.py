@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from shared.bench import serve
-from shared.bench.client import Target
-from shared.bench.metrics import latency_stats, summarize
-from shared.bench.runner import LoadPoint, run_load
-from shared.bench.workloads import BenchRequest, WorkloadSpec, generate
+from xllm.bench import serve
+from xllm.bench.client import Target
+from xllm.bench.metrics import latency_stats, summarize
+from xllm.bench.runner import LoadPoint, run_load
+from xllm.bench.workloads import BenchRequest, WorkloadSpec, generate
 
 
 @dataclass

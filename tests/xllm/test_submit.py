@@ -12,9 +12,10 @@ from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
 from shared import bus, subjects
-from shared.jobs_client import JobFileError, batch_line, main, make_job, parse_jsonl
+from shared.jobs import make_job
 from shared.messages import Job, JobDone, JobResult
 from tests.waiting import until
+from xllm.submit import JobFileError, batch_line, main, parse_jsonl
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
