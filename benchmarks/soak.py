@@ -204,7 +204,7 @@ async def one_job(js: Any, rng: random.Random, stats: Stats, until: float) -> No
             seen.add(item.custom_id)
             try:
                 if item.error is not None:
-                    raise BadResponse(f"http_{item.error.get('code')}", json.dumps(item.error))
+                    raise BadResponse(f"http_{item.error.get('status')}", json.dumps(item.error))
                 stats.ok("job_request", check_usage((item.response or {}).get("usage"), want[item.custom_id], True))
             except BadResponse as e:
                 stats.job_failed += 1

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: errors carry the HTTP status as `status` and OpenAI's code as `code`
 
 T = TypeVar("T", bound="Message")
 
@@ -85,7 +85,7 @@ class StreamChunk(Message):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     instance_id: str = ""
-    error: dict[str, Any] | None = None  # {"message", "type", "code"} -- the request failed
+    error: dict[str, Any] | None = None  # shared.errors.ApiError.to_wire(): the request failed
     # Position in the request's stream. NATS keeps order per publisher only, and a disaggregated
     # request has two: the prefill worker sends chunk 0 (the first tokens), the decode worker the rest.
     seq: int = 0
@@ -172,7 +172,7 @@ class JobResult(Message):
     job_id: str
     custom_id: str
     response: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # ApiError.to_wire()
 
 
 @dataclass
@@ -222,7 +222,7 @@ class Ack(Message):
     request_id: str
     instance_id: str
     ok: bool = True
-    error: dict[str, Any] | None = None  # {"message", "type", "code"} as in StreamChunk.error
+    error: dict[str, Any] | None = None  # ApiError.to_wire(), as in StreamChunk.error
 
 
 @dataclass

@@ -25,6 +25,7 @@ import nats.errors
 import nats.js.errors
 
 from shared import bus, subjects
+from shared.errors import ApiError
 from shared.jobs import URLS, iter_results, make_job
 from shared.messages import Job, JobDone, JobRequest, JobResult
 
@@ -74,9 +75,9 @@ def batch_line(result: JobResult) -> dict[str, Any]:
         error = None
     else:
         err = result.error
-        status = err.get("code") if isinstance(err.get("code"), int) else 500
-        response = {"status_code": status, "request_id": None, "body": {"error": err}}
-        error = {"code": err.get("type") or str(status), "message": err.get("message", "")}
+        api_error = ApiError.from_wire(err)
+        response = {"status_code": api_error.status, "request_id": None, "body": api_error.body()}
+        error = {"code": api_error.code or api_error.type, "message": api_error.message}
     return {"id": f"{result.job_id}:{result.custom_id}", "custom_id": result.custom_id, "response": response,
             "error": error}  # fmt: skip
 

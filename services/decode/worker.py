@@ -10,12 +10,13 @@ import structlog
 from nats.aio.msg import Msg
 
 from services.worker.kv_transfer import import_kv
-from services.worker.worker import ABORTED, Worker, WorkerConfig
+from services.worker.worker import Worker, WorkerConfig
 from shared import subjects
 from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import Continuation
 from shared.engine.sampling_params import SamplingParams
+from shared.errors import ApiError, aborted, internal, invalid, unavailable
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
 
@@ -49,7 +50,7 @@ class DecodeWorker(Worker):
             req = GenerateRequest(**handoff.request)
             params = SamplingParams.from_dict(req.params)
         except (SchemaError, TypeError, InvalidRequestError) as e:
-            return await respond(msg, Ack("", self.instance_id, False, _refusal(str(e), 400)))
+            return await respond(msg, Ack("", self.instance_id, False, invalid(str(e)).to_wire()))
         with bind_request(req.request_id):
             self.spawn(self._import(msg, handoff, req, params), req.request_id)
 
@@ -58,10 +59,10 @@ class DecodeWorker(Worker):
         try:
             blocks = await self._reserve(handoff, req, params)
         except _Refused as refused:
-            return await respond(msg, Ack(rid, self.instance_id, False, refused.error))
+            return await respond(msg, Ack(rid, self.instance_id, False, refused.error.to_wire()))
         if rid in self.aborted:  # aborted while the blocks were being reserved
             await self.engine.call(lambda e: e.abort_request(rid))
-            return await respond(msg, Ack(rid, self.instance_id, False, ABORTED))
+            return await respond(msg, Ack(rid, self.instance_id, False, aborted().to_wire()))
         block_shape = tuple(self.engine.engine.runner.k_cache.shape[2:])
         copy = self.copies[rid] = asyncio.create_task(
             import_kv(handoff.handle, block_shape, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
@@ -78,7 +79,7 @@ class DecodeWorker(Worker):
         except Exception as e:  # the prefill worker died, a bad stream...: this attempt is over
             await self.engine.call(lambda e_: e_.abort_request(rid))
             log.warning("kv_import_failed", error=f"{type(e).__name__}: {e}")
-            return await self.publish_error(req, f"KV import failed: {e}", 503, "server_error")
+            return await self.publish_error(req, unavailable(f"KV import failed: {e}"))
         sequences = trailer.get("sequences")
         # Nothing to go on with: it finished on its first token, or failed, on the prefill worker; or
         # the client left just as the copy ended (too late to cancel it).
@@ -92,7 +93,7 @@ class DecodeWorker(Worker):
             await self.engine.call(lambda e: e.commit_import(rid, continuations))
         except (TypeError, InvalidRequestError) as e:  # e.g. a prefill worker on another device type
             self.engine.abort(rid)
-            return await self.publish_error(req, f"bad hand-off: {e}", 500, "server_error")
+            return await self.publish_error(req, internal(f"bad hand-off: {e}"))
         await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker
 
     async def _write_kv(self, blocks: list[int], kv) -> None:
@@ -108,24 +109,19 @@ class DecodeWorker(Worker):
         deadline = time.monotonic() + handoff.lease_s * 0.8
         while True:
             if req.request_id in self.aborted:
-                raise _Refused(ABORTED)
+                raise _Refused(aborted())
             try:
                 blocks = await self.engine.call(lambda e: e.reserve_import(
                     req.request_id, req.prompt_token_ids, params, req.priority))
             except InvalidRequestError as e:
-                raise _Refused(_refusal(e.message, 400)) from None
+                raise _Refused(invalid(e.message, e.param)) from None
             if blocks is not None:
                 return blocks
             if time.monotonic() > deadline:
-                raise _Refused(_refusal("no KV room on the decode worker", 503))
+                raise _Refused(unavailable("no KV room on the decode worker"))
             await asyncio.sleep(0.05)
 
 
 class _Refused(Exception):
-    def __init__(self, error: dict):
+    def __init__(self, error: ApiError):
         self.error = error
-
-
-def _refusal(message: str, code: int) -> dict:
-    return {"message": message, "type": "server_error" if code >= 500 else "invalid_request_error",
-            "code": code}

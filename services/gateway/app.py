@@ -18,10 +18,10 @@ from aiohttp import web
 from services.gateway import serving
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import ApiError
 from services.gateway.protocol import ModelInfo
 from services.gateway.responses import dumps
 from services.gateway.telemetry import GatewayMetrics
+from shared.errors import ApiError
 from shared.metrics import CONTENT_TYPE
 
 log = structlog.get_logger("xllm.gateway")

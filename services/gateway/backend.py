@@ -7,7 +7,7 @@ Failover ("nothing in flight is lost when a worker dies"). The request goes to t
 request; its RouteReply names the instances now holding it. The request moves elsewhere when
   - one of those instances leaves the registry (the process's live view says so: its entry was removed
     or its heartbeats stopped for the TTL), or
-  - a worker sends an error chunk with code 503 (it cannot go on; another instance may), or
+  - a worker sends a retriable error chunk (it cannot go on; another instance may), or
   - this gateway's NATS connection came back after a loss: chunks published meanwhile are gone (core
     NATS keeps none), so every request in flight goes on from what reached it,
 by resubmitting it (attempt + 1), at most `max_submissions` submissions in all, then a clear 503; for
@@ -34,14 +34,13 @@ from typing import Any
 
 import structlog
 
-from services.gateway.errors import ApiError, from_chunk_error
 from shared import bus, subjects
+from shared.errors import ApiError
 from shared.messages import AbortRequest, GenerateRequest, RouteReply, SchemaError, StreamChunk
 
 log = structlog.get_logger("xllm.gateway")
 
 ROUTE_TIMEOUT_S = 10.0  # the router tries a few workers, each with a ~2 s ack timeout
-RETRIABLE_CODE = 503  # a worker's "I cannot go on": the request may go to another instance
 RECOVERY_S = 15.0  # after a NATS reconnection, how long resubmissions wait for routers and workers
 
 
@@ -153,7 +152,7 @@ class Backend:
                            "bus_unavailable", self.retry_after_s) from None  # fmt: skip
         if reply.error:
             await self.release(attempt, abort=False)
-            raise from_chunk_error(reply.error, self.retry_after_s)
+            raise ApiError.from_wire(reply.error, self.retry_after_s)
         attempt.instances = list(reply.instances)
         attempt.watch = set(reply.instances)
         if self.view is not None:
@@ -235,13 +234,13 @@ class Generation:
                     chunk = StreamChunk.decode(item)
                 except SchemaError as e:
                     raise ApiError(502, f"bad reply from the serving backend: {e}", "server_error") from None
-                err = chunk.error
+                err = chunk.error and ApiError.from_wire(chunk.error)
                 if not err and chunk.seq > self.attempt.next_seq:  # the decode worker's overtook the prefill's
                     self.attempt.early[chunk.seq] = chunk
                     continue
-                if not (err and err.get("code") == RETRIABLE_CODE and chunk.instance_id):
+                if not (err and err.retriable and chunk.instance_id):  # a worker's "I cannot go on"
                     return self._accept(chunk)
-                why = f"instance {chunk.instance_id}: {err.get('message') or 'unavailable'}"
+                why = f"instance {chunk.instance_id}: {err.message}"
             last = await self._fail_over(why)
             if last is not None:
                 return self._accept(last)

@@ -5,7 +5,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.gateway.errors import ApiError, invalid
+from shared.errors import ApiError, invalid
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

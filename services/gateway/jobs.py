@@ -34,10 +34,10 @@ from services.gateway import responses as R
 from services.gateway.backend import Backend
 from services.gateway.body import parse_json
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import ApiError, from_chunk_error, invalid
 from services.gateway.protocol import ModelInfo, ParsedRequest, parse_chat, parse_completion
 from services.gateway.serving import response_body
 from shared import bus, subjects
+from shared.errors import ApiError, internal, invalid
 from shared.jobs import JOB_ID_RE, URLS, iter_results
 from shared.messages import GenerateRequest, Job, JobDone, JobResult, SchemaError
 from shared.retry import every, retry
@@ -141,7 +141,7 @@ class JobRunner:
             job_id = _salvage_job_id(data)
             log.warning("bad_job", job_id=job_id, error=str(e))
             if job_id is not None:
-                err = {"message": f"malformed job: {e}", "type": "invalid_request_error", "code": 400}
+                err = invalid(f"malformed job: {e}", code="invalid_job").to_wire()
                 await self._publish(JobResult(job_id, "", error=err), f"{job_id}:")
                 await self._publish(JobDone(job_id, 0, 1), job_id)
             return
@@ -155,8 +155,7 @@ class JobRunner:
             started = time.monotonic()
             outcomes = dict(previous)
             if deliveries > MAX_DELIVERIES:
-                err = {"message": f"the job was delivered {deliveries} times without finishing",
-                       "type": "server_error", "code": 500}  # fmt: skip
+                err = internal(f"the job was delivered {deliveries} times without finishing").to_wire()
                 for line in todo:
                     outcomes[line.custom_id] = await self._report(job_id, line.custom_id, None, err)
                 todo = []
@@ -184,11 +183,10 @@ class JobRunner:
             return await retry(lambda: self._generate(line), "job_request", delay=0.5, max_delay=5.0,
                                give_up_after=RETRY_FOR_S, retry_if=_refused), None
         except ApiError as e:
-            return None, {**e.body()["error"], "code": e.status}
+            return None, e.to_wire()
         except Exception as e:  # a bug must cost one result, not the job
             log.exception("job_request_crashed", custom_id=line.custom_id)
-            return None, {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                          "param": None, "code": 500}
+            return None, internal(f"internal error: {type(e).__name__}").to_wire()
 
     async def _generate(self, line: _Line) -> dict:
         parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line)
@@ -208,7 +206,7 @@ class JobRunner:
                 while True:
                     chunk = await gen.next()
                     if chunk.error:
-                        raise from_chunk_error(chunk.error, cfg.retry_after_s)
+                        raise ApiError.from_wire(chunk.error, cfg.retry_after_s)
                     col.add(chunk)
                     if chunk.finished:
                         break

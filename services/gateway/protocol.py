@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from services.gateway.errors import ApiError, invalid
 from shared.engine.errors import InvalidRequestError
 from shared.engine.sampling_params import SamplingParams
+from shared.errors import ApiError, invalid
 
 log = structlog.get_logger("xllm.gateway")
 

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from services.gateway import responses as R
 from services.gateway.body import parse_json, read_body
-from services.gateway.errors import ApiError, from_chunk_error
 from services.gateway.protocol import ParsedRequest, parse_chat, parse_completion
+from shared.errors import ApiError
 from shared.messages import GenerateRequest, SeqOutput, StreamChunk
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ async def generate(request: web.Request, gw: "Gateway", kind: str) -> web.Stream
         async with gw.backend.open(req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart) as gen:
             first = await gen.next()
             if first.error:  # nothing sent yet: a real HTTP status (429/503 from the router, 400...)
-                raise from_chunk_error(first.error, cfg.retry_after_s)
+                raise ApiError.from_wire(first.error, cfg.retry_after_s)
             if parsed.stream:
                 return await run.stream_sse(gen, first)
             return await run.respond_json(gen, first)
@@ -87,7 +87,7 @@ class _Run:
     async def respond_json(self, gen: "Generation", chunk: StreamChunk) -> web.Response:
         while True:
             if chunk.error:
-                raise from_chunk_error(chunk.error, self.gw.config.retry_after_s)
+                raise ApiError.from_wire(chunk.error, self.gw.config.retry_after_s)
             self._observe(self.col.add(chunk))
             if chunk.finished:
                 break
@@ -115,7 +115,7 @@ class _Run:
                 )
             while True:
                 if chunk.error:
-                    await resp.write(R.sse(from_chunk_error(chunk.error, 0).body()))
+                    await resp.write(R.sse(ApiError.from_wire(chunk.error, 0).body()))
                     break
                 outputs = self.col.add(chunk)
                 self._observe(outputs)

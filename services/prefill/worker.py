@@ -24,6 +24,7 @@ from shared import subjects
 from shared.bus import BusError, request
 from shared.engine.llm_engine import Continuation, RequestOutput
 from shared.engine.sampling_params import SamplingParams
+from shared.errors import ApiError, unavailable
 from shared.messages import Ack, GenerateRequest, KvHandoff
 
 log = structlog.get_logger()
@@ -99,9 +100,7 @@ class PrefillWorker(Worker):
     async def _refused(self, req: GenerateRequest, ack: Ack) -> None:
         """The hand-off failed: the gateway hears it (a 503 moves the request to other instances)."""
         log.warning("handoff_failed", decode=req.decode_instance, error=ack.error)
-        error = ack.error or {}
-        await self.publish_error(req, error.get("message", "KV hand-off failed"), error.get("code", 503),
-                                 error.get("type", "server_error"))
+        await self.publish_error(req, ApiError.from_wire(ack.error or unavailable("KV hand-off failed").to_wire()))
 
     async def _trailer(self, request_id: str, last: RequestOutput | None, export: KvExport) -> dict:
         """What the decode worker learns once the prompt is done (see services.worker.kv_transfer)."""
@@ -127,8 +126,7 @@ def _export_and_release(engine, request_id: str, export: KvExport) -> list[Conti
 
 
 def _failed(req: GenerateRequest, message: str) -> Ack:
-    return Ack(req.request_id, req.decode_instance, False, {"message": message, "type": "server_error",
-                                                            "code": 503})
+    return Ack(req.request_id, req.decode_instance, False, unavailable(message).to_wire())
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:

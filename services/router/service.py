@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client
@@ -47,6 +47,7 @@ from services.router.policy import (
     choose_path,
 )
 from shared import bus, subjects
+from shared.errors import ApiError, invalid, overloaded, unavailable
 from shared.instance_view import InstanceView
 from shared.logging import bind_request, configure_logging, get_logger
 from shared.messages import (
@@ -65,7 +66,6 @@ from shared.signals import stop_on_signals
 
 log = get_logger("xllm.router")
 
-RETRIABLE_CODES = (429, 503)  # the worker is busy or going away: another one may take it
 
 
 @dataclass
@@ -74,12 +74,7 @@ class Refusal:
 
     reason: str  # "no_responders" | "timeout" | "overloaded" | "unavailable" | "bad_ack" | "rejected"
     retry: bool = True
-    error: dict[str, Any] = field(default_factory=dict)
-
-
-def error(message: str, code: int) -> dict[str, Any]:
-    kind = "overloaded" if code == 429 else "invalid_request_error" if code == 400 else "server_error"
-    return {"message": message, "type": kind, "code": code}
+    error: ApiError | None = None
 
 
 class RouterService:
@@ -160,20 +155,20 @@ class RouterService:
         except SchemaError as e:
             self.failures["bad_message"] += 1
             log.warning("bad_request_message", error=str(e))
-            await bus.respond(msg, RouteReply("", error=error(f"bad GenerateRequest: {e}", 400)))
+            await bus.respond(msg, RouteReply("", error=invalid(f"bad GenerateRequest: {e}").to_wire()))
             return
         with bind_request(req.request_id):
             if not req.reply_subject:
-                reply = self._fail(req, "bad_message", error("reply_subject is empty", 400))
+                reply = self._fail(req, "bad_message", invalid("reply_subject is empty", "reply_subject"))
             elif overflow:
-                reply = self._fail(req, "overloaded", error(
-                    f"the router is routing {self.config.max_inflight} requests already", 429))
+                reply = self._fail(req, "overloaded", overloaded(
+                    f"the router is routing {self.config.max_inflight} requests already"))
             else:
                 try:
                     reply = await self.route(req)
                 except Exception as e:  # a bug or a bus failure: the request still gets an answer
                     log.exception("route_crashed")
-                    reply = self._fail(req, "error", error(f"router error: {type(e).__name__}: {e}", 503))
+                    reply = self._fail(req, "error", unavailable(f"router error: {type(e).__name__}: {e}"))
             if reply.error and req.reply_subject:
                 chunk = StreamChunk(req.request_id, finished=True, error=reply.error)
                 await self.nc.publish(req.reply_subject, chunk.encode())
@@ -183,8 +178,8 @@ class RouterService:
         """Forward `req` to an instance (or prefill + decode pair) that takes it; RouteReply says which."""
         path = choose_path(self.config.mode, self.instances)
         if path is None:
-            return self._fail(req, "no_instances", error(
-                f"no ready instances to serve mode {self.config.mode!r}", 503))
+            return self._fail(req, "no_instances", unavailable(
+                f"no ready instances to serve mode {self.config.mode!r}"))
         roles = PATH_ROLES[path]
         first_attempt, refusals, tried = req.attempt, [], set()
         for _ in range(2):  # a second pass for instances that registered while the first one failed
@@ -193,8 +188,8 @@ class RouterService:
             pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]
             for role in roles:
                 if not any(i.role == role for i in pool):
-                    return self._fail(req, "overloaded", error(
-                        f"every {role} instance has {cap} or more waiting requests; retry later", 429))
+                    return self._fail(req, "overloaded", overloaded(
+                        f"every {role} instance has {cap} or more waiting requests; retry later"))
             ranked = self._suspects_last(await self.policy.rank(pool, req))
             entry = [i.instance_id for i in ranked if i.role == roles[0] and i.instance_id not in tried]
             decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
@@ -216,8 +211,8 @@ class RouterService:
                 break
         tried_reasons = ", ".join(r.reason for r in refusals)
         if any(r.reason == "overloaded" for r in refusals):
-            return self._fail(req, "overloaded", error(f"every instance tried is overloaded ({tried_reasons})", 429))
-        return self._fail(req, "unavailable", error(f"no instance took the request ({tried_reasons})", 503))
+            return self._fail(req, "overloaded", overloaded(f"every instance tried is overloaded ({tried_reasons})"))
+        return self._fail(req, "unavailable", unavailable(f"no instance took the request ({tried_reasons})"))
 
     async def _forward(self, iid: str, req: GenerateRequest) -> Refusal | None:
         """Send `req` to one instance; None when it took it."""
@@ -231,21 +226,20 @@ class RouterService:
             refusal = Refusal("timeout")
             await self.nc.publish(subjects.ABORT, AbortRequest(req.request_id).encode())
         except SchemaError as e:
-            refusal = Refusal("bad_ack", error=error(str(e), 503))
+            refusal = Refusal("bad_ack", error=unavailable(str(e)))
         else:
             if ack.ok:
                 return None
-            err = {"message": "refused", "type": "server_error", "code": 503, **(ack.error or {})}
-            if err["code"] in RETRIABLE_CODES or err["type"] == "overloaded":
-                busy = err["code"] == 429 or err["type"] == "overloaded"
-                refusal = Refusal("overloaded" if busy else "unavailable", error=err)
+            err = ApiError.from_wire(ack.error or unavailable("refused").to_wire())
+            if err.retriable:
+                refusal = Refusal("overloaded" if err.status == 429 else "unavailable", error=err)
             else:
                 refusal = Refusal("rejected", retry=False, error=err)
         self.attempt_errors[refusal.reason] += 1
         if refusal.reason in ("no_responders", "timeout"):
             self._suspects[iid] = time.monotonic() + self.config.suspect_s
         log.warning("forward_refused", instance=iid, attempt=req.attempt, reason=refusal.reason,
-                    error=refusal.error.get("message"))
+                    error=refusal.error and refusal.error.message)
         return refusal
 
     def _suspects_last(self, ranked: list[InstanceInfo]) -> list[InstanceInfo]:
@@ -254,10 +248,10 @@ class RouterService:
         fine = [i for i in ranked if self._suspects.get(i.instance_id, 0.0) <= now]
         return fine + [i for i in ranked if self._suspects.get(i.instance_id, 0.0) > now]
 
-    def _fail(self, req: GenerateRequest, reason: str, err: dict[str, Any]) -> RouteReply:
+    def _fail(self, req: GenerateRequest, reason: str, err: ApiError) -> RouteReply:
         self.failures[reason] += 1
-        log.warning("route_failed", reason=reason, error=err.get("message"), code=err.get("code"))
-        return RouteReply(req.request_id, error=err)
+        log.warning("route_failed", reason=reason, error=err.message, status=err.status)
+        return RouteReply(req.request_id, error=err.to_wire())
 
 
 async def run(config: RouterConfig) -> None:

@@ -28,6 +28,7 @@ from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
 from shared.engine.sampling_params import SamplingParams
+from shared.errors import ApiError, internal, invalid, overloaded
 from shared.logging import LOG_LEVELS, bind_request, configure_logging
 from shared.messages import (
     AbortRequest,
@@ -46,7 +47,6 @@ from shared.signals import stop_on_signals
 log = structlog.get_logger()
 
 ABORTS_KEPT = 10_000  # aborted request ids remembered: a request or hand-off may arrive after its abort
-ABORTED = {"message": "the request was aborted", "type": "server_error", "code": 499}
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Worker:
         try:
             req = GenerateRequest.decode(msg.data)
         except SchemaError as e:
-            return await respond(msg, Ack("", self.instance_id, False, _error(str(e), 400)))
+            return await respond(msg, Ack("", self.instance_id, False, invalid(str(e)).to_wire()))
         with bind_request(req.request_id):
             try:
                 params = SamplingParams.from_dict(req.params)
@@ -193,11 +193,11 @@ class Worker:
             except InvalidRequestError as e:
                 self.requests_total.labels("invalid").inc()
                 return await respond(msg, Ack(req.request_id, self.instance_id, False,
-                                              _error(e.message, 400, "invalid_request_error", e.param)))
+                                              invalid(e.message, e.param).to_wire()))
             if self.engine.num_requests >= self.config.max_num_seqs + self.config.max_queued:
                 self.requests_total.labels("overloaded").inc()
                 return await respond(msg, Ack(req.request_id, self.instance_id, False,
-                                              _error("worker queue is full", 429, "overloaded")))
+                                              overloaded("worker queue is full").to_wire()))
             await respond(msg, Ack(req.request_id, self.instance_id))
             self.spawn(self.run_request(req, params), req.request_id)
 
@@ -220,7 +220,7 @@ class Worker:
             return None
         except EngineDeadError as e:
             self.requests_total.labels("failed").inc()
-            await self.publish_error(req, f"the engine failed: {e}", 500, "server_error")
+            await self.publish_error(req, internal(f"the engine failed: {e}"))
             return None
         if out.finished:
             self.requests_total.labels("finished").inc()
@@ -231,9 +231,9 @@ class Worker:
         return StreamChunk(out.request_id, outputs, out.finished, out.prompt_tokens, out.cached_tokens,
                            self.instance_id, seq=seq)
 
-    async def publish_error(self, req: GenerateRequest, message: str, code: int, kind: str) -> None:
-        chunk = StreamChunk(req.request_id, finished=True, instance_id=self.instance_id,
-                            error=_error(message, code, kind))
+    async def publish_error(self, req: GenerateRequest, error: ApiError) -> None:
+        """The request's last chunk: it failed here (a retriable error moves it to another instance)."""
+        chunk = StreamChunk(req.request_id, finished=True, instance_id=self.instance_id, error=error.to_wire())
         await self.nc.publish(req.reply_subject, chunk.encode())
 
     async def on_abort(self, msg: Msg) -> None:
@@ -291,10 +291,6 @@ class Worker:
                                ("preemptions", "sequences preempted")]:
             gauge = self.metrics.gauge(f"xllm_worker_{key}", help_text)
             gauge.labels().set_function(lambda k=key: stats()[k])
-
-
-def _error(message: str, code: int, kind: str = "server_error", param: str | None = None) -> dict:
-    return {"message": message, "type": kind, "code": code, "param": param}
 
 
 def run_worker(worker_cls: type[Worker], argv: Sequence[str] | None, prog: str) -> int:

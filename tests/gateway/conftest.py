@@ -106,9 +106,10 @@ class ScriptedRouter:
         self.aborts.append(AbortRequest.decode(msg.data).request_id)
 
     async def send(self, req: GenerateRequest, outputs: list[SeqOutput] = (), finished: bool = False,
-                   error: dict | None = None, cached: int = 0) -> None:  # fmt: skip
-        chunk = StreamChunk(req.request_id, [asdict(o) for o in outputs], finished,
-                            len(req.prompt_token_ids), cached, "fake-0", error)  # fmt: skip
+                   error: dict | None = None, cached: int = 0, instance: str = "fake-0") -> None:
+        """A chunk as worker `instance` would send it ("": as the router itself, for its own errors)."""
+        chunk = StreamChunk(req.request_id, [asdict(o) for o in outputs], finished, len(req.prompt_token_ids),
+                            cached, instance, error)
         await self.nc.publish(req.reply_subject, chunk.encode())
 
     async def wait_abort(self, request_id: str, timeout: float = 10.0) -> bool:

@@ -225,7 +225,8 @@ async def test_api_key(make_client, router) -> None:
 )
 async def test_router_errors_become_http_statuses(client, router, code, kind) -> None:
     async def refuse(r: ScriptedRouter, req) -> None:
-        await r.send(req, finished=True, error={"message": "cannot place it", "type": kind, "code": code})
+        error = {"message": "cannot place it", "type": kind, "status": code}
+        await r.send(req, finished=True, error=error, instance="")
 
     router.script = refuse
     async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
@@ -239,7 +240,7 @@ async def test_error_after_first_output_is_an_sse_event(client, router) -> None:
     async def fail_midway(r: ScriptedRouter, req) -> None:
         await r.send(req, [SeqOutput(0, [10], "H")])
         await r.send(
-            req, finished=True, error={"message": "worker died", "type": "server_error", "code": 500}
+            req, finished=True, error={"message": "worker died", "type": "server_error", "status": 500}
         )
 
     router.script = fail_midway

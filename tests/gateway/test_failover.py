@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 TOK = FakeTokenizer()
 CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
 PROMPT = TOK.encode_chat(CHAT["messages"])
-UNAVAILABLE = {"message": "engine shutting down", "type": "server_error", "code": 503}
+UNAVAILABLE = {"message": "engine shutting down", "type": "server_error", "status": 503}
 
 
 TTL = 1.0

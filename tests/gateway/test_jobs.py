@@ -15,7 +15,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.jobs import JobRunner
 from shared import bus, subjects
 from shared.jobs import iter_results
-from shared.messages import GenerateRequest, Job, JobDone, JobRequest, JobResult
+from shared.messages import SCHEMA_VERSION, GenerateRequest, Job, JobDone, JobRequest, JobResult
 from tests.gateway.conftest import MODEL, FakeTokenizer, ScriptedRouter, reply_words
 from tests.waiting import until
 
@@ -98,11 +98,11 @@ async def test_one_result_per_request_then_done_with_per_request_errors(make_run
     assert chat["choices"][0]["message"]["content"] == "Hello world" and chat["usage"]["completion_tokens"] == 11
     comp = out["completion"].response
     assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == "Hello world"
-    assert out["unknown-model"].error["code"] == 404 and out["unknown-model"].error["type"] == "invalid_request_error"
-    assert out["bad-param"].error["code"] == 400 and out["bad-param"].error["param"] == "temperature"
-    assert out["bad-url"].error["code"] == 404 and "/v1/embeddings" in out["bad-url"].error["message"]
+    assert out["unknown-model"].error["status"] == 404 and out["unknown-model"].error["type"] == "invalid_request_error"
+    assert out["bad-param"].error["status"] == 400 and out["bad-param"].error["param"] == "temperature"
+    assert out["bad-url"].error["status"] == 404 and "/v1/embeddings" in out["bad-url"].error["message"]
     assert out["streamed"].error["param"] == "stream"
-    assert out["not-a-body"].error["code"] == 400
+    assert out["not-a-body"].error["status"] == 400
     # Only the good ones reached the bus, as offline (priority 1) requests.
     assert len(router.requests) == 2 and {r.priority for r in router.requests} == {1}
     assert router.requests[1].params["max_tokens"] == 5 or router.requests[0].params["max_tokens"] == 5
@@ -115,7 +115,7 @@ async def test_router_refusals_are_retried(make_runner, router, nc, monkeypatch)
     async def busy_once(r: ScriptedRouter, req: GenerateRequest) -> None:
         if not refused:
             refused.append(req.request_id)
-            await r.send(req, finished=True, error={"message": "queues full", "type": "overloaded", "code": 429})
+            await r.send(req, finished=True, error={"message": "queues full", "type": "overloaded", "status": 429})
             return
         await reply_words()(r, req)
 
@@ -131,10 +131,10 @@ async def test_malformed_jobs_are_acked_and_reported(make_runner, router, nc) ->
     runner = await make_runner()
     await submit(nc, b"\xc1 not msgpack")  # no job id to report to: logged and acked
     jid = job_id()
-    bad = msgpack.packb({"v": 1, "kind": "job", "job_id": jid, "requests": [{"url": CHAT_URL}]})
+    bad = msgpack.packb({"v": SCHEMA_VERSION, "kind": "job", "job_id": jid, "requests": [{"url": CHAT_URL}]})
     await submit(nc, bad)
     out, done, _ = await results(nc, jid)
-    assert done == JobDone(jid, 0, 1) and out[""].error["code"] == 400
+    assert done == JobDone(jid, 0, 1) and out[""].error["status"] == 400
     assert "custom_id" in out[""].error["message"]
     dup = job_id()
     await submit(nc, Job(dup, [line("x"), line("x")]))

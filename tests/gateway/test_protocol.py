@@ -6,8 +6,8 @@ import pytest
 
 from services.gateway import responses as R
 from services.gateway.body import parse_json
-from services.gateway.errors import ApiError, from_chunk_error
 from services.gateway.protocol import ModelInfo, parse_chat, parse_completion
+from shared.errors import ApiError
 from shared.messages import SeqOutput, StreamChunk
 from tests.gateway.conftest import FakeTokenizer
 
@@ -448,12 +448,12 @@ def test_sse_and_chunks() -> None:
 
 
 def test_backend_errors_map_to_http() -> None:
-    e = from_chunk_error({"message": "queues full", "type": "overloaded", "code": 429}, retry_after=2)
+    e = ApiError.from_wire({"message": "queues full", "type": "overloaded", "status": 429}, retry_after=2)
     assert (e.status, e.type, e.retry_after) == (429, "overloaded", 2)
-    e = from_chunk_error({"message": "no instances", "type": "server_error", "code": 503}, retry_after=2)
+    e = ApiError.from_wire({"message": "no instances", "type": "server_error", "status": 503}, retry_after=2)
     assert (e.status, e.retry_after) == (503, 2)
-    e = from_chunk_error({"message": "bad", "code": 400, "param": "stop"}, retry_after=2)
+    e = ApiError.from_wire({"message": "bad", "status": 400, "param": "stop"}, retry_after=2)
     assert (e.status, e.type, e.param, e.retry_after) == (400, "invalid_request_error", "stop", None)
-    assert from_chunk_error({}, 1).status == 500
+    assert ApiError.from_wire({}, 1).status == 502  # a malformed error says so
     assert ApiError(400, "m", param="p", code="c").body() == {
         "error": {"message": "m", "type": "invalid_request_error", "param": "p", "code": "c"}}  # fmt: skip

@@ -208,6 +208,6 @@ async def test_offline_job_completes_while_online_requests_are_served_first(xllm
     finally:
         await nc.close()
     assert len(results) == 21
-    assert results["bad"].error and results["bad"].error["code"] == 400
+    assert results["bad"].error and results["bad"].error["status"] == 400
     assert all(results[f"q{i}"].response["usage"]["completion_tokens"] == 24 for i in range(20))
     assert max(online_done_at) < done_at  # online requests were not queued behind the batch

@@ -16,6 +16,7 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from shared import subjects
 from shared.config import load_config
+from shared.errors import invalid
 from shared.instance_view import InstanceView
 from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, RouteReply, StreamChunk
 from shared.registry import Heartbeater, InstanceRegistry
@@ -158,7 +159,7 @@ async def test_colocated_mode_ignores_prefill_and_decode(cluster: Cluster) -> No
 async def test_failover_past_absent_and_overloaded_instances(cluster: Cluster) -> None:
     await cluster.add("gone", behaviour="absent")  # best score, nobody listening: no responders
     await cluster.add("full", running=1, behaviour="refuse",
-                      error={"message": "queue full", "type": "overloaded", "code": 429})
+                      error={"message": "queue full", "type": "overloaded", "status": 429})
     ok = await cluster.add("ok", running=2)
     router = await cluster.start_router()
 
@@ -242,7 +243,7 @@ async def test_all_instances_over_the_waiting_cap_get_429_without_forwarding(clu
 
     req = make_request()
     reply, chunks = await cluster.send(req)
-    assert reply.error["code"] == 429 and reply.error["type"] == "overloaded"
+    assert reply.error["status"] == 429 and reply.error["type"] == "overloaded"
     assert len(chunks) == 1 and chunks[0].finished and chunks[0].error == reply.error
     assert chunks[0].request_id == req.request_id
     assert cluster.workers["a"].received == cluster.workers["b"].received == []
@@ -253,11 +254,11 @@ async def test_offline_requests_meet_a_stricter_waiting_cap(cluster: Cluster) ->
     a = await cluster.add("a", waiting=3)
     await cluster.start_router(max_waiting_per_instance=4, max_waiting_offline=2)
     assert (await cluster.send(priority=0))[0].instances == [a]
-    assert (await cluster.send(priority=1))[0].error["code"] == 429
+    assert (await cluster.send(priority=1))[0].error["status"] == 429
 
 
 async def test_every_instance_refusing_overloaded_fails_429_on_a_plain_publish(cluster: Cluster) -> None:
-    full = {"message": "queue full", "type": "overloaded", "code": 429}
+    full = {"message": "queue full", "type": "overloaded", "status": 429}
     for name in ("a", "b", "c", "d"):
         await cluster.add(name, behaviour="refuse", error=full)
     router = await cluster.start_router(max_attempts=3)
@@ -271,7 +272,7 @@ async def test_every_instance_refusing_overloaded_fails_429_on_a_plain_publish(c
     await cluster.nc.publish(subjects.ROUTER_GENERATE, req.encode())  # the gateway's way: no reply inbox
     chunk = await asyncio.wait_for(chunks.get(), 5)
     await sub.unsubscribe()
-    assert chunk.finished and chunk.error["code"] == 429 and chunk.error["type"] == "overloaded"
+    assert chunk.finished and chunk.error["status"] == 429 and chunk.error["type"] == "overloaded"
     assert sum(len(w.received) for w in cluster.workers.values()) == 3  # bounded attempts
     assert router.retries == 2 and router.failures == {"overloaded": 1}
 
@@ -280,18 +281,17 @@ async def test_no_instances_fails_503(cluster: Cluster) -> None:
     await cluster.add("gone", behaviour="absent")
     router = await cluster.start_router()
     reply, chunks = await cluster.send()
-    assert reply.error["code"] == 503 and reply.error["type"] == "server_error"
+    assert reply.error["status"] == 503 and reply.error["type"] == "server_error"
     assert chunks[0].error == reply.error
     await cluster.registry.remove(cluster.id("gone"))
     await cluster.view.wait(lambda: not router.instances)
     reply, _ = await cluster.send()
-    assert reply.error["code"] == 503 and "no ready instances" in reply.error["message"]
+    assert reply.error["status"] == 503 and "no ready instances" in reply.error["message"]
     assert router.failures == {"unavailable": 1, "no_instances": 1}
 
 
 async def test_invalid_request_refusal_is_passed_on_without_retry(cluster: Cluster) -> None:
-    bad = {"message": "max_tokens must be >= 1", "type": "invalid_request_error", "code": 400,
-           "param": "max_tokens"}
+    bad = invalid("max_tokens must be >= 1", "max_tokens").to_wire()
     await cluster.add("strict", behaviour="refuse", error=bad)
     await cluster.add("other", running=1)
     router = await cluster.start_router()
@@ -307,7 +307,7 @@ async def test_undecodable_message_gets_a_400_reply(cluster: Cluster) -> None:
     await cluster.start_router()
     answer = await cluster.nc.request(subjects.ROUTER_GENERATE, b"\x93not a request", timeout=5)
     reply = RouteReply.decode(answer.data)
-    assert reply.error["code"] == 400 and "bad GenerateRequest" in reply.error["message"]
+    assert reply.error["status"] == 400 and "bad GenerateRequest" in reply.error["message"]
 
 
 def test_config_flags_env_and_cross_checks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -69,10 +69,12 @@ def test_batch_line_formats() -> None:
     assert batch_line(JobResult("j", "a", response=body)) == {
         "id": "j:a", "custom_id": "a", "response": {"status_code": 200, "request_id": "chatcmpl-1", "body": body},
         "error": None}  # fmt: skip
-    err = {"message": "The model `x` does not exist", "type": "invalid_request_error", "param": "model", "code": 404}
+    err = {"message": "The model `x` does not exist", "type": "invalid_request_error", "param": "model", "status": 404,
+           "code": "model_not_found"}
     line = batch_line(JobResult("j", "b", error=err))
-    assert line["response"] == {"status_code": 404, "request_id": None, "body": {"error": err}}
-    assert line["error"] == {"code": "invalid_request_error", "message": err["message"]}
+    openai = {"message": err["message"], "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert line["response"] == {"status_code": 404, "request_id": None, "body": {"error": openai}}
+    assert line["error"] == {"code": "model_not_found", "message": err["message"]}
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -104,7 +106,7 @@ async def job_service(nc: Client) -> AsyncIterator[list[Job]]:
             cid = r["custom_id"]
             if cid == "bad":
                 result = JobResult(job.job_id, cid, error={"message": "nope", "type": "invalid_request_error",
-                                                           "code": 400})  # fmt: skip
+                                                           "status": 400})  # fmt: skip
             else:
                 body = {"id": f"chatcmpl-{cid}", "object": "chat.completion",
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hi {cid}"}}]}
