@@ -47,6 +47,12 @@ def opt(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def check_nats_url(url: str) -> None:
+    """For a config's `validate()`: ValueError unless `url` is one or more NATS URLs."""
+    if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in url.split(",")):
+        raise ValueError(f"--nats {url!r}: expected nats://host:port[,nats://host:port...]")
+
+
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 

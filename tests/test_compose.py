@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from services.gateway.config import GatewayConfig
-from services.kvcache.service import KvCacheConfig
+from services.kvcache.config import KvCacheConfig
 from services.router.config import RouterConfig
-from services.worker.worker import WorkerConfig
+from services.worker.config import WorkerConfig
 from shared.config import ENV_PREFIX, load_config
 from xllm import cli
 from xllm.up import UpConfig, plan

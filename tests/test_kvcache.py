@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from services.kvcache.config import KvCacheConfig
 from services.kvcache.index import KvIndex
-from services.kvcache.service import KvCacheConfig, KvCacheService
+from services.kvcache.service import KvCacheService
 from shared import bus, subjects
 from shared.block_hash import block_hashes
+from shared.config import load_config
 from shared.instance_view import InstanceView
 from shared.messages import InstanceInfo, KvEvent, KvQuery, KvQueryReply
 from shared.registry import Heartbeater
@@ -121,9 +123,9 @@ def test_duplicates_first_seq_and_cleared() -> None:
 def test_config_from_args_and_env(monkeypatch) -> None:
     monkeypatch.setenv("XLLM_NATS", "nats://envhost:4222")
     monkeypatch.setenv("XLLM_REPLAY_TIMEOUT_S", "2.5")
-    c = KvCacheConfig.from_args([])
+    c = load_config(KvCacheConfig, [])
     assert (c.nats, c.replay_timeout_s, c.log_level) == ("nats://envhost:4222", 2.5, "info")
-    c = KvCacheConfig.from_args(["--nats", "nats://a:1,nats://b:2", "--log-level", "debug"])
+    c = load_config(KvCacheConfig, ["--nats", "nats://a:1,nats://b:2", "--log-level", "debug"])
     assert (c.nats, c.log_level) == ("nats://a:1,nats://b:2", "debug")
 
 
@@ -135,7 +137,7 @@ def test_config_from_args_and_env(monkeypatch) -> None:
 ])
 def test_config_rejects_bad_values(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as e:
-        KvCacheConfig.from_args(argv)
+        load_config(KvCacheConfig, argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -150,8 +152,8 @@ async def publish(js, events: list[KvEvent]) -> None:
 
 
 async def started(nc, view: InstanceView, **kw) -> KvCacheService:
-    svc = KvCacheService(nc, KvCacheConfig(**kw), view)
-    await asyncio.wait_for(svc.start(), 10)
+    svc = KvCacheService(KvCacheConfig(**kw), view)
+    await asyncio.wait_for(svc.start(nc), 10)
     return svc
 
 

@@ -9,8 +9,9 @@ import time
 import structlog
 from nats.aio.msg import Msg
 
+from services.worker.config import WorkerConfig
 from services.worker.kv_transfer import import_kv
-from services.worker.worker import Worker, WorkerConfig
+from services.worker.worker import Worker
 from shared import subjects
 from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
@@ -49,6 +50,7 @@ class DecodeWorker(Worker):
             handoff = KvHandoff.decode(msg.data)
             req = GenerateRequest(**handoff.request)
             params = SamplingParams.from_dict(req.params)
+            self.engine.validate(req.prompt_token_ids, params)
         except (SchemaError, TypeError, InvalidRequestError) as e:
             return await respond(msg, Ack("", self.instance_id, False, invalid(str(e)).to_wire()))
         with bind_request(req.request_id):
@@ -63,9 +65,8 @@ class DecodeWorker(Worker):
         if rid in self.aborted:  # aborted while the blocks were being reserved
             await self.engine.call(lambda e: e.abort_request(rid))
             return await respond(msg, Ack(rid, self.instance_id, False, aborted().to_wire()))
-        block_shape = tuple(self.engine.engine.runner.k_cache.shape[2:])
-        copy = self.copies[rid] = asyncio.create_task(
-            import_kv(handoff.handle, block_shape, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
+        copy = self.copies[rid] = asyncio.create_task(import_kv(
+            handoff.handle, self.engine.kv_block_shape, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
         try:
             await respond(msg, Ack(rid, self.instance_id))  # blocks reserved: the KV comes as it is computed
             await asyncio.wait({copy})
@@ -85,8 +86,8 @@ class DecodeWorker(Worker):
         # the client left just as the copy ended (too late to cancel it).
         if not sequences or rid in self.aborted:
             return await self.engine.call(lambda e: e.abort_request(rid))
-        self.kv_bytes.labels().inc(stats.bytes)
-        self.kv_seconds.labels().observe(stats.seconds)
+        self.kv_bytes.inc(stats.bytes)
+        self.kv_seconds.observe(stats.seconds)
         stream = self.engine.register_stream(rid)  # from here an abort reaches the engine, after the commit
         try:
             continuations = [Continuation(**c) for c in sequences]

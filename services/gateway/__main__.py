@@ -4,13 +4,13 @@ import sys
 from collections.abc import Sequence
 
 from services.gateway.config import GatewayConfig
-from services.gateway.server import run
-from shared.config import load_config
+from services.gateway.server import GatewayService
+from shared.service import main as serve_main
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(load_config(GatewayConfig, sys.argv[1:] if argv is None else argv, prog="python -m services.gateway"))
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve_main(GatewayService, GatewayConfig, "python -m services.gateway", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,9 +20,9 @@ from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.protocol import ModelInfo
 from services.gateway.responses import dumps
-from services.gateway.telemetry import GatewayMetrics
+from services.gateway.telemetry import GatewayMetrics, InstanceCollector
 from shared.errors import ApiError
-from shared.metrics import CONTENT_TYPE
+from shared.metrics import exposition
 
 log = structlog.get_logger("xllm.gateway")
 
@@ -69,6 +69,8 @@ def create_app(
     """The gateway app. `backend` must be started (`await backend.start()`); the caller owns NATS."""
     gw = Gateway(config, tokenizer, model, backend, view, metrics or GatewayMetrics.create())
     gw.metrics.running.set_function(lambda: gw.inflight)
+    gw.metrics.registry.register(InstanceCollector(lambda: _instances(gw)))
+    backend.on_failover = lambda reason: gw.metrics.failovers.labels(reason).inc()
     app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
     app[GATEWAY] = gw
     app.router.add_post("/v1/chat/completions", _generate("chat"))
@@ -196,31 +198,7 @@ def _instances(gw: Gateway) -> list:
 
 
 async def metrics_text(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    # the workers' load and KV figures, as their last heartbeats reported them
-    text = gw.metrics.registry.render() + instance_metrics(_instances(gw))
-    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def instance_metrics(instances: list) -> str:
-    gauges = {
-        "xllm_instance_running": ("sequences running", lambda i: i.running),
-        "xllm_instance_waiting": ("sequences waiting", lambda i: i.waiting),
-        "xllm_instance_kv_blocks_free": ("free KV blocks", lambda i: i.free_blocks),
-        "xllm_instance_kv_blocks_used": ("KV blocks in use", lambda i: i.total_blocks - i.free_blocks),
-        "xllm_instance_prefix_cache_hit_rate": ("prompt blocks found in the prefix cache / looked up",
-                                                lambda i: i.counters.get("prefix_hits", 0)
-                                                / max(1, i.counters.get("prefix_queries", 0))),
-        "xllm_instance_kv_transfer_bytes_total": ("KV bytes handed off (prefill) or taken (decode)",
-                                                  lambda i: i.counters.get("kv_transfer_bytes", 0)),
-        "xllm_instance_kv_transfer_seconds_total": ("time spent copying KV hand-offs",
-                                                    lambda i: i.counters.get("kv_transfer_seconds", 0)),
-    }
-    lines = []
-    for name, (help_text, value) in gauges.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [f'{name}{{instance="{i.instance_id}",role="{i.role}"}} {float(value(i))}' for i in instances]
-    return "\n".join(lines) + "\n"
+    return exposition(request.app[GATEWAY].metrics.registry)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

@@ -80,6 +80,7 @@ class Backend:
         self.max_submissions = max_submissions
         self.route_timeout_s = route_timeout_s
         self.restored_at = -RECOVERY_S  # monotonic time NATS last came back
+        self.on_failover: Callable[[str], None] | None = None  # told each failover's cause (metrics)
         self._inbox = ""
         self._attempts: dict[str, Attempt] = {}
         self._sub: Any = None
@@ -214,7 +215,7 @@ class Generation:
 
     async def start(self) -> None:
         if not await self._submit():
-            await self._fail_over("the router did not answer")
+            await self._fail_over("the router did not answer", "router_timeout")
 
     async def next(self) -> StreamChunk:
         """The next chunk; ApiError 504 when none comes in time, 503 when failover is exhausted."""
@@ -228,7 +229,7 @@ class Generation:
                     # Streamed n > 1 output cannot be continued elsewhere: better to hope nothing was lost.
                     self.attempt.lost = False
                     continue
-                why = item.reason
+                why, cause = item.reason, "instance_left" if item.instance_id else "bus_reconnected"
             else:
                 try:
                     chunk = StreamChunk.decode(item)
@@ -240,8 +241,8 @@ class Generation:
                     continue
                 if not (err and err.retriable and chunk.instance_id):  # a worker's "I cannot go on"
                     return self._accept(chunk)
-                why = f"instance {chunk.instance_id}: {err.message}"
-            last = await self._fail_over(why)
+                why, cause = f"instance {chunk.instance_id}: {err.message}", "worker_error"
+            last = await self._fail_over(why, cause)
             if last is not None:
                 return self._accept(last)
 
@@ -273,12 +274,16 @@ class Generation:
         self.finished = self.finished or chunk.finished
         return chunk
 
-    async def _fail_over(self, why: str) -> StreamChunk | None:
-        """Resubmit elsewhere; a final chunk when nothing is left to generate, else None."""
+    async def _fail_over(self, why: str, cause: str) -> StreamChunk | None:
+        """Resubmit elsewhere; a final chunk when nothing is left to generate, else None. `cause` is a
+        short label for metrics ("instance_left", "worker_error", "bus_reconnected", "router_timeout",
+        "router_refused")."""
         backoff = 0.05
         while True:
             await self.backend.release(self.attempt, abort=True)
             log.warning("failover", reason=why, attempts=self.submissions, generated=len(self.generated))
+            if self.backend.on_failover is not None:
+                self.backend.on_failover(cause)
             if self.submissions >= self.backend.max_submissions and not self.backend.recovering():
                 raise ApiError(503, f"the request failed on {self.submissions} attempts (last: {why}); "
                                "retry later", "server_error", None, "worker_unavailable",
@@ -297,11 +302,11 @@ class Generation:
             try:
                 if await self._submit():
                     return None
-                why = "the router did not answer"
+                why, cause = "the router did not answer", "router_timeout"
             except ApiError as e:  # refused: final, unless routers and workers are still reconnecting
                 if not (e.status == 503 and self.backend.recovering()):
                     raise
-                why = e.message
+                why, cause = e.message, "router_refused"
             if self.backend.recovering():
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, 2 * backoff)

@@ -1,9 +1,6 @@
 """kvcache service: the global KV block index (which instance holds which prefix blocks, on which tier).
 
-Entry point: `python -m services.kvcache --nats URL`;
-in-process: `await serve(KvCacheConfig(...), stop, started)`.
+  index.py    the index itself, no I/O: KV events in, longest cached prefix per instance out
+  service.py  the service on the bus: replays and follows the events, answers queries
+Entry point: `python -m services.kvcache --nats URL`.
 """
-
-from services.kvcache.service import KvCacheConfig, KvCacheService, run, serve
-
-__all__ = ["KvCacheConfig", "KvCacheService", "run", "serve"]

@@ -25,55 +25,33 @@ shows a sequence gap and it is indexed afresh from there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 
-import uvloop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import CollectorRegistry
 
+from services.kvcache.config import KvCacheConfig
 from services.kvcache.index import KvIndex
 from shared import bus, subjects
 from shared.block_hash import block_hashes
-from shared.config import load_config, opt
 from shared.instance_view import InstanceView
-from shared.logging import LOG_LEVELS, bind_request, configure_logging, get_logger
+from shared.logging import bind_request, get_logger
 from shared.messages import KvEvent, KvQuery, KvQueryReply, SchemaError
-from shared.metrics import stats_endpoint
+from shared.metrics import StatsCollector
 from shared.retry import retry
-from shared.signals import stop_on_signals
 
 log = get_logger("xllm.kvcache")
-
-@dataclass
-class KvCacheConfig:
-    """Global KV block index: follows workers' KV events, answers longest-cached-prefix queries."""
-
-    nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
-    log_level: str = opt("info", "log level", choices=LOG_LEVELS)
-    replay_timeout_s: float = opt(120.0, "at start, serve after this many seconds even if the replay "
-                                         "has not caught up (answers may under-report)", min=0)
-
-    @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None) -> KvCacheConfig:
-        """Flags, else XLLM_* env vars (XLLM_NATS, XLLM_LOG_LEVEL, ...), else defaults; exits 2 if bad."""
-        return load_config(cls, argv, prog="python -m services.kvcache")
-
-    def validate(self) -> None:
-        urls = [u.strip() for u in self.nats.split(",")]
-        if not all(u.startswith(("nats://", "tls://", "ws://", "wss://")) for u in urls):
-            raise ValueError(f"--nats {self.nats!r}: expected nats://host:port[,nats://host:port...]")
-
 
 class KvCacheService:
     """One replica of the service. Counters below are read by the metrics exporter."""
 
-    def __init__(self, nc: Client, config: KvCacheConfig, view: InstanceView | None = None):
-        self.nc = nc
+    name = "kvcache"
+
+    def __init__(self, config: KvCacheConfig, view: InstanceView | None = None):
+        self.nc: Client | None = None
         self.config = config
         self.view = view
         self.index = KvIndex()
@@ -87,6 +65,8 @@ class KvCacheService:
         self._query_sub = None
         self._tasks: set[asyncio.Task] = set()
         self._own_view: InstanceView | None = None
+        self.metrics = CollectorRegistry()
+        self.metrics.register(StatsCollector("xllm_kvcache", self.stats))
 
     # -- metrics ------------------------------------------------------------------------------------
 
@@ -110,9 +90,10 @@ class KvCacheService:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, nc: Client) -> None:
         """Replay the event stream, then serve queries and follow new events."""
-        js = self.nc.jetstream()
+        self.nc = nc
+        js = nc.jetstream()
         await bus.ensure_stream(js, bus.KV_EVENTS)
         if self.view is None:
             self.view = self._own_view = await InstanceView.open(self.nc)
@@ -236,28 +217,3 @@ class KvCacheService:
             await self.nc.jetstream().purge_stream(subjects.KV_EVENTS_STREAM, subject=subjects.kv_events(instance_id))
         except Exception as e:  # NATS hiccup: the history stays, a replay drops the instance again
             log.warning("kv_events_purge_failed", instance=instance_id, error=f"{type(e).__name__}: {e}")
-
-
-def run(config: KvCacheConfig) -> None:
-    """Serve until SIGTERM / SIGINT (the entry point of `python -m services.kvcache`)."""
-    configure_logging("kvcache", config.log_level)
-    uvloop.run(serve(config))
-
-
-async def serve(config: KvCacheConfig, stop: asyncio.Event | None = None,
-                started: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (default: until SIGTERM / SIGINT); `started` is set once serving."""
-    nc = await bus.connect(config.nats, name="kvcache")
-    service = KvCacheService(nc, config)
-    stop = stop or stop_on_signals()
-    try:
-        await service.start()
-        async with stats_endpoint("xllm_kvcache", service.stats, config.metrics_port):
-            log.info("kvcache_serving", subject=subjects.KVCACHE_QUERY, nats=config.nats)
-            if started is not None:
-                started.set()
-            await stop.wait()
-    finally:
-        log.info("kvcache_stopping", **service.stats())
-        await service.stop()
-        await nc.drain()

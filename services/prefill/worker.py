@@ -75,8 +75,8 @@ class PrefillWorker(Worker):
             export.close()
         handed_off = last is not None and last.held  # else nothing was left to hand off, or to report
         if ack.ok:
-            self.kv_bytes.labels().inc(export.nbytes)
-            self.kv_seconds.labels().observe(time.perf_counter() - finished_at)
+            self.kv_bytes.inc(export.nbytes)
+            self.kv_seconds.observe(time.perf_counter() - finished_at)
             if handed_off:
                 self.requests_total.labels("handed_off").inc()
         elif handed_off:

@@ -3,25 +3,13 @@
 import sys
 from collections.abc import Sequence
 
-import uvloop
-
 from services.router.config import RouterConfig
-from services.router.service import run
-from shared.bus import BusError
-from shared.config import load_config
+from services.router.service import RouterService
+from shared.service import main as serve_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    config = load_config(RouterConfig, argv, prog="python -m services.router")
-    try:
-        uvloop.run(run(config))
-    except BusError as e:
-        print(f"router: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve_main(RouterService, RouterConfig, "python -m services.router", argv)
 
 
 if __name__ == "__main__":

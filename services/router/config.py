@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from services.router.policy import MODES
-from shared.config import opt
+from shared.config import check_nats_url, opt
 from shared.logging import LOG_LEVELS
 
 POLICIES = ("least-loaded", "prefix-aware")
@@ -37,6 +37,4 @@ class RouterConfig:
         if self.max_waiting_offline > self.max_waiting_per_instance:
             raise ValueError(f"--max-waiting-offline ({self.max_waiting_offline}) must not exceed "
                              f"--max-waiting-per-instance ({self.max_waiting_per_instance})")
-        if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://"))
-                   for u in self.nats.split(",")):
-            raise ValueError(f"--nats {self.nats!r}: expected nats://host:port[,nats://host:port...]")
+        check_nats_url(self.nats)

@@ -33,6 +33,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry
 
 from services.router.config import RouterConfig
 from services.router.policy import (
@@ -49,7 +50,7 @@ from services.router.policy import (
 from shared import bus, subjects
 from shared.errors import ApiError, invalid, overloaded, unavailable
 from shared.instance_view import InstanceView
-from shared.logging import bind_request, configure_logging, get_logger
+from shared.logging import bind_request, get_logger
 from shared.messages import (
     AbortRequest,
     Ack,
@@ -61,8 +62,7 @@ from shared.messages import (
     SchemaError,
     StreamChunk,
 )
-from shared.metrics import stats_endpoint
-from shared.signals import stop_on_signals
+from shared.metrics import StatsCollector
 
 log = get_logger("xllm.router")
 
@@ -80,9 +80,10 @@ class Refusal:
 class RouterService:
     """One router replica. Counters (`routed`, `retries`, `failures`, `attempt_errors`) are for metrics."""
 
-    def __init__(self, nc: Client, config: RouterConfig, *, view: InstanceView | None = None,
-                 policy: Policy | None = None):
-        self.nc = nc
+    name = "router"
+
+    def __init__(self, config: RouterConfig, *, view: InstanceView | None = None, policy: Policy | None = None):
+        self.nc: Client | None = None
         self.config = config
         self.view = view
         self.recent = RecentForwards(config.recent_window_s)
@@ -95,6 +96,8 @@ class RouterService:
         self._tasks: set[asyncio.Task] = set()
         self._sub: Any = None
         self._own_view: InstanceView | None = None
+        self.metrics = CollectorRegistry()
+        self.metrics.register(StatsCollector("xllm_router", self.stats))
 
     def _make_policy(self) -> Policy:
         if self.config.policy == "prefix-aware":
@@ -115,7 +118,8 @@ class RouterService:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, nc: Client) -> None:
+        self.nc = nc
         if self.view is None:
             self.view = self._own_view = await InstanceView.open(self.nc)
         self.view.on_gone.append(self._forget)
@@ -252,21 +256,3 @@ class RouterService:
         self.failures[reason] += 1
         log.warning("route_failed", reason=reason, error=err.message, status=err.status)
         return RouteReply(req.request_id, error=err.to_wire())
-
-
-async def run(config: RouterConfig) -> None:
-    """Serve until SIGTERM / SIGINT."""
-    configure_logging("router", config.log_level)
-    nc = await bus.connect(config.nats, name="router")
-    service = RouterService(nc, config)
-    stop = stop_on_signals()
-    try:
-        await service.start()
-        async with stats_endpoint("xllm_router", service.stats, config.metrics_port):
-            log.info("serving", subject=subjects.ROUTER_GENERATE, mode=config.mode, policy=config.policy,
-                     instances=len(service.instances), nats=config.nats)
-            await stop.wait()
-    finally:
-        log.info("stopping", **service.stats())
-        await service.stop()
-        await nc.drain()

@@ -2,7 +2,9 @@
 
 torch releases the GIL inside its kernels, so the event loop (NATS, heartbeats, HTTP) stays
 responsive while a step runs. All engine state is touched only on the engine thread: callers
-submit closures, and outputs come back through per-request asyncio queues.
+submit closures, and outputs come back through per-request asyncio queues. What the event loop may
+read directly: `stats` (a snapshot the engine thread replaces after every step) and the engine's
+limits, which never change once it is built (`validate`, `kv_block_shape`).
 """
 
 import asyncio
@@ -37,6 +39,7 @@ class AsyncEngine:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: set[asyncio.Future] = set()  # `call`s not answered yet
+        self.stats: dict[str, int] = engine.stats()  # replaced, never mutated, by the engine thread
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     async def start(self) -> None:
@@ -51,15 +54,31 @@ class AsyncEngine:
             _set_exception(future, EngineDeadError("the engine stopped"))
 
     # ---- API for the event loop ---------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """InvalidRequestError unless this engine can run the request (reads only fixed limits)."""
+        self.engine.validate(prompt_token_ids, params)
+
+    @property
+    def kv_block_shape(self) -> tuple[int, ...]:
+        """One KV block of one layer: (block_size, kv_heads, head_dim)."""
+        return tuple(self.engine.runner.k_cache.shape[2:])
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0) -> asyncio.Queue:
-        """Validate (raises InvalidRequestError) and queue a request; outputs arrive on the queue."""
-        self.engine.validate(prompt_token_ids, params)
+        """Queue a request its caller validated; its outputs (or the error that refused it) arrive on the
+        queue."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._submit(lambda: self.engine.add_request(request_id, prompt_token_ids, params, priority))
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params, priority)
+            except Exception as e:
+                self._loop.call_soon_threadsafe(self._fail, request_id, e)
+
+        self._submit(add)
         return stream
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -131,8 +150,9 @@ class AsyncEngine:
         while not self._stopped:
             while not self._commands.empty():
                 self._run_command(self._commands.get())
+            self.stats = self.engine.stats()
             if not self.engine.has_unfinished_requests():
-                self._wake.wait(0.5)
+                self._wake.wait()  # a command, or stop()
                 self._wake.clear()
                 continue
             try:

@@ -40,6 +40,7 @@ class LLM:
         for prompt, p in zip(prompts, params_list):
             ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
             rid = uuid.uuid4().hex
+            self.engine.validate(ids, p)  # this in-process API is a boundary: raises InvalidRequestError
             self.engine.add_request(rid, ids, p)
             results[rid] = Completion(rid, ids, [CompletionSeq(i) for i in range(p.n)])
             order.append(rid)

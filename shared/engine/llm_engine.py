@@ -89,10 +89,8 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequestError for a request this engine cannot run; touches no state."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("params must be SamplingParams")
-        params.validate()
+        """Raise InvalidRequestError for a request this engine cannot run (`params` checked themselves when
+        they were made); reads only limits fixed at start."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
@@ -105,6 +103,9 @@ class LLMEngine:
                 f"has {len(prompt_token_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
         if params.n > self.config.max_num_seqs:
             raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs}", "n")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab})", name)
         need = -(-(len(prompt_token_ids) + max_tokens) // self.config.block_size)
         if need > self.block_manager.num_blocks:
             raise InvalidRequestError(f"the request needs {need} KV blocks; the cache has "
@@ -112,9 +113,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, arrival: float | None = None) -> None:
+        """Queue a request its caller has validated (`validate`: the worker for the bus, `LLM` in-process)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
         seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority,
                             time.monotonic() if arrival is None else arrival)
         self.requests[request_id] = _Request(request_id, [seq], params.n)
@@ -188,7 +189,6 @@ class LLMEngine:
         (ModelRunner.write_blocks) before `commit_import`. None when there is no room."""
         if request_id in self.requests or request_id in self.importing:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
         seq = self._new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
         if not self.block_manager.allocate(seq, seq.num_tokens):
             self.block_manager.free(seq)

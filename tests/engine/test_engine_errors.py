@@ -22,7 +22,7 @@ def engine(tiny_model_dir):
 ])
 def test_bad_prompt_raises_and_engine_keeps_serving(engine, make):
     with pytest.raises(InvalidRequestError):
-        engine.add_request("bad", *make(engine))
+        engine.validate(*make(engine))  # what every boundary (the worker, LLM) asks before add_request
     out = run_all(engine, {"good": ([1, 2, 3], greedy(4))})
     assert len(out["good"][0][0]) == 4
 

@@ -15,10 +15,11 @@ from openai import AsyncOpenAI, NotFoundError
 from services.gateway.app import GATEWAY
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
-from services.gateway.server import serve
+from services.gateway.server import GatewayService
 from shared.engine.config import ModelConfig
 from shared.messages import InstanceInfo, SeqOutput
 from shared.registry import InstanceRegistry
+from shared.service import serve
 from tests.gateway.conftest import FakeTokenizer, ScriptedRouter, hold, reply_words
 from tests.waiting import until
 
@@ -428,7 +429,8 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     stop, started = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(GatewayConfig(port=port, nats=gw_nats_url, model="fake-llm"), stop, started))
+    task = asyncio.create_task(serve(GatewayService(GatewayConfig(port=port, nats=gw_nats_url, model="fake-llm")),
+                                     stop, started))
     await asyncio.wait_for(started.wait(), 10)
     registry = await InstanceRegistry.open(nc.jetstream())
     base = f"http://127.0.0.1:{port}"

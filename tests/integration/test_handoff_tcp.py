@@ -10,12 +10,13 @@ import pytest
 import services.worker.kv_transfer
 from services.decode.worker import DecodeWorker
 from services.prefill.worker import PrefillWorker
-from services.worker.worker import WorkerConfig
+from services.worker.config import WorkerConfig
 from shared import bus, subjects
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.sampling_params import SamplingParams
 from shared.messages import AbortRequest, Ack, GenerateRequest, StreamChunk
+from shared.service import serve
 from tests.waiting import until
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
     prefill = PrefillWorker(WorkerConfig(**common, instance_id=f"prefill-{tag}", data_host="127.0.0.1"))
     decode = DecodeWorker(WorkerConfig(**common, instance_id=f"decode-{tag}", data_host="localhost"))
     stop, started = asyncio.Event(), [asyncio.Event(), asyncio.Event()]
-    tasks = [asyncio.create_task(w.serve(stop, s)) for w, s in zip((prefill, decode), started)]
+    tasks = [asyncio.create_task(serve(w, stop, s)) for w, s in zip((prefill, decode), started)]
     try:
         await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
         inbox = nc.new_inbox()
@@ -57,7 +58,7 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
         assert {c.instance_id for c in chunks[1:]} == {decode.instance_id}
         tokens = [t for c in chunks for o in c.outputs for t in o["token_ids"]]
         assert tokens == want.outputs[0].token_ids
-        assert decode.kv_bytes.labels().value > 0
+        assert decode.metrics.get_sample_value("xllm_kv_transfer_bytes_total") > 0
         assert set(range(1, 31)) <= set(announced)  # SmolLM2's 30 layers, streamed one at a time
 
         # An abort while the decode worker waits for a long prompt's KV: the copy stops, blocks are freed.

@@ -71,8 +71,8 @@ class Cluster:
 
     async def start_router(self, **overrides) -> RouterService:
         config = RouterConfig(**{"ack_timeout_s": 0.3, "recent_window_s": 5.0, **overrides})
-        self.router = RouterService(self.nc, config, view=self.view)
-        await self.router.start()
+        self.router = RouterService(config, view=self.view)
+        await self.router.start(self.nc)
         return self.router
 
     async def send(self, req: GenerateRequest | None = None, **kw) -> tuple[RouteReply, list[StreamChunk]]:

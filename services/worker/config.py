@@ -1,0 +1,41 @@
+"""Worker settings (every engine role): `--kebab-case` flags, each also read from `XLLM_<NAME>`."""
+
+from dataclasses import dataclass
+
+from shared.config import opt
+from shared.engine.config import EngineConfig
+from shared.logging import LOG_LEVELS
+
+
+@dataclass
+class WorkerConfig:
+    """An engine worker (colocated, prefill or decode role)."""
+
+    nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    model: str = opt("smollm2", "GGUF file, Hugging Face folder, or a known short name")
+    instance_id: str | None = opt(None, "id in the registry (default: <role>-<host>-<pid>)")
+    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1...)")
+    dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+    kv_cache_memory: int | None = opt(None, "KV cache bytes (default: a fraction of free memory)", min=1)
+    kv_cache_fraction: float = opt(0.1, "fraction of free memory for the KV cache", min=0.001, max=0.95)
+    block_size: int = opt(16, "tokens per KV block", min=1)
+    max_num_seqs: int = opt(64, "sequences running at once", min=1)
+    max_num_batched_tokens: int = opt(2048, "tokens per engine step (chunked prefill budget)", min=16)
+    max_model_len: int | None = opt(None, "context length (default: the model's)", min=2)
+    enable_prefix_caching: bool = opt(True, "reuse KV of shared prompt prefixes")
+    num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)",
+                                  min=1)
+    max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
+    data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
+    data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
+    metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
+    heartbeat_s: float = opt(1.0, "seconds between registry heartbeats", min=0.1)
+    log_level: str = opt("info", "log level", choices=LOG_LEVELS)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, device=self.device, dtype=self.dtype,
+                            block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
+                            kv_cache_fraction=self.kv_cache_fraction, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            max_model_len=self.max_model_len,
+                            enable_prefix_caching=self.enable_prefix_caching, num_threads=self.num_threads)
