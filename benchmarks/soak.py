@@ -16,7 +16,6 @@ leaked, else 1. The state dir is kept: its logs/*.log tell what went wrong.
 import argparse
 import asyncio
 import json
-import os
 import random
 import shlex
 import signal
@@ -36,6 +35,7 @@ from shared.bus import connect
 from shared.jobs import iter_results, make_job
 from shared.messages import JobDone, JobRequest
 from xllm.bench.local_system import System, start_system, stop_system
+from xllm.bench.processes import memory_line, rss_mib
 from xllm.bench.words import WORDS
 
 MODEL = "smollm2"
@@ -153,7 +153,7 @@ async def one_request(s: aiohttp.ClientSession, url: str, kind: str, rng: random
         return check_stream(events, mt, False)
     mt = rng.randint(200, 600)
     body = {"model": MODEL, "prompt": words(rng, 16, 128), "max_tokens": mt, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True}}
     if kind == "drop":
         await call(s, url, body, stop_after=rng.randint(2, 6))
         return 0, 0
@@ -192,7 +192,7 @@ async def one_job(js: Any, rng: random.Random, stats: Stats, until: float) -> No
     """Publishes a job as tests/integration/test_serving.py does, then checks every result."""
     want = {f"r{i}": rng.randint(8, 24) for i in range(JOB_SIZE)}
     job = make_job([JobRequest(cid, "/v1/chat/completions", chat_body(rng, mt, ignore_eos=True, temperature=0))
-                    for cid, mt in want.items()])  # fmt: skip
+                    for cid, mt in want.items()])
     await js.publish(subjects.JOBS_SUBMIT, job.encode(), timeout=10, headers={"Nats-Msg-Id": job.job_id})
     seen: set[str] = set()
     async for item in iter_results(js, job.job_id, timeout=max(1.0, until - time.monotonic())):
@@ -216,12 +216,13 @@ async def soak(system: System, args: argparse.Namespace) -> Stats:
     end = start + args.minutes * 60
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as s:
         tasks = [client(s, system.url, random.Random(f"{args.seed}-{i}"), end, stats)
-                 for i in range(args.concurrency)]  # fmt: skip
+                 for i in range(args.concurrency)]
         work = asyncio.gather(*tasks, jobs(system.nats_url, random.Random(f"{args.seed}-jobs"), end, stats))
         while not work.done():
             await asyncio.wait([work], timeout=30)
             print(f"  {time.monotonic() - start:5.0f} s: served {sum(stats.served.values())}, errors "
-                  f"{sum(stats.errors.values())}, jobs done {stats.jobs_done}; {memory_line(system)}", flush=True)
+                  f"{sum(stats.errors.values())}, jobs done {stats.jobs_done}; {memory_line(system.proc.pid)}",
+                  flush=True)
         await work
     return stats
 
@@ -241,58 +242,6 @@ def kv_in_use(system: System) -> tuple[dict[str, int], bool]:
             return used, stable >= 3
         prev = used
         time.sleep(1.0)
-
-
-def descendants(root: int) -> dict[int, int]:
-    """pid -> parent pid, for `root` and every process under it."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        try:
-            children.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
-        except (OSError, IndexError, ValueError):
-            continue  # not a process, or gone
-    out, todo = {}, [(root, 0)]
-    while todo:
-        pid, ppid = todo.pop()
-        out[pid] = ppid
-        todo.extend((child, pid) for child in children.get(pid, []))
-    return out
-
-
-def rss_mib(root: int) -> dict[int, tuple[str, float]]:
-    """pid -> (name from its command line, VmRSS in MiB), for `root` and every process under it."""
-    out = {}
-    for pid, ppid in descendants(root).items():
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            status = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
-            continue
-        if not argv[0]:
-            continue  # a zombie
-        name = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else os.path.basename(argv[0])
-        if "-c" in argv[:-1]:  # say, `python -c "from multiprocessing.resource_tracker import main; ..."`
-            code = argv[argv.index("-c") + 1]
-            name = code.split()[1] if code.startswith("from ") else f"-c {' '.join(code.split())[:30]}"
-        if "--instance-id" in argv[:-1]:
-            name += f" ({argv[argv.index('--instance-id') + 1]})"
-        if ppid not in (0, root):
-            name += f" (under {ppid})"
-        out[pid] = (name, next((int(x.split()[1]) / 1024 for x in status if x.startswith("VmRSS:")), 0.0))
-    return out
-
-
-def memory_line(system: System) -> str:
-    """RSS of the system's big processes, split into anonymous memory and shared memory (KV export
-    segments), to tell a leak (anon climbing for good) from caches filling up to their bound."""
-    parts = []
-    for pid, (name, mib) in sorted(rss_mib(system.proc.pid).items()):
-        if mib > 100:
-            status = Path(f"/proc/{pid}/status").read_text().splitlines()
-            kib = {x.split(":")[0]: int(x.split()[1]) for x in status if x.startswith(("RssAnon:", "RssShmem:"))}
-            parts.append(f"{name.split()[0].removeprefix('services.')} {mib:.0f} MiB "
-                         f"(anon {kib.get('RssAnon', 0) / 1024:.0f}, shm {kib.get('RssShmem', 0) / 1024:.0f})")
-    return "; ".join(parts)
 
 
 def show_state(title: str, used: dict[str, int], idle: bool, rss: dict[int, tuple[str, float]]) -> None:
@@ -318,11 +267,11 @@ def report(system: System, stats: Stats, duration: float, before: tuple, after: 
             print(f"  RSS growth  {name:<36} {d:+8.1f} MiB {100 * d / max(rss0[pid][1], 1e-9):+7.1f}%")
     if rss0.keys() != rss1.keys():
         print(f"  processes gone: {[f'{rss0[p][0]} pid {p}' for p in rss0.keys() - rss1.keys()]}, "
-              f"new: {[f'{rss1[p][0]} pid {p}' for p in rss1.keys() - rss0.keys()]}")  # fmt: skip
+              f"new: {[f'{rss1[p][0]} pid {p}' for p in rss1.keys() - rss0.keys()]}")
     leaks = {i: used1.get(i, 0) - used0.get(i, 0) for i in sorted(used0.keys() | used1.keys())}
     failed, leaked = sum(stats.errors.values()), sum(max(0, n) for n in leaks.values())
     print(f"verdict: {'PASS' if failed == leaked == 0 else 'FAIL'}: failed requests {failed}, "
-          f"leaked blocks {leaked} {leaks}")  # fmt: skip
+          f"leaked blocks {leaked} {leaks}")
     return failed == leaked == 0
 
 
@@ -337,30 +286,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def stop_launcher_of_failed_start() -> None:
-    """Ctrl-C while start_system waits leaves its launcher running (its own session): stop it here."""
-    for pid in list(descendants(os.getpid()))[1:]:
-        if b"xllm.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(180):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    break
-                time.sleep(0.5)
-            else:
-                os.killpg(pid, signal.SIGKILL)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the system too
     state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="xllm-soak-"))
     state_dir.mkdir(parents=True, exist_ok=True)
     print(f"== starting xllm up --mode {args.mode} {args.up_args} (state dir {state_dir})", flush=True)
-    try:
-        system = start_system(state_dir, "--mode", args.mode, *shlex.split(args.up_args))
-    except BaseException:
-        stop_launcher_of_failed_start()
-        raise
+    system = start_system(state_dir, "--mode", args.mode, *shlex.split(args.up_args))
     try:
         before = (*kv_in_use(system), rss_mib(system.proc.pid))
         show_state(f"start: {system.url}", *before)

@@ -104,7 +104,7 @@ def chunk_text(event: dict[str, Any]) -> str:
 async def send(session: aiohttp.ClientSession, target: Target, req: BenchRequest) -> RequestResult:
     """Send one streamed request; never raises for server or network trouble, returns the error kind."""
     res = RequestResult(ok=False, input_len=req.input_len, prompt_tokens=req.input_len)
-    res.start = last = time.perf_counter()
+    res.start = time.perf_counter()
     try:
         timeout = aiohttp.ClientTimeout(total=target.timeout_s)
         payload = build_payload(req, target)
@@ -112,30 +112,8 @@ async def send(session: aiohttp.ClientSession, target: Target, req: BenchRequest
             if r.status != 200:
                 res.error, res.detail = f"http_{r.status}", (await r.text())[:300]
                 return res
-            async for raw in r.content:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if event.get("error"):
-                    res.error, res.detail = "stream_error", json.dumps(event["error"])[:300]
-                    return res
-                now = time.perf_counter()
-                if chunk_text(event):
-                    if res.ttft is None:
-                        res.ttft = now - res.start
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    res.chunks += 1
-                usage = event.get("usage")
-                if usage:
-                    res.usage_reported = True
-                    res.output_tokens = int(usage.get("completion_tokens") or 0)
-                    res.prompt_tokens = int(usage.get("prompt_tokens") or res.prompt_tokens)
+            if not await _read_stream(r, res):
+                return res
         res.e2e = time.perf_counter() - res.start
     except TimeoutError as e:  # before ClientError: aiohttp's ServerTimeoutError is both
         res.error, res.detail = "timeout", str(e)[:300]
@@ -153,3 +131,32 @@ async def send(session: aiohttp.ClientSession, target: Target, req: BenchRequest
         return res
     res.ok = True
     return res
+
+
+async def _read_stream(r: aiohttp.ClientResponse, res: RequestResult) -> bool:
+    """Time an SSE stream's text chunks into `res`; False when it carried an error event."""
+    last = res.start
+    async for raw in r.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        event = json.loads(data)
+        if event.get("error"):
+            res.error, res.detail = "stream_error", json.dumps(event["error"])[:300]
+            return False
+        now = time.perf_counter()
+        if chunk_text(event):
+            if res.ttft is None:
+                res.ttft = now - res.start
+            else:
+                res.itl.append(now - last)
+            last = now
+            res.chunks += 1
+        if usage := event.get("usage"):
+            res.usage_reported = True
+            res.output_tokens = int(usage.get("completion_tokens") or 0)
+            res.prompt_tokens = int(usage.get("prompt_tokens") or res.prompt_tokens)
+    return True

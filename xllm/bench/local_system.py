@@ -38,6 +38,14 @@ def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
             *args]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=launcher_log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return _wait_up(proc, state_dir, port, timeout)
+    except BaseException:  # not up in time, or Ctrl-C meanwhile: leave no process behind
+        stop_system(proc)
+        raise
+
+
+def _wait_up(proc: subprocess.Popen, state_dir: Path, port: int, timeout: float) -> System:
     deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() < deadline:
@@ -48,7 +56,6 @@ def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
         if proc.poll() is not None:
             raise RuntimeError(f"xllm up exited with {proc.returncode}:\n{text[-3000:]}")
         time.sleep(0.5)
-    stop_system(proc)
     raise RuntimeError(f"xllm up not healthy within {timeout}s; logs in {state_dir}")
 
 

@@ -11,14 +11,14 @@ import time
 import uuid
 from dataclasses import asdict
 
-import msgpack
-import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from shared import bus
+from shared.jobs import iter_results
 from shared.messages import Job, JobDone, JobRequest, JobResult
-from shared.subjects import JOBS_SUBMIT, job_results
+from shared.subjects import JOBS_SUBMIT
 from xllm.bench.client import RequestResult, Target, build_payload
 from xllm.bench.progress import Progress
 from xllm.bench.runner import LoadPoint, RunResult
@@ -40,7 +40,7 @@ def to_result(jr: JobResult, req: BenchRequest, elapsed: float) -> RequestResult
     res = RequestResult(ok=False, e2e=elapsed, input_len=req.input_len, prompt_tokens=req.input_len)
     if jr.error or not jr.response:
         err = jr.error or {}
-        res.error = f"job_{err.get('type') or err.get('code') or 'error'}"
+        res.error = f"job_{err.get('code') or err.get('type') or 'error'}"
         res.detail = str(err.get("message", ""))[:300]
         return res
     usage = jr.response.get("usage") or {}
@@ -51,58 +51,49 @@ def to_result(jr: JobResult, req: BenchRequest, elapsed: float) -> RequestResult
     return res
 
 
-async def run_offline(
-    nats_url: str, target: Target, requests: list[BenchRequest], timeout_s: float, progress: bool = True
-) -> tuple[RunResult, dict]:
+async def run_offline(nats_url: str, target: Target, requests: list[BenchRequest], timeout_s: float,
+                      progress: bool = True) -> tuple[RunResult, dict]:
     """Submit one job of all requests; returns the run and a `job` summary (ids, JobDone counts)."""
     job, by_id = make_job(target, requests)
     try:
-        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
-    except Exception as e:
-        raise OfflineError(f"cannot connect to NATS at {nats_url}: {e}") from e
-    results: dict[str, RequestResult] = {}
-    done: JobDone | None = None
+        nc = await bus.connect(nats_url, "xllm-bench", connect_wait_s=5)
+    except bus.BusError as e:
+        raise OfflineError(str(e)) from e
     bar = Progress(len(requests), f"job {job.job_id}", progress)
+    started_at, t0 = time.time(), time.perf_counter()
     try:
-        js = nc.jetstream()
-        try:
-            sub = await js.subscribe(job_results(job.job_id), ordered_consumer=True)
-        except NotFoundError as e:
-            raise OfflineError("no JetStream stream holds job results: is the xllm job service up?") from e
-        started_at, t0 = time.time(), time.perf_counter()
-        try:
-            await js.publish(JOBS_SUBMIT, job.encode(), timeout=10)
-        except (NoRespondersError, NatsTimeout) as e:
-            raise OfflineError(f"no JetStream stream takes {JOBS_SUBMIT}: is the xllm job service up?") from e
-        while done is None and (left := t0 + timeout_s - time.perf_counter()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except NatsTimeout:
-                break
-            elapsed = time.perf_counter() - t0
-            kind = msgpack.unpackb(msg.data, raw=False).get("kind")
-            if kind == JobDone.kind:
-                done = JobDone.decode(msg.data)
-            elif kind == JobResult.kind:
-                jr = JobResult.decode(msg.data)
-                if jr.custom_id in by_id and jr.custom_id not in results:  # redeliveries count once
-                    results[jr.custom_id] = to_result(jr, by_id[jr.custom_id], elapsed)
-                    bar.update(results[jr.custom_id].ok)
-        duration = time.perf_counter() - t0
-        await sub.unsubscribe()
+        results, done = await _follow(nc.jetstream(), job, by_id, t0, timeout_s, bar)
     finally:
         bar.close()
         await nc.close()
+    duration = time.perf_counter() - t0
     received = len(results)
     for cid, req in by_id.items():  # what never came back within the time limit
         if cid not in results:
             results[cid] = RequestResult(ok=False, error="timeout", e2e=duration, input_len=req.input_len)
-    summary = {
-        "job_id": job.job_id,
-        "completion_time_s": duration if done else None,
-        "done_received": done is not None,
-        "done_completed": done.completed if done else None,
-        "done_failed": done.failed if done else None,
-        "results_received": received,
-    }
+    summary = {"job_id": job.job_id, "completion_time_s": duration if done else None,
+               "done_received": done is not None, "done_completed": done.completed if done else None,
+               "done_failed": done.failed if done else None, "results_received": received}
     return RunResult(LoadPoint(), [results[c] for c in by_id], duration, started_at), summary
+
+
+async def _follow(js, job: Job, by_id: dict[str, BenchRequest], t0: float, timeout_s: float,
+                  bar: Progress) -> tuple[dict[str, RequestResult], JobDone | None]:
+    """Publish the job and read its results until its JobDone or the time limit."""
+    try:
+        await js.publish(JOBS_SUBMIT, job.encode(), timeout=10)
+    except (NoRespondersError, NoStreamResponseError, NatsTimeout) as e:
+        raise OfflineError(f"no JetStream stream takes {JOBS_SUBMIT}: is the xllm job service up?") from e
+    results: dict[str, RequestResult] = {}
+    try:
+        async for item in iter_results(js, job.job_id, timeout=timeout_s):
+            if isinstance(item, JobDone):
+                return results, item
+            if item.custom_id in by_id and item.custom_id not in results:  # redeliveries count once
+                results[item.custom_id] = to_result(item, by_id[item.custom_id], time.perf_counter() - t0)
+                bar.update(results[item.custom_id].ok)
+    except TimeoutError:
+        pass
+    except NotFoundError as e:
+        raise OfflineError("no JetStream stream holds job results: is the xllm job service up?") from e
+    return results, None

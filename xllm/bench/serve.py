@@ -198,17 +198,23 @@ def write_outputs(
     }
     paths = [write_json(out / f"{stem}.json", doc)]
     if not args.no_plots:
-        try:
-            from xllm.bench import plots
-        except ImportError:
-            print("matplotlib is missing (pip install 'xllm[bench]'): no plots", file=sys.stderr)
-        else:
-            labels = [r.point.label if len(runs) > 1 else spec.kind for r, _ in runs]
-            cdfs = [(label, r.results) for label, (r, _) in zip(labels, runs)]
-            paths.append(plots.plot_latency_cdfs(cdfs, out / f"{stem}-latency-cdf.png"))
-            if x_name:
-                paths.append(plots.plot_sweep(x_name, xs, [s for _, s in runs], out / f"{stem}-sweep.png"))
+        paths += _plots(spec, runs, x_name, xs, out, stem)
     print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _plots(spec: WorkloadSpec, runs: list[tuple[RunResult, dict[str, Any]]], x_name: str | None, xs: list[float],
+           out: Path, stem: str) -> list[Path]:
+    try:
+        from xllm.bench import plots
+    except ImportError:
+        print("matplotlib is missing (pip install 'xllm[bench]'): no plots", file=sys.stderr)
+        return []
+    labels = [r.point.label if len(runs) > 1 else spec.kind for r, _ in runs]
+    cdfs = [(label, r.results) for label, (r, _) in zip(labels, runs)]
+    paths = [plots.plot_latency_cdfs(cdfs, out / f"{stem}-latency-cdf.png")]
+    if x_name:
+        paths.append(plots.plot_sweep(x_name, xs, [s for _, s in runs], out / f"{stem}-sweep.png"))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
