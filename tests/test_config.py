@@ -52,7 +52,7 @@ def test_defaults() -> None:
 
 def test_flags_are_kebab_case_and_typed() -> None:
     argv = ["--host", "0.0.0.0", "--port", "9000", "--ratio", "0.25", "--verbose", "--api-key", "k",
-            "--limit", "3", "--mode", "disaggregated", "--urls", "x, y", "--ports", "5,6"]  # fmt: skip
+            "--limit", "3", "--mode", "disaggregated", "--urls", "x, y", "--ports", "5,6"]
     c = load_config(DemoConfig, argv)
     assert (c.host, c.port, c.ratio, c.verbose, c.api_key, c.limit) == ("0.0.0.0", 9000, 0.25, True, "k", 3)
     assert (c.mode, c.urls, c.ports) == ("disaggregated", ("x", "y"), [5, 6])

@@ -68,7 +68,7 @@ def test_batch_line_formats() -> None:
     body = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
     assert batch_line(JobResult("j", "a", response=body)) == {
         "id": "j:a", "custom_id": "a", "response": {"status_code": 200, "request_id": "chatcmpl-1", "body": body},
-        "error": None}  # fmt: skip
+        "error": None}
     err = {"message": "The model `x` does not exist", "type": "invalid_request_error", "param": "model", "status": 404,
            "code": "model_not_found"}
     line = batch_line(JobResult("j", "b", error=err))
@@ -106,7 +106,7 @@ async def job_service(nc: Client) -> AsyncIterator[list[Job]]:
             cid = r["custom_id"]
             if cid == "bad":
                 result = JobResult(job.job_id, cid, error={"message": "nope", "type": "invalid_request_error",
-                                                           "status": 400})  # fmt: skip
+                                                           "status": 400})
             else:
                 body = {"id": f"chatcmpl-{cid}", "object": "chat.completion",
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hi {cid}"}}]}
@@ -114,7 +114,7 @@ async def job_service(nc: Client) -> AsyncIterator[list[Job]]:
             await js.publish(subjects.job_results(job.job_id), result.encode())
         failed = sum(r["custom_id"] == "bad" for r in job.requests)
         await js.publish(subjects.job_results(job.job_id), JobDone(job.job_id, len(job.requests) - failed,
-                                                                   failed).encode())  # fmt: skip
+                                                                   failed).encode())
 
     sub = await js.subscribe(subjects.JOBS_SUBMIT, cb=on_job, manual_ack=True, deliver_policy=DeliverPolicy.NEW)
     yield seen
@@ -123,12 +123,12 @@ async def job_service(nc: Client) -> AsyncIterator[list[Job]]:
 
 @pytest.mark.integration
 async def test_round_trip_wait_and_fetch_later(nats_server: str, job_service: list[Job], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+                                               capsys: pytest.CaptureFixture) -> None:
     f, out = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
     f.write_text("\n".join(json.dumps(req(c)) for c in ("a", "bad", "c")) + "\n")
     jid = f"ct-{uuid.uuid4().hex[:8]}"
     code = await asyncio.to_thread(main, [str(f), "--nats", nats_server, "--wait", "--output", str(out),
-                                          "--job-id", jid, "--timeout", "20"])  # fmt: skip
+                                          "--job-id", jid, "--timeout", "20"])
     assert code == 0
     streams = capsys.readouterr()
     assert streams.out.strip() == jid and f"job {jid}: 2 completed, 1 failed" in streams.err
@@ -153,13 +153,13 @@ async def test_round_trip_wait_and_fetch_later(nats_server: str, job_service: li
 
 @pytest.mark.integration
 async def test_results_wait_times_out_clearly(nats_server: str, job_service: list[Job],
-                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+                                              capsys: pytest.CaptureFixture) -> None:
     code = await asyncio.to_thread(main, ["--results", "ct-never", "--nats", nats_server, "--timeout", "0.3"])
     assert code == 1 and "not done within 0.3 s" in capsys.readouterr().err
 
 
 def test_unreachable_nats_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XLLM_NATS_CONNECT_WAIT", "0.5")
     f = tmp_path / "jobs.jsonl"
     f.write_text(json.dumps(req("a")) + "\n")

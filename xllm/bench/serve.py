@@ -144,7 +144,7 @@ async def _run(args: argparse.Namespace) -> int:
     target = Target(
         args.base_url or DEFAULT_BASE_URL, model, args.endpoint, args.api_key, args.timeout,
         args.ignore_eos, args.temperature, args.extra_body,
-    )  # fmt: skip
+    )
     progress = not args.no_progress
     runs: list[tuple[RunResult, dict[str, Any]]] = []
     for point in points:

@@ -15,7 +15,7 @@ def result(ttft_ms: float, tpot_ms: float, out: int = 11, ok: bool = True) -> Re
     return RequestResult(
         ok=ok, ttft=ttft, e2e=ttft + tpot * (out - 1), output_tokens=out, chunks=out, usage_reported=True,
         error=None if ok else "http_500",
-    )  # fmt: skip
+    )
 
 
 def test_parse_goodput():

@@ -199,7 +199,7 @@ async def test_cli_writes_json_and_pngs_for_a_sweep(fake, tmp_path, capsys):
         "--base-url", url, "--num-prompts", "6", "--input-len", "16", "--output-len", "4",
         "--sweep-rates", "50,100", "--goodput", "ttft:1000", "tpot:1000", "--ignore-eos",
         "--result-dir", str(tmp_path), "--result-name", "t", "--no-progress", "--warmup", "2",
-    ]  # fmt: skip
+    ]
     # the fake server runs on this test's loop; the CLI runs its own loop (asyncio.run) in a thread
     assert await asyncio.wait_for(asyncio.to_thread(serve.main, args), 60) == 0
     doc = json.loads((tmp_path / "t.json").read_text())

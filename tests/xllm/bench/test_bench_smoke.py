@@ -17,7 +17,7 @@ async def test_bench_serve_against_xllm_up(xllm_server_url, tmp_path):
         "--base-url", xllm_server_url, "--num-prompts", "4", "--max-concurrency", "2",
         "--input-len", "32", "--output-len", "8", "--ignore-eos", "--goodput", "ttft:60000",
         "--result-dir", str(tmp_path), "--result-name", "smoke", "--no-progress", "--timeout", "120",
-    ]  # fmt: skip
+    ]
     assert await asyncio.wait_for(asyncio.to_thread(serve.main, args), 600) == 0
     doc = json.loads((tmp_path / "smoke.json").read_text())
     s = doc["runs"][0]["summary"]
