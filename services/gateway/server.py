@@ -2,7 +2,6 @@
 stopped by shared/service.py (`python -m services.gateway`)."""
 
 import asyncio
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -13,12 +12,14 @@ from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.jobs import JobRunner
 from services.gateway.protocol import ModelInfo
+from shared.engine.config import ModelConfig
 from shared.instance_view import InstanceView
+from shared.model_files import load_generation_defaults, load_tokenizer
 
 log = structlog.get_logger("xllm.gateway")
 
 
-def model_info(config: GatewayConfig, model_config: Any, generation_defaults: dict | None = None) -> ModelInfo:
+def model_info(config: GatewayConfig, model_config: ModelConfig, generation_defaults: dict | None = None) -> ModelInfo:
     """What the gateway serves: the model as `--model` named it (as vLLM does) and its context,
     unless the config overrides them."""
     return ModelInfo(
@@ -41,8 +42,6 @@ class GatewayService:
         self.runner: web.AppRunner | None = None
 
     async def start(self, nc: Client) -> None:
-        from shared.engine.loader import load_generation_defaults, load_tokenizer  # torch: until issue 10 §2
-
         config, loop = self.config, asyncio.get_running_loop()
         tokenizer, model_config = await loop.run_in_executor(None, load_tokenizer, config.model)
         defaults = await loop.run_in_executor(None, load_generation_defaults, config.model)

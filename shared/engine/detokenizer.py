@@ -7,7 +7,7 @@ window prefix_offset.. gives the new text as what it adds to the prefix's text. 
 ends in U+FFFD stops at an incomplete UTF-8 character: emit nothing until a later token completes it.
 """
 
-from shared.engine.tokenizer import Tokenizer
+from shared.tokenizer import Tokenizer
 
 # Prompt tokens kept as context, so the first generated token decodes as it does after the prompt.
 PROMPT_CONTEXT = 6

@@ -6,7 +6,7 @@ Stop strings may span token boundaries, so while a sequence has stop strings the
 
 from shared.engine.detokenizer import IncrementalDetokenizer
 from shared.engine.sequence import Sequence
-from shared.engine.tokenizer import Tokenizer
+from shared.tokenizer import Tokenizer
 
 
 class StopChecker:

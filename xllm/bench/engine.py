@@ -13,9 +13,10 @@ import torch
 
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
-from shared.engine.loader import load_checkpoint, resolve_model
+from shared.engine.loader import load_checkpoint
 from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
+from shared.model_files import resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:
