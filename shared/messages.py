@@ -54,12 +54,9 @@ class GenerateRequest(Message):
     params: dict[str, Any]
     reply_subject: str  # where the worker publishes StreamChunk messages
     priority: int = 0  # 0 = online; larger = lower priority (offline jobs use 1)
-    model: str = ""
-    arrival_time: float = 0.0
     # Set by the router for prefill->decode disaggregation: the decode instance that continues.
     decode_instance: str | None = None
     attempt: int = 0
-    image_embeds: dict[str, Any] | None = None  # handle for multimodal embeddings (EPD), never the data
 
 
 @dataclass

@@ -6,10 +6,7 @@ run it against a real NATS with a scripted router, or with fakes.
 
 import asyncio
 import hmac
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -20,6 +17,7 @@ from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.protocol import ModelInfo
 from services.gateway.responses import dumps
+from services.gateway.state import GATEWAY, Gateway
 from services.gateway.telemetry import GatewayMetrics, InstanceCollector
 from shared.errors import ApiError
 from shared.metrics import exposition
@@ -29,47 +27,12 @@ log = structlog.get_logger("xllm.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass
-class Gateway:
-    """Per-app state shared by the handlers."""
-
-    config: GatewayConfig
-    tokenizer: Any  # shared.engine.tokenizer.Tokenizer or anything with its methods
-    model: ModelInfo
-    backend: Backend
-    view: Any | None  # the process's InstanceView, or anything with `instances() -> list[InstanceInfo]`
-    metrics: GatewayMetrics
-    inflight: int = 0
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """One of the `max_inflight` request slots; 429 with Retry-After when all are taken."""
-        if self.inflight >= self.config.max_inflight:
-            raise ApiError(429, f"the server is busy ({self.inflight} requests in flight); retry later",
-                           "overloaded", None, "too_many_requests", self.config.retry_after_s)  # fmt: skip
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def create_app(
-    config: GatewayConfig,
-    tokenizer: Any,
-    model: ModelInfo,
-    backend: Backend,
-    view: Any | None = None,
-    metrics: GatewayMetrics | None = None,
-) -> web.Application:
+def create_app(config: GatewayConfig, tokenizer: Any, model: ModelInfo, backend: Backend, view: Any | None = None,
+               metrics: GatewayMetrics | None = None) -> web.Application:
     """The gateway app. `backend` must be started (`await backend.start()`); the caller owns NATS."""
     gw = Gateway(config, tokenizer, model, backend, view, metrics or GatewayMetrics.create())
     gw.metrics.running.set_function(lambda: gw.inflight)
-    gw.metrics.registry.register(InstanceCollector(lambda: _instances(gw)))
+    gw.metrics.registry.register(InstanceCollector(gw.instances))
     backend.on_failover = lambda reason: gw.metrics.failovers.labels(reason).inc()
     app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
     app[GATEWAY] = gw
@@ -98,9 +61,7 @@ def error_response(e: ApiError) -> web.Response:
         headers["Retry-After"] = str(e.retry_after)
     if e.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return web.Response(
-        status=e.status, body=dumps(e.body()), content_type="application/json", headers=headers
-    )
+    return web.Response(status=e.status, body=dumps(e.body()), content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -131,10 +92,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _from_http(request: web.Request, e: web.HTTPException) -> ApiError:
     if e.status == 404:
         return ApiError(404, f"no route {request.method} {request.path}", "invalid_request_error", None,
-                        "unknown_url")  # fmt: skip
+                        "unknown_url")
     if e.status == 405:
         return ApiError(405, f"method {request.method} is not allowed for {request.path}",
-                        "invalid_request_error", None, "method_not_allowed")  # fmt: skip
+                        "invalid_request_error", None, "method_not_allowed")
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     return ApiError(e.status, e.reason, kind)
 
@@ -146,7 +107,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           "invalid_request_error", None, "invalid_api_key")  # fmt: skip
+                           "invalid_request_error", None, "invalid_api_key")
     return await handler(request)
 
 
@@ -159,13 +120,13 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if name != gw.model.name:
         raise ApiError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model",
-                       "model_not_found")  # fmt: skip
+                       "model_not_found")
     return _json(_model_card(gw))
 
 
 def _model_card(gw: Gateway) -> dict:
     return {"id": gw.model.name, "object": "model", "created": gw.created, "owned_by": "xllm",
-            "root": gw.config.model, "max_model_len": gw.model.max_model_len}  # fmt: skip
+            "root": gw.config.model, "max_model_len": gw.model.max_model_len}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -175,7 +136,7 @@ async def health(request: web.Request) -> web.Response:
     if not gw.backend.nc.is_connected:
         return _json({"status": "unavailable", "reason": "the message bus is unreachable"}, status=503)
     ready: dict[str, int] = {}
-    for info in _instances(gw):
+    for info in gw.instances():
         if info.state == "ready":
             ready[info.role] = ready.get(info.role, 0) + 1
     ok = "colocated" in ready or ("prefill" in ready and "decode" in ready)
@@ -189,12 +150,8 @@ async def instances(request: web.Request) -> web.Response:
          "state": i.state, "updated_at": i.updated_at,
          "load": {"running": i.running, "waiting": i.waiting, "free_blocks": i.free_blocks,
                   "total_blocks": i.total_blocks}}
-        for i in _instances(request.app[GATEWAY])
-    ])  # fmt: skip
-
-
-def _instances(gw: Gateway) -> list:
-    return gw.view.instances() if gw.view is not None else []
+        for i in request.app[GATEWAY].instances()
+    ])
 
 
 async def metrics_text(request: web.Request) -> web.Response:

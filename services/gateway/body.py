@@ -23,13 +23,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 def too_large(size: int | None, limit: int) -> ApiError:
     got = f" ({size} bytes)" if size is not None else ""
-    return ApiError(
-        413,
-        f"request body is too large{got}; the limit is {limit} bytes",
-        "invalid_request_error",
-        None,
-        "request_too_large",
-    )
+    return ApiError(413, f"request body is too large{got}; the limit is {limit} bytes", "invalid_request_error", None,
+                    "request_too_large")
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -67,9 +62,8 @@ def _check_unicode(body: Any) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise invalid(
-                    "request body contains invalid Unicode (a lone surrogate escape)", None, "invalid_utf8"
-                ) from None
+                msg = "request body contains invalid Unicode (a lone surrogate escape)"
+                raise invalid(msg, None, "invalid_utf8") from None
 
 
 def _no_constant(name: str) -> None:

@@ -4,9 +4,9 @@
     gateway --JobResult per request, then JobDone--> xllm.jobs.results.<job_id> (stream XLLM_JOB_RESULTS)
 
 Every gateway replica binds the same durable consumer, so each job goes to one of them. A gateway runs
-one job at a time, `concurrency` of its requests in flight, each parsed by protocol.py (the REST
-API's one place that templates and tokenizes) and sent through the same Backend (failover included)
-with priority 1: the engines schedule online requests first. Router refusals (429 / 503) are retried
+one job at a time, `concurrency` of its requests in flight, each parsed as the REST API parses it
+(chat.py, completion.py: the one place that templates and tokenizes) and sent the same way (failover
+included) with priority 1: the engines schedule online requests first. Router refusals (429 / 503) are retried
 with backoff until `RETRY_FOR_S`: an offline request waits for room rather than fail.
 
 The job message is acked only once all its results and its JobDone are published; until then the
@@ -18,11 +18,9 @@ within its dedupe window by two runners that raced on one job.
 """
 
 import asyncio
-import json
 import time
 import uuid
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -32,14 +30,15 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.gateway import responses as R
 from services.gateway.backend import Backend
-from services.gateway.body import parse_json
+from services.gateway.chat import parse_chat
+from services.gateway.completion import parse_completion
 from services.gateway.config import GatewayConfig
-from services.gateway.protocol import ModelInfo, ParsedRequest, parse_chat, parse_completion
-from services.gateway.serving import response_body
+from services.gateway.generation import Generation
+from services.gateway.protocol import ModelInfo, ParsedRequest
 from shared import bus, subjects
 from shared.errors import ApiError, internal, invalid
 from shared.jobs import JOB_ID_RE, URLS, iter_results
-from shared.messages import GenerateRequest, Job, JobDone, JobResult, SchemaError
+from shared.messages import GenerateRequest, Job, JobDone, JobRequest, JobResult, SchemaError
 from shared.retry import every, retry
 
 log = structlog.get_logger("xllm.gateway.jobs")
@@ -52,14 +51,7 @@ MAX_DELIVERIES = 20  # a job redelivered this often (it keeps killing gateways?)
 RETRY_FOR_S = 600.0  # how long an offline request keeps retrying router refusals (429 / 503)
 PUBLISH_FOR_S = 60.0  # how long a result waits for NATS to come back before the job is handed back
 OFFLINE_PRIORITY = 1
-KINDS = dict(zip(URLS, ("chat", "completion")))
-
-
-@dataclass
-class _Line:
-    custom_id: str
-    url: Any
-    body: Any
+PARSERS = dict(zip(URLS, (parse_chat, parse_completion)))
 
 
 class JobError(ValueError):
@@ -68,7 +60,7 @@ class JobError(ValueError):
 
 class JobRunner:
     def __init__(self, nc: Any, backend: Backend, tokenizer: Any, model: ModelInfo, config: GatewayConfig,
-                 concurrency: int | None = None):  # fmt: skip
+                 concurrency: int | None = None):
         self.nc, self.js = nc, nc.jetstream()
         self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
         self.concurrency = concurrency or config.job_concurrency or 16
@@ -79,9 +71,9 @@ class JobRunner:
     async def start(self) -> None:
         await bus.ensure_streams(self.js, (bus.JOBS, bus.JOB_RESULTS))
         consumer = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
-                                  deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1)  # fmt: skip
+                                  deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1)
         self._sub = await self.js.pull_subscribe(subjects.JOBS_SUBMIT, durable=DURABLE,
-                                                 stream=subjects.JOBS_STREAM, config=consumer)  # fmt: skip
+                                                 stream=subjects.JOBS_STREAM, config=consumer)
         self._task = asyncio.create_task(self._loop(), name="job-runner")
         log.info("job_runner_started", subject=subjects.JOBS_SUBMIT, concurrency=self.concurrency)
 
@@ -138,12 +130,7 @@ class JobRunner:
         try:
             job_id, lines = parse_job(data)
         except JobError as e:
-            job_id = _salvage_job_id(data)
-            log.warning("bad_job", job_id=job_id, error=str(e))
-            if job_id is not None:
-                err = invalid(f"malformed job: {e}", code="invalid_job").to_wire()
-                await self._publish(JobResult(job_id, "", error=err), f"{job_id}:")
-                await self._publish(JobDone(job_id, 0, 1), job_id)
+            await self._report_bad_job(data, e)
             return
         with structlog.contextvars.bound_contextvars(job_id=job_id):
             previous, done = await self._published(job_id)
@@ -158,26 +145,38 @@ class JobRunner:
                 err = internal(f"the job was delivered {deliveries} times without finishing").to_wire()
                 for line in todo:
                     outcomes[line.custom_id] = await self._report(job_id, line.custom_id, None, err)
-                todo = []
-            queue: asyncio.Queue[_Line] = asyncio.Queue()
-            for line in todo:
-                queue.put_nowait(line)
-
-            async def worker() -> None:
-                while not queue.empty():
-                    line = queue.get_nowait()
-                    response, error = await self.run_request(line)
-                    outcomes[line.custom_id] = await self._report(job_id, line.custom_id, response, error)
-
-            async with asyncio.TaskGroup() as group:  # one failure (NATS gone) stops the others
-                for _ in range(min(self.concurrency, len(todo))):
-                    group.create_task(worker())
+            else:
+                outcomes.update(await self._run_lines(job_id, todo))
             failed = sum(not ok for ok in outcomes.values())
             await self._publish(JobDone(job_id, len(outcomes) - failed, failed), job_id)
             log.info("job_done", completed=len(outcomes) - failed, failed=failed,
-                     seconds=round(time.monotonic() - started, 3))  # fmt: skip
+                     seconds=round(time.monotonic() - started, 3))
 
-    async def run_request(self, line: _Line) -> tuple[dict | None, dict | None]:
+    async def _report_bad_job(self, data: bytes, e: JobError) -> None:
+        """A job that cannot be run: one error result and its JobDone, when it has an id to report under."""
+        job_id = _salvage_job_id(data)
+        log.warning("bad_job", job_id=job_id, error=str(e))
+        if job_id is not None:
+            err = invalid(f"malformed job: {e}", code="invalid_job").to_wire()
+            await self._publish(JobResult(job_id, "", error=err), f"{job_id}:")
+            await self._publish(JobDone(job_id, 0, 1), job_id)
+
+    async def _run_lines(self, job_id: str, lines: list[JobRequest]) -> dict[str, bool]:
+        """Run the requests, `concurrency` at a time, publishing each result: {custom_id: succeeded}."""
+        outcomes: dict[str, bool] = {}
+        pending = iter(lines)
+
+        async def worker() -> None:
+            for line in pending:  # shared by the workers: each line goes to one of them
+                response, error = await self.run_request(line)
+                outcomes[line.custom_id] = await self._report(job_id, line.custom_id, response, error)
+
+        async with asyncio.TaskGroup() as group:  # one failure (NATS gone) stops the others
+            for _ in range(min(self.concurrency, len(lines))):
+                group.create_task(worker())
+        return outcomes
+
+    async def run_request(self, line: JobRequest) -> tuple[dict | None, dict | None]:
         """(response body, None) or (None, error) for one request; refusals retried with backoff."""
         try:
             return await retry(lambda: self._generate(line), "job_request", delay=0.5, max_delay=5.0,
@@ -188,11 +187,11 @@ class JobRunner:
             log.exception("job_request_crashed", custom_id=line.custom_id)
             return None, internal(f"internal error: {type(e).__name__}").to_wire()
 
-    async def _generate(self, line: _Line) -> dict:
+    async def _generate(self, line: JobRequest) -> dict:
         parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line)
         rid = f"{'chatcmpl' if parsed.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="",
-                              priority=OFFLINE_PRIORITY, model=self.model.name, arrival_time=time.time())  # fmt: skip
+                              priority=OFFLINE_PRIORITY)
         n, prompt_len = parsed.params.n, len(parsed.prompt_token_ids)
         col = R.Collector(n, prompt_len)
 
@@ -202,7 +201,8 @@ class JobRunner:
 
         cfg = self.config
         with structlog.contextvars.bound_contextvars(request_id=rid):
-            async with self.backend.open(req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart) as gen:
+            async with Generation.open(self.backend, req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s,
+                                       restart) as gen:
                 while True:
                     chunk = await gen.next()
                     if chunk.error:
@@ -210,20 +210,18 @@ class JobRunner:
                     col.add(chunk)
                     if chunk.finished:
                         break
-        return response_body(parsed, rid, int(time.time()), self.model.name, col, self.tokenizer)
+        return R.response_body(parsed.kind, rid, int(time.time()), self.model.name, col, self.tokenizer, parsed.echo)
 
-    def _parse(self, line: _Line) -> ParsedRequest:
-        """The REST API's parsing, from the same bytes a client would POST."""
-        kind = KINDS.get(line.url)
-        if kind is None:
+    def _parse(self, line: JobRequest) -> ParsedRequest:
+        """The REST API's parsing of the body a client would POST (decoded from msgpack: the parsers check
+        the type of every field they read, so NaN, integer keys or bytes are refused as over HTTP)."""
+        parse = PARSERS.get(line.url) if isinstance(line.url, str) else None
+        if parse is None:
             raise ApiError(404, f"url must be one of {', '.join(URLS)}, got {line.url!r}", "invalid_request_error",
-                           "url", "unknown_url")  # fmt: skip
-        try:
-            raw = json.dumps(line.body, allow_nan=False).encode()
-        except (TypeError, ValueError) as e:
-            raise invalid(f"body is not a JSON object: {e}", "body", "invalid_json") from None
-        parse = parse_chat if kind == "chat" else parse_completion
-        parsed = parse(parse_json(raw), self.model, self.tokenizer, self.config.max_n)
+                           "url", "unknown_url")
+        if not isinstance(line.body, dict):
+            raise invalid(f"body must be a JSON object, got {type(line.body).__name__}", "body", "invalid_json")
+        parsed = parse(line.body, self.model, self.tokenizer, self.config.max_n)
         if parsed.stream:
             raise invalid("stream is not supported in batch jobs: results are whole responses", "stream")
         return parsed
@@ -256,7 +254,7 @@ def _refused(e: Exception) -> bool:
     return isinstance(e, ApiError) and e.status in (429, 503)
 
 
-def parse_job(data: bytes) -> tuple[str, list[_Line]]:
+def parse_job(data: bytes) -> tuple[str, list[JobRequest]]:
     """(job id, requests) of a Job message; JobError when it cannot be run at all."""
     try:
         job = Job.decode(data)
@@ -274,7 +272,7 @@ def parse_job(data: bytes) -> tuple[str, list[_Line]]:
         if cid in seen:
             raise JobError(f"requests[{i}]: custom_id {cid!r} is used twice")
         seen.add(cid)
-        lines.append(_Line(cid, item.get("url"), item.get("body")))
+        lines.append(JobRequest(cid, item.get("url"), item.get("body")))  # checked when run: a bad one fails alone
     return job.job_id, lines
 
 

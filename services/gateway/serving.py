@@ -1,49 +1,48 @@
 """One generation request end to end: body -> ParsedRequest -> router -> chunks -> JSON or SSE.
 
-The chunks come from a backend.Generation, which hides failover: a request whose worker dies goes on
+The chunks come from a generation.Generation, which hides failover: a request whose worker dies goes on
 elsewhere and this module sees one stream of chunks.
 """
 
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
 from services.gateway import responses as R
 from services.gateway.body import parse_json, read_body
-from services.gateway.protocol import ParsedRequest, parse_chat, parse_completion
+from services.gateway.chat import parse_chat
+from services.gateway.completion import parse_completion
+from services.gateway.generation import Generation
+from services.gateway.protocol import ParsedRequest
+from services.gateway.state import Gateway
 from shared.errors import ApiError
 from shared.messages import GenerateRequest, SeqOutput, StreamChunk
-
-if TYPE_CHECKING:
-    from services.gateway.app import Gateway
-    from services.gateway.backend import Generation
 
 log = structlog.get_logger("xllm.gateway")
 
 PARSE_INLINE_BYTES = 32 * 1024  # larger bodies are parsed and tokenized in a thread, off the event loop
 
 
-async def generate(request: web.Request, gw: "Gateway", kind: str) -> web.StreamResponse:
+async def generate(request: web.Request, gw: Gateway, kind: str) -> web.StreamResponse:
     """Handle POST /v1/chat/completions (kind "chat") or /v1/completions (kind "completion")."""
     arrival = time.monotonic()
     raw = await read_body(request, gw.config.max_body_bytes)
     parsed = await _parse(raw, gw, kind)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     with structlog.contextvars.bound_contextvars(request_id=rid):
-        req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="",
-                              model=gw.model.name, arrival_time=time.time())  # fmt: skip
+        req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="")
         gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
         log.info("request_accepted", kind=kind, prompt_tokens=len(req.prompt_token_ids),
-                 n=parsed.params.n, max_tokens=parsed.params.max_tokens, stream=parsed.stream)  # fmt: skip
+                 n=parsed.params.n, max_tokens=parsed.params.max_tokens, stream=parsed.stream)
         run = _Run(request, gw, parsed, rid, arrival)
         # Non-streaming, nothing reached the client yet: after a failure with n > 1 it may start over.
         restart = None if parsed.stream else run.restart
         cfg = gw.config
-        async with gw.backend.open(req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart) as gen:
+        async with Generation.open(gw.backend, req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s,
+                                   restart) as gen:
             first = await gen.next()
             if first.error:  # nothing sent yet: a real HTTP status (429/503 from the router, 400...)
                 raise ApiError.from_wire(first.error, cfg.retry_after_s)
@@ -52,7 +51,7 @@ async def generate(request: web.Request, gw: "Gateway", kind: str) -> web.Stream
             return await run.respond_json(gen, first)
 
 
-async def _parse(raw: bytes, gw: "Gateway", kind: str) -> ParsedRequest:
+async def _parse(raw: bytes, gw: Gateway, kind: str) -> ParsedRequest:
     parse = parse_chat if kind == "chat" else parse_completion
 
     def work() -> ParsedRequest:
@@ -63,18 +62,10 @@ async def _parse(raw: bytes, gw: "Gateway", kind: str) -> ParsedRequest:
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
-def response_body(parsed: ParsedRequest, rid: str, created: int, model: str, col: R.Collector,
-                  tokenizer: Any) -> dict[str, Any]:  # fmt: skip
-    """The non-streaming OpenAI response of a finished request (the REST API's and the job runner's)."""
-    if parsed.kind == "chat":
-        return R.chat_response(rid, created, model, col, tokenizer)
-    return R.completion_response(rid, created, model, col, tokenizer, parsed.echo)
-
-
 class _Run:
     """The state of one request while its chunks arrive."""
 
-    def __init__(self, request: web.Request, gw: "Gateway", parsed: ParsedRequest, rid: str, arrival: float):
+    def __init__(self, request: web.Request, gw: Gateway, parsed: ParsedRequest, rid: str, arrival: float):
         self.request, self.gw, self.parsed, self.rid, self.arrival = request, gw, parsed, rid, arrival
         self.created = int(time.time())
         self.col = R.Collector(parsed.params.n, len(parsed.prompt_token_ids), keep=not parsed.stream)
@@ -84,7 +75,7 @@ class _Run:
         """Drop what was collected: the request starts over on another instance."""
         self.col = R.Collector(self.parsed.params.n, len(self.parsed.prompt_token_ids), keep=True)
 
-    async def respond_json(self, gen: "Generation", chunk: StreamChunk) -> web.Response:
+    async def respond_json(self, gen: Generation, chunk: StreamChunk) -> web.Response:
         while True:
             if chunk.error:
                 raise ApiError.from_wire(chunk.error, self.gw.config.retry_after_s)
@@ -96,50 +87,53 @@ class _Run:
                 return web.Response(status=499)  # leaving the stream aborts the request
             chunk = await gen.next()
         self._done()
-        body = response_body(self.parsed, self.rid, self.created, self.gw.model.name, self.col, self.gw.tokenizer)
+        body = R.response_body(self.parsed.kind, self.rid, self.created, self.gw.model.name, self.col,
+                               self.gw.tokenizer, self.parsed.echo)
         return web.Response(body=R.dumps(body), content_type="application/json",
-                            headers={"X-Request-Id": self.rid})  # fmt: skip
+                            headers={"X-Request-Id": self.rid})
 
-    async def stream_sse(self, gen: "Generation", chunk: StreamChunk) -> web.StreamResponse:
+    async def stream_sse(self, gen: Generation, chunk: StreamChunk) -> web.StreamResponse:
         """OpenAI SSE: role chunk(s) first (chat), deltas, finish_reason, usage chunk if asked, [DONE].
         Errors after the headers went out become an error event before [DONE]."""
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                   "X-Request-Id": self.rid}  # fmt: skip
+                   "X-Request-Id": self.rid}
         resp = web.StreamResponse(headers=headers)
         try:
             await resp.prepare(self.request)
             if self.parsed.kind == "chat":
                 role = {"role": "assistant", "content": ""}
-                await resp.write(
-                    b"".join(R.sse(self._chat_chunk(i, role)) for i in range(self.parsed.params.n))
-                )
-            while True:
-                if chunk.error:
-                    await resp.write(R.sse(ApiError.from_wire(chunk.error, 0).body()))
-                    break
-                outputs = self.col.add(chunk)
-                self._observe(outputs)
-                events = [e for e in map(self._event, outputs) if e is not None]
-                if chunk.finished:
-                    self._done()
-                    if self.parsed.include_usage:
-                        events.append(R.usage_chunk(self.parsed.kind, self.rid, self.created,
-                                                    self.gw.model.name, self.col))  # fmt: skip
-                if events:
-                    await resp.write(b"".join(map(R.sse, events)))
-                if chunk.finished:
-                    break
-                try:
-                    chunk = await gen.next()
-                except ApiError as e:
-                    log.warning("stream_ended_early", error=e.message)
-                    await resp.write(R.sse(e.body()))
-                    break
+                await resp.write(b"".join(R.sse(self._chat_chunk(i, role)) for i in range(self.parsed.params.n)))
+            await self._stream_chunks(resp, gen, chunk)
             await resp.write(R.SSE_DONE)
         except ConnectionResetError:  # the client went away: leaving the stream aborts the request
             log.info("client_disconnected")
             self.request["client_gone"] = True
         return resp
+
+    async def _stream_chunks(self, resp: web.StreamResponse, gen: Generation, chunk: StreamChunk) -> None:
+        """The events of every chunk up to the last one, or up to an error (sent as an error event)."""
+        while True:
+            if chunk.error:
+                await resp.write(R.sse(ApiError.from_wire(chunk.error, 0).body()))
+                return
+            outputs = self.col.add(chunk)
+            self._observe(outputs)
+            events = [e for e in map(self._event, outputs) if e is not None]
+            if chunk.finished:
+                self._done()
+                if self.parsed.include_usage:
+                    events.append(R.usage_chunk(self.parsed.kind, self.rid, self.created, self.gw.model.name,
+                                                self.col))
+            if events:
+                await resp.write(b"".join(map(R.sse, events)))
+            if chunk.finished:
+                return
+            try:
+                chunk = await gen.next()
+            except ApiError as e:
+                log.warning("stream_ended_early", error=e.message)
+                await resp.write(R.sse(e.body()))
+                return
 
     def _event(self, out: SeqOutput) -> dict | None:
         """The SSE chunk for one sequence's new output (None when there is nothing to say)."""
@@ -160,11 +154,11 @@ class _Run:
             lp = R.completion_logprobs(tok, out.token_ids, out.logprobs, choice.text_offset)
             choice.text_offset += sum(len(t) for t in lp["tokens"])
         return R.completion_chunk(self.rid, self.created, self.gw.model.name, out.index, text,
-                                  out.finish_reason, lp, self.parsed.include_usage)  # fmt: skip
+                                  out.finish_reason, lp, self.parsed.include_usage)
 
     def _chat_chunk(self, index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> dict:
         return R.chat_chunk(self.rid, self.created, self.gw.model.name, index, delta, finish, lp,
-                            self.parsed.include_usage)  # fmt: skip
+                            self.parsed.include_usage)
 
     def _observe(self, outputs: list[SeqOutput]) -> None:
         new_tokens = sum(len(o.token_ids) for o in outputs)
@@ -184,4 +178,4 @@ class _Run:
         m.e2e.observe(time.monotonic() - self.arrival)
         m.cached_tokens.inc(self.col.cached_tokens)
         log.info("request_finished", completion_tokens=self.col.completion_tokens,
-                 cached_tokens=self.col.cached_tokens)  # fmt: skip
+                 cached_tokens=self.col.cached_tokens)

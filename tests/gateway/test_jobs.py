@@ -1,6 +1,7 @@
 """The offline job runner over a real nats-server (JetStream), against the scripted router/worker double."""
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
@@ -89,7 +90,7 @@ async def test_one_result_per_request_then_done_with_per_request_errors(make_run
         line("bad-url", "/v1/embeddings"),
         line("streamed", stream=True),
         {"custom_id": "not-a-body", "url": CHAT_URL, "body": ["x"]},
-    ])  # fmt: skip
+    ])
     await submit(nc, job)
     out, done, count = await results(nc, jid)
     assert count == 8 and done == JobDone(jid, completed=2, failed=5)
@@ -106,6 +107,23 @@ async def test_one_result_per_request_then_done_with_per_request_errors(make_run
     # Only the good ones reached the bus, as offline (priority 1) requests.
     assert len(router.requests) == 2 and {r.priority for r in router.requests} == {1}
     assert router.requests[1].params["max_tokens"] == 5 or router.requests[0].params["max_tokens"] == 5
+
+
+async def test_values_json_cannot_carry_are_refused_by_name(make_runner, router, nc) -> None:
+    """A job's bodies come as msgpack, which carries what a JSON body cannot: NaN, integer keys, bytes."""
+    await make_runner()
+    jid = job_id()
+    await submit(nc, Job(jid, [
+        line("nan-temperature", temperature=math.nan),
+        line("inf-max-tokens", max_tokens=math.inf),
+        line("int-key-bias", logit_bias={5: 10}),
+        line("bytes-content", messages=[{"role": "user", "content": b"hi"}]),
+    ]))
+    out, done, _ = await results(nc, jid)
+    assert done == JobDone(jid, completed=0, failed=4) and not router.requests
+    assert {cid: (r.error["status"], r.error["param"]) for cid, r in out.items()} == {
+        "nan-temperature": (400, "temperature"), "inf-max-tokens": (400, "max_tokens"),
+        "int-key-bias": (400, "logit_bias"), "bytes-content": (400, "messages[0].content")}
 
 
 async def test_router_refusals_are_retried(make_runner, router, nc, monkeypatch) -> None:
