@@ -41,9 +41,14 @@ async def hand_off(src: ModelRunner, dst: ModelRunner, server: KvDataServer, seg
     blocks = list(range(-(-n // 16)))
     seq = Sequence("p", list(range(n)), SamplingParams())
     seq.block_table = blocks
-    export = KvExport("r", src, n, segments)
+    export = KvExport("r", src.kv_layout, n, segments)
     server.exports["r"] = export
-    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst, blocks, reader_host))
+
+    async def write(kv: torch.Tensor) -> None:
+        dst.write_kv(blocks, kv)
+
+    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst.kv_layout, len(blocks),
+                                              reader_host, write))
     while streamed and not export.streaming:  # the importer is connected before the prefill computes
         await asyncio.sleep(0.001)
     sink = (lambda layer: export.stream_layer(src, layer, blocks)) if streamed else None

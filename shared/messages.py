@@ -138,8 +138,6 @@ class KvHandoff(Message):
     request_id: str
     request: dict[str, Any]  # the GenerateRequest as a dict
     handle: dict[str, Any]  # data plane handle (KvExport.handle): segment name, data server, layout
-    num_tokens: int  # prompt tokens whose KV the handle will hold (all of them)
-    prefill_instance: str = ""
     lease_s: float = 30.0
 
 

@@ -15,15 +15,13 @@ from services.worker.worker import Worker
 from shared import subjects
 from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
-from shared.engine.llm_engine import Continuation
+from shared.engine.kv_handoff import Continuation
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, aborted, internal, invalid, unavailable
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
 
 log = structlog.get_logger()
-
-
 
 
 class DecodeWorker(Worker):
@@ -65,14 +63,7 @@ class DecodeWorker(Worker):
         if rid in self.aborted:  # aborted while the blocks were being reserved
             await self.engine.call(lambda e: e.abort_request(rid))
             return await respond(msg, Ack(rid, self.instance_id, False, aborted().to_wire()))
-        copy = self.copies[rid] = asyncio.create_task(import_kv(
-            handoff.handle, self.engine.kv_block_shape, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
-        try:
-            await respond(msg, Ack(rid, self.instance_id))  # blocks reserved: the KV comes as it is computed
-            await asyncio.wait({copy})
-        finally:
-            self.copies.pop(rid, None)
-            copy.cancel()  # when this task itself is cancelled (shutdown)
+        copy = await self._copy(msg, handoff, rid, blocks)
         try:
             stats, trailer = copy.result()
         except asyncio.CancelledError:  # aborted
@@ -88,14 +79,33 @@ class DecodeWorker(Worker):
             return await self.engine.call(lambda e: e.abort_request(rid))
         self.kv_bytes.inc(stats.bytes)
         self.kv_seconds.observe(stats.seconds)
+        await self._go_on(req, sequences)
+
+    async def _copy(self, msg: Msg, handoff: KvHandoff, rid: str, blocks: list[int]) -> asyncio.Task:
+        """Tell the prefill worker the blocks are reserved, and read the KV into them as it is computed;
+        returns the copy, done (cancelled when the request was aborted)."""
+        copy = self.copies[rid] = asyncio.create_task(import_kv(
+            handoff.handle, self.engine.kv_layout, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
+        try:
+            await respond(msg, Ack(rid, self.instance_id))
+            await asyncio.wait({copy})
+        finally:
+            self.copies.pop(rid, None)
+            copy.cancel()  # when this task itself is cancelled (shutdown)
+        return copy
+
+    async def _go_on(self, req: GenerateRequest, sequences: list[dict]) -> None:
+        """The prompt's KV is in place: each sequence goes on from its first token, streamed from chunk 1
+        (chunk 0 came from the prefill worker)."""
+        rid = req.request_id
         stream = self.engine.register_stream(rid)  # from here an abort reaches the engine, after the commit
         try:
             continuations = [Continuation(**c) for c in sequences]
-            await self.engine.call(lambda e: e.commit_import(rid, continuations))
+            await self.engine.call(lambda e: e.handoff.commit_import(rid, continuations))
         except (TypeError, InvalidRequestError) as e:  # e.g. a prefill worker on another device type
             self.engine.abort(rid)
             return await self.publish_error(req, internal(f"bad hand-off: {e}"))
-        await self.stream_outputs(req, stream, first_seq=1)  # chunk 0 came from the prefill worker
+        await self.stream_outputs(req, stream, first_seq=1)
 
     async def _write_kv(self, blocks: list[int], kv) -> None:
         """The imported layers into the reserved blocks, on the engine thread: the event loop's thread never
@@ -112,7 +122,7 @@ class DecodeWorker(Worker):
             if req.request_id in self.aborted:
                 raise _Refused(aborted())
             try:
-                blocks = await self.engine.call(lambda e: e.reserve_import(
+                blocks = await self.engine.call(lambda e: e.handoff.reserve_import(
                     req.request_id, req.prompt_token_ids, params, req.priority))
             except InvalidRequestError as e:
                 raise _Refused(invalid(e.message, e.param)) from None

@@ -22,7 +22,7 @@ from services.worker.shm import SegmentPool
 from services.worker.worker import Worker
 from shared import subjects
 from shared.bus import BusError, request
-from shared.engine.llm_engine import Continuation, RequestOutput
+from shared.engine.llm_engine import RequestOutput
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, unavailable
 from shared.messages import Ack, GenerateRequest, KvHandoff
@@ -50,43 +50,42 @@ class PrefillWorker(Worker):
     async def run_request(self, req: GenerateRequest, params: SamplingParams) -> None:
         if not req.decode_instance:
             return await super().run_request(req, params)
-        rid, runner = req.request_id, self.engine.engine.runner
-        export = KvExport(rid, runner, len(req.prompt_token_ids), self.segments)
-        self.data_server.exports[rid] = export
-        last = None
+        export = KvExport(req.request_id, self.engine.kv_layout, len(req.prompt_token_ids), self.segments)
+        self.data_server.exports[req.request_id] = export
         try:
             ack = await self._hand_off(req, export)  # the decode worker has room and reads: prefill now
             if not ack.ok:
                 return await self._refused(req, ack)
-            if rid in self.aborted:  # while the hand-off was being set up
-                return
-            stream = self.engine.register_stream(rid)
-            await self.engine.call(lambda e: e.add_prefill_request(
-                rid, req.prompt_token_ids, params, req.priority,
-                kv_sink=lambda layer, blocks: export.stream_layer(runner, layer, blocks)))
-            last = await self.stream_outputs(req, stream)  # the first tokens, straight to the gateway
-            export.finish(await self._trailer(rid, last, export))
-            finished_at = time.perf_counter()
-            if not (await _wait(export.reader_gone, LEASE_S) and export.received.is_set()):
-                ack = _failed(req, f"decode worker {req.decode_instance} did not take the KV")
+            if req.request_id not in self.aborted:  # else aborted while the hand-off was being set up
+                await self._prefill(req, params, export)
         finally:
             export.finish({"error": "the request ended on the prefill worker"})  # unless it had its trailer
-            self.data_server.exports.pop(rid, None)
+            self.data_server.exports.pop(req.request_id, None)
             export.close()
+
+    async def _prefill(self, req: GenerateRequest, params: SamplingParams, export: KvExport) -> None:
+        """The prompt here, its first tokens straight to the gateway, the rest (the trailer) to the decode
+        worker; then wait until it has taken the KV."""
+        stream = self.engine.register_stream(req.request_id)
+        await self.engine.call(lambda e: e.handoff.add_prefill_request(
+            req.request_id, req.prompt_token_ids, params, req.priority, kv_sink=export.stream_layer))
+        last = await self.stream_outputs(req, stream)
+        export.finish(await self._trailer(req.request_id, last, export))
+        finished_at = time.perf_counter()
         handed_off = last is not None and last.held  # else nothing was left to hand off, or to report
-        if ack.ok:
-            self.kv_bytes.inc(export.nbytes)
-            self.kv_seconds.observe(time.perf_counter() - finished_at)
+        if not (await _wait(export.reader_gone, LEASE_S) and export.received.is_set()):
             if handed_off:
-                self.requests_total.labels("handed_off").inc()
-        elif handed_off:
-            await self._refused(req, ack)
+                await self._refused(req, _failed(req, f"decode worker {req.decode_instance} did not take the KV"))
+            return
+        self.kv_bytes.inc(export.nbytes)
+        self.kv_seconds.observe(time.perf_counter() - finished_at)
+        if handed_off:
+            self.requests_total.labels("handed_off").inc()
 
     async def _hand_off(self, req: GenerateRequest, export: KvExport) -> Ack:
         """Tell the decode worker where the KV will be, and wait until it has reserved its blocks and
         connected to the data plane; or say why not."""
-        handoff = KvHandoff(req.request_id, asdict(req), export.handle(self.host, self.data_server.port),
-                            export.num_tokens, self.instance_id, LEASE_S)
+        handoff = KvHandoff(req.request_id, asdict(req), export.handle(self.host, self.data_server.port), LEASE_S)
         try:
             ack = await request(self.nc, subjects.worker_kv(req.decode_instance), handoff, Ack, timeout=LEASE_S)
         except BusError as e:
@@ -109,20 +108,10 @@ class PrefillWorker(Worker):
         if not last.held:
             return {"done": True}  # it finished on its first token
         try:
-            continuations = await self.engine.call(lambda e: _export_and_release(e, request_id, export))
+            continuations = await self.engine.call(lambda e: e.handoff.export_held(request_id, export.write_rest))
         except KeyError:
             return {"error": "the request was aborted on the prefill worker"}
         return {"sequences": [asdict(c) for c in continuations]}
-
-
-def _export_and_release(engine, request_id: str, export: KvExport) -> list[Continuation]:
-    """Copy out what the last step did not stream, then free the blocks (they stay in the prefix
-    cache), even when the copy fails. KeyError when the request is no longer held (aborted)."""
-    try:
-        export.write_rest(engine.runner, engine.held_blocks(request_id)[0])
-        return engine.continuations(request_id)
-    finally:
-        engine.release_held(request_id)
 
 
 def _failed(req: GenerateRequest, message: str) -> Ack:

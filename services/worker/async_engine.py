@@ -4,7 +4,8 @@ torch releases the GIL inside its kernels, so the event loop (NATS, heartbeats, 
 responsive while a step runs. All engine state is touched only on the engine thread: callers
 submit closures, and outputs come back through per-request asyncio queues. What the event loop may
 read directly: `stats` (a snapshot the engine thread replaces after every step) and the engine's
-limits, which never change once it is built (`validate`, `kv_block_shape`).
+limits, which never change once it is built (`validate`, `kv_layout`). Anything else (the KV hand-off,
+`LLMEngine.handoff`, included) goes through `call`.
 """
 
 import asyncio
@@ -16,7 +17,8 @@ from typing import Any
 
 import structlog
 
-from shared.engine.llm_engine import LLMEngine, RequestOutput, SeqDelta
+from shared.engine.llm_engine import LLMEngine, RequestOutput
+from shared.engine.model_runner import KvLayout
 from shared.engine.sampling_params import SamplingParams
 
 log = structlog.get_logger()
@@ -59,9 +61,9 @@ class AsyncEngine:
         self.engine.validate(prompt_token_ids, params)
 
     @property
-    def kv_block_shape(self) -> tuple[int, ...]:
-        """One KV block of one layer: (block_size, kv_heads, head_dim)."""
-        return tuple(self.engine.runner.k_cache.shape[2:])
+    def kv_layout(self) -> KvLayout:
+        """The KV cache's layout, as a KV copy between workers needs it (ModelRunner.kv_layout)."""
+        return self.engine.runner.kv_layout
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0) -> asyncio.Queue:
@@ -199,4 +201,4 @@ def _set_exception(future: asyncio.Future, error: BaseException) -> None:
         future.set_exception(error)
 
 
-__all__ = ["AsyncEngine", "EngineDeadError", "RequestAborted", "RequestOutput", "SeqDelta"]
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestAborted", "RequestOutput"]

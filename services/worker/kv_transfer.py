@@ -36,7 +36,7 @@ import msgpack
 import torch
 
 from services.worker.shm import DTYPES, SegmentPool, attach_if_there, destroy, tensor_view
-from shared.engine.model_runner import ModelRunner
+from shared.engine.model_runner import KvLayout, ModelRunner
 
 _FRAME = struct.Struct("!cQ")  # kind, payload length
 
@@ -56,15 +56,12 @@ class KvExport:
     step for a TCP reader, after it for a shared-memory one) and served from the event loop's thread as
     layers become ready. Make it on the event loop."""
 
-    def __init__(self, request_id: str, runner: ModelRunner, num_tokens: int,
-                 segments: SegmentPool | None = None):
-        cache = runner.k_cache  # [layers, blocks, block_size, kv_heads, head_dim]
-        num_blocks = -(-num_tokens // cache.shape[2])
-        self.shape = (cache.shape[0], 2, num_blocks, *cache.shape[2:])
-        self.dtype = str(cache.dtype).removeprefix("torch.")
+    def __init__(self, request_id: str, layout: KvLayout, num_tokens: int, segments: SegmentPool | None = None):
+        (layers, block_size, *block), dtype = layout  # the engine's (ModelRunner.kv_layout)
+        self.shape = (layers, 2, -(-num_tokens // block_size), block_size, *block)
+        self.dtype = str(dtype).removeprefix("torch.")
         self.request_id = request_id
-        self.num_tokens = num_tokens
-        self.nbytes = math.prod(self.shape) * cache.element_size()
+        self.nbytes = math.prod(self.shape) * dtype.itemsize
         self.segments = segments or SegmentPool(max_idle_bytes=0)
         self.shm = self.segments.take(max(1, self.nbytes))
         self._view: torch.Tensor | None = tensor_view(self.shm.buf, self.shape, self.dtype)
@@ -81,7 +78,7 @@ class KvExport:
         self._loop = asyncio.get_running_loop()
 
     def stream_layer(self, runner: ModelRunner, layer: int, block_ids: list[int]) -> None:
-        """The engine's kv_sink, right after a layer's forward in the prompt's last step: for a TCP
+        """The engine's KV sink, right after a layer's forward in the prompt's last step: for a TCP
         reader (another host), copy the layer out and announce it, so the network transfer overlaps the
         compute. For a shared-memory reader (this host) nothing: `write_rest` copies everything after
         the step, which costs the time to first token less (docs/performance.md)."""
@@ -207,7 +204,7 @@ async def _send(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> No
     await writer.drain()
 
 
-async def import_kv(handle: dict, block_shape: tuple[int, ...], num_blocks: int, local_host: str,
+async def import_kv(handle: dict, layout: KvLayout, num_blocks: int, local_host: str,
                     write: Callable[[torch.Tensor], Awaitable[None]]) -> tuple[TransferStats, dict[str, Any]]:
     """Receive an export as its layers are written: from the exporter's shared-memory segment when on the
     same host (and the segment is there), else from the TCP stream into a buffer of this process. Once
@@ -217,9 +214,9 @@ async def import_kv(handle: dict, block_shape: tuple[int, ...], num_blocks: int,
     ends early (the request finished or failed on the prefill worker). Returns the transfer's figures
     (first layer to receipt) and the exporter's trailer."""
     shape, dtype = tuple(handle["shape"]), handle["dtype"]
-    if shape[2] != num_blocks or tuple(shape[3:]) != tuple(block_shape):
-        raise KvTransferError(f"KV layout {shape} does not fit this worker's blocks {tuple(block_shape)} "
-                              f"with {num_blocks} blocks")
+    (layers, *block), _ = layout  # another dtype is fine: the blocks are written with a cast
+    if shape != (layers, 2, num_blocks, *block):
+        raise KvTransferError(f"KV layout {shape} does not fit this worker's {num_blocks} blocks of {tuple(block)}")
     if not handle.get("port"):
         raise KvTransferError("the prefill worker offers no data plane")
     layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize

@@ -198,9 +198,8 @@ class Worker:
         return out
 
     def _chunk(self, out: RequestOutput, seq: int) -> StreamChunk:
-        outputs = [asdict(d) for d in out.outputs]  # SeqDelta has SeqOutput's fields, by name
-        return StreamChunk(out.request_id, outputs, out.finished, out.prompt_tokens, out.cached_tokens,
-                           self.instance_id, seq=seq)
+        return StreamChunk(out.request_id, [asdict(d) for d in out.outputs], out.finished, out.prompt_tokens,
+                           out.cached_tokens, self.instance_id, seq=seq)
 
     async def publish_error(self, req: GenerateRequest, error: ApiError) -> None:
         """The request's last chunk: it failed here (a retriable error moves it to another instance)."""

@@ -15,6 +15,8 @@ from shared.engine.model import CausalLM
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
 
+KvLayout = tuple[tuple[int, ...], torch.dtype]  # (layers, block_size, kv_heads, head_dim), dtype
+
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
@@ -29,6 +31,11 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_cache[i], self.v_cache[i]
+
+    @property
+    def kv_layout(self) -> KvLayout:
+        """What a KV copy between workers agrees on: the pool's shape but for its blocks, and its dtype."""
+        return (self.k_cache.shape[0], *self.k_cache.shape[2:]), self.k_cache.dtype
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -7,6 +7,7 @@ are freed and it goes back to waiting, to be recomputed (the prefix cache usuall
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.engine.block_manager import BlockManager
@@ -25,8 +26,10 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 imported: Callable[[Sequence], bool] = lambda seq: False):
         self.block_manager = block_manager
+        self.imported = imported  # whether a sequence's KV was written from outside (a prefill worker's)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -69,7 +72,7 @@ class Scheduler:
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 # Hold no cached blocks while waiting, but keep KV imported from a prefill worker (it
                 # would be recomputed) unless nothing runs that could free blocks for it.
-                if not seq.imported or not self.running:
+                if not self.imported(seq) or not self.running:
                     self.block_manager.free(seq)
                 break
             self.waiting.popleft()

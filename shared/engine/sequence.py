@@ -1,6 +1,7 @@
-"""A sequence's state: its tokens, its block table, how far its KV has been computed, its outputs."""
+"""A sequence's state: its tokens, its block table, how far its KV has been computed, its outputs; and
+a request, its n sequences."""
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from itertools import count
 
@@ -38,10 +39,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # set by the engine for seeded requests
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
-        self.prefill_only = False  # prefill role: stop after the first token, hold the KV for hand-off
-        # prefill role: kv_sink(layer, block_ids) copies out a layer's KV during the prompt's last step
-        self.kv_sink: Callable[[int, list[int]], None] | None = None
-        self.imported = False  # decode role: its prompt KV came from a prefill worker
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -65,3 +62,13 @@ class Sequence:
     def sort_key(self) -> tuple[int, float, int]:
         """Scheduling order: online before offline, then first come first served."""
         return (self.priority, self.arrival, self.seq_id)
+
+
+@dataclass
+class Request:
+    """A request's sequences (the first one's siblings are forked off as its prompt ends)."""
+
+    request_id: str
+    seqs: list[Sequence]
+    n: int
+    finished: set[int] = field(default_factory=set)  # indices of the finished sequences

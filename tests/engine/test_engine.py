@@ -117,24 +117,24 @@ def hand_off(src, dst, rid: str, prompt: list[int], params: SamplingParams) -> d
                 ids, text, _ = results.get(d.index, ([], "", None))
                 results[d.index] = (ids + d.token_ids, text + d.text, d.finish_reason)
 
-    src.add_prefill_request(rid, prompt, params)
+    src.handoff.add_prefill_request(rid, prompt, params)
     outs = []
     while src.has_unfinished_requests():
         outs += src.step()
     collect(outs)
     assert len(outs) == 1  # every sequence samples its first token in the same step
     if outs[0].finished:
-        assert rid not in src.held
+        assert rid not in src.handoff.held
         return results
     assert outs[0].held
-    blocks, n = src.held_blocks(rid)
+    blocks, n = src.handoff.held_blocks(rid)
     assert n == len(prompt)
-    target = dst.reserve_import(rid, prompt, params)
+    target = dst.handoff.reserve_import(rid, prompt, params)
     for layer in range(src.model_config.num_hidden_layers):
         dst.runner.write_blocks(target, layer, *src.runner.read_blocks(blocks, layer))
-    continuations = src.continuations(rid)
-    src.release_held(rid)
-    dst.commit_import(rid, continuations)
+    continuations = src.handoff.continuations(rid)
+    src.handoff.release_held(rid)
+    dst.handoff.commit_import(rid, continuations)
     while dst.has_unfinished_requests():
         collect(dst.step())
     return results
@@ -171,10 +171,10 @@ def test_prefill_on_a_cached_prefix_computes_only_the_rest(ckpt):
     engine = make_engine(ckpt)
     prompt = prompts(1, lengths=(17,))[0]
     run_all(engine, {"warm": (prompt, greedy(2))})  # caches the first block
-    engine.add_prefill_request("p", prompt, greedy(4))
+    engine.handoff.add_prefill_request("p", prompt, greedy(4))
     (out,) = engine.step()
     assert out.held and out.cached_tokens == 16 and len(out.outputs[0].token_ids) == 1
-    blocks, tokens_held = engine.held_blocks("p")
+    blocks, tokens_held = engine.handoff.held_blocks("p")
     assert tokens_held == 17 and len(blocks) == 2
     assert not engine.has_unfinished_requests()
     engine.abort_request("p")  # an abort frees a held request too
@@ -189,18 +189,18 @@ def test_kv_sink_gets_every_layer_during_the_prompt_s_last_step_only(ckpt):
     run_all(engine, {"warm": (prompt[:20], greedy(1))})  # the first block comes from the prefix cache
     calls, copies = [], {}
 
-    def sink(layer: int, block_ids: list[int]) -> None:
+    def sink(runner, layer: int, block_ids: list[int]) -> None:
         calls.append((steps, layer))
         copies[layer] = engine.runner.read_blocks(list(block_ids), layer)
 
-    engine.add_prefill_request("p", prompt, greedy(4), kv_sink=sink)
+    engine.handoff.add_prefill_request("p", prompt, greedy(4), kv_sink=sink)
     steps = 0
     while engine.has_unfinished_requests():
         steps += 1
         engine.step()
     layers = ckpt.config.num_hidden_layers
     assert calls == [(steps, i) for i in range(layers)] and steps == 2  # 16 cached + 16 + 8 tokens
-    blocks, _ = engine.held_blocks("p")
+    blocks, _ = engine.handoff.held_blocks("p")
     for layer in range(layers):
         k, v = engine.runner.read_blocks(blocks, layer)
         assert torch.equal(copies[layer][0], k) and torch.equal(copies[layer][1], v)
@@ -208,7 +208,7 @@ def test_kv_sink_gets_every_layer_during_the_prompt_s_last_step_only(ckpt):
 
 def test_commit_import_refuses_continuations_that_do_not_fit_and_frees_the_blocks(ckpt):
     from shared.engine.errors import InvalidRequestError
-    from shared.engine.llm_engine import Continuation
+    from shared.engine.kv_handoff import Continuation
 
     engine = make_engine(ckpt)
     prompt = prompts(1, lengths=(20,))[0]
@@ -218,10 +218,10 @@ def test_commit_import_refuses_continuations_that_do_not_fit_and_frees_the_block
                 [Continuation(0, 5, good_state), Continuation(0, 6, good_state)],  # twice the same
                 [Continuation(0, 10**9, good_state)],  # outside the vocabulary
                 [Continuation(0, 5, b"\0" * 16)]):  # another device type's sampler state
-        assert engine.reserve_import("x", prompt, seeded) is not None
+        assert engine.handoff.reserve_import("x", prompt, seeded) is not None
         with pytest.raises(InvalidRequestError):
-            engine.commit_import("x", bad)
+            engine.handoff.commit_import("x", bad)
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert engine.reserve_import("x", prompt, seeded) is not None
-    engine.commit_import("x", [Continuation(1, 5, good_state)])  # index 0 finished on the prefill side
-    assert not engine.importing and len(engine.requests["x"].seqs) == 1
+    assert engine.handoff.reserve_import("x", prompt, seeded) is not None
+    engine.handoff.commit_import("x", [Continuation(1, 5, good_state)])  # index 0 finished on the prefill side
+    assert not engine.handoff.importing and len(engine.requests["x"].seqs) == 1

@@ -21,7 +21,7 @@ def setup() -> tuple[Scheduler, Sequence]:
 
 def test_imported_kv_is_kept_while_others_run():
     scheduler, waiting = setup()
-    waiting.imported = True
+    scheduler.imported = {waiting}.__contains__
     scheduler.add(waiting)
     scheduler.schedule()  # no block for its remaining tokens yet
     assert waiting.status == SequenceStatus.WAITING

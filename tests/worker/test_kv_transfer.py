@@ -41,7 +41,7 @@ def into(dst: ModelRunner, blocks: list[int]):
 
 
 async def read(export: KvExport, port: int, dst: ModelRunner, blocks: list[int], reader_host: str):
-    return await import_kv(export.handle(HOST, port), tuple(dst.k_cache.shape[2:]), len(blocks), reader_host,
+    return await import_kv(export.handle(HOST, port), dst.kv_layout, len(blocks), reader_host,
                            into(dst, blocks))
 
 
@@ -61,7 +61,7 @@ def landed(dst: ModelRunner, src: ModelRunner, dst_blocks: list[int], src_blocks
 async def test_over_tcp_layers_are_sent_while_later_ones_are_still_being_computed(server, monkeypatch):
     """The writer (an engine thread) does not write layer 1 until layer 0 went to the reader."""
     src, dst = runner(), runner()
-    export = KvExport("req", src, num_tokens=10)
+    export = KvExport("req", src.kv_layout, num_tokens=10)
     server.exports["req"] = export
     sent = threading.Event()
     send = services.worker.kv_transfer._send
@@ -96,7 +96,7 @@ async def test_over_tcp_layers_are_sent_while_later_ones_are_still_being_compute
 @pytest.mark.parametrize("reader_host", [HOST, "elsewhere"])  # shared memory, TCP
 async def test_written_layers_land_bit_identical(server, reader_host):
     src, dst = runner(), runner()
-    export = KvExport("req", src, num_tokens=10)
+    export = KvExport("req", src.kv_layout, num_tokens=10)
     server.exports["req"] = export
     importing = asyncio.create_task(read(export, server.port, dst, [0, 1, 2], reader_host))
     await asyncio.to_thread(lambda: [export.stream_layer(src, layer, [5, 2, 7]) for layer in range(LAYERS)])
@@ -111,7 +111,7 @@ async def test_written_layers_land_bit_identical(server, reader_host):
 async def test_an_early_trailer_ends_the_stream(server):
     """The request finished on its first token (or failed) before every layer was written."""
     src, dst = runner(), runner()
-    export = KvExport("req", src, num_tokens=4)
+    export = KvExport("req", src.kv_layout, num_tokens=4)
     server.exports["req"] = export
     export.finish({"done": True})
     before = dst.k_cache.clone()
@@ -123,7 +123,7 @@ async def test_an_early_trailer_ends_the_stream(server):
 
 async def test_sequences_after_missing_layers_are_an_error(server):
     src, dst = runner(), runner()
-    export = KvExport("req", src, num_tokens=4)
+    export = KvExport("req", src.kv_layout, num_tokens=4)
     server.exports["req"] = export
     export._write(src, 0, [1])  # one layer of three... and then the trailer says the request goes on
     export.finish(TRAILER)
@@ -134,7 +134,7 @@ async def test_sequences_after_missing_layers_are_an_error(server):
 
 async def test_layout_mismatch_and_a_gone_export(server):
     src, dst = runner(), runner()
-    export = KvExport("req", src, num_tokens=8)
+    export = KvExport("req", src.kv_layout, num_tokens=8)
     with pytest.raises(KvTransferError):
         await read(export, server.port, dst, [0], HOST)  # 2 blocks into 1
     export.close()  # lease lapsed: the export is gone
@@ -147,7 +147,7 @@ async def test_a_received_export_s_segment_is_reused_and_a_lapsed_one_unlinked(s
     segments = SegmentPool()
 
     async def export_of(rid: str, blocks: list[int]) -> KvExport:
-        export = KvExport(rid, src, num_tokens=4 * len(blocks), segments=segments)
+        export = KvExport(rid, src.kv_layout, num_tokens=4 * len(blocks), segments=segments)
         server.exports[rid] = export
         export.write_rest(src, blocks)
         export.finish(TRAILER)
