@@ -15,7 +15,7 @@ import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -117,6 +117,28 @@ async def connect(url: str, name: str, *, connect_wait_s: float | None = None,
     if not servers:
         raise BusError("no NATS URL given (use --nats nats://host:4222 or XLLM_NATS)")
 
+    nc = Client()
+    try:
+        await nc.connect(
+            servers=servers, name=name,
+            connect_timeout=connect_timeout_s,
+            reconnect_time_wait=RECONNECT_WAIT_S,
+            # Bounded tries at start, so a wrong URL fails with a message instead of hanging...
+            max_reconnect_attempts=max(1, int(connect_wait_s / RECONNECT_WAIT_S)),
+            ping_interval=10, max_outstanding_pings=3,
+            **_callbacks(nc),
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as e:
+        raise BusError(f"cannot reach NATS at {url} after {connect_wait_s:.0f}s "
+                       f"({type(e).__name__}: {e}); is nats-server running?") from e
+    # ...then reconnect forever: a service outlives a NATS restart or a cluster node failover.
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def _callbacks(nc: Client) -> dict[str, Any]:
+    """nats-py's connection callbacks: log, and tell the hooks of `on_connection`."""
+
     async def on_error(e: Exception) -> None:
         log.warning("nats_error", error=f"{type(e).__name__}: {e}")
 
@@ -129,23 +151,7 @@ async def connect(url: str, name: str, *, connect_wait_s: float | None = None,
         log.info("nats_reconnected", url=nc.connected_url.netloc if nc.connected_url else None)
         _run_hooks(nc, "restored")
 
-    nc = Client()
-    try:
-        await nc.connect(
-            servers=servers, name=name,
-            connect_timeout=connect_timeout_s,
-            reconnect_time_wait=RECONNECT_WAIT_S,
-            # Bounded tries at start, so a wrong URL fails with a message instead of hanging...
-            max_reconnect_attempts=max(1, int(connect_wait_s / RECONNECT_WAIT_S)),
-            ping_interval=10, max_outstanding_pings=3,
-            error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-        )
-    except (nats.errors.Error, OSError, TimeoutError) as e:
-        raise BusError(f"cannot reach NATS at {url} after {connect_wait_s:.0f}s "
-                       f"({type(e).__name__}: {e}); is nats-server running?") from e
-    # ...then reconnect forever: a service outlives a NATS restart or a cluster node failover.
-    nc.options["max_reconnect_attempts"] = -1
-    return nc
+    return {"error_cb": on_error, "disconnected_cb": on_disconnected, "reconnected_cb": on_reconnected}
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:

@@ -98,6 +98,8 @@ def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model
     if arch is None:
         raise ValueError(f"model_type {raw.get('model_type')!r} is not supported "
                          f"(supported: {', '.join(HF_ARCHITECTURES)})")
+    if raw.get("hidden_act", "silu") != "silu":  # the MLP is SwiGLU
+        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     generation = generation or {}
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
@@ -121,7 +123,6 @@ def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),  # Qwen2: always
         qk_norm=arch == "qwen3",
-        hidden_act=raw.get("hidden_act", "silu"),
         bos_token_id=bos,
         eos_token_ids=list(dict.fromkeys(eos)),
         name=name,

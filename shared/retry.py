@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -17,16 +18,17 @@ async def retry(op: Callable[[], Awaitable[T]], what: str, *, delay: float = 0.0
                 give_up_after: float | None = None, retry_if: Callable[[Exception], bool] = lambda e: True) -> T:
     """`await op()` until it returns, sleeping `delay` (doubling up to `max_delay`) after each failure for
     which `retry_if(error)` holds; other failures, and the last one after `give_up_after` seconds, are
-    raised. Each retried failure is logged as `<what>_failed`."""
+    raised. A retried failure is logged as `<what>_failed`: the first at warning level, the rest at debug."""
     loop = asyncio.get_running_loop()
     deadline = None if give_up_after is None else loop.time() + give_up_after
-    while True:
+    for tries in itertools.count(1):
         try:
             return await op()
         except Exception as e:
             if not retry_if(e) or (deadline is not None and loop.time() + delay > deadline):
                 raise
-            log.warning(f"{what}_failed", error=f"{type(e).__name__}: {e}", retry_in_s=round(delay, 3))
+            (log.warning if tries == 1 else log.debug)(f"{what}_failed", error=f"{type(e).__name__}: {e}",
+                                                       tries=tries, retry_in_s=round(delay, 3))
         _raise_if_cancelled()
         await asyncio.sleep(delay)
         delay = min(max_delay, 2 * delay)

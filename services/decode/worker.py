@@ -4,7 +4,6 @@ colocated worker.
 """
 
 import asyncio
-import time
 
 import structlog
 from nats.aio.msg import Msg
@@ -20,6 +19,7 @@ from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, aborted, internal, invalid, unavailable
 from shared.logging import bind_request
 from shared.messages import Ack, GenerateRequest, KvHandoff, SchemaError
+from shared.retry import retry
 
 log = structlog.get_logger()
 
@@ -116,9 +116,9 @@ class DecodeWorker(Worker):
         await self.engine.call(lambda e: e.runner.write_kv(blocks, held.pop()))
 
     async def _reserve(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> list[int]:
-        """Blocks for the prompt's KV, waiting for room rather than wasting the prefill."""
-        deadline = time.monotonic() + handoff.lease_s * 0.8
-        while True:
+        """Blocks for the prompt's KV, waiting for room (a while) rather than wasting the prefill."""
+
+        async def try_once() -> list[int]:
             if req.request_id in self.aborted:
                 raise _Refused(aborted())
             try:
@@ -126,13 +126,21 @@ class DecodeWorker(Worker):
                     req.request_id, req.prompt_token_ids, params, req.priority))
             except InvalidRequestError as e:
                 raise _Refused(invalid(e.message, e.param)) from None
-            if blocks is not None:
-                return blocks
-            if time.monotonic() > deadline:
-                raise _Refused(unavailable("no KV room on the decode worker"))
-            await asyncio.sleep(0.05)
+            if blocks is None:
+                raise _NoRoom
+            return blocks
+
+        try:
+            return await retry(try_once, "kv_reserve", delay=0.05, max_delay=0.05,
+                               give_up_after=handoff.lease_s * 0.8, retry_if=lambda e: isinstance(e, _NoRoom))
+        except _NoRoom:
+            raise _Refused(unavailable("no KV room on the decode worker")) from None
 
 
 class _Refused(Exception):
     def __init__(self, error: ApiError):
         self.error = error
+
+
+class _NoRoom(Exception):
+    """Not enough free KV blocks yet."""

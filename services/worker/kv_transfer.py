@@ -219,28 +219,14 @@ async def import_kv(handle: dict, layout: KvLayout, num_blocks: int, local_host:
         raise KvTransferError(f"KV layout {shape} does not fit this worker's {num_blocks} blocks of {tuple(block)}")
     if not handle.get("port"):
         raise KvTransferError("the prefill worker offers no data plane")
-    layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize
     shm = attach_if_there(handle["name"]) if handle["host"] == local_host else None
-    staging = shm.buf if shm is not None else bytearray(layer_nbytes * shape[0])
-    stats, first, writer = TransferStats(), None, None
+    staging = shm.buf if shm is not None else bytearray(math.prod(shape) * DTYPES[dtype].itemsize)
+    stats, writer = TransferStats(), None
     try:
         reader, writer = await asyncio.open_connection(handle["host"], handle["port"])
         writer.write(f"{handle['request_id']} {'shm' if shm else 'tcp'}\n".encode())
         await writer.drain()
-        for layer in range(shape[0] + 1):
-            kind, size = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-            payload = await reader.readexactly(size)
-            if kind == b"T":
-                trailer = _trailer(payload)
-                if "error" not in trailer and "done" not in trailer and layer != shape[0]:
-                    raise KvTransferError(f"the export ended after {layer} of {shape[0]} layers")
-                break
-            if kind != b"L" or layer == shape[0] or (shm is None and size != layer_nbytes):
-                raise KvTransferError(f"unexpected {kind!r} frame of {size} bytes at layer {layer}")
-            first = first or time.perf_counter()
-            if shm is None:
-                staging[layer * layer_nbytes : (layer + 1) * layer_nbytes] = payload
-            stats.bytes += layer_nbytes
+        trailer, first = await _receive(reader, staging if shm is None else None, shape, dtype, stats)
         if "sequences" in trailer:
             kv = tensor_view(staging, shape, dtype)
             try:
@@ -258,6 +244,29 @@ async def import_kv(handle: dict, layout: KvLayout, num_blocks: int, local_host:
                 shm.close()
     stats.seconds = time.perf_counter() - first if first else 0.0
     return stats, trailer
+
+
+async def _receive(reader: asyncio.StreamReader, staging: bytearray | None, shape: tuple[int, ...], dtype: str,
+                   stats: TransferStats) -> tuple[dict[str, Any], float | None]:
+    """Read L frames up to the trailer, copying TCP payloads into `staging` (None: the layers are in the
+    shared segment already). Returns the trailer and when the first layer arrived."""
+    layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize
+    first = None
+    for layer in range(shape[0] + 1):
+        kind, size = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+        payload = await reader.readexactly(size)
+        if kind == b"T":
+            trailer = _trailer(payload)
+            if "error" not in trailer and "done" not in trailer and layer != shape[0]:
+                raise KvTransferError(f"the export ended after {layer} of {shape[0]} layers")
+            return trailer, first
+        if kind != b"L" or layer == shape[0] or (staging is not None and size != layer_nbytes):
+            raise KvTransferError(f"unexpected {kind!r} frame of {size} bytes at layer {layer}")
+        first = first or time.perf_counter()
+        if staging is not None:
+            staging[layer * layer_nbytes : (layer + 1) * layer_nbytes] = payload
+        stats.bytes += layer_nbytes
+    raise AssertionError("unreachable: a frame after the last layer is refused above")
 
 
 def _trailer(payload: bytes) -> dict[str, Any]:

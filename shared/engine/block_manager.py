@@ -136,12 +136,6 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks, seq.last_block_hash = 0, None
 
-    def reset_prefix_cache(self) -> None:
-        for block_id in list(self.evictable):
-            self._evict(block_id)
-            self.free_ids.append(block_id)
-        self.evictable.clear()
-
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

@@ -20,7 +20,6 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
-    hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = "model"

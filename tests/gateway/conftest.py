@@ -84,7 +84,7 @@ class ScriptedRouter:
 
     async def start(self) -> None:
         self._subs = [await self.nc.subscribe(subjects.ROUTER_GENERATE, cb=self._on_request),
-                      await self.nc.subscribe(subjects.ABORT, cb=self._on_abort)]  # fmt: skip
+                      await self.nc.subscribe(subjects.ABORT, cb=self._on_abort)]
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []  # a second stop (the fixture's, after a test's) is a no-op

@@ -8,6 +8,7 @@ is from the first measured send to the last measured completion; warm-up request
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -72,20 +73,25 @@ async def run_load(
             await asyncio.gather(*(one(session, r, bar) for r in warmup))
             bar.close()
 
-        rng = np.random.default_rng(seed)
-        times = arrival_times(len(requests), point.request_rate, point.burstiness, rng)
+        times = arrival_times(len(requests), point.request_rate, point.burstiness, np.random.default_rng(seed))
         bar = Progress(len(requests), point.label, progress)
         started_at, t0 = time.time(), time.perf_counter()
-        tasks = []
-        for req, at in zip(requests, times):
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, req, bar)))
-        results = list(await asyncio.gather(*tasks))
+        results = await _arrive(requests, times, t0, lambda req: one(session, req, bar))
         duration = time.perf_counter() - t0
         bar.close()
     return RunResult(point, results, duration, started_at)
+
+
+async def _arrive(requests: list[BenchRequest], times: np.ndarray, t0: float,
+                  send_one: Callable[[BenchRequest], Awaitable[RequestResult]]) -> list[RequestResult]:
+    """Send each request at its arrival time (seconds after `t0`); their results, in order."""
+    tasks = []
+    for req, at in zip(requests, times):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send_one(req)))
+    return list(await asyncio.gather(*tasks))
 
 
 async def first_model(base_url: str, api_key: str | None, timeout_s: float = 10.0) -> str:
