@@ -34,8 +34,8 @@ class DecodeWorker(Worker):
     def abort(self, request_id: str) -> None:
         self.remember_abort(request_id)
         if request_id in self.copies:
-            # Stop the copy first (it writes blocks only between awaits, so never half a layer);
-            # its request frees the blocks after.
+            # Stop the copy first (its one write into the blocks, on the engine thread, finishes before
+            # the cancel lands); its request frees the blocks after.
             self.copies[request_id].cancel()
         else:
             super().abort(request_id)

@@ -99,7 +99,8 @@ class Generation:
         attempt = self.attempt
         timeout = self.inter_timeout if attempt.started else self.first_timeout
         try:
-            item = await asyncio.wait_for(attempt.queue.get(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow the client's cancel
+                item = await attempt.queue.get()
         except TimeoutError:
             waiting_for = "output" if self.produced else "first output"
             raise ApiError(504, f"no {waiting_for} from the serving backend within {timeout:g} s",

@@ -3,10 +3,17 @@ on CPU, torch ops elsewhere (CUDA, other dtypes, or no compiler). Both compute t
 rounding; tests/engine/test_cpu_kernels.py holds them to it.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from shared.engine import cpu_kernels
+
+# oneDNN keeps a compiled primitive for every matmul shape it has run, 1024 by default. Prefill steps come
+# in every token count, so that cache grew a prefill worker by ~0.8 GB in a 10-minute soak; 64 keeps its
+# memory flat at no measured cost in speed (docs/performance.md). Read at oneDNN's first matmul.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 # Up to this many rows the kernel (each weight row read once for all rows) is the fastest form here; above
 # it oneDNN's matmul on a prepacked weight (benchmarks/matmul_forms.py).
