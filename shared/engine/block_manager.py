@@ -136,6 +136,14 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks, seq.last_block_hash = 0, None
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's tokens (those that held rejected draft tokens' KV)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            self.blocks[block_id].ref_count = 0  # only ever this sequence's: draft blocks are never shared
+            self.free_ids.append(block_id)
+        del seq.block_table[keep:]
+
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

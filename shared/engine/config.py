@@ -39,3 +39,5 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0
+    speculative: str = "none"  # "none" | "ngram" | "suffix": how draft tokens are proposed
+    num_speculative_tokens: int = 5  # the most draft tokens a sequence scores per step

@@ -19,8 +19,9 @@ from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
-from shared.engine.scheduler import Scheduler
+from shared.engine.scheduler import ScheduledSeq, Scheduler
 from shared.engine.sequence import Request, Sequence
+from shared.engine.speculative import Speculator
 from shared.engine.stop_checker import StopChecker
 from shared.engine.system import default_dtype, kv_cache_bytes
 from shared.messages import SeqOutput
@@ -62,6 +63,12 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.speculator = None
+        if config.speculative != "none":
+            max_tokens = min(config.max_num_batched_tokens, num_blocks * config.block_size, self.max_model_len,
+                             config.max_num_seqs * (config.num_speculative_tokens + 1))
+            self.speculator = Speculator.calibrated(config.speculative, config.num_speculative_tokens, max_tokens,
+                                                    self._time_step)
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -106,7 +113,7 @@ class LLMEngine:
             return False
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
+                self._finish(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -134,31 +141,91 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self.speculator:
+            sched = self.scheduler
+            self.speculator.propose(sched.running, sched.waiting, sched.max_num_batched_tokens, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        started = time.perf_counter()
         logits, sampling = self.runner.run(batch, self.handoff.layer_hook(batch))
         for s in batch:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens - s.num_draft_tokens
             self.block_manager.cache_full_blocks(s.seq)
-        logits, sampling = self._fork_siblings(logits, sampling)
-        if not sampling:
-            return []
-        sampled = sample(logits, sampling, self.eos_token_ids)
+        first_rows, draft_logits = _split_rows(logits, sampling)
+        logits, sampling = self._fork_siblings(logits[first_rows], sampling)
+        seq_outputs = self._sample(logits, sampling, draft_logits) if sampling else {}
+        if self.speculator:
+            self.speculator.observe_step(sum(s.num_new_tokens for s in batch), started)
         deltas: dict[str, list[SeqOutput]] = {}
-        for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
-            deltas.setdefault(seq.request_id, []).append(self._append(seq, token, logprob))
+        for seq, delta in seq_outputs.items():
+            deltas.setdefault(seq.request_id, []).append(delta)
         outputs = [self._request_output(self.requests[rid], seq_deltas) for rid, seq_deltas in deltas.items()]
         self.handoff.hold(outputs)  # prefill role: those requests stop here, their KV kept for the hand-off
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob) -> SeqOutput:
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence],
+                draft_logits: dict[int, torch.Tensor]) -> dict[Sequence, SeqOutput]:
+        """Sample every sequence's next token. A sequence with draft tokens goes on sampling at the next
+        position while the token it sampled equals the draft token there.
+
+        That is exact speculative sampling for drafts without probabilities: the draft token d is kept
+        with the model's probability of it, and where it is not, the token sampled is the model's
+        distribution without d. Each position is sampled as it would be without speculation (same
+        penalties over the same history, same generator draws), so greedy and seeded outputs do not
+        change, only how many steps they take."""
+        sampled = sample(logits, sampling, self.eos_token_ids)
+        outputs = {seq: self._append(seq, t, lp) for seq, t, lp in zip(sampling, sampled.token_ids, sampled.logprobs)}
+        verifying = [seq for seq in sampling if seq.spec_token_ids]
+        accepted = dict.fromkeys(verifying, 0)
+        active, position = verifying, 0
+        while active := [seq for seq in active if not seq.finish_reason and position < len(seq.spec_token_ids)
+                         and seq.token_ids[-1] == seq.spec_token_ids[position]]:
+            position += 1
+            for seq in active:
+                accepted[seq] += 1
+            rows = torch.stack([draft_logits[seq.seq_id][position - 1] for seq in active])
+            sampled = sample(rows, active, self.eos_token_ids)
+            for seq, token, logprob in zip(active, sampled.token_ids, sampled.logprobs):
+                self._append(seq, token, logprob, outputs[seq])
+        for seq, count in accepted.items():
+            self.speculator.record(seq, len(seq.spec_token_ids), count)
+            seq.spec_token_ids = []
+            if not seq.is_finished:  # the accepted drafts' KV is in place; the rejected ones' blocks go back
+                seq.num_computed_tokens += count
+                self.block_manager.cache_full_blocks(seq)
+                self.block_manager.trim(seq)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob, output: SeqOutput | None = None) -> SeqOutput:
         seq.token_ids.append(token)
         reason = seq.finish_reason = seq.stop_checker.append(token)
         if reason and not self.handoff.prefill_only(seq):  # a held request's blocks are freed with it
-            self.scheduler.finish(seq)
+            self._finish(seq)
         text = seq.stop_checker.new_text(finished=reason is not None)
-        return SeqOutput(seq.index, [token], text, reason, [logprob] if logprob else None)
+        if output is None:
+            return SeqOutput(seq.index, [token], text, reason, [logprob] if logprob else None)
+        output.token_ids.append(token)
+        output.text += text
+        output.finish_reason = reason
+        if logprob:
+            output.logprobs.append(logprob)
+        return output
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.speculator:
+            self.speculator.finished(seq)
+
+    def _time_step(self, num_tokens: int) -> float:
+        """Seconds for one forward of `num_tokens` tokens of a throwaway sequence (the speculator's cost model)."""
+        seq = Sequence("calibration", [0] * num_tokens, SamplingParams(max_tokens=1))
+        self.block_manager.allocate(seq, num_tokens)
+        started = time.perf_counter()
+        self.runner.run([ScheduledSeq(seq, num_tokens)])
+        elapsed = time.perf_counter() - started
+        self.block_manager.free(seq)
+        return elapsed
 
     def _fork_siblings(self, logits: torch.Tensor, sampling: list[Sequence]):
         """n > 1: when the first sequence of a request finishes its prompt, its siblings share its
@@ -205,5 +272,18 @@ class LLMEngine:
             "prefix_queries": bm.prefix_queries,
             "prefix_hits": bm.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
+            **(self.speculator.stats() if self.speculator else {}),
         }
+
+
+def _split_rows(logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[int], dict[int, torch.Tensor]]:
+    """The runner gives each sampling sequence 1 + its draft tokens rows: the first rows' indices, and the
+    draft rows by seq_id."""
+    first, drafts, row = [], {}, 0
+    for seq in sampling:
+        first.append(row)
+        if seq.spec_token_ids:
+            drafts[seq.seq_id] = logits[row + 1 : row + 1 + len(seq.spec_token_ids)]
+        row += 1 + len(seq.spec_token_ids)
+    return first, drafts
 

@@ -46,8 +46,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq],
             after_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[Sequence]]:
-        """Forward one step; returns logits of the sequences that sample, and those sequences.
-        `after_layer(i)` runs once layer i's KV is in the cache."""
+        """Forward one step; returns logits of the sequences that sample (1 + their draft tokens rows each),
+        and those sequences. `after_layer(i)` runs once layer i's KV is in the cache."""
         decodes = [s for s in batch if s.num_new_tokens == 1]
         chunks = [s for s in batch if s.num_new_tokens > 1]
         input_ids: list[int] = []
@@ -58,11 +58,11 @@ class ModelRunner:
         for s in decodes + chunks:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
-            input_ids += seq.token_ids[start:end]
+            input_ids += seq.token_ids[start : end - s.num_draft_tokens] + seq.spec_token_ids[: s.num_draft_tokens]
             positions += range(start, end)
             slots += self._slots(seq.block_table, start, end)
-            if s.samples:
-                logits_rows.append(len(input_ids) - 1)
+            if s.samples:  # the last token's logits, and each draft token's
+                logits_rows += range(len(input_ids) - 1 - s.num_draft_tokens, len(input_ids))
                 sampling.append(seq)
         if not input_ids:
             return torch.empty(0), []

@@ -17,12 +17,13 @@ from shared.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens whose KV this step computes
+    num_new_tokens: int  # tokens whose KV this step computes, draft tokens included
+    num_draft_tokens: int = 0  # of those, the last are `seq.spec_token_ids`, scored to be verified
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the sequence: its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_draft_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -54,6 +55,8 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_drafts = self._fit_drafts(seq, num_new, budget)
+            num_new += num_drafts
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = max(self.running, key=Sequence.sort_key)
                 self._preempt(victim)
@@ -61,7 +64,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status == SequenceStatus.RUNNING:
-                scheduled.append(ScheduledSeq(seq, num_new))
+                scheduled.append(ScheduledSeq(seq, num_new, num_drafts))
                 budget -= num_new
         # Admit new work only when nothing had to be preempted, or we would thrash.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -82,6 +85,15 @@ class Scheduler:
             budget -= num_new
         return scheduled
 
+    def _fit_drafts(self, seq: Sequence, num_new: int, budget: int) -> int:
+        """Keep as many of a decode's draft tokens as the budget and the free blocks allow, leaving a block
+        for each running sequence's next token: speculation never causes a preemption."""
+        bm = self.block_manager
+        spare_blocks = max(0, bm.num_free_blocks - len(self.running))
+        room = (len(seq.block_table) + spare_blocks) * bm.block_size - seq.num_tokens
+        seq.spec_token_ids = seq.spec_token_ids[: max(0, min(budget - num_new, room))] if num_new == 1 else []
+        return len(seq.spec_token_ids)
+
     def start(self, seq: Sequence) -> None:
         """Run a sequence whose blocks are already in place (a forked sibling, an imported prefill)."""
         seq.status = SequenceStatus.RUNNING
@@ -89,6 +101,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids = []
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.num_preemptions += 1

@@ -36,6 +36,7 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading full blocks already registered in the prefix cache
         self.last_block_hash: int | None = None  # the hash of the last of those
         self.num_forks = params.n - 1 if index == 0 else 0  # siblings still to be forked off
+        self.spec_token_ids: list[int] = []  # draft tokens this step scores after the last token
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # set by the engine for seeded requests
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings

@@ -1,0 +1,76 @@
+"""The engine's side of speculative decoding: propose before the schedule, count after verification."""
+
+import time
+from collections.abc import Callable
+
+from shared.engine.sequence import Sequence, SequenceStatus
+from shared.engine.speculative.ngram import NgramProposer
+from shared.engine.speculative.planner import Acceptance, StepCost, plan_draft_lengths
+from shared.engine.speculative.suffix import SuffixProposer
+
+METHODS = ("none", "ngram", "suffix")
+PROPOSERS = {"ngram": NgramProposer, "suffix": SuffixProposer}
+CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Speculator:
+    def __init__(self, method: str, max_draft_tokens: int, cost: StepCost):
+        self.method = method
+        self.proposer = PROPOSERS[method]()
+        self.max_draft_tokens = max_draft_tokens
+        self.cost = cost
+        self.acceptance = Acceptance()
+        self.drafted = 0  # draft tokens scored
+        self.accepted = 0  # of those, emitted
+        self.verifications = 0  # sequence-steps that scored drafts
+
+    @classmethod
+    def calibrated(cls, method: str, max_draft_tokens: int, max_tokens: int,
+                   time_step: Callable[[int], float]) -> "Speculator":
+        """Measure the step time at a few token counts (`time_step(n)` runs one step of n tokens)."""
+        sizes = [n for n in CALIBRATION_SIZES if n <= max_tokens] or [1]
+        time_step(sizes[-1])  # warm up
+        points = {n: min(time_step(n) for _ in range(2)) for n in sizes}
+        if len(points) == 1:
+            points[2 * sizes[0]] = 2 * points[sizes[0]]
+        return cls(method, max_draft_tokens, StepCost(points))
+
+    def propose(self, running: list[Sequence], waiting: list[Sequence], budget: int, max_model_len: int) -> None:
+        """Set `spec_token_ids` of the running sequences that decode this step."""
+        decodes = [s for s in running if s.status == SequenceStatus.RUNNING
+                   and s.num_computed_tokens == s.num_tokens - 1]
+        candidates = []
+        for seq in decodes:
+            k = min(self.max_draft_tokens, max_model_len - seq.num_tokens - 1)
+            if seq.params.max_tokens is not None:
+                k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+            seq.spec_token_ids = self.proposer.propose(seq, k) if k > 0 else []
+            if seq.spec_token_ids:
+                candidates.append(seq)
+        if not candidates:
+            return
+        prefill = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes)
+        prefill += sum(s.num_tokens - s.num_computed_tokens for s in waiting)
+        base = min(budget, len(decodes) + prefill)
+        acceptance = [self.acceptance.of(s.seq_id) for s in candidates]
+        for seq, length in zip(candidates, plan_draft_lengths(candidates, acceptance, len(decodes), base, self.cost)):
+            seq.spec_token_ids = seq.spec_token_ids[:length]
+            if not length:
+                self.acceptance.idle(seq.seq_id)
+
+    def observe_step(self, tokens: int, started: float) -> None:
+        self.cost.observe(tokens, time.perf_counter() - started)
+
+    def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        self.acceptance.record(seq.seq_id, drafted, accepted)
+        self.drafted += drafted
+        self.accepted += accepted
+        self.verifications += 1
+
+    def finished(self, seq: Sequence) -> None:
+        self.proposer.finished(seq)
+        self.acceptance.forget(seq.seq_id)
+
+    def stats(self) -> dict:
+        return {"spec_drafted_tokens": self.drafted, "spec_accepted_tokens": self.accepted,
+                "spec_verifications": self.verifications}
