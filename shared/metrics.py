@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 # `*_created` series (a timestamp per counter) are not something our dashboards use.
@@ -40,6 +40,29 @@ class StatsCollector:
             else:
                 gauge = GaugeMetricFamily(name, what, value=value)
             yield gauge
+
+
+class SpeculationCollector:
+    """An engine's speculative decoding counters (the `spec_*` keys of its stats), labelled by method."""
+
+    COUNTERS = (("xllm_spec_draft_tokens", "spec_drafted_tokens", "draft tokens scored"),
+                ("xllm_spec_accepted_tokens", "spec_accepted_tokens", "draft tokens accepted"),
+                ("xllm_spec_verifications", "spec_verifications", "sequence-steps that scored draft tokens"))
+
+    def __init__(self, method: str, stats: Callable[[], dict[str, Any]]):
+        self.method, self.stats = method, stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        for name, key, what in self.COUNTERS:
+            counter = CounterMetricFamily(name, what, labels=["method"])
+            counter.add_metric([self.method], stats[key])
+            yield counter
+        mean = GaugeMetricFamily("xllm_spec_mean_acceptance_length",
+                                 "tokens emitted per verification step (1 + accepted drafts)", labels=["method"])
+        verified = stats["spec_verifications"]
+        mean.add_metric([self.method], 1 + stats["spec_accepted_tokens"] / verified if verified else 0.0)
+        yield mean
 
 
 def exposition(registry: CollectorRegistry) -> web.Response:

@@ -38,14 +38,17 @@ async def nc(nats_server: str) -> AsyncIterator[Client]:
 
 # Small KV caches and one torch thread per worker: the test machine has 2 cores and is shared.
 SMALL_SYSTEM = ("--kv-cache-fraction", "0.02", "--worker-threads", "1", "--max-num-seqs", "32")
+# The disaggregated system's decode worker scores every draft token proposed, so every serving test
+# checks that speculation leaves the output as it was.
+SPECULATING = ("--speculative", "ngram", "--draft-length", "fixed")
 
 
 @pytest.fixture(scope="session")
 def xllm_system(tmp_path_factory: pytest.TempPathFactory):
-    """`xllm up` in its default disaggregated mode (1 prefill + 1 decode), real default model."""
+    """`xllm up` in its default disaggregated mode (1 prefill + 1 decode, speculating), real default model."""
     from xllm.bench.local_system import start_system, stop_system
 
-    system = start_system(tmp_path_factory.mktemp("xllm-disagg"), *SMALL_SYSTEM)
+    system = start_system(tmp_path_factory.mktemp("xllm-disagg"), *SMALL_SYSTEM, *SPECULATING)
     try:
         yield system
     finally:

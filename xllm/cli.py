@@ -61,6 +61,7 @@ def generate(argv: list[str]) -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    add_speculative_flags(parser)
     args = parser.parse_args(argv)
 
     from shared.engine.config import EngineConfig
@@ -72,13 +73,26 @@ def generate(argv: list[str]) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)
         llm = LLM(EngineConfig(model=args.model, device=args.device, num_threads=args.threads,
-                               kv_cache_memory=256 << 20))
+                               kv_cache_memory=256 << 20, speculative=args.speculative,
+                               num_speculative_tokens=args.num_speculative_tokens,
+                               draft_length=args.draft_length))
         (completion,) = llm.generate([args.prompt], params, chat=args.chat)
     except (InvalidRequestError, FileNotFoundError, ValueError) as e:
         print(f"xllm generate: {e}", file=sys.stderr)
         return 2
     print(completion.outputs[0].text)
     return 0
+
+
+def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
+    from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS
+
+    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS, default="none",
+                        help="speculative decoding: draft tokens by n-gram lookup or suffix decoding")
+    parser.add_argument("--num-speculative-tokens", type=int, default=5,
+                        help="the most draft tokens a sequence scores per step")
+    parser.add_argument("--draft-length", choices=DRAFT_LENGTHS, default="adaptive",
+                        help="adaptive: as many as pay (a measured cost model); fixed: all that is proposed")
 
 
 def bench(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from shared.config import opt
+from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS
 from shared.logging import LOG_LEVELS
 from xllm.natsd import NatsServer, NatsServerError
 
@@ -46,6 +47,10 @@ class UpConfig:
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache",
                                    min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
+    speculative: str = opt("none", "speculative decoding on decode and colocated workers", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = opt(5, "the most draft tokens a sequence scores per step", min=1, max=32)
+    draft_length: str = opt("adaptive", "adaptive (a cost model decides) or fixed (all that is proposed)",
+                            choices=DRAFT_LENGTHS)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
@@ -75,7 +80,10 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
                 Service("router", [*py, "services.router", *common])]
     for i, role in enumerate(roles):
         name = f"{role}-{i}"
-        services.append(Service(name, [*py, f"services.{role}", *common, *worker_args,
+        speculation = [] if role == "prefill" else [
+            "--speculative", config.speculative, "--num-speculative-tokens", str(config.num_speculative_tokens),
+            "--draft-length", config.draft_length]
+        services.append(Service(name, [*py, f"services.{role}", *common, *worker_args, *speculation,
                                        "--instance-id", f"{name}-{os.getpid()}"]))
     gateway = [*py, "services.gateway", *common, "--model", config.model, "--host", config.host,
                "--port", str(config.port)]

@@ -144,12 +144,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def instances(request: web.Request) -> web.Response:
-    """Live instances for operators: id, role, pid, host, state and load."""
+    """Live instances for operators: id, role, pid, host, state, load and counters."""
     return _json([
         {"instance_id": i.instance_id, "role": i.role, "model": i.model, "pid": i.pid, "host": i.host,
          "state": i.state, "updated_at": i.updated_at,
          "load": {"running": i.running, "waiting": i.waiting, "free_blocks": i.free_blocks,
-                  "total_blocks": i.total_blocks}}
+                  "total_blocks": i.total_blocks},
+         "counters": i.counters}
         for i in request.app[GATEWAY].instances()
     ])
 

@@ -65,6 +65,11 @@ class AsyncEngine:
         """The KV cache's layout, as a KV copy between workers needs it (ModelRunner.kv_layout)."""
         return self.engine.runner.kv_layout
 
+    @property
+    def speculative(self) -> str:
+        """The speculative decoding method ("none" when off), fixed at start."""
+        return self.engine.config.speculative
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0) -> asyncio.Queue:
         """Queue a request its caller validated; its outputs (or the error that refused it) arrive on the

@@ -32,7 +32,7 @@ from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, internal, invalid, overloaded
 from shared.logging import bind_request
 from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, KvEvent, SchemaError, StreamChunk
-from shared.metrics import LATENCY_BUCKETS
+from shared.metrics import LATENCY_BUCKETS, SpeculationCollector
 from shared.registry import Heartbeater, InstanceRegistry
 from shared.retry import retry
 from shared.service import main
@@ -84,6 +84,8 @@ class Worker:
         for key, help_text in ENGINE_GAUGES.items():
             Gauge(f"xllm_worker_{key}", help_text, registry=self.metrics).set_function(
                 lambda k=key: self.engine.stats[k])
+        if self.engine.speculative != "none":
+            self.metrics.register(SpeculationCollector(self.engine.speculative, lambda: self.engine.stats))
         await self.start_data_plane()
         self._publisher = asyncio.create_task(self._publish_kv_events(js, events))
         self._subs = [await nc.subscribe(subjects.worker_generate(self.instance_id), cb=self.on_generate),
@@ -96,7 +98,7 @@ class Worker:
     async def _load_engine(self, events: asyncio.Queue) -> AsyncEngine:
         log.info("loading_model", model=self.config.model, instance=self.instance_id)
         loop = asyncio.get_running_loop()
-        engine = await asyncio.to_thread(LLMEngine, self.config.engine_config(), None,
+        engine = await asyncio.to_thread(LLMEngine, self.config.engine_config(self.role != "prefill"), None,
                                          lambda *event: loop.call_soon_threadsafe(events.put_nowait, event))
         async_engine = AsyncEngine(engine)
         await async_engine.start()
@@ -129,7 +131,8 @@ class Worker:
         stats, sample = self.engine.stats, self.metrics.get_sample_value
         return {"prefix_queries": stats["prefix_queries"], "prefix_hits": stats["prefix_hits"],
                 "preemptions": stats["preemptions"], "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
-                "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum")}
+                "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
+                **{key: value for key, value in stats.items() if key.startswith("spec_")}}
 
     # ---- role hooks (overridden by prefill / decode) --------------------------------------------
     async def start_data_plane(self) -> None: ...

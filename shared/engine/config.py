@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass, field
 
+SPECULATIVE_METHODS = ("none", "ngram", "suffix")  # how draft tokens are proposed (shared/engine/speculative)
+DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; or always all that is proposed
+
 
 @dataclass
 class ModelConfig:
@@ -39,5 +42,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0
-    speculative: str = "none"  # "none" | "ngram" | "suffix": how draft tokens are proposed
+    speculative: str = "none"  # one of SPECULATIVE_METHODS
     num_speculative_tokens: int = 5  # the most draft tokens a sequence scores per step
+    draft_length: str = "adaptive"  # one of DRAFT_LENGTHS

@@ -64,7 +64,9 @@ class LLMEngine:
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.speculator = None
-        if config.speculative != "none":
+        if config.speculative != "none" and config.draft_length == "fixed":
+            self.speculator = Speculator(config.speculative, config.num_speculative_tokens)
+        elif config.speculative != "none":
             max_tokens = min(config.max_num_batched_tokens, num_blocks * config.block_size, self.max_model_len,
                              config.max_num_seqs * (config.num_speculative_tokens + 1))
             self.speculator = Speculator.calibrated(config.speculative, config.num_speculative_tokens, max_tokens,

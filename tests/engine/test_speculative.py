@@ -24,12 +24,10 @@ def ckpt(tiny_model_dir):
     return load_checkpoint(str(tiny_model_dir("llama")))
 
 
-def always_drafting(engine):
-    """Speculation that pays whatever it costs: a flat cost model that does not learn. The planner then
-    keeps every draft of a sequence whose acceptance estimate is above zero."""
-    engine.speculator.cost = StepCost({1: 1.0, 1 << 16: 1.0})
-    engine.speculator.observe_step = lambda *args: None
-    return engine
+def drafting(ckpt, method: str, **overrides):
+    """An engine that scores every draft proposed (draft_length="fixed"): what it outputs must not depend
+    on how many are accepted."""
+    return make_engine(ckpt, speculative=method, draft_length="fixed", **overrides)
 
 
 def repetitive_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -116,7 +114,7 @@ def test_greedy_output_is_unchanged_batched_chunked_and_preempted(ckpt, method):
     reqs = {f"r{i}": (p, greedy(40)) for i, p in enumerate(repetitive_prompts(8))}
     want = run_all(make_engine(ckpt), reqs)
     for overrides in ({}, {"max_num_batched_tokens": 16}, {"kv_blocks": 14}):
-        engine = always_drafting(make_engine(ckpt, speculative=method, **overrides))
+        engine = drafting(ckpt, method, **overrides)
         assert run_all(engine, reqs) == want, overrides
         spec = engine.speculator
         assert 0 < spec.accepted < spec.drafted  # drafts were both taken and refused
@@ -141,15 +139,15 @@ def test_seeded_sampling_stop_rules_and_logprobs_are_unchanged(ckpt, method):
     reqs = {f"r{i}": (p, sp) for i, (p, sp) in enumerate(zip(ps, params))}
     plain = make_engine(ckpt)
     want = run_all(plain, reqs)
-    engine = always_drafting(make_engine(ckpt, speculative=method))
+    engine = drafting(ckpt, method)
     assert run_all(engine, reqs) == want
     assert engine.speculator.accepted > 0
     assert len(want["r4"][0][0]) == 7
-    stop_run = make_engine(ckpt, speculative=method)
+    stop_run = drafting(ckpt, method)
     text = want["r0"][0][1]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     stop_params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True, stop=[stop])
-    assert run_all(always_drafting(stop_run), {"s": (ps[0], stop_params)}) == \
+    assert run_all(stop_run, {"s": (ps[0], stop_params)}) == \
         run_all(make_engine(ckpt), {"s": (ps[0], stop_params)})
 
 
@@ -157,7 +155,7 @@ def test_the_decode_worker_of_a_hand_off_speculates_and_equals_one_engine(ckpt):
     prompt = repetitive_prompts(8)[0]
     params = SamplingParams(temperature=0.8, top_k=2, seed=9, max_tokens=30, n=2, ignore_eos=True)
     want = run_all(make_engine(ckpt), {"x": (prompt, params)})["x"]
-    decode = always_drafting(make_engine(ckpt, speculative="ngram"))
+    decode = drafting(ckpt, "ngram")
     assert hand_off(make_engine(ckpt), decode, "x", prompt, params) == want
     assert decode.speculator.accepted > 0
     assert decode.block_manager.num_free_blocks == decode.block_manager.num_blocks
@@ -175,7 +173,7 @@ def test_logprobs_of_accepted_tokens_are_the_model_s(ckpt):
         return out
 
     want = logprobs(make_engine(ckpt))
-    engine = always_drafting(make_engine(ckpt, speculative="ngram"))
+    engine = drafting(ckpt, "ngram")
     got = logprobs(engine)
     assert engine.speculator.accepted > 5
     assert len(got) == len(want) == 30
@@ -197,7 +195,7 @@ def test_sampled_distribution_matches_sampling_without_speculation(ckpt):
                                                  ignore_eos=True)) for i in range(samples)}
         return Counter(tuple(r[0][0][1:]) for r in run_all(engine, reqs).values())
 
-    engine = always_drafting(make_engine(ckpt, speculative="ngram", kv_blocks=1024))
+    engine = drafting(ckpt, "ngram", kv_blocks=1024)
     with_spec = draw(engine, 0)
     without = draw(make_engine(ckpt, kv_blocks=1024), 10**6)
     spec = engine.speculator
@@ -209,9 +207,12 @@ def test_sampled_distribution_matches_sampling_without_speculation(ckpt):
     assert p_value > 0.001, (stat, with_spec, without)
 
 
-def test_speculation_switches_off_when_scoring_costs_in_proportion(ckpt):
-    engine = make_engine(ckpt, speculative="ngram")
-    engine.speculator.cost = StepCost({1: 0.001, 4096: 4.096})
-    engine.speculator.observe_step = lambda *args: None
-    run_all(engine, {f"r{i}": (p, greedy(20)) for i, p in enumerate(repetitive_prompts(4))})
-    assert engine.speculator.drafted == 0
+def test_adaptive_draft_lengths_follow_the_cost_of_scoring_tokens(ckpt):
+    reqs = {f"r{i}": (p, greedy(20)) for i, p in enumerate(repetitive_prompts(4))}
+    want = run_all(make_engine(ckpt), reqs)
+    for cost, drafts in ((StepCost({1: 0.001, 4096: 4.096}), False), (StepCost({1: 0.01, 4096: 0.0101}), True)):
+        engine = make_engine(ckpt, speculative="ngram")  # adaptive
+        engine.speculator.cost = cost
+        engine.speculator.observe_step = lambda *args: None
+        assert run_all(engine, reqs) == want
+        assert (engine.speculator.drafted > 0) == drafts

@@ -9,6 +9,7 @@ import pytest
 from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.sampling_params import SamplingParams
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +67,25 @@ async def test_seeded_sampling_across_the_hand_off_equals_in_process_engine(xllm
         got = await chat(s, xllm_system.url, QUESTIONS[3], temperature=1.0, top_p=0.95, max_tokens=12, n=2,
                          seed=11)
     assert [c["message"]["content"] for c in got["choices"]] == [o.text for o in want.outputs]
+
+
+async def test_the_speculating_decode_worker_drafts_and_output_is_unchanged(xllm_system, local_llm):
+    """The test system's decode worker speculates (n-gram, every draft scored): an answer that copies
+    its prompt is drafted from it, and the output is the in-process engine's without speculation."""
+    code = "def area(width, height):\n    return width * height\n\ndef perimeter(width, height):\n" \
+           "    return 2 * (width + height)\n"
+    question = f"Repeat this code exactly:\n```python\n{code}```"
+    (want,) = local_llm.generate([question], SamplingParams(temperature=0, max_tokens=60), chat=True)
+
+    def decode_counters() -> dict:
+        return next(i["counters"] for i in xllm_system.instances() if i["role"] == "decode")
+
+    before = decode_counters().get("spec_accepted_tokens", 0)
+    async with aiohttp.ClientSession() as s:
+        got = await chat(s, xllm_system.url, question, temperature=0, max_tokens=60)
+    assert got["choices"][0]["message"]["content"] == want.outputs[0].text
+    await until(lambda: decode_counters()["spec_accepted_tokens"] >= before + 10, 30,
+                "the decode worker's heartbeat never showed accepted draft tokens")
 
 
 async def test_streaming_equals_non_streaming(xllm_system):

@@ -2,6 +2,6 @@
 keeps the drafts that pay, the model scores them with the step's other tokens, and the engine accepts
 them by sampling (llm_engine.py `_sample`)."""
 
-from shared.engine.speculative.speculator import METHODS, Speculator
+from shared.engine.speculative.speculator import Speculator
 
-__all__ = ["METHODS", "Speculator"]
+__all__ = ["Speculator"]

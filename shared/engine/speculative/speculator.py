@@ -8,13 +8,15 @@ from shared.engine.speculative.ngram import NgramProposer
 from shared.engine.speculative.planner import Acceptance, StepCost, plan_draft_lengths
 from shared.engine.speculative.suffix import SuffixProposer
 
-METHODS = ("none", "ngram", "suffix")
 PROPOSERS = {"ngram": NgramProposer, "suffix": SuffixProposer}
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Speculator:
-    def __init__(self, method: str, max_draft_tokens: int, cost: StepCost):
+    def __init__(self, method: str, max_draft_tokens: int, cost: StepCost | None = None):
+        """`cost`: the step-cost model that adapts draft lengths; None drafts all that is proposed."""
+        if method not in PROPOSERS:
+            raise ValueError(f"unknown speculative method {method!r}: use one of {', '.join(PROPOSERS)}")
         self.method = method
         self.proposer = PROPOSERS[method]()
         self.max_draft_tokens = max_draft_tokens
@@ -47,7 +49,7 @@ class Speculator:
             seq.spec_token_ids = self.proposer.propose(seq, k) if k > 0 else []
             if seq.spec_token_ids:
                 candidates.append(seq)
-        if not candidates:
+        if not candidates or self.cost is None:
             return
         prefill = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes)
         prefill += sum(s.num_tokens - s.num_computed_tokens for s in waiting)
@@ -59,7 +61,8 @@ class Speculator:
                 self.acceptance.idle(seq.seq_id)
 
     def observe_step(self, tokens: int, started: float) -> None:
-        self.cost.observe(tokens, time.perf_counter() - started)
+        if self.cost is not None:
+            self.cost.observe(tokens, time.perf_counter() - started)
 
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
         self.acceptance.record(seq.seq_id, drafted, accepted)
