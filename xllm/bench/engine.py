@@ -11,12 +11,13 @@ import time
 
 import torch
 
-from shared.engine.config import EngineConfig
+from shared.engine.config import SPECULATIVE_METHODS, EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.loader import load_checkpoint
 from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 from shared.model_files import resolve_model
+from xllm.bench import speculative
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS, default="none",
+                        help="instead: this speculative method against none (xllm/bench/speculative.py)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="with --speculative: rounds of fresh prompts")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     ckpt = load_checkpoint(args.model)
+    if args.speculative != "none":
+        return speculative.run(ckpt, args.model, args.speculative, args.num_speculative_tokens, args.threads,
+                               args.rounds, args.seed)
     rng = random.Random(args.seed)
     vocab = ckpt.config.vocab_size
     cfg = ckpt.config

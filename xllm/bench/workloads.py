@@ -16,7 +16,7 @@ import numpy as np
 from xllm.bench.words import WORDS
 
 SALT_WORDS = 6  # 456**6 ~ 9e15 different salts: enough to never collide within a run
-WORKLOADS = ("synthetic", "chat", "shared-prefix", "offline")
+WORKLOADS = ("synthetic", "chat", "shared-prefix", "code-edit", "offline")
 
 
 @dataclass
@@ -79,9 +79,24 @@ def generate(
         outs = lognormal_lengths(spec.output_len, spec.chat_sigma_out, n, rng)
     elif spec.kind == "shared-prefix":
         return shared_prefix(spec, n, rng, salt_rng)
+    elif spec.kind == "code-edit":
+        prompts = [" ".join(salt_rng.choice(WORDS) for _ in range(SALT_WORDS)) + "\n" + code_edit_prompt(rng)
+                   for _ in range(n)]
+        return [BenchRequest(p, spec.output_len, len(p.split())) for p in prompts]
     else:
         raise ValueError(f"unknown workload {spec.kind!r}; choose one of {', '.join(WORKLOADS)}")
     return [BenchRequest(salted_text(int(i), rng, salt_rng), int(o), int(i)) for i, o in zip(ins, outs)]
+
+
+def code_edit_prompt(rng: np.random.Generator) -> str:
+    """A prompt holding a code block that the answer reproduces with one edit: what speculative decoding
+    by n-gram or suffix lookup is for."""
+    names = random_words(7, rng)
+    functions = [f"def {a}_{b}(values):\n    total = 0\n    for value in values:\n        total += value * "
+                 f"{rng.integers(2, 9)}\n    return total\n" for a, b in zip(names[:6:2], names[1:6:2])]
+    old, new = f"{names[0]}_{names[1]}", f"{names[0]}_{names[6]}"
+    return (f"Here is some Python code:\n```python\n{''.join(functions)}```\nRewrite the code above with the "
+            f"function `{old}` renamed to `{new}`. Reply with the whole code only.")
 
 
 def shared_prefix(

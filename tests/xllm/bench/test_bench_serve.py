@@ -247,3 +247,10 @@ def test_shared_prefix_groups():
     assert len({r.prompt for r in rs}) == 30
     assert [r.group for r in rs] != sorted(r.group for r in rs)  # groups interleave in arrival order
     assert rs[0].input_len == 72
+
+
+def test_code_edit_prompts_hold_the_code_the_answer_repeats():
+    a, b = generate(WorkloadSpec("code-edit", output_len=50), 5, seed=1), generate(WorkloadSpec("code-edit"), 5, seed=1)
+    assert [r.prompt.split("\n", 1)[1] for r in a] == [r.prompt.split("\n", 1)[1] for r in b]  # seeded after the salt
+    assert all(r.prompt.count("def ") == 3 and "renamed to" in r.prompt and r.max_tokens == 50 for r in a)
+    assert len({r.prompt for r in a}) == 5
