@@ -39,8 +39,12 @@ class Speculator:
 
     def propose(self, running: list[Sequence], waiting: list[Sequence], budget: int, max_model_len: int) -> None:
         """Set `spec_token_ids` of the running sequences that decode this step."""
-        decodes = [s for s in running if s.status == SequenceStatus.RUNNING
-                   and s.num_computed_tokens == s.num_tokens - 1]
+        decodes, prefill_tokens = [], sum(s.num_tokens - s.num_computed_tokens for s in waiting)
+        for seq in running:
+            if seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == seq.num_tokens - 1:
+                decodes.append(seq)
+            else:
+                prefill_tokens += seq.num_tokens - seq.num_computed_tokens
         candidates = []
         for seq in decodes:
             k = min(self.max_draft_tokens, max_model_len - seq.num_tokens - 1)
@@ -51,11 +55,10 @@ class Speculator:
                 candidates.append(seq)
         if not candidates or self.cost is None:
             return
-        prefill = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes)
-        prefill += sum(s.num_tokens - s.num_computed_tokens for s in waiting)
-        base = min(budget, len(decodes) + prefill)
+        base_tokens = min(budget, len(decodes) + prefill_tokens)  # what the step scores without drafts
         acceptance = [self.acceptance.of(s.seq_id) for s in candidates]
-        for seq, length in zip(candidates, plan_draft_lengths(candidates, acceptance, len(decodes), base, self.cost)):
+        lengths = plan_draft_lengths(candidates, acceptance, len(decodes), base_tokens, self.cost)
+        for seq, length in zip(candidates, lengths):
             seq.spec_token_ids = seq.spec_token_ids[:length]
             if not length:
                 self.acceptance.idle(seq.seq_id)
