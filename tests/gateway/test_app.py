@@ -369,7 +369,8 @@ async def test_admin_instances(make_client) -> None:
         body = await resp.json()
     assert body[0] == {"instance_id": "p", "role": "prefill", "model": "m", "pid": 42, "host": "host1",
                        "state": "ready", "updated_at": 0.0,
-                       "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4}}
+                       "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4},
+                       "counters": {}}
     assert [i["role"] for i in body] == ["prefill", "decode"]
 
 
