@@ -3,7 +3,7 @@
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from shared.metrics import StatsCollector, serve_metrics
+from shared.metrics import SpeculationCollector, StatsCollector, serve_metrics
 
 
 def test_stats_render_numbers_and_kinds() -> None:
@@ -16,6 +16,17 @@ def test_stats_render_numbers_and_kinds() -> None:
     assert 'xllm_router_failures{kind="overloaded"} 2.0' in text
     assert 'xllm_router_failures{kind="no_instances"} 1.0' in text
     assert "# TYPE xllm_router_failures gauge" in text
+
+
+def test_speculation_counters_per_method() -> None:
+    stats = {"spec_drafted_tokens": 40, "spec_accepted_tokens": 30, "spec_verifications": 10}
+    registry = CollectorRegistry()
+    registry.register(SpeculationCollector("ngram", lambda: stats))
+    text = generate_latest(registry).decode()
+    assert 'xllm_spec_draft_tokens_total{method="ngram"} 40.0' in text
+    assert 'xllm_spec_accepted_tokens_total{method="ngram"} 30.0' in text
+    assert 'xllm_spec_verifications_total{method="ngram"} 10.0' in text
+    assert 'xllm_spec_mean_acceptance_length{method="ngram"} 4.0' in text
 
 
 async def test_serve_metrics_over_http() -> None:
