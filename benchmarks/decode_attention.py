@@ -56,5 +56,6 @@ def time_case(batch: int, context: int, kernels, flush: torch.Tensor) -> tuple[f
     fast = best_ms(lambda: step(lambda k, v: kernels.paged_decode_attention(q, k, v, tables, lens, DIM**-0.5)))
     return flush_only, slow, fast
 
+
 if __name__ == "__main__":
     main()

@@ -48,10 +48,17 @@ async def one_request(nc, rng: random.Random, i: int) -> None:
 
 async def main(requests: int) -> None:
     with NatsServer(tempfile.mkdtemp()) as server:
-        common = {"nats": server.url, "model": "smollm2", "kv_cache_memory": 128 << 20, "num_threads": 1,
-                  "data_host": "127.0.0.1"}
-        workers = [PrefillWorker(WorkerConfig(**common, instance_id="prefill-mem")),
-                   DecodeWorker(WorkerConfig(**common, instance_id="decode-mem"))]
+        common = {
+            "nats": server.url,
+            "model": "smollm2",
+            "kv_cache_memory": 128 << 20,
+            "num_threads": 1,
+            "data_host": "127.0.0.1",
+        }
+        workers = [
+            PrefillWorker(WorkerConfig(**common, instance_id="prefill-mem")),
+            DecodeWorker(WorkerConfig(**common, instance_id="decode-mem")),
+        ]
         stop, started = asyncio.Event(), [asyncio.Event(), asyncio.Event()]
         tasks = [asyncio.create_task(serve(w, stop, s)) for w, s in zip(workers, started)]
         await asyncio.gather(*(s.wait() for s in started))
@@ -62,8 +69,7 @@ async def main(requests: int) -> None:
                 counts = object_counts()
                 base = base or counts
                 grown = [(kind, n) for kind, n in (counts - base).most_common(5)]
-                print(f"{i:5d} requests: {anon_mib()} MiB anonymous; object types grown since 50: {grown}",
-                      flush=True)
+                print(f"{i:5d} requests: {anon_mib()} MiB anonymous; object types grown since 50: {grown}", flush=True)
         await nc.close()
         stop.set()
         await asyncio.gather(*tasks)

@@ -29,14 +29,31 @@ from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
 
-SMOLLM2 = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                      max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0)
+SMOLLM2 = ModelConfig(
+    architecture="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+)
 HOST = "127.0.0.1"
 
 
-async def hand_off(src: ModelRunner, dst: ModelRunner, server: KvDataServer, segments: SegmentPool, n: int,
-                   streamed: bool, reader_host: str) -> tuple[float, float]:
+async def hand_off(
+    src: ModelRunner,
+    dst: ModelRunner,
+    server: KvDataServer,
+    segments: SegmentPool,
+    n: int,
+    streamed: bool,
+    reader_host: str,
+) -> tuple[float, float]:
     """(the prompt's step in ms, ms from its end until the importer has every layer)."""
     blocks = list(range(-(-n // 16)))
     seq = Sequence("p", list(range(n)), SamplingParams())
@@ -47,8 +64,9 @@ async def hand_off(src: ModelRunner, dst: ModelRunner, server: KvDataServer, seg
     async def write(kv: torch.Tensor) -> None:
         dst.write_kv(blocks, kv)
 
-    importing = asyncio.create_task(import_kv(export.handle(HOST, server.port), dst.kv_layout, len(blocks),
-                                              reader_host, write))
+    importing = asyncio.create_task(
+        import_kv(export.handle(HOST, server.port), dst.kv_layout, len(blocks), reader_host, write)
+    )
     while streamed and not export.streaming:  # the importer is connected before the prefill computes
         await asyncio.sleep(0.001)
     sink = (lambda layer: export.stream_layer(src, layer, blocks)) if streamed else None
@@ -75,8 +93,10 @@ async def main() -> None:
     dst = ModelRunner(model, 160, 16, torch.device("cpu"), torch.float32)
     server, segments = KvDataServer(), SegmentPool(max_idle_bytes=1 << 30)
     await server.start(HOST)
-    print(f"{'tokens':>6} {'MB':>5} {'prefill ms':>10} | after the prompt, ms: {'shm':>6} "
-          f"{'tcp sequential':>14} {'tcp streamed':>12} | prefill ms, streaming")
+    print(
+        f"{'tokens':>6} {'MB':>5} {'prefill ms':>10} | after the prompt, ms: {'shm':>6} "
+        f"{'tcp sequential':>14} {'tcp streamed':>12} | prefill ms, streaming"
+    )
     for n in (int(t) for t in args.tokens.split(",")):
         mb = n * ModelRunner.block_bytes(SMOLLM2, 1, torch.float32) / 1e6
         await hand_off(src, dst, server, segments, n, True, "elsewhere")  # warm-up: pages, segments
@@ -84,8 +104,10 @@ async def main() -> None:
         shm = min([(await hand_off(src, dst, server, segments, n, False, HOST))[1] for _ in range(3)])
         tcp = min([(await hand_off(src, dst, server, segments, n, False, "elsewhere"))[1] for _ in range(3)])
         runs = [await hand_off(src, dst, server, segments, n, True, "elsewhere") for _ in range(3)]
-        print(f"{n:>6} {mb:>5.1f} {alone:>10.0f} | {'':>21}{shm:>6.1f} {tcp:>14.1f} "
-              f"{min(r[1] for r in runs):>12.1f} | {min(r[0] for r in runs):.0f}")
+        print(
+            f"{n:>6} {mb:>5.1f} {alone:>10.0f} | {'':>21}{shm:>6.1f} {tcp:>14.1f} "
+            f"{min(r[1] for r in runs):>12.1f} | {min(r[0] for r in runs):.0f}"
+        )
     await server.stop()
     segments.close()
 

@@ -30,17 +30,22 @@ def main() -> None:
     weights = [torch.randn(o, i) for _ in range(30) for o, i in SHAPES] + [torch.randn(49152, 576)]
     packed = [ops.prepack_weight(w) for w in weights]
     print(f"ms per step for all linear layers (threads {args.threads})")
-    print(f"{'rows':>5} {'F.linear':>9} {'mm(W,x.T).T':>12} {'+contiguous':>12} {'oneDNN packed':>14} "
-          f"{'C++ kernel':>11}")
+    print(
+        f"{'rows':>5} {'F.linear':>9} {'mm(W,x.T).T':>12} {'+contiguous':>12} {'oneDNN packed':>14} {'C++ kernel':>11}"
+    )
     for m in (int(r) for r in args.rows.split(",")):
         xs = [torch.randn(m, w.shape[1]) for w in weights]
         linear = best_ms(lambda xs=xs: [F.linear(x, w) for x, w in zip(xs, weights)])
         w_xt = best_ms(lambda xs=xs: [torch.mm(w, x.t()).t() for x, w in zip(xs, weights)])
         w_xt_c = best_ms(lambda xs=xs: [torch.mm(w, x.t()).t().contiguous() for x, w in zip(xs, weights)])
-        onednn = best_ms(lambda xs=xs: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-                                        for x, p in zip(xs, packed)])
-        kernel = (best_ms(lambda xs=xs: [kernels.linear_small_batch(x, w) for x, w in zip(xs, weights)])
-                  if kernels and m <= 16 else float("nan"))
+        onednn = best_ms(
+            lambda xs=xs: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for x, p in zip(xs, packed)]
+        )
+        kernel = (
+            best_ms(lambda xs=xs: [kernels.linear_small_batch(x, w) for x, w in zip(xs, weights)])
+            if kernels and m <= 16
+            else float("nan")
+        )
         print(f"{m:>5} {linear:>9.1f} {w_xt:>12.1f} {w_xt_c:>12.1f} {onednn:>14.1f} {kernel:>11.1f}", flush=True)
 
 

@@ -40,8 +40,10 @@ async def in_process(runner: AsyncEngine, texts: list[str], output_len: int) -> 
     start = time.perf_counter()
     results = await asyncio.gather(*(_one(runner, f"r{i}", p, params, start) for i, p in enumerate(ids)))
     duration = time.perf_counter() - start
-    return {"output_throughput": sum(n for _, n in results) / duration,
-            "ttft_p50_ms": statistics.median(t for t, _ in results) * 1000}
+    return {
+        "output_throughput": sum(n for _, n in results) / duration,
+        "ttft_p50_ms": statistics.median(t for t, _ in results) * 1000,
+    }
 
 
 async def ttft_pairs(runner: AsyncEngine, url: str, texts: list[str]) -> dict:
@@ -54,14 +56,16 @@ async def ttft_pairs(runner: AsyncEngine, url: str, texts: list[str]) -> dict:
     async with aiohttp.ClientSession() as session:
         for i, text in enumerate(texts):
             ids = runner.engine.tokenizer.encode(f"x{i} {text}")
-            local.append((await _one(runner, f"alone{i}", ids, SamplingParams(max_tokens=2),
-                                     time.perf_counter()))[0])
+            local.append((await _one(runner, f"alone{i}", ids, SamplingParams(max_tokens=2), time.perf_counter()))[0])
             result = await send(session, target, BenchRequest(f"y{i} {text}", 2, len(text.split())))
             assert result.ok and result.ttft is not None, (result.error, result.detail)
             served.append(result.ttft)
     ms = 1000
-    return {"local": statistics.median(local) * ms, "served": statistics.median(served) * ms,
-            "added": statistics.median(s - t for s, t in zip(served, local)) * ms}
+    return {
+        "local": statistics.median(local) * ms,
+        "served": statistics.median(served) * ms,
+        "added": statistics.median(s - t for s, t in zip(served, local)) * ms,
+    }
 
 
 async def _one(runner: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, start: float):
@@ -80,16 +84,16 @@ async def through_service(url: str, texts: list[str], output_len: int, concurren
     target = Target(url, "smollm2", endpoint="completions", ignore_eos=True)
     reqs = [BenchRequest(t, output_len, len(t.split())) for t in texts]
     warmup = [BenchRequest("hello there", 2, 2)]
-    run = await run_load(target, reqs, LoadPoint(max_concurrency=concurrency), seed=0, warmup=warmup,
-                         progress=False)
+    run = await run_load(target, reqs, LoadPoint(max_concurrency=concurrency), seed=0, warmup=warmup, progress=False)
     s = summarize(run.results, run.duration_s, {})
     assert s["failed"] == 0, s["error_examples"]
     return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"]}
 
 
 async def run(args: argparse.Namespace, texts: list[str]) -> list[tuple[str, dict]]:
-    engine = LLMEngine(EngineConfig(model="smollm2", num_threads=args.threads, kv_cache_memory=1 << 30,
-                                    enable_prefix_caching=False))
+    engine = LLMEngine(
+        EngineConfig(model="smollm2", num_threads=args.threads, kv_cache_memory=1 << 30, enable_prefix_caching=False)
+    )
     runner = AsyncEngine(engine)
     await runner.start()
     rows = [("in-process engine", await in_process(runner, texts, args.output_len))]
@@ -127,8 +131,10 @@ def main() -> None:
     print(f"{args.concurrency} concurrent streams, {args.input_len} in / {args.output_len} out, EOS ignored")
     print(f"{'path':<28} {'out tok/s':>10} {'ratio':>6} {'TTFT p50 ms':>12}")
     for name, r in rows:
-        print(f"{name:<28} {r['output_throughput']:>10.1f} "
-              f"{r['output_throughput'] / base['output_throughput']:>5.2f}x {r['ttft_p50_ms']:>12.0f}")
+        print(
+            f"{name:<28} {r['output_throughput']:>10.1f} "
+            f"{r['output_throughput'] / base['output_throughput']:>5.2f}x {r['ttft_p50_ms']:>12.0f}"
+        )
     print(f"\na request alone, {args.sequential} pairs: TTFT p50 in-process / through the service / added (ms)")
     for name, r in rows[1:]:
         cells = [f"{p['local']:.1f} / {p['served']:.1f} / {p['added']:+.1f}" for p in (r["alone"], r["alone_short"])]

@@ -152,8 +152,15 @@ async def one_request(s: aiohttp.ClientSession, url: str, kind: str, rng: random
         events = await call(s, url, chat_body(rng, mt, stream=True, stream_options={"include_usage": True}))
         return check_stream(events, mt, False)
     mt = rng.randint(200, 600)
-    body = {"model": MODEL, "prompt": words(rng, 16, 128), "max_tokens": mt, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": words(rng, 16, 128),
+        "max_tokens": mt,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if kind == "drop":
         await call(s, url, body, stop_after=rng.randint(2, 6))
         return 0, 0
@@ -191,8 +198,12 @@ async def jobs(nats_url: str, rng: random.Random, end: float, stats: Stats) -> N
 async def one_job(js: Any, rng: random.Random, stats: Stats, until: float) -> None:
     """Publishes a job as tests/integration/test_serving.py does, then checks every result."""
     want = {f"r{i}": rng.randint(8, 24) for i in range(JOB_SIZE)}
-    job = make_job([JobRequest(cid, "/v1/chat/completions", chat_body(rng, mt, ignore_eos=True, temperature=0))
-                    for cid, mt in want.items()])
+    job = make_job(
+        [
+            JobRequest(cid, "/v1/chat/completions", chat_body(rng, mt, ignore_eos=True, temperature=0))
+            for cid, mt in want.items()
+        ]
+    )
     await js.publish(subjects.JOBS_SUBMIT, job.encode(), timeout=10, headers={"Nats-Msg-Id": job.job_id})
     seen: set[str] = set()
     async for item in iter_results(js, job.job_id, timeout=max(1.0, until - time.monotonic())):
@@ -215,14 +226,15 @@ async def soak(system: System, args: argparse.Namespace) -> Stats:
     stats, start = Stats(), time.monotonic()
     end = start + args.minutes * 60
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as s:
-        tasks = [client(s, system.url, random.Random(f"{args.seed}-{i}"), end, stats)
-                 for i in range(args.concurrency)]
+        tasks = [client(s, system.url, random.Random(f"{args.seed}-{i}"), end, stats) for i in range(args.concurrency)]
         work = asyncio.gather(*tasks, jobs(system.nats_url, random.Random(f"{args.seed}-jobs"), end, stats))
         while not work.done():
             await asyncio.wait([work], timeout=30)
-            print(f"  {time.monotonic() - start:5.0f} s: served {sum(stats.served.values())}, errors "
-                  f"{sum(stats.errors.values())}, jobs done {stats.jobs_done}; {memory_line(system.proc.pid)}",
-                  flush=True)
+            print(
+                f"  {time.monotonic() - start:5.0f} s: served {sum(stats.served.values())}, errors "
+                f"{sum(stats.errors.values())}, jobs done {stats.jobs_done}; {memory_line(system.proc.pid)}",
+                flush=True,
+            )
         await work
     return stats
 
@@ -266,12 +278,16 @@ def report(system: System, stats: Stats, duration: float, before: tuple, after: 
             d = mib - rss0[pid][1]
             print(f"  RSS growth  {name:<36} {d:+8.1f} MiB {100 * d / max(rss0[pid][1], 1e-9):+7.1f}%")
     if rss0.keys() != rss1.keys():
-        print(f"  processes gone: {[f'{rss0[p][0]} pid {p}' for p in rss0.keys() - rss1.keys()]}, "
-              f"new: {[f'{rss1[p][0]} pid {p}' for p in rss1.keys() - rss0.keys()]}")
+        print(
+            f"  processes gone: {[f'{rss0[p][0]} pid {p}' for p in rss0.keys() - rss1.keys()]}, "
+            f"new: {[f'{rss1[p][0]} pid {p}' for p in rss1.keys() - rss0.keys()]}"
+        )
     leaks = {i: used1.get(i, 0) - used0.get(i, 0) for i in sorted(used0.keys() | used1.keys())}
     failed, leaked = sum(stats.errors.values()), sum(max(0, n) for n in leaks.values())
-    print(f"verdict: {'PASS' if failed == leaked == 0 else 'FAIL'}: failed requests {failed}, "
-          f"leaked blocks {leaked} {leaks}")
+    print(
+        f"verdict: {'PASS' if failed == leaked == 0 else 'FAIL'}: failed requests {failed}, "
+        f"leaked blocks {leaked} {leaks}"
+    )
     return failed == leaked == 0
 
 

@@ -41,21 +41,25 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=200)
     args = parser.parse_args()
-    requests = generate(WorkloadSpec("code-edit", output_len=args.output_len), args.num_prompts, seed=0,
-                        salt_rng=random.Random(1))
+    requests = generate(
+        WorkloadSpec("code-edit", output_len=args.output_len), args.num_prompts, seed=0, salt_rng=random.Random(1)
+    )
     flags = {"none": [], args.speculative: ["--speculative", args.speculative]}
     systems = {}
     try:
         for name, extra in flags.items():
-            systems[name] = start_system(Path(tempfile.mkdtemp(prefix=f"xllm-spec-{name}-")),
-                                         "--kv-cache-fraction", "0.05", *extra)
+            systems[name] = start_system(
+                Path(tempfile.mkdtemp(prefix=f"xllm-spec-{name}-")), "--kv-cache-fraction", "0.05", *extra
+            )
         totals = asyncio.run(compare({name: s.url for name, s in systems.items()}, requests))
     finally:
         for system in systems.values():
             stop_system(system.proc)
     rate = {name: t["tokens"] / t["seconds"] for name, t in totals.items()}
-    print(f"xllm up (prefill + decode), concurrency 1, {args.num_prompts} code-edit prompts, greedy, "
-          f"max_tokens {args.output_len}")
+    print(
+        f"xllm up (prefill + decode), concurrency 1, {args.num_prompts} code-edit prompts, greedy, "
+        f"max_tokens {args.output_len}"
+    )
     for name, t in totals.items():
         print(f"{name:<8} {t['tokens']:>6} tokens  {rate[name]:>6.1f} tok/s  {rate[name] / rate['none']:.2f}x")
 

@@ -21,8 +21,14 @@ from shared.engine.loader import load_checkpoint
 from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 
-TIMED = [(ops, "linear"), (ops, "rms_norm"), (ops, "add_rms_norm_"), (ops, "silu_and_mul"),
-         (ops, "rotary_and_cache"), (model, "paged_attention")]
+TIMED = [
+    (ops, "linear"),
+    (ops, "rms_norm"),
+    (ops, "add_rms_norm_"),
+    (ops, "silu_and_mul"),
+    (ops, "rotary_and_cache"),
+    (model, "paged_attention"),
+]
 
 
 def main() -> None:
@@ -35,9 +41,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint("smollm2")
     token_bytes = ModelRunner.block_bytes(ckpt.config, 1, torch.float32)
-    llm = LLM(EngineConfig(model="smollm2", num_threads=args.threads, max_num_seqs=max(args.batch, 1),
-                           kv_cache_memory=token_bytes * (args.input_len + args.output_len + 32) * args.batch,
-                           enable_prefix_caching=False), ckpt)
+    llm = LLM(
+        EngineConfig(
+            model="smollm2",
+            num_threads=args.threads,
+            max_num_seqs=max(args.batch, 1),
+            kv_cache_memory=token_bytes * (args.input_len + args.output_len + 32) * args.batch,
+            enable_prefix_caching=False,
+        ),
+        ckpt,
+    )
     llm.generate([[1] * 16], SamplingParams(max_tokens=4))  # warm-up
     spent: dict[str, float] = collections.defaultdict(float)
     for module, name in TIMED:

@@ -69,8 +69,7 @@ class StreamSpec:
 # Jobs and results: kept a week so results can be fetched after the fact.
 KV_EVENTS = StreamSpec(subjects.KV_EVENTS_STREAM, [f"{subjects.KV_EVENTS_PREFIX}.>"], 24 * HOUR, 512 * MiB)
 JOBS = StreamSpec(subjects.JOBS_STREAM, [subjects.JOBS_SUBMIT], 7 * 24 * HOUR, 1024 * MiB)
-JOB_RESULTS = StreamSpec(subjects.JOB_RESULTS_STREAM, [f"{subjects.JOB_RESULTS_PREFIX}.>"],
-                         7 * 24 * HOUR, 1024 * MiB)
+JOB_RESULTS = StreamSpec(subjects.JOB_RESULTS_STREAM, [f"{subjects.JOB_RESULTS_PREFIX}.>"], 7 * 24 * HOUR, 1024 * MiB)
 STREAMS: tuple[StreamSpec, ...] = (KV_EVENTS, JOBS, JOB_RESULTS)
 
 
@@ -83,8 +82,9 @@ class _Hooks:
 _hooks: weakref.WeakKeyDictionary[Client, _Hooks] = weakref.WeakKeyDictionary()
 
 
-def on_connection(nc: Client, *, lost: Callable[[], None] | None = None,
-                  restored: Callable[[], None] | None = None) -> None:
+def on_connection(
+    nc: Client, *, lost: Callable[[], None] | None = None, restored: Callable[[], None] | None = None
+) -> None:
     """Call `lost()` when `nc` (made by `connect`) loses its server, `restored()` once it is connected again.
 
     Core NATS does not keep what was published to a subject while a subscriber was away, and consumers
@@ -105,8 +105,9 @@ def _run_hooks(nc: Client, which: str) -> None:
             log.exception("connection_hook_failed", hook=which)
 
 
-async def connect(url: str, name: str, *, connect_wait_s: float | None = None,
-                  connect_timeout_s: float = 2.0) -> Client:
+async def connect(
+    url: str, name: str, *, connect_wait_s: float | None = None, connect_timeout_s: float = 2.0
+) -> Client:
     """Connect to NATS at `url` (comma-separated for a cluster); raise BusError if unreachable.
 
     `connect_wait_s` defaults to env XLLM_NATS_CONNECT_WAIT, else CONNECT_WAIT_S.
@@ -120,17 +121,20 @@ async def connect(url: str, name: str, *, connect_wait_s: float | None = None,
     nc = Client()
     try:
         await nc.connect(
-            servers=servers, name=name,
+            servers=servers,
+            name=name,
             connect_timeout=connect_timeout_s,
             reconnect_time_wait=RECONNECT_WAIT_S,
             # Bounded tries at start, so a wrong URL fails with a message instead of hanging...
             max_reconnect_attempts=max(1, int(connect_wait_s / RECONNECT_WAIT_S)),
-            ping_interval=10, max_outstanding_pings=3,
+            ping_interval=10,
+            max_outstanding_pings=3,
             **_callbacks(nc),
         )
     except (nats.errors.Error, OSError, TimeoutError) as e:
-        raise BusError(f"cannot reach NATS at {url} after {connect_wait_s:.0f}s "
-                       f"({type(e).__name__}: {e}); is nats-server running?") from e
+        raise BusError(
+            f"cannot reach NATS at {url} after {connect_wait_s:.0f}s ({type(e).__name__}: {e}); is nats-server running?"
+        ) from e
     # ...then reconnect forever: a service outlives a NATS restart or a cluster node failover.
     nc.options["max_reconnect_attempts"] = -1
     return nc
@@ -157,9 +161,14 @@ def _callbacks(nc: Client) -> dict[str, Any]:
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     """Create the stream, or bring an existing one's subjects and limits up to `spec`."""
     config = StreamConfig(
-        name=spec.name, subjects=spec.subjects, retention=RetentionPolicy.LIMITS,
-        discard=DiscardPolicy.OLD, storage=StorageType.FILE, max_age=spec.max_age_s,
-        max_bytes=spec.max_bytes, max_msg_size=spec.max_msg_size,
+        name=spec.name,
+        subjects=spec.subjects,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s,
+        max_bytes=spec.max_bytes,
+        max_msg_size=spec.max_msg_size,
         duplicate_window=min(120.0, spec.max_age_s),  # the server wants it <= max_age
     )
     try:
@@ -177,8 +186,9 @@ async def ensure_streams(js: JetStreamContext, specs: tuple[StreamSpec, ...] = S
         await ensure_stream(js, spec)
 
 
-async def request(nc: Client, subject: str, msg: Message, reply_type: type[M], *,
-                  timeout: float = REQUEST_TIMEOUT_S) -> M:
+async def request(
+    nc: Client, subject: str, msg: Message, reply_type: type[M], *, timeout: float = REQUEST_TIMEOUT_S
+) -> M:
     """Send `msg`, decode the answer as `reply_type` (SchemaError if it is something else)."""
     try:
         answer = await nc.request(subject, msg.encode(), timeout=timeout)
@@ -195,8 +205,9 @@ async def respond(msg: Msg, reply: Message) -> None:
         await msg.respond(reply.encode())
 
 
-async def publish(js: JetStreamContext, subject: str, msg: Message, *, msg_id: str | None = None,
-                  timeout: float = REQUEST_TIMEOUT_S) -> int:
+async def publish(
+    js: JetStreamContext, subject: str, msg: Message, *, msg_id: str | None = None, timeout: float = REQUEST_TIMEOUT_S
+) -> int:
     """Publish to a stream and wait for the ack; returns the stream sequence.
 
     `msg_id` lets JetStream drop a retried duplicate within the stream's duplicate window.

@@ -108,9 +108,7 @@ class _Spec:
                 default = self.convert(raw)
             except (argparse.ArgumentTypeError, ValueError) as e:
                 parser.error(f"{self.env}={raw!r}: {e}")
-        no_default = (
-            self.field.default is dataclasses.MISSING and self.field.default_factory is dataclasses.MISSING
-        )
+        no_default = self.field.default is dataclasses.MISSING and self.field.default_factory is dataclasses.MISSING
         required = no_default and raw is None
         help_text = self.meta.get("help", "") or ""
         help_text += f" [env {self.env}; default: %(default)s]"
@@ -120,9 +118,7 @@ class _Spec:
         else:
             kwargs["type"] = self.convert
             choices = self.meta.get("choices")
-            kwargs["metavar"] = (
-                "{" + ",".join(map(str, choices)) + "}" if choices else self.base.__name__.upper()
-            )
+            kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}" if choices else self.base.__name__.upper()
             kwargs["required"] = required
         parser.add_argument(self.flag, **kwargs)
 

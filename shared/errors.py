@@ -38,8 +38,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_wire(self) -> dict[str, Any]:
-        return {"status": self.status, "message": self.message, "type": self.type, "param": self.param,
-                "code": self.code}
+        return {
+            "status": self.status,
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any], retry_after: int | None = None) -> ApiError:
@@ -48,10 +53,16 @@ class ApiError(Exception):
         if not (isinstance(status, int) and 400 <= status <= 599 and isinstance(wire.get("message"), str)):
             return ApiError(502, f"malformed error from the serving backend: {wire!r:.200}", "server_error")
         kind = wire.get("type") if isinstance(wire.get("type"), str) else None
-        fields = {k: v if isinstance(v, str) else None for k, v in (("param", wire.get("param")),
-                                                                     ("code", wire.get("code")))}
-        return ApiError(status, wire["message"], kind or _default_type(status), **fields,
-                        retry_after=retry_after if status in RETRIABLE else None)
+        fields = {
+            k: v if isinstance(v, str) else None for k, v in (("param", wire.get("param")), ("code", wire.get("code")))
+        }
+        return ApiError(
+            status,
+            wire["message"],
+            kind or _default_type(status),
+            **fields,
+            retry_after=retry_after if status in RETRIABLE else None,
+        )
 
 
 def invalid(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

@@ -49,8 +49,14 @@ class InstanceView:
         self._prefix = f"$KV.{registry.bucket}."
 
     @classmethod
-    async def open(cls, nc: Client, *, bucket: str = INSTANCES_BUCKET, ttl: float = DEFAULT_TTL_S,
-                   sync_timeout: float = SYNC_TIMEOUT_S) -> InstanceView:
+    async def open(
+        cls,
+        nc: Client,
+        *,
+        bucket: str = INSTANCES_BUCKET,
+        ttl: float = DEFAULT_TTL_S,
+        sync_timeout: float = SYNC_TIMEOUT_S,
+    ) -> InstanceView:
         view = cls(nc, await InstanceRegistry.open(nc.jetstream(), bucket=bucket, ttl=ttl))
         await view.start(sync_timeout)
         return view
@@ -94,8 +100,14 @@ class InstanceView:
     async def _watch(self) -> None:
         self._synced.clear()
         self._sub = await self.nc.jetstream().subscribe(
-            f"{self._prefix}>", stream=f"KV_{self.registry.bucket}", cb=self._on_entry, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=0, pending_bytes_limit=0)
+            f"{self._prefix}>",
+            stream=f"KV_{self.registry.bucket}",
+            cb=self._on_entry,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            pending_msgs_limit=0,
+            pending_bytes_limit=0,
+        )
         # The server's own count, not what has reached this client: nothing delivered and nothing
         # pending means the bucket is empty; otherwise the last entry delivered says so itself.
         info = await self._sub.consumer_info()
@@ -111,7 +123,7 @@ class InstanceView:
                 log.debug("registry_unwatch_failed", error=repr(e))
 
     async def _on_entry(self, msg: Msg) -> None:
-        instance_id = msg.subject[len(self._prefix):]
+        instance_id = msg.subject[len(self._prefix) :]
         operation = (msg.headers or {}).get("KV-Operation")
         if operation in _REMOVED:
             self._drop(instance_id, "removed")

@@ -45,14 +45,14 @@ def decode_result(data: bytes) -> JobResult | JobDone:
     return JobDone.decode(data) if kind == JobDone.kind else JobResult.decode(data)
 
 
-async def iter_results(js: Any, job_id: str, *, limit: int | None = None,
-                       timeout: float | None = None) -> AsyncIterator[JobResult | JobDone]:
+async def iter_results(
+    js: Any, job_id: str, *, limit: int | None = None, timeout: float | None = None
+) -> AsyncIterator[JobResult | JobDone]:
     """The job's results from the start of the stream, up to its JobDone (or `limit` messages).
 
     TimeoutError when `timeout` seconds pass before the end. Messages that do not decode are skipped.
     """
-    sub = await js.subscribe(subjects.job_results(job_id), stream=subjects.JOB_RESULTS_STREAM,
-                             ordered_consumer=True)
+    sub = await js.subscribe(subjects.job_results(job_id), stream=subjects.JOB_RESULTS_STREAM, ordered_consumer=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         read = 0

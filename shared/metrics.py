@@ -45,9 +45,11 @@ class StatsCollector:
 class SpeculationCollector:
     """An engine's speculative decoding counters (the `spec_*` keys of its stats), labelled by method."""
 
-    COUNTERS = (("xllm_spec_draft_tokens", "spec_drafted_tokens", "draft tokens scored"),
-                ("xllm_spec_accepted_tokens", "spec_accepted_tokens", "draft tokens accepted"),
-                ("xllm_spec_verifications", "spec_verifications", "sequence-steps that scored draft tokens"))
+    COUNTERS = (
+        ("xllm_spec_draft_tokens", "spec_drafted_tokens", "draft tokens scored"),
+        ("xllm_spec_accepted_tokens", "spec_accepted_tokens", "draft tokens accepted"),
+        ("xllm_spec_verifications", "spec_verifications", "sequence-steps that scored draft tokens"),
+    )
 
     def __init__(self, method: str, stats: Callable[[], dict[str, Any]]):
         self.method, self.stats = method, stats
@@ -58,8 +60,11 @@ class SpeculationCollector:
             counter = CounterMetricFamily(name, what, labels=["method"])
             counter.add_metric([self.method], stats[key])
             yield counter
-        mean = GaugeMetricFamily("xllm_spec_mean_acceptance_length",
-                                 "tokens emitted per verification step (1 + accepted drafts)", labels=["method"])
+        mean = GaugeMetricFamily(
+            "xllm_spec_mean_acceptance_length",
+            "tokens emitted per verification step (1 + accepted drafts)",
+            labels=["method"],
+        )
         verified = stats["spec_verifications"]
         mean.add_metric([self.method], 1 + stats["spec_accepted_tokens"] / verified if verified else 0.0)
         yield mean

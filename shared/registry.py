@@ -44,8 +44,9 @@ class InstanceRegistry:
         self.ttl = ttl
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, bucket: str = INSTANCES_BUCKET,
-                   ttl: float = DEFAULT_TTL_S) -> InstanceRegistry:
+    async def open(
+        cls, js: JetStreamContext, *, bucket: str = INSTANCES_BUCKET, ttl: float = DEFAULT_TTL_S
+    ) -> InstanceRegistry:
         """Open the bucket, creating it if needed. An existing bucket keeps its own TTL."""
         try:
             kv = await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
@@ -81,8 +82,7 @@ class Heartbeater:
     shutdown does not wait for the TTL.
     """
 
-    def __init__(self, registry: InstanceRegistry, supplier: InfoSupplier,
-                 interval: float = HEARTBEAT_INTERVAL_S):
+    def __init__(self, registry: InstanceRegistry, supplier: InfoSupplier, interval: float = HEARTBEAT_INTERVAL_S):
         if interval >= registry.ttl:
             raise ValueError(f"heartbeat interval {interval}s must be shorter than the TTL {registry.ttl}s")
         self.registry = registry
@@ -136,8 +136,9 @@ class Heartbeater:
 
 def key(instance_id: str) -> str:
     if not _VALID_KEY.match(instance_id) or instance_id.startswith(".") or instance_id.endswith("."):
-        raise ValueError(f"instance id {instance_id!r} is not a valid registry key "
-                         "(letters, digits, and - / _ = . only)")
+        raise ValueError(
+            f"instance id {instance_id!r} is not a valid registry key (letters, digits, and - / _ = . only)"
+        )
     return instance_id
 
 

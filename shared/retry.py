@@ -14,8 +14,15 @@ log = get_logger("xllm.retry")
 T = TypeVar("T")
 
 
-async def retry(op: Callable[[], Awaitable[T]], what: str, *, delay: float = 0.05, max_delay: float = 1.0,
-                give_up_after: float | None = None, retry_if: Callable[[Exception], bool] = lambda e: True) -> T:
+async def retry(
+    op: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    delay: float = 0.05,
+    max_delay: float = 1.0,
+    give_up_after: float | None = None,
+    retry_if: Callable[[Exception], bool] = lambda e: True,
+) -> T:
     """`await op()` until it returns, sleeping `delay` (doubling up to `max_delay`) after each failure for
     which `retry_if(error)` holds; other failures, and the last one after `give_up_after` seconds, are
     raised. A retried failure is logged as `<what>_failed`: the first at warning level, the rest at debug."""
@@ -27,8 +34,9 @@ async def retry(op: Callable[[], Awaitable[T]], what: str, *, delay: float = 0.0
         except Exception as e:
             if not retry_if(e) or (deadline is not None and loop.time() + delay > deadline):
                 raise
-            (log.warning if tries == 1 else log.debug)(f"{what}_failed", error=f"{type(e).__name__}: {e}",
-                                                       tries=tries, retry_in_s=round(delay, 3))
+            (log.warning if tries == 1 else log.debug)(
+                f"{what}_failed", error=f"{type(e).__name__}: {e}", tries=tries, retry_in_s=round(delay, 3)
+            )
         _raise_if_cancelled()
         await asyncio.sleep(delay)
         delay = min(max_delay, 2 * delay)

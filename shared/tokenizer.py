@@ -21,28 +21,43 @@ from shared.engine.errors import InvalidRequestError
 
 # Tokens that end an assistant turn in the chat formats we serve: generation stops on those the vocab
 # has as special tokens, whatever the checkpoint names as its single EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<|eom_id|>",
-                      "<end_of_turn>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<|eom_id|>", "<end_of_turn>")
 
 # llama.cpp's GGUF token types (tokenizer.ggml.token_type)
 _CONTROL, _USER_DEFINED = 3, 4
 
 # Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as the models' own tokenizer.json files have them.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-           "deepseek-r1-qwen": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 # These split digits one by one, then use the GPT-2 regex.
 _DIGIT_SPLIT = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva"}
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, bos_token: str | None = None, eos_token: str | None = None,
-                 chat_template: str | None = None, extra_eos_ids: tuple[int, ...] = (),
-                 special_tokens: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        extra_eos_ids: tuple[int, ...] = (),
+        special_tokens: dict[str, str] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
@@ -54,8 +69,11 @@ class Tokenizer:
         ids = (eos_id, *extra_eos_ids, *turn_ends)
         self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in ids if i is not None))
         # Variables a chat template sees, like transformers' special_tokens_map.
-        self.special_tokens = {k: v for k, v in {"bos_token": bos_token, "eos_token": eos_token,
-                                                 **(special_tokens or {})}.items() if v is not None}
+        self.special_tokens = {
+            k: v
+            for k, v in {"bos_token": bos_token, "eos_token": eos_token, **(special_tokens or {})}.items()
+            if v is not None
+        }
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
@@ -63,8 +81,10 @@ class Tokenizer:
         """tokenizer.json (its post-processor decides BOS, as in transformers 5) + tokenizer_config.json."""
         path = Path(path)
         if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path} has no tokenizer.json (sentencepiece-only tokenizer.model "
-                                    "folders are not supported; convert with transformers first)")
+            raise FileNotFoundError(
+                f"{path} has no tokenizer.json (sentencepiece-only tokenizer.model "
+                "folders are not supported; convert with transformers first)"
+            )
         tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         cfg = read_json(path / "tokenizer_config.json")
         template = cfg.get("chat_template")
@@ -75,8 +95,13 @@ class Tokenizer:
         elif (path / "chat_template.json").exists():
             template = read_json(path / "chat_template.json").get("chat_template", template)
         names = {k: _token_text(cfg.get(k)) for k in ("unk_token", "pad_token")}
-        return cls(tok, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")), template,
-                   special_tokens={k: v for k, v in names.items() if v})
+        return cls(
+            tok,
+            _token_text(cfg.get("bos_token")),
+            _token_text(cfg.get("eos_token")),
+            template,
+            special_tokens={k: v for k, v in names.items() if v},
+        )
 
     @classmethod
     def from_gguf(cls, reader_or_path: GGUFReader | str | Path) -> "Tokenizer":
@@ -93,16 +118,19 @@ class Tokenizer:
         if kind == "gpt2":
             tok = _byte_level_bpe(tokens, meta("ggml.merges", []), meta("ggml.pre", "default"))
         elif kind == "llama":
-            tok = _sentencepiece_bpe(tokens, meta("ggml.scores"), meta("ggml.merges"),
-                                     meta("ggml.add_space_prefix", True))
+            tok = _sentencepiece_bpe(
+                tokens, meta("ggml.scores"), meta("ggml.merges"), meta("ggml.add_space_prefix", True)
+            )
         else:
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
         # Control tokens (<|im_end|>) are special; user-defined ones (<think>) are matched whole but kept
         # in decoded text. Both must be added, or text containing them gets cut into pieces.
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty == _CONTROL])
-        tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+        )
+        tok.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+        )
         bos_id, eos_id = meta("ggml.bos_token_id"), meta("ggml.eos_token_id")
         bos = tokens[bos_id] if bos_id is not None else None
         eos = tokens[eos_id] if eos_id is not None else None
@@ -113,8 +141,9 @@ class Tokenizer:
         tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=pairs)
         extra = tuple(i for i in (meta("ggml.eot_token_id"), meta("ggml.eom_token_id")) if i is not None)
         names = {"unk_token": meta("ggml.unknown_token_id"), "pad_token": meta("ggml.padding_token_id")}
-        return cls(tok, bos, eos, meta("chat_template"), extra,
-                   {k: tokens[i] for k, i in names.items() if i is not None})
+        return cls(
+            tok, bos, eos, meta("chat_template"), extra, {k: tokens[i] for k, i in names.items() if i is not None}
+        )
 
     # ---- text <-> ids -------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -133,8 +162,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text for a conversation; kwargs reach the template (tools, enable_thinking...)."""
         if not self.chat_template:
-            raise InvalidRequestError("this model has no chat template: use the completions API with a "
-                                      "plain prompt", "messages")
+            raise InvalidRequestError(
+                "this model has no chat template: use the completions API with a plain prompt", "messages"
+            )
         # Like transformers: keys set to None are dropped (templates test for presence, not for None).
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
@@ -146,8 +176,9 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template writes BOS itself where the model wants one: adding specials again would double it.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
-                           add_special_tokens=False)
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False
+        )
 
 
 # ---- pipelines rebuilt from GGUF metadata -----------------------------------------------------
@@ -156,8 +187,11 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokeniz
     split = _SPLITS.get(pre)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
     # Llama 3's tokenizer takes a whole word found in the vocab before trying merges; llama.cpp does too.
-    model = models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
-                       ignore_merges=split is _LLAMA3_SPLIT)
+    model = models.BPE(
+        {t: i for i, t in enumerate(tokens)},
+        [tuple(m.split(" ", 1)) for m in merges],
+        ignore_merges=split is _LLAMA3_SPLIT,
+    )
     tok = HFTokenizer(model)
     if split is not None:
         steps = [pre_tokenizers.Split(Regex(split), "isolated"), byte_level]
@@ -172,14 +206,16 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokeniz
     return tok
 
 
-def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, merges: list[str] | None,
-                       add_space_prefix: bool) -> HFTokenizer:
+def _sentencepiece_bpe(
+    tokens: list[str], scores: list[float] | None, merges: list[str] | None, add_space_prefix: bool
+) -> HFTokenizer:
     """SentencePiece BPE with byte fallback (Llama 2, Mistral, TinyLlama), as transformers' LlamaTokenizer."""
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else _merges_from_scores(tokens, scores)
     tok = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False)
+        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * bool(add_space_prefix))
     return tok
@@ -191,8 +227,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for token, score in dict(zip(tokens, scores)).items():
-        found = [(token[:k], token[k:]) for k in range(1, len(token))
-                 if token[:k] in vocab and token[k:] in vocab]
+        found = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
         found.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
         merges += [(left, right, score) for left, right in found]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
@@ -226,8 +261,7 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     # Same environment as transformers: templates come from model repos, so they run sandboxed.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

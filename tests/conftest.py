@@ -60,8 +60,9 @@ def xllm_colocated(tmp_path_factory: pytest.TempPathFactory):
     """`xllm up --mode colocated` with two workers, so one can die while the other serves."""
     from xllm.bench.local_system import start_system, stop_system
 
-    system = start_system(tmp_path_factory.mktemp("xllm-colocated"), *SMALL_SYSTEM, "--mode", "colocated",
-                          "--decode", "2")
+    system = start_system(
+        tmp_path_factory.mktemp("xllm-colocated"), *SMALL_SYSTEM, "--mode", "colocated", "--decode", "2"
+    )
     try:
         yield system
     finally:

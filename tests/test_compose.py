@@ -33,13 +33,45 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-CONFIGS = {"gateway": GatewayConfig, "router": RouterConfig, "kvcache": KvCacheConfig,
-           "prefill": WorkerConfig, "decode": WorkerConfig, "colocated": WorkerConfig}
+CONFIGS = {
+    "gateway": GatewayConfig,
+    "router": RouterConfig,
+    "kvcache": KvCacheConfig,
+    "prefill": WorkerConfig,
+    "decode": WorkerConfig,
+    "colocated": WorkerConfig,
+}
 SERVICE_KEYS = {
-    "build", "image", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
-    "depends_on", "healthcheck", "restart", "init", "stop_grace_period", "stop_signal", "shm_size",
-    "hostname", "networks", "labels", "user", "working_dir", "deploy", "profiles", "logging", "tmpfs",
-    "ulimits", "extra_hosts", "container_name", "cpus", "mem_limit",
+    "build",
+    "image",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "ports",
+    "expose",
+    "volumes",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "init",
+    "stop_grace_period",
+    "stop_signal",
+    "shm_size",
+    "hostname",
+    "networks",
+    "labels",
+    "user",
+    "working_dir",
+    "deploy",
+    "profiles",
+    "logging",
+    "tmpfs",
+    "ulimits",
+    "extra_hosts",
+    "container_name",
+    "cpus",
+    "mem_limit",
 }
 TOP_KEYS = {"services", "volumes", "networks", "configs", "secrets", "name", "version"}
 RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
@@ -49,6 +81,7 @@ VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::?[-?]([^}]*))?\}|\$(\w+)")
 
 
 # ---- loading ---------------------------------------------------------------------------------------
+
 
 def interpolate(value):
     """Compose's ${VAR:-default} / ${VAR} / $$ substitution, with defaults only (the host's
@@ -72,8 +105,11 @@ def compose() -> dict:
 
 def xllm_services(compose: dict) -> dict[str, dict]:
     """Services that run the xllm image: command `serve SERVICE [flags]` (the entrypoint is `xllm`)."""
-    return {name: svc for name, svc in compose["services"].items()
-            if isinstance(svc.get("command"), list) and svc["command"][:1] == ["serve"]}
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if isinstance(svc.get("command"), list) and svc["command"][:1] == ["serve"]
+    }
 
 
 def environment(svc: dict) -> dict[str, str]:
@@ -95,12 +131,15 @@ def parse_command(name: str, command: list[str], env: dict[str, str], monkeypatc
     try:
         config = load_config(CONFIGS[service], args, prog=f"xllm serve {service}")
     except SystemExit:
-        pytest.fail(f"{name!r}: `xllm serve {' '.join(command[1:])}` with its environment "
-                    f"is refused:\n{capsys.readouterr().err}")
+        pytest.fail(
+            f"{name!r}: `xllm serve {' '.join(command[1:])}` with its environment "
+            f"is refused:\n{capsys.readouterr().err}"
+        )
     return service, config
 
 
 # ---- validity --------------------------------------------------------------------------------------
+
 
 def compose_tool() -> list[str] | None:
     if shutil.which("docker-compose"):
@@ -114,11 +153,14 @@ def compose_tool() -> list[str] | None:
 def test_docker_compose_config_accepts_the_file():
     tool = compose_tool()
     if tool is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose); "
-                    "the structural checks in this file still ran")
+        pytest.skip(
+            "docker-compose is not installed (apt-get install docker-compose); "
+            "the structural checks in this file still ran"
+        )
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    result = subprocess.run([*tool, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*tool, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, f"{' '.join(tool)} config -q: {result.stderr}{result.stdout}"
 
 
@@ -138,14 +180,15 @@ def test_compose_structure(compose):
             dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
             assert (context / dockerfile).is_file(), f"{name}: no {dockerfile} in {context}"
         if "command" in svc:
-            assert isinstance(svc["command"], list) and all(isinstance(a, str) for a in svc["command"]), \
+            assert isinstance(svc["command"], list) and all(isinstance(a, str) for a in svc["command"]), (
                 f"{name}: command must be a list of strings (exec form)"
+            )
         if "restart" in svc:
             assert RESTART.match(svc["restart"]), f"{name}: restart {svc['restart']!r}"
         if "stop_grace_period" in svc:
             assert DURATION.match(svc["stop_grace_period"]), f"{name}: stop_grace_period"
         for port in svc.get("ports", []):
-            assert isinstance(port, str) and PORT.match(port), f"{name}: port {port!r} (quote it: \"a:b\")"
+            assert isinstance(port, str) and PORT.match(port), f'{name}: port {port!r} (quote it: "a:b")'
         environment(svc)  # a mapping of scalars, or a list of KEY=VALUE
         depends = svc.get("depends_on") or {}
         for dep in depends:
@@ -174,11 +217,13 @@ def test_nats_runs_jetstream_on_a_volume(compose):
     command = nats["command"]
     assert "-js" in command, "JetStream must be on (offline jobs, KV events, the registry bucket)"
     store = command[command.index("-sd") + 1]
-    assert any(isinstance(m, str) and m.split(":")[1] == store for m in nats.get("volumes", [])), \
+    assert any(isinstance(m, str) and m.split(":")[1] == store for m in nats.get("volumes", [])), (
         f"the JetStream store {store} must be a volume"
+    )
 
 
 # ---- the services' commands ------------------------------------------------------------------------
+
 
 def topology(commands: list[list[str]]) -> Counter:
     """The service module of each `serve SERVICE [flags]` command."""
@@ -200,8 +245,9 @@ def test_every_command_parses(compose, monkeypatch, capsys):
     for name, svc in services.items():
         _, config = parse_command(name, svc["command"], environment(svc), monkeypatch, capsys)
         nats = urlparse(config.nats)
-        assert nats.scheme == "nats" and nats.hostname in compose["services"], \
+        assert nats.scheme == "nats" and nats.hostname in compose["services"], (
             f"{name}: --nats {config.nats} is not the compose NATS service"
+        )
         assert nats.hostname in (svc.get("depends_on") or {}), f"{name}: must depend on {nats.hostname}"
 
 
@@ -226,8 +272,9 @@ def test_ports_and_addresses_agree(compose, monkeypatch, capsys):
             if healthcheck_port(svc) is not None:
                 assert healthcheck_port(svc) == config.metrics_port, f"{name}: healthcheck vs --metrics-port"
         if service == "prefill":
-            assert config.data_host in ("", *compose["services"]), \
+            assert config.data_host in ("", *compose["services"]), (
                 f"{name}: XLLM_DATA_HOST {config.data_host!r} is not reachable from the decode container"
+            )
             assert svc.get("shm_size"), f"{name}: KV exports are staged in /dev/shm (Docker's default: 64 MB)"
 
 
@@ -241,6 +288,7 @@ def test_gateway_and_workers_serve_the_same_model(compose, monkeypatch, capsys):
 
 
 # ---- the image -------------------------------------------------------------------------------------
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = DOCKERFILE.read_text().replace("\\\n", " ")
@@ -260,14 +308,17 @@ def test_dockerfile_builds_the_cli_image():
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "run as a non-root user"
     entrypoint = [arg for op, arg in instructions if op == "ENTRYPOINT"]
-    assert entrypoint and yaml.safe_load(entrypoint[-1]) == ["xllm"], "ENTRYPOINT [\"xllm\"]"
+    assert entrypoint and yaml.safe_load(entrypoint[-1]) == ["xllm"], 'ENTRYPOINT ["xllm"]'
     assert "xllm" in pyproject["project"]["scripts"]
 
 
 def test_dockerignore_keeps_what_the_build_copies():
     """The allow-list in .dockerignore must not drop a file the Dockerfile copies."""
-    allowed = {line.strip()[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip().startswith("!")}
+    allowed = {
+        line.strip()[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip().startswith("!")
+    }
     for op, arg in dockerfile_instructions():
         if op == "COPY" and not arg.startswith("--from"):
             for source in arg.split()[:-1]:
@@ -276,13 +327,19 @@ def test_dockerignore_keeps_what_the_build_copies():
 
 # ---- the Kubernetes example ------------------------------------------------------------------------
 
+
 def k8s_containers() -> dict[str, dict]:
     with (ROOT / "deploy" / "k8s" / "xllm.yaml").open() as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     for doc in docs:
         assert {"apiVersion", "kind", "metadata"} <= set(doc), f"not a Kubernetes object: {doc}"
-    return {f"{doc['metadata']['name']}/{c['name']}": c for doc in docs if doc["kind"] == "Deployment"
-            for c in doc["spec"]["template"]["spec"]["containers"] if c.get("args", [])[:1] == ["serve"]}
+    return {
+        f"{doc['metadata']['name']}/{c['name']}": c
+        for doc in docs
+        if doc["kind"] == "Deployment"
+        for c in doc["spec"]["template"]["spec"]["containers"]
+        if c.get("args", [])[:1] == ["serve"]
+    }
 
 
 def test_k8s_example_runs_the_same_topology_with_valid_commands(monkeypatch, capsys):

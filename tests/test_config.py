@@ -51,8 +51,25 @@ def test_defaults() -> None:
 
 
 def test_flags_are_kebab_case_and_typed() -> None:
-    argv = ["--host", "0.0.0.0", "--port", "9000", "--ratio", "0.25", "--verbose", "--api-key", "k",
-            "--limit", "3", "--mode", "disaggregated", "--urls", "x, y", "--ports", "5,6"]
+    argv = [
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "--ratio",
+        "0.25",
+        "--verbose",
+        "--api-key",
+        "k",
+        "--limit",
+        "3",
+        "--mode",
+        "disaggregated",
+        "--urls",
+        "x, y",
+        "--ports",
+        "5,6",
+    ]
     c = load_config(DemoConfig, argv)
     assert (c.host, c.port, c.ratio, c.verbose, c.api_key, c.limit) == ("0.0.0.0", 9000, 0.25, True, "k", 3)
     assert (c.mode, c.urls, c.ports) == ("disaggregated", ("x", "y"), [5, 6])
@@ -116,9 +133,7 @@ def test_help_names_env_vars_and_defaults(capsys) -> None:
 
 def test_gateway_config_loads(monkeypatch) -> None:
     monkeypatch.setenv("XLLM_API_KEY", "k")
-    c = load_config(
-        GatewayConfig, ["--port", "8080", "--max-inflight", "4", "--first-token-timeout-s", "1.5"]
-    )
+    c = load_config(GatewayConfig, ["--port", "8080", "--max-inflight", "4", "--first-token-timeout-s", "1.5"])
     assert (c.port, c.max_inflight, c.first_token_timeout_s, c.api_key) == (8080, 4, 1.5, "k")
     assert c.max_body_bytes >= 1024 * 1024 and c.served_model_name is None
 

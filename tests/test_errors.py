@@ -14,8 +14,9 @@ def test_constructors_and_retriable() -> None:
 def test_wire_round_trip_and_openai_body() -> None:
     e = ApiError(400, "n must be >= 1", "invalid_request_error", "n", "invalid_value")
     assert ApiError.from_wire(e.to_wire()) == e
-    assert e.body() == {"error": {"message": "n must be >= 1", "type": "invalid_request_error", "param": "n",
-                                  "code": "invalid_value"}}
+    assert e.body() == {
+        "error": {"message": "n must be >= 1", "type": "invalid_request_error", "param": "n", "code": "invalid_value"}
+    }
     assert ApiError.from_wire(unavailable("x").to_wire(), retry_after=2).retry_after == 2
     assert ApiError.from_wire(invalid("x").to_wire(), retry_after=2).retry_after is None  # only 429 / 503
 

@@ -30,10 +30,17 @@ PROMPT = list(range(100, 124))  # 6 full blocks of 4
 H = block_hashes(PROMPT, BS)
 
 
-def ev(iid: str, seq: int, event: str = "stored", hashes: list[int] | None = None,
-       parent: int | None = None, tier: str = "device") -> KvEvent:
-    return KvEvent(instance_id=iid, seq=seq, event=event, block_hashes=list(hashes or []),
-                   parent_hash=parent, tier=tier)
+def ev(
+    iid: str,
+    seq: int,
+    event: str = "stored",
+    hashes: list[int] | None = None,
+    parent: int | None = None,
+    tier: str = "device",
+) -> KvEvent:
+    return KvEvent(
+        instance_id=iid, seq=seq, event=event, block_hashes=list(hashes or []), parent_hash=parent, tier=tier
+    )
 
 
 # -- the pure index ---------------------------------------------------------------------------------
@@ -129,12 +136,15 @@ def test_config_from_args_and_env(monkeypatch) -> None:
     assert (c.nats, c.log_level) == ("nats://a:1,nats://b:2", "debug")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--nats", "localhost:4222"], "expected nats://"),
-    (["--log-level", "loud"], "--log-level"),
-    (["--replay-timeout-s", "soon"], "expected float"),
-    (["--replay-timeout-s", "-1"], "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nats", "localhost:4222"], "expected nats://"),
+        (["--log-level", "loud"], "--log-level"),
+        (["--replay-timeout-s", "soon"], "expected float"),
+        (["--replay-timeout-s", "-1"], "must be >= 0"),
+    ],
+)
 def test_config_rejects_bad_values(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         load_config(KvCacheConfig, argv)
@@ -166,8 +176,7 @@ async def view(nc):
 
 
 async def ask(nc, tokens: list[int], block_size: int = BS) -> KvQueryReply:
-    return await bus.request(nc, subjects.KVCACHE_QUERY, KvQuery("q-1", tokens, block_size), KvQueryReply,
-                             timeout=2)
+    return await bus.request(nc, subjects.KVCACHE_QUERY, KvQuery("q-1", tokens, block_size), KvQueryReply, timeout=2)
 
 
 @pytest.fixture
@@ -180,8 +189,15 @@ async def js(nc):
 
 @pytest.mark.integration
 async def test_query_over_nats_and_replay_after_restart(nc, js, view) -> None:
-    await publish(js, [ev("w-a", 1, hashes=H[:5]), ev("w-b", 1, hashes=H[:2]),
-                       ev("w-b", 2, hashes=H[:1], tier="host"), ev("w-a", 2, "removed", hashes=H[4:])])
+    await publish(
+        js,
+        [
+            ev("w-a", 1, hashes=H[:5]),
+            ev("w-b", 1, hashes=H[:2]),
+            ev("w-b", 2, hashes=H[:1], tier="host"),
+            ev("w-a", 2, "removed", hashes=H[4:]),
+        ],
+    )
     svc = await started(nc, view)
     before = await ask(nc, PROMPT + [1, 2])  # a partial last block does not count
     assert before.matches == {"w-a": 4, "w-b": 2} and before.num_blocks == 6
@@ -191,6 +207,7 @@ async def test_query_over_nats_and_replay_after_restart(nc, js, view) -> None:
 
     # Live: events published while serving reach the index.
     await publish(js, [ev("w-b", 3, hashes=H[2:6], parent=H[1])])
+
     async def applied() -> bool:
         return (await ask(nc, PROMPT)).matches.get("w-b") == 6
 
@@ -252,6 +269,7 @@ async def test_instances_that_leave_the_registry_are_dropped(nc, js) -> None:
         # Known from its events only: dropped once a TTL passes without its heartbeat.
         await view.wait(lambda: svc.instances_dropped == 2, timeout=TTL + 3)
         assert (await ask(nc, PROMPT)).matches == {live: 2}
+
         async def purged() -> bool:  # their histories are purged (a task after the drop)
             return (await js.stream_info(subjects.KV_EVENTS_STREAM)).state.messages == 1
 
@@ -264,9 +282,15 @@ async def test_instances_that_leave_the_registry_are_dropped(nc, js) -> None:
 def test_module_entry_point_serves_and_stops_on_sigterm(nats_server) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLLM_NATS": nats_server, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "services.kvcache", "--log-level", "info"], cwd=root,
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.kvcache", "--log-level", "info"],
+        cwd=root,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         async def query_until_served() -> KvQueryReply:
             nc = await bus.connect(nats_server, "test")
             try:
@@ -294,6 +318,12 @@ def test_module_entry_point_unreachable_nats_exits_1() -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "XLLM_NATS_CONNECT_WAIT": "0.5"}
     url = f"nats://127.0.0.1:{free_port()}"
-    r = subprocess.run([sys.executable, "-m", "services.kvcache", "--nats", url], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "services.kvcache", "--nats", url],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and f"cannot reach NATS at {url}" in r.stderr

@@ -1,10 +1,10 @@
 """The `xllm` command.
 
-  xllm up [...]                 start everything locally (the README's serve command)
-  xllm serve SERVICE [...]      run one service against an existing NATS (what compose runs)
-  xllm generate --prompt TEXT   in-process generation; prints the completion only
-  xllm bench engine | serve     benchmarks
-  xllm submit jobs.jsonl        an offline batch job over NATS
+xllm up [...]                 start everything locally (the README's serve command)
+xllm serve SERVICE [...]      run one service against an existing NATS (what compose runs)
+xllm generate --prompt TEXT   in-process generation; prints the completion only
+xllm bench engine | serve     benchmarks
+xllm submit jobs.jsonl        an offline batch job over NATS
 """
 
 import argparse
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(argv: list[str]) -> int:
     if not argv or argv[0] not in SERVICES:
-        print(f"usage: xllm serve {{{','.join(SERVICES)}}} [flags]  (flags: xllm serve SERVICE --help)",
-              file=sys.stderr)
+        print(
+            f"usage: xllm serve {{{','.join(SERVICES)}}} [flags]  (flags: xllm serve SERVICE --help)", file=sys.stderr
+        )
         return 2
     return importlib.import_module(f"services.{argv[0]}.__main__").main(argv[1:]) or 0
 
@@ -70,12 +71,20 @@ def generate(argv: list[str]) -> int:
     from shared.engine.sampling_params import SamplingParams
 
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed)
-        llm = LLM(EngineConfig(model=args.model, device=args.device, num_threads=args.threads,
-                               kv_cache_memory=256 << 20, speculative=args.speculative,
-                               num_speculative_tokens=args.num_speculative_tokens,
-                               draft_length=args.draft_length))
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+        llm = LLM(
+            EngineConfig(
+                model=args.model,
+                device=args.device,
+                num_threads=args.threads,
+                kv_cache_memory=256 << 20,
+                speculative=args.speculative,
+                num_speculative_tokens=args.num_speculative_tokens,
+                draft_length=args.draft_length,
+            )
+        )
         (completion,) = llm.generate([args.prompt], params, chat=args.chat)
     except (InvalidRequestError, FileNotFoundError, ValueError) as e:
         print(f"xllm generate: {e}", file=sys.stderr)
@@ -87,12 +96,21 @@ def generate(argv: list[str]) -> int:
 def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
     from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS
 
-    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS, default="none",
-                        help="speculative decoding: draft tokens by n-gram lookup or suffix decoding")
-    parser.add_argument("--num-speculative-tokens", type=int, default=5,
-                        help="the most draft tokens a sequence scores per step")
-    parser.add_argument("--draft-length", choices=DRAFT_LENGTHS, default="adaptive",
-                        help="adaptive: as many as pay (a measured cost model); fixed: all that is proposed")
+    parser.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default="none",
+        help="speculative decoding: draft tokens by n-gram lookup or suffix decoding",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens", type=int, default=5, help="the most draft tokens a sequence scores per step"
+    )
+    parser.add_argument(
+        "--draft-length",
+        choices=DRAFT_LENGTHS,
+        default="adaptive",
+        help="adaptive: as many as pay (a measured cost model); fixed: all that is proposed",
+    )
 
 
 def bench(argv: list[str]) -> int:

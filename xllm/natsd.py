@@ -67,8 +67,15 @@ def _die_with_parent() -> None:
 class NatsServer:
     """One nats-server process. `state_dir=None` uses a temp dir that is removed on stop."""
 
-    def __init__(self, state_dir: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 jetstream: bool = True, binary: str | None = None):
+    def __init__(
+        self,
+        state_dir: str | Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        jetstream: bool = True,
+        binary: str | None = None,
+    ):
         self.host = host
         self.port = port
         self._fixed_port = port
@@ -101,8 +108,7 @@ class NatsServer:
                     self._check_alive()
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise NatsServerError(f"nats-server did not accept connections on {self.url} "
-                                              f"in {timeout}s")
+                        raise NatsServerError(f"nats-server did not accept connections on {self.url} in {timeout}s")
                     time.sleep(0.02)
                 return self.url
             except _ExitedAtStart:
@@ -156,8 +162,7 @@ class NatsServer:
                     self._check_alive()
                     if time.monotonic() > deadline:
                         await self.astop()
-                        raise NatsServerError(f"nats-server did not accept connections on {self.url} "
-                                              f"in {timeout}s")
+                        raise NatsServerError(f"nats-server did not accept connections on {self.url} in {timeout}s")
                     await asyncio.sleep(0.02)
                 return self.url
             except _ExitedAtStart:
@@ -206,7 +211,10 @@ class NatsServer:
         self.log_path = data / "nats-server.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 # Own session: a Ctrl-C at the terminal reaches our launcher, which stops services
                 # first and the bus last, instead of killing the bus under them.
                 start_new_session=True,

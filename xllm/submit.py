@@ -78,8 +78,12 @@ def batch_line(result: JobResult) -> dict[str, Any]:
         api_error = ApiError.from_wire(err)
         response = {"status_code": api_error.status, "request_id": None, "body": api_error.body()}
         error = {"code": api_error.code or api_error.type, "message": api_error.message}
-    return {"id": f"{result.job_id}:{result.custom_id}", "custom_id": result.custom_id, "response": response,
-            "error": error}
+    return {
+        "id": f"{result.job_id}:{result.custom_id}",
+        "custom_id": result.custom_id,
+        "response": response,
+        "error": error,
+    }
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -105,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xllm submit", description="run an offline batch job (OpenAI batch "
-                                "JSONL) through the xllm job runner over NATS; see docs/jobs.md")
+    p = argparse.ArgumentParser(
+        prog="xllm submit",
+        description="run an offline batch job (OpenAI batch "
+        "JSONL) through the xllm job runner over NATS; see docs/jobs.md",
+    )
     p.add_argument("file", nargs="?", help="JSONL file, one {custom_id, method, url, body} per line")
-    p.add_argument("--nats", default=os.environ.get("XLLM_NATS", "nats://127.0.0.1:4222"),
-                   help="NATS server URL [env XLLM_NATS]")
+    p.add_argument(
+        "--nats", default=os.environ.get("XLLM_NATS", "nats://127.0.0.1:4222"), help="NATS server URL [env XLLM_NATS]"
+    )
     p.add_argument("--wait", action="store_true", help="wait for the results and write them")
     p.add_argument("--output", "-o", help="write results here (default: stdout)")
     p.add_argument("--job-id", help="the job's id (default: a random one); letters, digits, - and _")
@@ -132,14 +140,20 @@ async def _run(args: argparse.Namespace, job: Job | None) -> int:
             job_id = job.job_id
             data = job.encode()
             if len(data) > nc.max_payload:
-                print(f"xllm submit: the job is {len(data)} bytes, over the NATS message limit of "
-                      f"{nc.max_payload}; split the file into several jobs", file=sys.stderr)
+                print(
+                    f"xllm submit: the job is {len(data)} bytes, over the NATS message limit of "
+                    f"{nc.max_payload}; split the file into several jobs",
+                    file=sys.stderr,
+                )
                 return 2
             try:  # the msg id makes a retried publish of the same job a no-op
                 await js.publish(subjects.JOBS_SUBMIT, data, timeout=10, headers={"Nats-Msg-Id": job_id})
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                print(f"xllm submit: no JetStream stream takes {subjects.JOBS_SUBMIT}; is an xllm gateway "
-                      "running against this NATS?", file=sys.stderr)
+                print(
+                    f"xllm submit: no JetStream stream takes {subjects.JOBS_SUBMIT}; is an xllm gateway "
+                    "running against this NATS?",
+                    file=sys.stderr,
+                )
                 return 1
             # Results on stdout: the job id goes to stderr, so stdout stays pure JSONL.
             print(job_id, file=sys.stderr if args.wait and to_stdout else sys.stdout, flush=True)
@@ -166,8 +180,7 @@ async def _write_results(js: Any, job_id: str, output: str | None, timeout: floa
         print(f"xllm submit: {e} ({len(seen)} results so far)", file=sys.stderr)
         return 1
     except nats.js.errors.NotFoundError:
-        print(f"xllm submit: no stream {subjects.JOB_RESULTS_STREAM}; is an xllm gateway running?",
-              file=sys.stderr)
+        print(f"xllm submit: no stream {subjects.JOB_RESULTS_STREAM}; is an xllm gateway running?", file=sys.stderr)
         return 1
     finally:
         if output:

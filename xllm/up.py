@@ -35,22 +35,24 @@ class UpConfig:
     host: str = opt("127.0.0.1", "gateway address")
     port: int = opt(8000, "gateway HTTP port", min=0, max=65535)
     model: str = opt("smollm2", "GGUF file, Hugging Face folder, or a known short name")
-    mode: str = opt("disaggregated", "disaggregated (prefill -> decode) or colocated",
-                    choices=("disaggregated", "colocated"))
+    mode: str = opt(
+        "disaggregated", "disaggregated (prefill -> decode) or colocated", choices=("disaggregated", "colocated")
+    )
     prefill: int = opt(1, "prefill workers (disaggregated mode)", min=1)
     decode: int = opt(1, "decode workers (disaggregated) or colocated workers", min=1)
     nats: str | None = opt(None, "use this NATS instead of starting one")
     state_dir: str = opt("./state", "where the embedded NATS keeps its JetStream data, and logs go")
     api_key: str | None = opt(None, "require this bearer token on /v1/*")
-    worker_threads: int | None = opt(None, "torch threads per worker (default: all cores, see docs/performance.md)",
-                                     min=1)
-    kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache",
-                                   min=0.001, max=0.9)
+    worker_threads: int | None = opt(
+        None, "torch threads per worker (default: all cores, see docs/performance.md)", min=1
+    )
+    kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache", min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
     speculative: str = opt("none", "speculative decoding on decode and colocated workers", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = opt(5, "the most draft tokens a sequence scores per step", min=1, max=32)
-    draft_length: str = opt("adaptive", "adaptive (a cost model decides) or fixed (all that is proposed)",
-                            choices=DRAFT_LENGTHS)
+    draft_length: str = opt(
+        "adaptive", "adaptive (a cost model decides) or fixed (all that is proposed)", choices=DRAFT_LENGTHS
+    )
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
@@ -68,25 +70,67 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     """The processes to run, in start order (the gateway last: it is the one users reach)."""
     py = [sys.executable, "-m"]
     common = ["--nats", nats_url, "--log-level", config.log_level]
-    roles = ["colocated"] * config.decode if config.mode == "colocated" else \
-        ["prefill"] * config.prefill + ["decode"] * config.decode
+    roles = (
+        ["colocated"] * config.decode
+        if config.mode == "colocated"
+        else ["prefill"] * config.prefill + ["decode"] * config.decode
+    )
     # Every worker may use every core: on 2 cores, 2 threads per worker beat 1 each for prefill +
     # decode, bursty and steady alike (prefill and decode phases rarely peak together).
     threads = config.worker_threads or (os.cpu_count() or 1)
-    worker_args = ["--model", config.model, "--num-threads", str(threads),
-                   "--kv-cache-fraction", str(config.kv_cache_fraction),
-                   "--max-num-seqs", str(config.max_num_seqs)]
-    services = [Service("kvcache", [*py, "services.kvcache", *common]),
-                Service("router", [*py, "services.router", *common])]
+    worker_args = [
+        "--model",
+        config.model,
+        "--num-threads",
+        str(threads),
+        "--kv-cache-fraction",
+        str(config.kv_cache_fraction),
+        "--max-num-seqs",
+        str(config.max_num_seqs),
+    ]
+    services = [
+        Service("kvcache", [*py, "services.kvcache", *common]),
+        Service("router", [*py, "services.router", *common]),
+    ]
     for i, role in enumerate(roles):
         name = f"{role}-{i}"
-        speculation = [] if role == "prefill" else [
-            "--speculative", config.speculative, "--num-speculative-tokens", str(config.num_speculative_tokens),
-            "--draft-length", config.draft_length]
-        services.append(Service(name, [*py, f"services.{role}", *common, *worker_args, *speculation,
-                                       "--instance-id", f"{name}-{os.getpid()}"]))
-    gateway = [*py, "services.gateway", *common, "--model", config.model, "--host", config.host,
-               "--port", str(config.port)]
+        speculation = (
+            []
+            if role == "prefill"
+            else [
+                "--speculative",
+                config.speculative,
+                "--num-speculative-tokens",
+                str(config.num_speculative_tokens),
+                "--draft-length",
+                config.draft_length,
+            ]
+        )
+        services.append(
+            Service(
+                name,
+                [
+                    *py,
+                    f"services.{role}",
+                    *common,
+                    *worker_args,
+                    *speculation,
+                    "--instance-id",
+                    f"{name}-{os.getpid()}",
+                ],
+            )
+        )
+    gateway = [
+        *py,
+        "services.gateway",
+        *common,
+        "--model",
+        config.model,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+    ]
     env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}  # not on the command line
     services.append(Service("gateway", gateway, env))
     return services
@@ -101,8 +145,13 @@ class Supervisor:
 
     def start(self, service: Service) -> None:
         logfile = open(self.log_dir / f"{service.name}.log", "ab")  # noqa: SIM115 -- owned by the child
-        service.proc = subprocess.Popen(service.argv, env={**os.environ, **service.env}, stdout=logfile,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        service.proc = subprocess.Popen(
+            service.argv,
+            env={**os.environ, **service.env},
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         logfile.close()
 
     def check(self) -> None:
@@ -117,8 +166,13 @@ class Supervisor:
         for s in self.services:
             if s.proc and s.proc.poll() is not None and not self.stopping:
                 s.restarts += 1
-                log.warning("service_exited_restarting", service=s.name, code=s.proc.returncode,
-                            restarts=s.restarts, log=str(self.log_dir / f"{s.name}.log"))
+                log.warning(
+                    "service_exited_restarting",
+                    service=s.name,
+                    code=s.proc.returncode,
+                    restarts=s.restarts,
+                    log=str(self.log_dir / f"{s.name}.log"),
+                )
                 time.sleep(min(5.0, 0.5 * s.restarts))
                 self.start(s)
 
@@ -139,8 +193,7 @@ class Supervisor:
                     s.proc.wait()
 
 
-def wait_ready(url: str, supervisor: Supervisor, workers: int, timeout: float,
-               api_key: str | None = None) -> bool:
+def wait_ready(url: str, supervisor: Supervisor, workers: int, timeout: float, api_key: str | None = None) -> bool:
     """True once /health is 200 and every worker started has registered (so "up" means all of it)."""
     deadline = time.monotonic() + timeout
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -188,8 +241,7 @@ def up(config: UpConfig) -> int:
             log.error("not_healthy_in_time", url=url, logs=str(log_dir))
             return 1
         if not stop["now"]:
-            print(f"xllm is up: {url}  (OpenAI API at {url}/v1; NATS at {nats_url}; logs in {log_dir})",
-                  flush=True)
+            print(f"xllm is up: {url}  (OpenAI API at {url}/v1; NATS at {nats_url}; logs in {log_dir})", flush=True)
         while not stop["now"]:
             supervisor.check()
             time.sleep(0.5)

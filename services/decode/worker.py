@@ -84,8 +84,11 @@ class DecodeWorker(Worker):
     async def _copy(self, msg: Msg, handoff: KvHandoff, rid: str, blocks: list[int]) -> asyncio.Task:
         """Tell the prefill worker the blocks are reserved, and read the KV into them as it is computed;
         returns the copy, done (cancelled when the request was aborted)."""
-        copy = self.copies[rid] = asyncio.create_task(import_kv(
-            handoff.handle, self.engine.kv_layout, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)))
+        copy = self.copies[rid] = asyncio.create_task(
+            import_kv(
+                handoff.handle, self.engine.kv_layout, len(blocks), self.host, lambda kv: self._write_kv(blocks, kv)
+            )
+        )
         try:
             await respond(msg, Ack(rid, self.instance_id))
             await asyncio.wait({copy})
@@ -122,8 +125,9 @@ class DecodeWorker(Worker):
             if req.request_id in self.aborted:
                 raise _Refused(aborted())
             try:
-                blocks = await self.engine.call(lambda e: e.handoff.reserve_import(
-                    req.request_id, req.prompt_token_ids, params, req.priority))
+                blocks = await self.engine.call(
+                    lambda e: e.handoff.reserve_import(req.request_id, req.prompt_token_ids, params, req.priority)
+                )
             except InvalidRequestError as e:
                 raise _Refused(invalid(e.message, e.param)) from None
             if blocks is None:
@@ -131,8 +135,14 @@ class DecodeWorker(Worker):
             return blocks
 
         try:
-            return await retry(try_once, "kv_reserve", delay=0.05, max_delay=0.05,
-                               give_up_after=handoff.lease_s * 0.8, retry_if=lambda e: isinstance(e, _NoRoom))
+            return await retry(
+                try_once,
+                "kv_reserve",
+                delay=0.05,
+                max_delay=0.05,
+                give_up_after=handoff.lease_s * 0.8,
+                retry_if=lambda e: isinstance(e, _NoRoom),
+            )
         except _NoRoom:
             raise _Refused(unavailable("no KV room on the decode worker")) from None
 

@@ -27,8 +27,14 @@ log = structlog.get_logger("xllm.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(config: GatewayConfig, tokenizer: Any, model: ModelInfo, backend: Backend, view: Any | None = None,
-               metrics: GatewayMetrics | None = None) -> web.Application:
+def create_app(
+    config: GatewayConfig,
+    tokenizer: Any,
+    model: ModelInfo,
+    backend: Backend,
+    view: Any | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> web.Application:
     """The gateway app. `backend` must be started (`await backend.start()`); the caller owns NATS."""
     gw = Gateway(config, tokenizer, model, backend, view, metrics or GatewayMetrics.create())
     gw.metrics.running.set_function(lambda: gw.inflight)
@@ -91,11 +97,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _from_http(request: web.Request, e: web.HTTPException) -> ApiError:
     if e.status == 404:
-        return ApiError(404, f"no route {request.method} {request.path}", "invalid_request_error", None,
-                        "unknown_url")
+        return ApiError(404, f"no route {request.method} {request.path}", "invalid_request_error", None, "unknown_url")
     if e.status == 405:
-        return ApiError(405, f"method {request.method} is not allowed for {request.path}",
-                        "invalid_request_error", None, "method_not_allowed")
+        return ApiError(
+            405,
+            f"method {request.method} is not allowed for {request.path}",
+            "invalid_request_error",
+            None,
+            "method_not_allowed",
+        )
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     return ApiError(e.status, e.reason, kind)
 
@@ -106,8 +116,13 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if key and request.path.startswith(("/v1/", "/admin/")):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           "invalid_request_error", None, "invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+            )
     return await handler(request)
 
 
@@ -119,14 +134,19 @@ async def get_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     name = request.match_info["model"]
     if name != gw.model.name:
-        raise ApiError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model",
-                       "model_not_found")
+        raise ApiError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
     return _json(_model_card(gw))
 
 
 def _model_card(gw: Gateway) -> dict:
-    return {"id": gw.model.name, "object": "model", "created": gw.created, "owned_by": "xllm",
-            "root": gw.config.model, "max_model_len": gw.model.max_model_len}
+    return {
+        "id": gw.model.name,
+        "object": "model",
+        "created": gw.created,
+        "owned_by": "xllm",
+        "root": gw.config.model,
+        "max_model_len": gw.model.max_model_len,
+    }
 
 
 async def health(request: web.Request) -> web.Response:
@@ -145,14 +165,27 @@ async def health(request: web.Request) -> web.Response:
 
 async def instances(request: web.Request) -> web.Response:
     """Live instances for operators: id, role, pid, host, state, load and counters."""
-    return _json([
-        {"instance_id": i.instance_id, "role": i.role, "model": i.model, "pid": i.pid, "host": i.host,
-         "state": i.state, "updated_at": i.updated_at,
-         "load": {"running": i.running, "waiting": i.waiting, "free_blocks": i.free_blocks,
-                  "total_blocks": i.total_blocks},
-         "counters": i.counters}
-        for i in request.app[GATEWAY].instances()
-    ])
+    return _json(
+        [
+            {
+                "instance_id": i.instance_id,
+                "role": i.role,
+                "model": i.model,
+                "pid": i.pid,
+                "host": i.host,
+                "state": i.state,
+                "updated_at": i.updated_at,
+                "load": {
+                    "running": i.running,
+                    "waiting": i.waiting,
+                    "free_blocks": i.free_blocks,
+                    "total_blocks": i.total_blocks,
+                },
+                "counters": i.counters,
+            }
+            for i in request.app[GATEWAY].instances()
+        ]
+    )
 
 
 async def metrics_text(request: web.Request) -> web.Response:

@@ -53,8 +53,15 @@ class Attempt:
 
 
 class Backend:
-    def __init__(self, nc: Any, retry_after_s: int = 1, *, view: Any | None = None, max_submissions: int = 3,
-                 route_timeout_s: float = ROUTE_TIMEOUT_S):
+    def __init__(
+        self,
+        nc: Any,
+        retry_after_s: int = 1,
+        *,
+        view: Any | None = None,
+        max_submissions: int = 3,
+        route_timeout_s: float = ROUTE_TIMEOUT_S,
+    ):
         self.nc = nc
         self.retry_after_s = retry_after_s
         self.view = view  # the process's InstanceView (or anything with `on_gone` and `expect`); None: no watch
@@ -70,8 +77,9 @@ class Backend:
         self._inbox = self.nc.new_inbox()
         # Unbounded pending on the subscription: each stream is bounded by its request's max_tokens,
         # and dropping a chunk (slow consumer) would corrupt an answer.
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_chunk, pending_msgs_limit=0,
-                                            pending_bytes_limit=0)
+        self._sub = await self.nc.subscribe(
+            f"{self._inbox}.*", cb=self._on_chunk, pending_msgs_limit=0, pending_bytes_limit=0
+        )
         if self.view is not None:
             self.view.on_gone.append(self._instance_gone)
         bus.on_connection(self.nc, restored=self._bus_restored)
@@ -101,12 +109,12 @@ class Backend:
         self._attempts[req.request_id] = attempt
         req.reply_subject = f"{self._inbox}.{req.request_id}"
         try:
-            reply = await bus.request(self.nc, subjects.ROUTER_GENERATE, req, RouteReply,
-                                      timeout=self.route_timeout_s)
+            reply = await bus.request(self.nc, subjects.ROUTER_GENERATE, req, RouteReply, timeout=self.route_timeout_s)
         except bus.NoResponders:
             await self.release(attempt, abort=False)
-            raise ApiError(503, "no router is running; retry later", "server_error", None, "router_unavailable",
-                           self.retry_after_s) from None
+            raise ApiError(
+                503, "no router is running; retry later", "server_error", None, "router_unavailable", self.retry_after_s
+            ) from None
         except bus.RequestTimeout:
             await self.release(attempt, abort=True)  # the router may still place it: cancel that
             log.warning("route_timeout", timeout_s=self.route_timeout_s)
@@ -117,8 +125,14 @@ class Backend:
         except Exception as e:  # connection closed / draining: nothing was sent
             await self.release(attempt, abort=False)
             log.warning("publish_failed", error=repr(e))
-            raise ApiError(503, "the message bus is unavailable; retry later", "server_error", None,
-                           "bus_unavailable", self.retry_after_s) from None
+            raise ApiError(
+                503,
+                "the message bus is unavailable; retry later",
+                "server_error",
+                None,
+                "bus_unavailable",
+                self.retry_after_s,
+            ) from None
         if reply.error:
             await self.release(attempt, abort=False)
             raise ApiError.from_wire(reply.error, self.retry_after_s)

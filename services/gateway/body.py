@@ -23,8 +23,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 def too_large(size: int | None, limit: int) -> ApiError:
     got = f" ({size} bytes)" if size is not None else ""
-    return ApiError(413, f"request body is too large{got}; the limit is {limit} bytes", "invalid_request_error", None,
-                    "request_too_large")
+    return ApiError(
+        413,
+        f"request body is too large{got}; the limit is {limit} bytes",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:

@@ -13,8 +13,18 @@ log = structlog.get_logger("xllm.gateway")
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Accepted only at their "off" value: refusing beats silently ignoring them.
-UNSUPPORTED = ("tools", "functions", "function_call", "audio", "prediction", "use_beam_search",
-               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice")
+UNSUPPORTED = (
+    "tools",
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "use_beam_search",
+    "prompt_logprobs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+)
 
 
 def parse_chat(body: dict[str, Any], model: ModelInfo, tokenizer: Any, max_n: int = 16) -> ParsedRequest:

@@ -23,8 +23,7 @@ class GatewayConfig:
     first_token_timeout_s: float = opt(120.0, "seconds to wait for a request's first output", min=0.01)
     inter_token_timeout_s: float = opt(30.0, "seconds to wait between two outputs of a request", min=0.01)
     retry_after_s: int = opt(1, "Retry-After seconds sent with 429 / 503", min=0)
-    max_submissions: int = opt(3, "submissions of a request when its worker fails (failover), then 503",
-                               min=1, max=16)
+    max_submissions: int = opt(3, "submissions of a request when its worker fails (failover), then 503", min=1, max=16)
     route_timeout_s: float = opt(10.0, "seconds the router has to place a request", min=0.01)
     job_concurrency: int = opt(16, "offline job requests in flight per gateway (0: run no job runner)", min=0)
     shutdown_timeout_s: float = opt(30.0, "on SIGTERM, seconds in-flight requests get to finish", min=0)

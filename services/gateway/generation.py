@@ -40,8 +40,14 @@ class Generation:
     """A request's output across attempts: `next()` returns its chunks in order, failover hidden.
     `finished` once the last chunk was returned; `attempt` is the submission now running."""
 
-    def __init__(self, backend: Backend, req: GenerateRequest, first_timeout: float, inter_timeout: float,
-                 on_restart: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        req: GenerateRequest,
+        first_timeout: float,
+        inter_timeout: float,
+        on_restart: Callable[[], None] | None = None,
+    ):
         self.backend, self.req = backend, req
         self.first_timeout, self.inter_timeout = first_timeout, inter_timeout
         self.on_restart = on_restart
@@ -54,8 +60,14 @@ class Generation:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, backend: Backend, req: GenerateRequest, first_timeout: float, inter_timeout: float,
-                   on_restart: Callable[[], None] | None = None) -> AsyncIterator["Generation"]:
+    async def open(
+        cls,
+        backend: Backend,
+        req: GenerateRequest,
+        first_timeout: float,
+        inter_timeout: float,
+        on_restart: Callable[[], None] | None = None,
+    ) -> AsyncIterator["Generation"]:
         """Route `req` and yield its Generation. Leaving before the last chunk (client gone, timeout,
         error) aborts the current attempt, so workers free its KV blocks."""
         gen = cls(backend, req, first_timeout, inter_timeout, on_restart)
@@ -103,8 +115,9 @@ class Generation:
                 item = await attempt.queue.get()
         except TimeoutError:
             waiting_for = "output" if self.produced else "first output"
-            raise ApiError(504, f"no {waiting_for} from the serving backend within {timeout:g} s",
-                           "server_error", None, "timeout") from None
+            raise ApiError(
+                504, f"no {waiting_for} from the serving backend within {timeout:g} s", "server_error", None, "timeout"
+            ) from None
         attempt.started = attempt.started or not isinstance(item, Lost)
         return item
 
@@ -156,21 +169,37 @@ class Generation:
         sent nothing yet starts over."""
         retry_after = self.backend.retry_after_s
         if self.submissions >= self.backend.max_submissions and not self.backend.recovering():
-            raise ApiError(503, f"the request failed on {self.submissions} attempts (last: {why}); retry later",
-                           "server_error", None, "worker_unavailable", retry_after)
+            raise ApiError(
+                503,
+                f"the request failed on {self.submissions} attempts (last: {why}); retry later",
+                "server_error",
+                None,
+                "worker_unavailable",
+                retry_after,
+            )
         if self.produced and not self.continuable:
             if self.on_restart is None:
-                raise ApiError(503, f"the request was interrupted after producing output ({why}); a request "
-                               "with n > 1 cannot be continued elsewhere", "server_error", None,
-                               "worker_unavailable", retry_after)
+                raise ApiError(
+                    503,
+                    f"the request was interrupted after producing output ({why}); a request "
+                    "with n > 1 cannot be continued elsewhere",
+                    "server_error",
+                    None,
+                    "worker_unavailable",
+                    retry_after,
+                )
             self.on_restart()
             self.produced = False
 
     async def _submit(self) -> bool:
         """Route the next attempt: False when the router did not answer (ApiError when it refused)."""
         k, base = self.submissions, self.req
-        req = replace(base, request_id=base.request_id if k == 0 else f"{base.request_id}-r{k}",
-                      attempt=base.attempt + k, decode_instance=None)
+        req = replace(
+            base,
+            request_id=base.request_id if k == 0 else f"{base.request_id}-r{k}",
+            attempt=base.attempt + k,
+            decode_instance=None,
+        )
         if self.generated:  # continue after the tokens the caller already has
             done, params = len(self.generated), dict(base.params)
             if params.get("max_tokens") is not None:
@@ -184,6 +213,11 @@ class Generation:
             return False
         self.attempt = attempt
         if k:
-            log.info("resubmitted", attempt_id=req.request_id, attempt=req.attempt, instances=attempt.instances,
-                     continued_after=len(self.generated))
+            log.info(
+                "resubmitted",
+                attempt_id=req.request_id,
+                attempt=req.attempt,
+                instances=attempt.instances,
+                continued_after=len(self.generated),
+            )
         return True

@@ -59,8 +59,15 @@ class JobError(ValueError):
 
 
 class JobRunner:
-    def __init__(self, nc: Any, backend: Backend, tokenizer: Any, model: ModelInfo, config: GatewayConfig,
-                 concurrency: int | None = None):
+    def __init__(
+        self,
+        nc: Any,
+        backend: Backend,
+        tokenizer: Any,
+        model: ModelInfo,
+        config: GatewayConfig,
+        concurrency: int | None = None,
+    ):
         self.nc, self.js = nc, nc.jetstream()
         self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
         self.concurrency = concurrency or config.job_concurrency or 16
@@ -70,10 +77,16 @@ class JobRunner:
 
     async def start(self) -> None:
         await bus.ensure_streams(self.js, (bus.JOBS, bus.JOB_RESULTS))
-        consumer = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
-                                  deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1)
-        self._sub = await self.js.pull_subscribe(subjects.JOBS_SUBMIT, durable=DURABLE,
-                                                 stream=subjects.JOBS_STREAM, config=consumer)
+        consumer = ConsumerConfig(
+            durable_name=DURABLE,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ACK_WAIT_S,
+            max_deliver=-1,
+        )
+        self._sub = await self.js.pull_subscribe(
+            subjects.JOBS_SUBMIT, durable=DURABLE, stream=subjects.JOBS_STREAM, config=consumer
+        )
         self._task = asyncio.create_task(self._loop(), name="job-runner")
         log.info("job_runner_started", subject=subjects.JOBS_SUBMIT, concurrency=self.concurrency)
 
@@ -149,8 +162,12 @@ class JobRunner:
                 outcomes.update(await self._run_lines(job_id, todo))
             failed = sum(not ok for ok in outcomes.values())
             await self._publish(JobDone(job_id, len(outcomes) - failed, failed), job_id)
-            log.info("job_done", completed=len(outcomes) - failed, failed=failed,
-                     seconds=round(time.monotonic() - started, 3))
+            log.info(
+                "job_done",
+                completed=len(outcomes) - failed,
+                failed=failed,
+                seconds=round(time.monotonic() - started, 3),
+            )
 
     async def _report_bad_job(self, data: bytes, e: JobError) -> None:
         """A job that cannot be run: one error result and its JobDone, when it has an id to report under."""
@@ -179,8 +196,14 @@ class JobRunner:
     async def run_request(self, line: JobRequest) -> tuple[dict | None, dict | None]:
         """(response body, None) or (None, error) for one request; refusals retried with backoff."""
         try:
-            return await retry(lambda: self._generate(line), "job_request", delay=0.5, max_delay=5.0,
-                               give_up_after=RETRY_FOR_S, retry_if=_refused), None
+            return await retry(
+                lambda: self._generate(line),
+                "job_request",
+                delay=0.5,
+                max_delay=5.0,
+                give_up_after=RETRY_FOR_S,
+                retry_if=_refused,
+            ), None
         except ApiError as e:
             return None, e.to_wire()
         except Exception as e:  # a bug must cost one result, not the job
@@ -190,8 +213,9 @@ class JobRunner:
     async def _generate(self, line: JobRequest) -> dict:
         parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line)
         rid = f"{'chatcmpl' if parsed.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="",
-                              priority=OFFLINE_PRIORITY)
+        req = GenerateRequest(
+            rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="", priority=OFFLINE_PRIORITY
+        )
         n, prompt_len = parsed.params.n, len(parsed.prompt_token_ids)
         col = R.Collector(n, prompt_len)
 
@@ -201,8 +225,9 @@ class JobRunner:
 
         cfg = self.config
         with structlog.contextvars.bound_contextvars(request_id=rid):
-            async with Generation.open(self.backend, req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s,
-                                       restart) as gen:
+            async with Generation.open(
+                self.backend, req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart
+            ) as gen:
                 while True:
                     chunk = await gen.next()
                     if chunk.error:
@@ -217,8 +242,13 @@ class JobRunner:
         the type of every field they read, so NaN, integer keys or bytes are refused as over HTTP)."""
         parse = PARSERS.get(line.url) if isinstance(line.url, str) else None
         if parse is None:
-            raise ApiError(404, f"url must be one of {', '.join(URLS)}, got {line.url!r}", "invalid_request_error",
-                           "url", "unknown_url")
+            raise ApiError(
+                404,
+                f"url must be one of {', '.join(URLS)}, got {line.url!r}",
+                "invalid_request_error",
+                "url",
+                "unknown_url",
+            )
         if not isinstance(line.body, dict):
             raise invalid(f"body must be a JSON object, got {type(line.body).__name__}", "body", "invalid_json")
         parsed = parse(line.body, self.model, self.tokenizer, self.config.max_n)
@@ -232,8 +262,11 @@ class JobRunner:
 
     async def _publish(self, msg: JobResult | JobDone, msg_id: str) -> None:
         """Publish a result, riding out a NATS outage (the msg id drops a retry whose first try landed)."""
-        await retry(lambda: bus.publish(self.js, subjects.job_results(msg.job_id), msg, msg_id=msg_id),
-                    "job_result_publish", give_up_after=PUBLISH_FOR_S)
+        await retry(
+            lambda: bus.publish(self.js, subjects.job_results(msg.job_id), msg, msg_id=msg_id),
+            "job_result_publish",
+            give_up_after=PUBLISH_FOR_S,
+        )
 
     async def _published(self, job_id: str) -> tuple[dict[str, bool], bool]:
         """What an earlier run published: {custom_id: succeeded}, and whether the JobDone is there."""
@@ -283,4 +316,3 @@ def _salvage_job_id(data: bytes) -> str | None:
         if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
             return job_id
     return None
-

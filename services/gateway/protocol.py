@@ -20,9 +20,23 @@ from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, invalid
 
 # Sampling fields taken from the body under the same name (OpenAI, plus vLLM's extras).
-SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop", "top_k",
-                   "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-                   "include_stop_str_in_output")
+SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
 MAX_STOP = 4  # OpenAI: "up to 4 sequences" (vLLM sets no limit)
 _INT64 = (-(2**63), 2**63)
 
@@ -54,8 +68,13 @@ def check_model(body: dict, model: ModelInfo) -> None:
     if not isinstance(name, str):
         raise invalid("model must be a string", "model")
     if name != model.name:
-        raise ApiError(404, f"The model `{name}` does not exist; this server serves `{model.name}`.",
-                       "invalid_request_error", "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist; this server serves `{model.name}`.",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
@@ -88,8 +107,12 @@ def check_openai_fields(body: dict) -> None:
     if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
         return
     if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
-        raise invalid(f"response_format {fmt['type']!r} is not supported by this server (no guided decoding); "
-                      "only {'type': 'text'}", "response_format", "unsupported_parameter")
+        raise invalid(
+            f"response_format {fmt['type']!r} is not supported by this server (no guided decoding); "
+            "only {'type': 'text'}",
+            "response_format",
+            "unsupported_parameter",
+        )
     raise invalid("response_format must be {'type': 'text'}, the only format supported", "response_format")
 
 
@@ -99,8 +122,9 @@ def check_length(body: dict, name: str) -> None:
         raise invalid(f"{name} must be an integer >= 1, got {value!r}", name)
 
 
-def sampling(body: dict, model: ModelInfo, max_n: int, logprobs: Any, max_name: str,
-             renames: dict[str, str]) -> SamplingParams:
+def sampling(
+    body: dict, model: ModelInfo, max_n: int, logprobs: Any, max_name: str, renames: dict[str, str]
+) -> SamplingParams:
     """SamplingParams from the body over the model's defaults; its errors renamed to OpenAI names."""
     known = {f.name for f in fields(SamplingParams)} - {"n", "max_tokens", "logprobs"}
     values = {k: v for k, v in model.generation_defaults.items() if k in known}
@@ -157,17 +181,25 @@ def fit_context(ids: list[int], params: SamplingParams, model: ModelInfo, what: 
     ctx, p, m = model.max_model_len, len(ids), params.max_tokens
     if m is None:
         if p >= ctx:
-            raise invalid(f"This model's maximum context length is {ctx} tokens, but the {what} has {p} tokens, "
-                          "which leaves no room for the completion.", what, "context_length_exceeded")
+            raise invalid(
+                f"This model's maximum context length is {ctx} tokens, but the {what} has {p} tokens, "
+                "which leaves no room for the completion.",
+                what,
+                "context_length_exceeded",
+            )
         params.max_tokens = ctx - p
         try:
             params.validate()  # min_tokens <= max_tokens
         except InvalidRequestError as e:
             raise _renamed(e, {"max_tokens": max_name}) from None
     elif p + m > ctx:
-        raise invalid(f"This model's maximum context length is {ctx} tokens. However, you requested {p + m} "
-                      f"tokens ({p} in the {what}, {m} in the completion). Please reduce the length of the "
-                      f"{what} or of the completion.", max_name, "context_length_exceeded")
+        raise invalid(
+            f"This model's maximum context length is {ctx} tokens. However, you requested {p + m} "
+            f"tokens ({p} in the {what}, {m} in the completion). Please reduce the length of the "
+            f"{what} or of the completion.",
+            max_name,
+            "context_length_exceeded",
+        )
 
 
 def flag(body: dict, name: str, default: bool, param: str | None = None) -> bool:

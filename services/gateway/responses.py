@@ -65,8 +65,9 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
-def response_body(kind: str, rid: str, created: int, model: str, col: Collector, tokenizer: Any,
-                  echo: str | None = None) -> dict[str, Any]:
+def response_body(
+    kind: str, rid: str, created: int, model: str, col: Collector, tokenizer: Any, echo: str | None = None
+) -> dict[str, Any]:
     """The non-streaming OpenAI response of a finished request (the REST API's and the job runner's)."""
     if kind == "chat":
         return chat_response(rid, created, model, col, tokenizer)
@@ -74,26 +75,55 @@ def response_body(kind: str, rid: str, created: int, model: str, col: Collector,
 
 
 def chat_response(rid: str, created: int, model: str, col: Collector, tokenizer: Any) -> dict[str, Any]:
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(tokenizer, c.token_ids, c.logprobs) if c.logprobs else None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(col.choices)]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": col.usage(), "system_fingerprint": None}
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(tokenizer, c.token_ids, c.logprobs) if c.logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+        for i, c in enumerate(col.choices)
+    ]
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": col.usage(),
+        "system_fingerprint": None,
+    }
 
 
-def completion_response(rid: str, created: int, model: str, col: Collector, tokenizer: Any,
-                        echo: str | None = None) -> dict[str, Any]:
+def completion_response(
+    rid: str, created: int, model: str, col: Collector, tokenizer: Any, echo: str | None = None
+) -> dict[str, Any]:
     choices = []
     for i, c in enumerate(col.choices):
         lp = completion_logprobs(tokenizer, c.token_ids, c.logprobs, 0) if c.logprobs else None
         text = (echo or "") + c.text
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": col.usage(), "system_fingerprint": None}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": col.usage(),
+        "system_fingerprint": None,
+    }
 
 
-def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish_reason: str | None = None,
-               logprobs: dict | None = None, with_usage: bool = False) -> dict[str, Any]:
+def chat_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: dict | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
     if with_usage:
@@ -101,8 +131,16 @@ def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, 
     return out
 
 
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None, with_usage: bool = False) -> dict[str, Any]:
+def completion_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
     if with_usage:
@@ -136,8 +174,12 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[Any
         top_logprobs.append({token_text(tokenizer, t): _clamp(tlp) for t, tlp in top})
         text_offset.append(offset)
         offset += len(piece)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:

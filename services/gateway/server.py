@@ -47,16 +47,24 @@ class GatewayService:
         defaults = await loop.run_in_executor(None, load_generation_defaults, config.model)
         info = model_info(config, model_config, defaults)
         self.view = await InstanceView.open(nc)
-        self.backend = Backend(nc, config.retry_after_s, view=self.view, max_submissions=config.max_submissions,
-                               route_timeout_s=config.route_timeout_s)
+        self.backend = Backend(
+            nc,
+            config.retry_after_s,
+            view=self.view,
+            max_submissions=config.max_submissions,
+            route_timeout_s=config.route_timeout_s,
+        )
         await self.backend.start()
         if config.job_concurrency:
             self.jobs = JobRunner(nc, self.backend, tokenizer, info, config)
             await self.jobs.start()
         # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-        self.runner = web.AppRunner(create_app(config, tokenizer, info, self.backend, self.view),
-                                    handler_cancellation=True, access_log=None,
-                                    shutdown_timeout=config.shutdown_timeout_s)
+        self.runner = web.AppRunner(
+            create_app(config, tokenizer, info, self.backend, self.view),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=config.shutdown_timeout_s,
+        )
         await self.runner.setup()
         await web.TCPSite(self.runner, config.host, config.port).start()
         log.info("gateway_listening", url=f"http://{config.host}:{config.port}", model=info.name)

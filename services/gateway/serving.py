@@ -35,14 +35,21 @@ async def generate(request: web.Request, gw: Gateway, kind: str) -> web.StreamRe
     with structlog.contextvars.bound_contextvars(request_id=rid):
         req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="")
         gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
-        log.info("request_accepted", kind=kind, prompt_tokens=len(req.prompt_token_ids),
-                 n=parsed.params.n, max_tokens=parsed.params.max_tokens, stream=parsed.stream)
+        log.info(
+            "request_accepted",
+            kind=kind,
+            prompt_tokens=len(req.prompt_token_ids),
+            n=parsed.params.n,
+            max_tokens=parsed.params.max_tokens,
+            stream=parsed.stream,
+        )
         run = _Run(request, gw, parsed, rid, arrival)
         # Non-streaming, nothing reached the client yet: after a failure with n > 1 it may start over.
         restart = None if parsed.stream else run.restart
         cfg = gw.config
-        async with Generation.open(gw.backend, req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s,
-                                   restart) as gen:
+        async with Generation.open(
+            gw.backend, req, cfg.first_token_timeout_s, cfg.inter_token_timeout_s, restart
+        ) as gen:
             first = await gen.next()
             if first.error:  # nothing sent yet: a real HTTP status (429/503 from the router, 400...)
                 raise ApiError.from_wire(first.error, cfg.retry_after_s)
@@ -87,16 +94,19 @@ class _Run:
                 return web.Response(status=499)  # leaving the stream aborts the request
             chunk = await gen.next()
         self._done()
-        body = R.response_body(self.parsed.kind, self.rid, self.created, self.gw.model.name, self.col,
-                               self.gw.tokenizer, self.parsed.echo)
-        return web.Response(body=R.dumps(body), content_type="application/json",
-                            headers={"X-Request-Id": self.rid})
+        body = R.response_body(
+            self.parsed.kind, self.rid, self.created, self.gw.model.name, self.col, self.gw.tokenizer, self.parsed.echo
+        )
+        return web.Response(body=R.dumps(body), content_type="application/json", headers={"X-Request-Id": self.rid})
 
     async def stream_sse(self, gen: Generation, chunk: StreamChunk) -> web.StreamResponse:
         """OpenAI SSE: role chunk(s) first (chat), deltas, finish_reason, usage chunk if asked, [DONE].
         Errors after the headers went out become an error event before [DONE]."""
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                   "X-Request-Id": self.rid}
+        headers = {
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Request-Id": self.rid,
+        }
         resp = web.StreamResponse(headers=headers)
         try:
             await resp.prepare(self.request)
@@ -122,8 +132,7 @@ class _Run:
             if chunk.finished:
                 self._done()
                 if self.parsed.include_usage:
-                    events.append(R.usage_chunk(self.parsed.kind, self.rid, self.created, self.gw.model.name,
-                                                self.col))
+                    events.append(R.usage_chunk(self.parsed.kind, self.rid, self.created, self.gw.model.name, self.col))
             if events:
                 await resp.write(b"".join(map(R.sse, events)))
             if chunk.finished:
@@ -153,12 +162,21 @@ class _Run:
         if out.logprobs:
             lp = R.completion_logprobs(tok, out.token_ids, out.logprobs, choice.text_offset)
             choice.text_offset += sum(len(t) for t in lp["tokens"])
-        return R.completion_chunk(self.rid, self.created, self.gw.model.name, out.index, text,
-                                  out.finish_reason, lp, self.parsed.include_usage)
+        return R.completion_chunk(
+            self.rid,
+            self.created,
+            self.gw.model.name,
+            out.index,
+            text,
+            out.finish_reason,
+            lp,
+            self.parsed.include_usage,
+        )
 
     def _chat_chunk(self, index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> dict:
-        return R.chat_chunk(self.rid, self.created, self.gw.model.name, index, delta, finish, lp,
-                            self.parsed.include_usage)
+        return R.chat_chunk(
+            self.rid, self.created, self.gw.model.name, index, delta, finish, lp, self.parsed.include_usage
+        )
 
     def _observe(self, outputs: list[SeqOutput]) -> None:
         new_tokens = sum(len(o.token_ids) for o in outputs)
@@ -177,5 +195,4 @@ class _Run:
         m = self.gw.metrics
         m.e2e.observe(time.monotonic() - self.arrival)
         m.cached_tokens.inc(self.col.cached_tokens)
-        log.info("request_finished", completion_tokens=self.col.completion_tokens,
-                 cached_tokens=self.col.cached_tokens)
+        log.info("request_finished", completion_tokens=self.col.completion_tokens, cached_tokens=self.col.cached_tokens)

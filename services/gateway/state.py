@@ -30,8 +30,14 @@ class Gateway:
     def slot(self) -> Iterator[None]:
         """One of the `max_inflight` request slots; 429 with Retry-After when all are taken."""
         if self.inflight >= self.config.max_inflight:
-            raise ApiError(429, f"the server is busy ({self.inflight} requests in flight); retry later",
-                           "overloaded", None, "too_many_requests", self.config.retry_after_s)
+            raise ApiError(
+                429,
+                f"the server is busy ({self.inflight} requests in flight); retry later",
+                "overloaded",
+                None,
+                "too_many_requests",
+                self.config.retry_after_s,
+            )
         self.inflight += 1
         try:
             yield

@@ -33,17 +33,22 @@ class GatewayMetrics:
 
         return cls(
             registry=r,
-            requests=Counter("xllm_gateway_requests_total", "HTTP requests by route and status code",
-                             ["route", "status"], registry=r),
-            failovers=Counter("xllm_gateway_failovers_total", "requests moved to another instance, by cause",
-                              ["reason"], registry=r),
+            requests=Counter(
+                "xllm_gateway_requests_total", "HTTP requests by route and status code", ["route", "status"], registry=r
+            ),
+            failovers=Counter(
+                "xllm_gateway_failovers_total", "requests moved to another instance, by cause", ["reason"], registry=r
+            ),
             ttft=histogram("xllm_gateway_time_to_first_token_seconds", "request arrival to first generated token"),
             inter_token=histogram("xllm_gateway_inter_token_latency_seconds", "time between two outputs of a request"),
             e2e=histogram("xllm_gateway_e2e_request_latency_seconds", "request arrival to last token, completed"),
             prompt_tokens=Counter("xllm_gateway_prompt_tokens_total", "prompt tokens of accepted requests", registry=r),
             generation_tokens=Counter("xllm_gateway_generation_tokens_total", "tokens generated", registry=r),
-            cached_tokens=Counter("xllm_gateway_cached_prompt_tokens_total",
-                                  "prompt tokens served from a worker's prefix cache", registry=r),
+            cached_tokens=Counter(
+                "xllm_gateway_cached_prompt_tokens_total",
+                "prompt tokens served from a worker's prefix cache",
+                registry=r,
+            ),
             running=Gauge("xllm_gateway_running_requests", "generation requests in flight in the gateway", registry=r),
         )
 
@@ -54,13 +59,18 @@ INSTANCE_GAUGES: dict[str, tuple[str, Callable[[InstanceInfo], float]]] = {
     "xllm_instance_waiting": ("sequences waiting", lambda i: i.waiting),
     "xllm_instance_kv_blocks_free": ("free KV blocks", lambda i: i.free_blocks),
     "xllm_instance_kv_blocks_used": ("KV blocks in use", lambda i: i.total_blocks - i.free_blocks),
-    "xllm_instance_prefix_cache_hit_rate": ("prompt blocks found in the prefix cache / looked up",
-                                            lambda i: i.counters.get("prefix_hits", 0)
-                                            / max(1, i.counters.get("prefix_queries", 0))),
-    "xllm_instance_kv_transfer_bytes_total": ("KV bytes handed off (prefill) or taken (decode)",
-                                              lambda i: i.counters.get("kv_transfer_bytes", 0)),
-    "xllm_instance_kv_transfer_seconds_total": ("time spent copying KV hand-offs",
-                                                lambda i: i.counters.get("kv_transfer_seconds", 0)),
+    "xllm_instance_prefix_cache_hit_rate": (
+        "prompt blocks found in the prefix cache / looked up",
+        lambda i: i.counters.get("prefix_hits", 0) / max(1, i.counters.get("prefix_queries", 0)),
+    ),
+    "xllm_instance_kv_transfer_bytes_total": (
+        "KV bytes handed off (prefill) or taken (decode)",
+        lambda i: i.counters.get("kv_transfer_bytes", 0),
+    ),
+    "xllm_instance_kv_transfer_seconds_total": (
+        "time spent copying KV hand-offs",
+        lambda i: i.counters.get("kv_transfer_seconds", 0),
+    ),
 }
 
 

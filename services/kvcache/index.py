@@ -61,8 +61,11 @@ class KvIndex:
         """Apply one event in the instance's sequence; detects gaps (see the module docstring)."""
         if ev.event not in ("stored", "removed", "cleared"):
             raise ValueError(f"unknown KV event {ev.event!r}")
-        if (not isinstance(ev.seq, int) or not isinstance(ev.block_hashes, list)
-                or not all(isinstance(h, int) for h in ev.block_hashes)):
+        if (
+            not isinstance(ev.seq, int)
+            or not isinstance(ev.block_hashes, list)
+            or not all(isinstance(h, int) for h in ev.block_hashes)
+        ):
             raise ValueError("malformed KV event: seq must be an int, block_hashes a list of ints")
         st = self.instances.setdefault(ev.instance_id, InstanceState())
         gap, expected = False, None

@@ -45,6 +45,7 @@ from shared.retry import retry
 
 log = get_logger("xllm.kvcache")
 
+
 class KvCacheService:
     """One replica of the service. Counters below are read by the metrics exporter."""
 
@@ -83,10 +84,16 @@ class KvCacheService:
         return self.index.size
 
     def stats(self) -> dict[str, int]:
-        return {"events_applied": self.events_applied, "gaps_detected": self.gaps_detected,
-                "queries_served": self.queries_served, "index_size": self.index_size,
-                "index_entries": self.index.entries, "instances": len(self.index.instances),
-                "bad_events": self.bad_events, "instances_dropped": self.instances_dropped}
+        return {
+            "events_applied": self.events_applied,
+            "gaps_detected": self.gaps_detected,
+            "queries_served": self.queries_served,
+            "index_size": self.index_size,
+            "index_entries": self.index.entries,
+            "instances": len(self.index.instances),
+            "bad_events": self.bad_events,
+            "instances_dropped": self.instances_dropped,
+        }
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -105,24 +112,34 @@ class KvCacheService:
         await self._follow(DeliverPolicy.ALL)
         bus.on_connection(self.nc, restored=lambda: self._spawn(self._follow_again()))
         await self._wait_replayed(js)
-        log.info("kvcache_replayed", events=self.events_applied, gaps=self.gaps_detected,
-                 instances=len(self.index.instances), blocks=self.index_size)
-        self._query_sub = await self.nc.subscribe(subjects.KVCACHE_QUERY, queue=subjects.KVCACHE_QUEUE,
-                                                  cb=self._on_query)
+        log.info(
+            "kvcache_replayed",
+            events=self.events_applied,
+            gaps=self.gaps_detected,
+            instances=len(self.index.instances),
+            blocks=self.index_size,
+        )
+        self._query_sub = await self.nc.subscribe(
+            subjects.KVCACHE_QUERY, queue=subjects.KVCACHE_QUEUE, cb=self._on_query
+        )
 
     async def _follow(self, policy: DeliverPolicy, start_seq: int | None = None) -> None:
         config = ConsumerConfig(deliver_policy=policy, opt_start_seq=start_seq)
         self._events_sub = await self.nc.jetstream().subscribe(
-            f"{subjects.KV_EVENTS_PREFIX}.>", stream=subjects.KV_EVENTS_STREAM, cb=self._on_event,
-            ordered_consumer=True, config=config, idle_heartbeat=5.0)
+            f"{subjects.KV_EVENTS_PREFIX}.>",
+            stream=subjects.KV_EVENTS_STREAM,
+            cb=self._on_event,
+            ordered_consumer=True,
+            config=config,
+            idle_heartbeat=5.0,
+        )
 
     async def _follow_again(self) -> None:
         """Back on NATS: follow the stream from the event after the last one handled."""
         old, self._events_sub = self._events_sub, None
         with suppress(Exception):  # its consumer may have died with the server
             await old.unsubscribe()
-        await retry(lambda: self._follow(DeliverPolicy.BY_START_SEQUENCE, self._last_seq + 1),
-                    "kv_events_follow")
+        await retry(lambda: self._follow(DeliverPolicy.BY_START_SEQUENCE, self._last_seq + 1), "kv_events_follow")
         log.info("kv_events_followed_again", from_seq=self._last_seq + 1)
 
     def _spawn(self, coro) -> None:
@@ -167,8 +184,13 @@ class KvCacheService:
             log.warning("bad_kv_event", subject=msg.subject, error=str(e))
         else:
             if result.gap:
-                log.warning("kv_event_gap", instance=ev.instance_id, expected_seq=result.expected_seq,
-                            got_seq=ev.seq, action="dropped the instance's entries")
+                log.warning(
+                    "kv_event_gap",
+                    instance=ev.instance_id,
+                    expected_seq=result.expected_seq,
+                    got_seq=ev.seq,
+                    action="dropped the instance's entries",
+                )
             if ev.instance_id in self.index.instances:
                 self.view.expect(ev.instance_id)  # gone unless it heartbeats
         meta = msg.metadata
@@ -201,8 +223,12 @@ class KvCacheService:
             counts = by_tier[iid] = {}
             for t in ts:
                 counts[t] = counts.get(t, 0) + 1
-        return KvQueryReply(request_id=q.request_id, matches={i: len(ts) for i, ts in tiers.items()},
-                            tiers=by_tier, num_blocks=len(hashes))
+        return KvQueryReply(
+            request_id=q.request_id,
+            matches={i: len(ts) for i, ts in tiers.items()},
+            tiers=by_tier,
+            num_blocks=len(hashes),
+        )
 
     # -- departed instances -------------------------------------------------------------------------
 

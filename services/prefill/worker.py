@@ -67,8 +67,11 @@ class PrefillWorker(Worker):
         """The prompt here, its first tokens straight to the gateway, the rest (the trailer) to the decode
         worker; then wait until it has taken the KV."""
         stream = self.engine.register_stream(req.request_id)
-        await self.engine.call(lambda e: e.handoff.add_prefill_request(
-            req.request_id, req.prompt_token_ids, params, req.priority, kv_sink=export.stream_layer))
+        await self.engine.call(
+            lambda e: e.handoff.add_prefill_request(
+                req.request_id, req.prompt_token_ids, params, req.priority, kv_sink=export.stream_layer
+            )
+        )
         last = await self.stream_outputs(req, stream)
         export.finish(await self._trailer(req.request_id, last, export))
         finished_at = time.perf_counter()

@@ -14,20 +14,26 @@ class RouterConfig:
     """Request router: picks worker instances from the registry and forwards requests, with failover."""
 
     nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    mode: str = opt("auto", "serving path; auto = prefill->decode when both roles are up, else colocated",
-                    choices=MODES, env="XLLM_ROUTER_MODE")
+    mode: str = opt(
+        "auto",
+        "serving path; auto = prefill->decode when both roles are up, else colocated",
+        choices=MODES,
+        env="XLLM_ROUTER_MODE",
+    )
     policy: str = opt("least-loaded", "instance ranking", choices=POLICIES, env="XLLM_ROUTER_POLICY")
     max_attempts: int = opt(3, "instances tried per request before it fails", min=1, max=16)
     ack_timeout_s: float = opt(2.0, "seconds a worker has to accept (ack) a forwarded request", min=0.01)
-    recent_window_s: float = opt(1.0, "requests forwarded this recently count as load (~ heartbeat interval)",
-                                 min=0.0)
+    recent_window_s: float = opt(1.0, "requests forwarded this recently count as load (~ heartbeat interval)", min=0.0)
     suspect_s: float = opt(3.0, "an instance that did not answer is tried last for this long", min=0.0)
-    max_waiting_per_instance: int = opt(64, "an instance with this many waiting requests gets no more; "
-                                        "all of them so: 429", min=1)
-    max_waiting_offline: int = opt(32, "the same cap for offline (priority > 0) requests, stricter so "
-                                   "online traffic keeps headroom", min=1)
-    max_inflight: int = opt(1024, "requests being routed at once; more get 429 at once", min=1,
-                            env="XLLM_ROUTER_MAX_INFLIGHT")
+    max_waiting_per_instance: int = opt(
+        64, "an instance with this many waiting requests gets no more; all of them so: 429", min=1
+    )
+    max_waiting_offline: int = opt(
+        32, "the same cap for offline (priority > 0) requests, stricter so online traffic keeps headroom", min=1
+    )
+    max_inflight: int = opt(
+        1024, "requests being routed at once; more get 429 at once", min=1, env="XLLM_ROUTER_MAX_INFLIGHT"
+    )
     kv_query_timeout_s: float = opt(0.05, "prefix-aware: seconds to wait for the kvcache service", min=0.001)
     prefix_weight: float = opt(4.0, "prefix-aware: load units a fully cached prompt is worth", min=0.0)
     metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)
@@ -35,6 +41,8 @@ class RouterConfig:
 
     def validate(self) -> None:
         if self.max_waiting_offline > self.max_waiting_per_instance:
-            raise ValueError(f"--max-waiting-offline ({self.max_waiting_offline}) must not exceed "
-                             f"--max-waiting-per-instance ({self.max_waiting_per_instance})")
+            raise ValueError(
+                f"--max-waiting-offline ({self.max_waiting_offline}) must not exceed "
+                f"--max-waiting-per-instance ({self.max_waiting_per_instance})"
+            )
         check_nats_url(self.nats)

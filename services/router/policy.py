@@ -99,8 +99,9 @@ def load_score(info: InstanceInfo, recent: int = 0, weights: LoadWeights | None 
 class LeastLoadedPolicy:
     """Lowest load score first; ties in random order (so several routers do not pile on one)."""
 
-    def __init__(self, recent: RecentForwards | None = None, weights: LoadWeights | None = None,
-                 rng: random.Random | None = None):
+    def __init__(
+        self, recent: RecentForwards | None = None, weights: LoadWeights | None = None, rng: random.Random | None = None
+    ):
         self.recent = recent or RecentForwards()
         self.weights = weights or LoadWeights()
         self.rng = rng or random.Random()
@@ -123,9 +124,14 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
     The query uses the first candidate's block size: instances with another size never match.
     """
 
-    def __init__(self, query: KvQueryFn, recent: RecentForwards | None = None,
-                 weights: LoadWeights | None = None, prefix_weight: float = 4.0,
-                 rng: random.Random | None = None):
+    def __init__(
+        self,
+        query: KvQueryFn,
+        recent: RecentForwards | None = None,
+        weights: LoadWeights | None = None,
+        prefix_weight: float = 4.0,
+        rng: random.Random | None = None,
+    ):
         super().__init__(recent, weights, rng)
         self.query = query
         self.prefix_weight = prefix_weight
@@ -135,11 +141,9 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
     async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
         cached = await self._cached_share(instances, request)
         bonus = {iid: self.prefix_weight * share for iid, share in cached.items()}
-        return sorted(instances,
-                      key=lambda i: (self.score(i) - bonus.get(i.instance_id, 0.0), self.rng.random()))
+        return sorted(instances, key=lambda i: (self.score(i) - bonus.get(i.instance_id, 0.0), self.rng.random()))
 
-    async def _cached_share(self, instances: list[InstanceInfo], request: GenerateRequest
-                            ) -> dict[str, float]:
+    async def _cached_share(self, instances: list[InstanceInfo], request: GenerateRequest) -> dict[str, float]:
         if not instances:
             return {}
         block_size = instances[0].block_size

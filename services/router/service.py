@@ -67,7 +67,6 @@ from shared.metrics import StatsCollector
 log = get_logger("xllm.router")
 
 
-
 @dataclass
 class Refusal:
     """Why one forward did not take: `retry` says whether another instance may."""
@@ -101,9 +100,12 @@ class RouterService:
 
     def _make_policy(self) -> Policy:
         if self.config.policy == "prefix-aware":
+
             async def query(q: KvQuery) -> KvQueryReply:
-                return await bus.request(self.nc, subjects.KVCACHE_QUERY, q, KvQueryReply,
-                                         timeout=self.config.kv_query_timeout_s)
+                return await bus.request(
+                    self.nc, subjects.KVCACHE_QUERY, q, KvQueryReply, timeout=self.config.kv_query_timeout_s
+                )
+
             return PrefixAwarePolicy(query, self.recent, LoadWeights(), self.config.prefix_weight)
         return LeastLoadedPolicy(self.recent)
 
@@ -112,9 +114,14 @@ class RouterService:
         return self.view.instances() if self.view is not None else []
 
     def stats(self) -> dict[str, Any]:
-        return {"routed": self.routed, "retries": self.retries, "failures": dict(self.failures),
-                "attempt_errors": dict(self.attempt_errors), "instances": len(self.instances),
-                "inflight": len(self._tasks)}
+        return {
+            "routed": self.routed,
+            "retries": self.retries,
+            "failures": dict(self.failures),
+            "attempt_errors": dict(self.attempt_errors),
+            "instances": len(self.instances),
+            "inflight": len(self._tasks),
+        }
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -123,8 +130,7 @@ class RouterService:
         if self.view is None:
             self.view = self._own_view = await InstanceView.open(self.nc)
         self.view.on_gone.append(self._forget)
-        self._sub = await self.nc.subscribe(subjects.ROUTER_GENERATE, queue=subjects.ROUTER_QUEUE,
-                                            cb=self._on_message)
+        self._sub = await self.nc.subscribe(subjects.ROUTER_GENERATE, queue=subjects.ROUTER_QUEUE, cb=self._on_message)
 
     async def stop(self) -> None:
         """Stop taking requests, let those being routed finish (bounded)."""
@@ -165,8 +171,9 @@ class RouterService:
             if not req.reply_subject:
                 reply = self._fail(req, "bad_message", invalid("reply_subject is empty", "reply_subject"))
             elif overflow:
-                reply = self._fail(req, "overloaded", overloaded(
-                    f"the router is routing {self.config.max_inflight} requests already"))
+                reply = self._fail(
+                    req, "overloaded", overloaded(f"the router is routing {self.config.max_inflight} requests already")
+                )
             else:
                 try:
                     reply = await self.route(req)
@@ -182,8 +189,9 @@ class RouterService:
         """Forward `req` to an instance (or prefill + decode pair) that takes it; RouteReply says which."""
         path = choose_path(self.config.mode, self.instances)
         if path is None:
-            return self._fail(req, "no_instances", unavailable(
-                f"no ready instances to serve mode {self.config.mode!r}"))
+            return self._fail(
+                req, "no_instances", unavailable(f"no ready instances to serve mode {self.config.mode!r}")
+            )
         roles = PATH_ROLES[path]
         first_attempt, refusals, tried = req.attempt, [], set()
         for _ in range(2):  # a second pass for instances that registered while the first one failed
@@ -192,8 +200,11 @@ class RouterService:
             pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]
             for role in roles:
                 if not any(i.role == role for i in pool):
-                    return self._fail(req, "overloaded", overloaded(
-                        f"every {role} instance has {cap} or more waiting requests; retry later"))
+                    return self._fail(
+                        req,
+                        "overloaded",
+                        overloaded(f"every {role} instance has {cap} or more waiting requests; retry later"),
+                    )
             ranked = self._suspects_last(await self.policy.rank(pool, req))
             entry = [i.instance_id for i in ranked if i.role == roles[0] and i.instance_id not in tried]
             decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
@@ -222,8 +233,7 @@ class RouterService:
         """Send `req` to one instance; None when it took it."""
         self.recent.record(iid)
         try:
-            ack = await bus.request(self.nc, subjects.worker_generate(iid), req, Ack,
-                                    timeout=self.config.ack_timeout_s)
+            ack = await bus.request(self.nc, subjects.worker_generate(iid), req, Ack, timeout=self.config.ack_timeout_s)
         except bus.NoResponders:
             refusal = Refusal("no_responders")
         except bus.RequestTimeout:
@@ -242,8 +252,13 @@ class RouterService:
         self.attempt_errors[refusal.reason] += 1
         if refusal.reason in ("no_responders", "timeout"):
             self._suspects[iid] = time.monotonic() + self.config.suspect_s
-        log.warning("forward_refused", instance=iid, attempt=req.attempt, reason=refusal.reason,
-                    error=refusal.error and refusal.error.message)
+        log.warning(
+            "forward_refused",
+            instance=iid,
+            attempt=req.attempt,
+            reason=refusal.reason,
+            error=refusal.error and refusal.error.message,
+        )
         return refusal
 
     def _suspects_last(self, ranked: list[InstanceInfo]) -> list[InstanceInfo]:

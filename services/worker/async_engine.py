@@ -70,8 +70,9 @@ class AsyncEngine:
         """The speculative decoding method ("none" when off), fixed at start."""
         return self.engine.config.speculative
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0) -> asyncio.Queue:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> asyncio.Queue:
         """Queue a request its caller validated; its outputs (or the error that refused it) arrive on the
         queue."""
         if request_id in self._streams:
@@ -88,8 +89,9 @@ class AsyncEngine:
         self._submit(add)
         return stream
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes; cancelling the iteration aborts it."""
         stream = self.add_request(request_id, prompt_token_ids, params, priority)
         async for out in self.outputs(request_id, stream):

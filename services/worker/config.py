@@ -23,13 +23,19 @@ class WorkerConfig:
     max_num_batched_tokens: int = opt(2048, "tokens per engine step (chunked prefill budget)", min=16)
     max_model_len: int | None = opt(None, "context length (default: the model's)", min=2)
     enable_prefix_caching: bool = opt(True, "reuse KV of shared prompt prefixes")
-    num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)",
-                                  min=1)
-    speculative: str = opt("none", "speculative decoding: draft tokens by n-gram lookup or suffix decoding "
-                           "(decode and colocated roles)", choices=SPECULATIVE_METHODS)
+    num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)", min=1)
+    speculative: str = opt(
+        "none",
+        "speculative decoding: draft tokens by n-gram lookup or suffix decoding (decode and colocated roles)",
+        choices=SPECULATIVE_METHODS,
+    )
     num_speculative_tokens: int = opt(5, "the most draft tokens a sequence scores per step", min=1, max=32)
-    draft_length: str = opt("adaptive", "adaptive: as many draft tokens as pay, by a measured step-cost model "
-                            "and each sequence's acceptance; fixed: all that is proposed", choices=DRAFT_LENGTHS)
+    draft_length: str = opt(
+        "adaptive",
+        "adaptive: as many draft tokens as pay, by a measured step-cost model "
+        "and each sequence's acceptance; fixed: all that is proposed",
+        choices=DRAFT_LENGTHS,
+    )
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
@@ -39,11 +45,19 @@ class WorkerConfig:
 
     def engine_config(self, speculate: bool = True) -> EngineConfig:
         """`speculate`: False for a role that never decodes (prefill), which then spends nothing on it."""
-        return EngineConfig(model=self.model, device=self.device, dtype=self.dtype,
-                            block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
-                            kv_cache_fraction=self.kv_cache_fraction, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens,
-                            max_model_len=self.max_model_len,
-                            enable_prefix_caching=self.enable_prefix_caching, num_threads=self.num_threads,
-                            speculative=self.speculative if speculate else "none",
-                            num_speculative_tokens=self.num_speculative_tokens, draft_length=self.draft_length)
+        return EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            kv_cache_memory=self.kv_cache_memory,
+            kv_cache_fraction=self.kv_cache_fraction,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_threads=self.num_threads,
+            speculative=self.speculative if speculate else "none",
+            num_speculative_tokens=self.num_speculative_tokens,
+            draft_length=self.draft_length,
+        )

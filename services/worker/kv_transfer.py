@@ -138,8 +138,14 @@ class KvExport:
 
     def handle(self, host: str, port: int | None) -> dict:
         """Where a reader finds the export: the segment (this host) and the data server (any host)."""
-        return {"name": self.shm.name, "host": host, "port": port, "request_id": self.request_id,
-                "shape": list(self.shape), "dtype": self.dtype}
+        return {
+            "name": self.shm.name,
+            "host": host,
+            "port": port,
+            "request_id": self.request_id,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+        }
 
     def layer_bytes(self, layer: int) -> bytes:
         size = self.nbytes // self.shape[0]
@@ -204,8 +210,9 @@ async def _send(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> No
     await writer.drain()
 
 
-async def import_kv(handle: dict, layout: KvLayout, num_blocks: int, local_host: str,
-                    write: Callable[[torch.Tensor], Awaitable[None]]) -> tuple[TransferStats, dict[str, Any]]:
+async def import_kv(
+    handle: dict, layout: KvLayout, num_blocks: int, local_host: str, write: Callable[[torch.Tensor], Awaitable[None]]
+) -> tuple[TransferStats, dict[str, Any]]:
     """Receive an export as its layers are written: from the exporter's shared-memory segment when on the
     same host (and the segment is there), else from the TCP stream into a buffer of this process. Once
     every layer is here, `write(kv)` ([layers, 2, blocks, block_size, kv_heads, head_dim]) puts them into
@@ -246,8 +253,9 @@ async def import_kv(handle: dict, layout: KvLayout, num_blocks: int, local_host:
     return stats, trailer
 
 
-async def _receive(reader: asyncio.StreamReader, staging: bytearray | None, shape: tuple[int, ...], dtype: str,
-                   stats: TransferStats) -> tuple[dict[str, Any], float | None]:
+async def _receive(
+    reader: asyncio.StreamReader, staging: bytearray | None, shape: tuple[int, ...], dtype: str, stats: TransferStats
+) -> tuple[dict[str, Any], float | None]:
     """Read L frames up to the trailer, copying TCP payloads into `staging` (None: the layers are in the
     shared segment already). Returns the trailer and when the first layer arrived."""
     layer_nbytes = math.prod(shape[1:]) * DTYPES[dtype].itemsize

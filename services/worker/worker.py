@@ -41,10 +41,15 @@ log = structlog.get_logger()
 
 ABORTS_KEPT = 10_000  # aborted request ids remembered: a request or hand-off may arrive after its abort
 DRAIN_S = 30.0  # at stop, how long requests in flight get to finish
-ENGINE_GAUGES = {"running": "sequences running", "waiting": "sequences waiting", "free_blocks": "free KV blocks",
-                 "total_blocks": "KV blocks in all", "prefix_hits": "prompt blocks found in the prefix cache",
-                 "prefix_queries": "prompt blocks looked up in the prefix cache",
-                 "preemptions": "sequences preempted"}
+ENGINE_GAUGES = {
+    "running": "sequences running",
+    "waiting": "sequences waiting",
+    "free_blocks": "free KV blocks",
+    "total_blocks": "KV blocks in all",
+    "prefix_hits": "prompt blocks found in the prefix cache",
+    "prefix_queries": "prompt blocks looked up in the prefix cache",
+    "preemptions": "sequences preempted",
+}
 
 
 class Worker:
@@ -60,12 +65,16 @@ class Worker:
         self.aborted: OrderedDict[str, None] = OrderedDict()  # the last ABORTS_KEPT aborted request ids
         self.kv_seq = 0
         self.metrics = CollectorRegistry()
-        self.requests_total = Counter("xllm_worker_requests_total", "requests by outcome", ["outcome"],
-                                      registry=self.metrics)
+        self.requests_total = Counter(
+            "xllm_worker_requests_total", "requests by outcome", ["outcome"], registry=self.metrics
+        )
         self.kv_bytes = Counter("xllm_kv_transfer_bytes_total", "KV bytes handed off", registry=self.metrics)
-        self.kv_seconds = Histogram("xllm_kv_transfer_seconds", "KV hand-off: decode, first layer to last; "
-                                    "prefill, prompt done to the decode's receipt", registry=self.metrics,
-                                    buckets=LATENCY_BUCKETS)
+        self.kv_seconds = Histogram(
+            "xllm_kv_transfer_seconds",
+            "KV hand-off: decode, first layer to last; prefill, prompt done to the decode's receipt",
+            registry=self.metrics,
+            buckets=LATENCY_BUCKETS,
+        )
         self._subs: list = []
         self._heartbeater: Heartbeater | None = None
         self._publisher: asyncio.Task | None = None
@@ -83,13 +92,17 @@ class Worker:
         self.engine = await self._load_engine(events)
         for key, help_text in ENGINE_GAUGES.items():
             Gauge(f"xllm_worker_{key}", help_text, registry=self.metrics).set_function(
-                lambda k=key: self.engine.stats[k])
+                lambda k=key: self.engine.stats[k]
+            )
         if self.engine.speculative != "none":
             self.metrics.register(SpeculationCollector(self.engine.speculative, lambda: self.engine.stats))
         await self.start_data_plane()
         self._publisher = asyncio.create_task(self._publish_kv_events(js, events))
-        self._subs = [await nc.subscribe(subjects.worker_generate(self.instance_id), cb=self.on_generate),
-                      await nc.subscribe(subjects.ABORT, cb=self.on_abort), *await self.subscribe_role()]
+        self._subs = [
+            await nc.subscribe(subjects.worker_generate(self.instance_id), cb=self.on_generate),
+            await nc.subscribe(subjects.ABORT, cb=self.on_abort),
+            *await self.subscribe_role(),
+        ]
         self._heartbeater = Heartbeater(await InstanceRegistry.open(js), self.info, interval=self.config.heartbeat_s)
         await self._heartbeater.beat()
         self._heartbeater.start()
@@ -98,8 +111,12 @@ class Worker:
     async def _load_engine(self, events: asyncio.Queue) -> AsyncEngine:
         log.info("loading_model", model=self.config.model, instance=self.instance_id)
         loop = asyncio.get_running_loop()
-        engine = await asyncio.to_thread(LLMEngine, self.config.engine_config(self.role != "prefill"), None,
-                                         lambda *event: loop.call_soon_threadsafe(events.put_nowait, event))
+        engine = await asyncio.to_thread(
+            LLMEngine,
+            self.config.engine_config(self.role != "prefill"),
+            None,
+            lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
+        )
         async_engine = AsyncEngine(engine)
         await async_engine.start()
         return async_engine
@@ -121,18 +138,32 @@ class Worker:
 
     def info(self) -> InstanceInfo:
         stats = self.engine.stats
-        return InstanceInfo(instance_id=self.instance_id, role=self.role, model=self.config.model,
-                            pid=os.getpid(), host=self.host, running=stats["running"], waiting=stats["waiting"],
-                            free_blocks=stats["free_blocks"], total_blocks=stats["total_blocks"],
-                            block_size=self.config.block_size, data_plane=self.data_plane(),
-                            counters=self.counters(), updated_at=time.time())
+        return InstanceInfo(
+            instance_id=self.instance_id,
+            role=self.role,
+            model=self.config.model,
+            pid=os.getpid(),
+            host=self.host,
+            running=stats["running"],
+            waiting=stats["waiting"],
+            free_blocks=stats["free_blocks"],
+            total_blocks=stats["total_blocks"],
+            block_size=self.config.block_size,
+            data_plane=self.data_plane(),
+            counters=self.counters(),
+            updated_at=time.time(),
+        )
 
     def counters(self) -> dict[str, float]:
         stats, sample = self.engine.stats, self.metrics.get_sample_value
-        return {"prefix_queries": stats["prefix_queries"], "prefix_hits": stats["prefix_hits"],
-                "preemptions": stats["preemptions"], "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
-                "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
-                **{key: value for key, value in stats.items() if key.startswith("spec_")}}
+        return {
+            "prefix_queries": stats["prefix_queries"],
+            "prefix_hits": stats["prefix_hits"],
+            "preemptions": stats["preemptions"],
+            "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
+            "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
+            **{key: value for key, value in stats.items() if key.startswith("spec_")},
+        }
 
     # ---- role hooks (overridden by prefill / decode) --------------------------------------------
     async def start_data_plane(self) -> None: ...
@@ -176,8 +207,9 @@ class Worker:
         stream = self.engine.add_request(req.request_id, req.prompt_token_ids, params, req.priority)
         await self.stream_outputs(req, stream)
 
-    async def stream_outputs(self, req: GenerateRequest, stream: asyncio.Queue,
-                             first_seq: int = 0) -> RequestOutput | None:
+    async def stream_outputs(
+        self, req: GenerateRequest, stream: asyncio.Queue, first_seq: int = 0
+    ) -> RequestOutput | None:
         """Publish the request's outputs as StreamChunks numbered from `first_seq`; the last output,
         or None when the request was aborted or failed."""
         out, seq = None, first_seq
@@ -201,8 +233,15 @@ class Worker:
         return out
 
     def _chunk(self, out: RequestOutput, seq: int) -> StreamChunk:
-        return StreamChunk(out.request_id, [asdict(d) for d in out.outputs], out.finished, out.prompt_tokens,
-                           out.cached_tokens, self.instance_id, seq=seq)
+        return StreamChunk(
+            out.request_id,
+            [asdict(d) for d in out.outputs],
+            out.finished,
+            out.prompt_tokens,
+            out.cached_tokens,
+            self.instance_id,
+            seq=seq,
+        )
 
     async def publish_error(self, req: GenerateRequest, error: ApiError) -> None:
         """The request's last chunk: it failed here (a retriable error moves it to another instance)."""

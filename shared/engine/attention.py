@@ -27,17 +27,20 @@ class AttentionMetadata:
     chunk_mask: torch.Tensor | None = None  # [Bc, 1, Qc, nb * block_size] causal, after the cached context
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """q: [T, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim]. -> [T, heads, head_dim]."""
     out = q.new_empty(q.shape)
     nd = meta.num_decode_tokens
     if nd and cpu_kernels.usable(q):
-        out[:nd] = cpu_kernels.load().paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache,
-                                                             meta.decode_blocks, meta.decode_context_lens, scale)
+        out[:nd] = cpu_kernels.load().paged_decode_attention(
+            q[:nd].contiguous(), k_cache, v_cache, meta.decode_blocks, meta.decode_context_lens, scale
+        )
     elif nd:
-        out[:nd] = _attend(q[:nd].unsqueeze(2), k_cache, v_cache, meta.decode_blocks, meta.decode_mask,
-                           scale).squeeze(2)
+        out[:nd] = _attend(q[:nd].unsqueeze(2), k_cache, v_cache, meta.decode_blocks, meta.decode_mask, scale).squeeze(
+            2
+        )
     if meta.chunk_token_index is not None:
         # [Bc, Qc, H, D] -> [Bc, H, Qc, D]; padded queries read token 0 and are dropped below.
         qc = q[meta.chunk_token_index].transpose(1, 2)
@@ -46,8 +49,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-            mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     # Gather whole blocks (rows of block_size * kv_heads * head_dim): far cheaper than per-slot gathers.
     shape = (blocks.shape[0], -1, *k_cache.shape[2:])
     k = k_cache.index_select(0, blocks.flatten()).view(shape).transpose(1, 2)  # [B, kv_heads, L, D]

@@ -25,8 +25,9 @@ KvEventHook = Callable[[str, list[int], int | None], None]  # (event, block hash
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 on_event: KvEventHook | None = None):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, on_event: KvEventHook | None = None
+    ):
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))  # never hashed, or evicted

@@ -30,9 +30,12 @@ def load() -> ModuleType | None:
     # -march=native: the build is for the CPU it runs on; the name keeps builds for different CPUs apart
     capability = torch.backends.cpu.get_cpu_capability().lower()
     try:
-        return load_extension(f"xllm_cpu_kernels_{capability}", [str(SOURCE)],
-                              extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"])
+        return load_extension(
+            f"xllm_cpu_kernels_{capability}",
+            [str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
     except Exception as exc:  # no compiler, or a failed build: fall back, loudly
         log.warning("cpu_kernels_unavailable", error=str(exc).splitlines()[-1] if str(exc) else repr(exc))
         return None

@@ -46,8 +46,14 @@ class Handoff:
         self.imported: weakref.WeakSet[Sequence] = weakref.WeakSet()
 
     # ---- prefill role -------------------------------------------------------------------------
-    def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                            priority: int = 0, kv_sink: KvSink | None = None) -> None:
+    def add_prefill_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        kv_sink: KvSink | None = None,
+    ) -> None:
         """Compute the prompt's KV and sample each sequence's first token, then hold the request (one
         whose every sequence finished on its first token is simply finished). `kv_sink(runner, layer,
         block_ids)` is called after each layer of the prompt's last step, so the KV can leave while
@@ -94,8 +100,11 @@ class Handoff:
     def continuations(self, request_id: str) -> list[Continuation]:
         """What the decode worker needs to go on with each unfinished sequence of a held request."""
         request = self.held[request_id]
-        return [Continuation(seq.index, seq.token_ids[-1], _rng_state(seq.generator))
-                for seq in request.seqs if seq.index not in request.finished]
+        return [
+            Continuation(seq.index, seq.token_ids[-1], _rng_state(seq.generator))
+            for seq in request.seqs
+            if seq.index not in request.finished
+        ]
 
     def export_held(self, request_id: str, write: Callable[[ModelRunner, list[int]], None]) -> list[Continuation]:
         """`write(runner, block_ids)` copies a held request's KV out; then its blocks are freed (they stay
@@ -114,8 +123,9 @@ class Handoff:
         return request is not None
 
     # ---- decode role --------------------------------------------------------------------------
-    def reserve_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> list[int] | None:
+    def reserve_import(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> list[int] | None:
         """Blocks for the prompt's KV, to be written by the caller (ModelRunner.write_kv) before
         `commit_import`. None when there is no room."""
         engine = self.engine
@@ -138,9 +148,13 @@ class Handoff:
         prompt, n = list(carrier.token_ids), carrier.params.n
         indices = [c.index for c in continuations]
         state_size = len(_rng_state(carrier.generator) or b"")  # another device type's state differs
-        if (not continuations or len(set(indices)) != len(indices) or not set(indices) <= set(range(n))
-                or not all(0 <= c.token_id < engine.model_config.vocab_size for c in continuations)
-                or any(len(c.rng_state or b"") != state_size for c in continuations)):
+        if (
+            not continuations
+            or len(set(indices)) != len(indices)
+            or not set(indices) <= set(range(n))
+            or not all(0 <= c.token_id < engine.model_config.vocab_size for c in continuations)
+            or any(len(c.rng_state or b"") != state_size for c in continuations)
+        ):
             engine.block_manager.free(carrier)
             raise InvalidRequestError(f"sequences {continuations} do not fit the request (n={n})")
         carrier.index = continuations[0].index
@@ -148,8 +162,7 @@ class Handoff:
         for cont in continuations:
             seq = carrier
             if cont is not continuations[0]:
-                seq = engine.new_seq(request_id, prompt, carrier.params, cont.index, carrier.priority,
-                                     carrier.arrival)
+                seq = engine.new_seq(request_id, prompt, carrier.params, cont.index, carrier.priority, carrier.arrival)
                 if engine.fork_blocks(carrier, seq):  # else it recomputes its prompt
                     self.imported.add(seq)
             seq.num_forks = 0

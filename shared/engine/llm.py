@@ -31,8 +31,9 @@ class LLM:
         self.engine = LLMEngine(config or EngineConfig(**kw), checkpoint)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
-                 chat: bool = False) -> list[Completion]:
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams], chat: bool = False
+    ) -> list[Completion]:
         """Prompts as text (templated as a single user turn when `chat`) or as token ids."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[str, Completion] = {}

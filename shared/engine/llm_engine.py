@@ -38,8 +38,9 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
-                 on_kv_event: KvEventHook | None = None):
+    def __init__(
+        self, config: EngineConfig, checkpoint: Checkpoint | None = None, on_kv_event: KvEventHook | None = None
+    ):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -49,17 +50,17 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.generation_defaults = ckpt.generation_defaults
-        self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
-                                 ckpt.config.max_position_embeddings)
-        self.model = model = CausalLM.build(ckpt.config, ckpt.weights, self.max_model_len, self.device,
-                                            self.dtype)
+        self.max_model_len = min(
+            config.max_model_len or ckpt.config.max_position_embeddings, ckpt.config.max_position_embeddings
+        )
+        self.model = model = CausalLM.build(ckpt.config, ckpt.weights, self.max_model_len, self.device, self.dtype)
         block_bytes = ModelRunner.block_bytes(model.config, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                          on_kv_event)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, on_kv_event)
         self.handoff = Handoff(self)  # prefill -> decode: held prefills, KV imports
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.handoff.imported.__contains__)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.handoff.imported.__contains__
+        )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -67,10 +68,15 @@ class LLMEngine:
         if config.speculative != "none" and config.draft_length == "fixed":
             self.speculator = Speculator(config.speculative, config.num_speculative_tokens)
         elif config.speculative != "none":
-            max_tokens = min(config.max_num_batched_tokens, num_blocks * config.block_size, self.max_model_len,
-                             config.max_num_seqs * (config.num_speculative_tokens + 1))
-            self.speculator = Speculator.calibrated(config.speculative, config.num_speculative_tokens, max_tokens,
-                                                    self._time_step)
+            max_tokens = min(
+                config.max_num_batched_tokens,
+                num_blocks * config.block_size,
+                self.max_model_len,
+                config.max_num_seqs * (config.num_speculative_tokens + 1),
+            )
+            self.speculator = Speculator.calibrated(
+                config.speculative, config.num_speculative_tokens, max_tokens, self._time_step
+            )
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -85,7 +91,9 @@ class LLMEngine:
         if len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the request "
-                f"has {len(prompt_token_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
+                f"has {len(prompt_token_ids)} prompt tokens and asks for {max_tokens} more",
+                "max_tokens",
+            )
         if params.n > self.config.max_num_seqs:
             raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs}", "n")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
@@ -93,16 +101,24 @@ class LLMEngine:
                 raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab})", name)
         need = -(-(len(prompt_token_ids) + max_tokens) // self.config.block_size)
         if need > self.block_manager.num_blocks:
-            raise InvalidRequestError(f"the request needs {need} KV blocks; the cache has "
-                                      f"{self.block_manager.num_blocks}", "max_tokens")
+            raise InvalidRequestError(
+                f"the request needs {need} KV blocks; the cache has {self.block_manager.num_blocks}", "max_tokens"
+            )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, arrival: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival: float | None = None,
+    ) -> None:
         """Queue a request its caller has validated (`validate`: the worker for the bus, `LLM` in-process)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        seq = self.new_seq(request_id, prompt_token_ids, params, 0, priority,
-                           time.monotonic() if arrival is None else arrival)
+        seq = self.new_seq(
+            request_id, prompt_token_ids, params, 0, priority, time.monotonic() if arrival is None else arrival
+        )
         self.requests[request_id] = Request(request_id, [seq], params.n)
         self.scheduler.add(seq)
 
@@ -131,8 +147,9 @@ class LLMEngine:
             self.runner.copy_block(parent.block_table[len(child.block_table) - 1], partial)
         return True
 
-    def new_seq(self, request_id: str, prompt: list[int], params: SamplingParams, index: int,
-                priority: int, arrival: float) -> Sequence:
+    def new_seq(
+        self, request_id: str, prompt: list[int], params: SamplingParams, index: int, priority: int, arrival: float
+    ) -> Sequence:
         """A sequence with its sampler's generator and its stop checker, not queued yet."""
         seq = Sequence(request_id, prompt, params, index, priority, arrival)
         if params.seed is not None:
@@ -166,8 +183,9 @@ class LLMEngine:
         self.handoff.hold(outputs)  # prefill role: those requests stop here, their KV kept for the hand-off
         return outputs
 
-    def _sample(self, logits: torch.Tensor, sampling: list[Sequence],
-                draft_logits: dict[int, torch.Tensor]) -> dict[Sequence, SeqOutput]:
+    def _sample(
+        self, logits: torch.Tensor, sampling: list[Sequence], draft_logits: dict[int, torch.Tensor]
+    ) -> dict[Sequence, SeqOutput]:
         """Sample every sequence's next token. A sequence with draft tokens goes on sampling at the next
         position while the token it sampled equals the draft token there.
 
@@ -181,8 +199,13 @@ class LLMEngine:
         verifying = [seq for seq in sampling if seq.spec_token_ids]
         accepted = dict.fromkeys(verifying, 0)
         active, position = verifying, 0
-        while active := [seq for seq in active if not seq.finish_reason and position < len(seq.spec_token_ids)
-                         and seq.token_ids[-1] == seq.spec_token_ids[position]]:
+        while active := [
+            seq
+            for seq in active
+            if not seq.finish_reason
+            and position < len(seq.spec_token_ids)
+            and seq.token_ids[-1] == seq.spec_token_ids[position]
+        ]:
             position += 1
             for seq in active:
                 accepted[seq] += 1
@@ -238,8 +261,7 @@ class LLMEngine:
                 continue
             request = self.requests[seq.request_id]
             for index in range(1, seq.num_forks + 1):
-                child = self.new_seq(seq.request_id, seq.token_ids, seq.params, index, seq.priority,
-                                     seq.arrival)
+                child = self.new_seq(seq.request_id, seq.token_ids, seq.params, index, seq.priority, seq.arrival)
                 child.num_cached_tokens = seq.num_cached_tokens
                 request.seqs.append(child)
                 if not self.handoff.prefill_only(seq):  # else it only samples here: the decode worker forks
@@ -260,8 +282,7 @@ class LLMEngine:
         if finished:
             self.requests.pop(request.request_id, None)
         first = request.seqs[0]
-        return RequestOutput(request.request_id, deltas, finished, first.num_prompt_tokens,
-                             first.num_cached_tokens)
+        return RequestOutput(request.request_id, deltas, finished, first.num_prompt_tokens, first.num_cached_tokens)
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -288,4 +309,3 @@ def _split_rows(logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[in
             drafts[seq.seq_id] = logits[row + 1 : row + 1 + len(seq.spec_token_ids)]
         row += 1 + len(seq.spec_token_ids)
     return first, drafts
-

@@ -17,8 +17,13 @@ from shared.engine.config import ModelConfig
 from shared.engine.rotary import RotaryEmbedding
 
 # checkpoint module name -> (our packed module, shard index)
-PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+PACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 class Linear(nn.Linear):
@@ -59,8 +64,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = PackedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                     bias=config.attention_bias)
+        self.qkv_proj = PackedLinear(
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=config.attention_bias
+        )
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -70,8 +76,9 @@ class Attention(nn.Module):
         # Set by the model runner: this layer's slice of the paged KV pool, [slots, kv_heads, head_dim].
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -105,8 +112,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
@@ -123,8 +135,13 @@ class Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
         for i, layer in enumerate(self.layers):
@@ -147,14 +164,25 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta, after_layer)
 
     @classmethod
-    def build(cls, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
-              device: torch.device, dtype: torch.dtype) -> "CausalLM":
+    def build(
+        cls,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        max_positions: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> "CausalLM":
         """The model on `device` in `dtype`, weights loaded. Built and cast on the meta device, so no
         memory is allocated twice (nor in fp32 first)."""
         with torch.device("meta"):
@@ -185,8 +213,7 @@ class CausalLM(nn.Module):
         modules = dict(self.named_modules())
         loaded: set[str] = set()
         for name, tensor in weights.items():
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight"
-                                                         and self.config.tie_word_embeddings):
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             module_path, _, kind = name.rpartition(".")
             parent, _, leaf = module_path.rpartition(".")

@@ -19,8 +19,7 @@ KvLayout = tuple[tuple[int, ...], torch.dtype]  # (layers, block_size, kv_heads,
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -44,8 +43,9 @@ class ModelRunner:
         return elems * torch.empty(0, dtype=dtype).element_size()
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq],
-            after_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(
+        self, batch: list[ScheduledSeq], after_layer: Callable[[int], None] | None = None
+    ) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward one step; returns logits of the sequences that sample (1 + their draft tokens rows each),
         and those sequences. `after_layer(i)` runs once layer i's KV is in the cache."""
         decodes = [s for s in batch if s.num_new_tokens == 1]
@@ -117,8 +117,9 @@ class ModelRunner:
         for cache in (self.k_cache, self.v_cache):
             cache[:, dst] = cache[:, src]
 
-    def read_blocks(self, block_ids: list[int], layer: int,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_blocks(
+        self, block_ids: list[int], layer: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of some blocks of one layer: [n, block_size, kv_heads, head_dim] each (into `out`)."""
         idx = self._tensor(block_ids)
         if out is None:

@@ -20,8 +20,9 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 SMALL_BATCH_ROWS = 8
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None = None
+) -> torch.Tensor:
     """x @ weight.T + bias; `packed` is the weight prepacked for oneDNN (prepack_weight), when kept."""
     if not cpu_kernels.usable(x):
         return F.linear(x, weight, bias)
@@ -63,16 +64,23 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [T, heads, D] and k [T, kv_heads, D] by each token's cos/sin [T, D/2] (HF's rotate_half
     layout) and writes k and v into the caches at slot_mapping. Returns the rotated q and k."""
     if cpu_kernels.usable(q) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
         cpu_kernels.load().rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
         return q, k
     qk = _rotate(torch.cat((q, k), dim=1), cos.unsqueeze(1), sin.unsqueeze(1))  # one pass for q and k
-    q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
+    q, k = qk[:, : q.shape[1]], qk[:, q.shape[1] :]
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
     return q, k

@@ -65,8 +65,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seqs[row].token_ids)), dtype=torch.long)
             vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                            vals * p.repetition_penalty)
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         output = seqs[row].output_token_ids
         if output and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(logits.dtype)

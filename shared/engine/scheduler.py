@@ -27,8 +27,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 imported: Callable[[Sequence], bool] = lambda seq: False):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        imported: Callable[[Sequence], bool] = lambda seq: False,
+    ):
         self.block_manager = block_manager
         self.imported = imported  # whether a sequence's KV was written from outside (a prefill worker's)
         self.max_num_seqs = max_num_seqs

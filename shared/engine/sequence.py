@@ -19,8 +19,15 @@ class SequenceStatus(Enum):
 class Sequence:
     _ids = count()
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 index: int = 0, priority: int = 0, arrival: float = 0.0):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        priority: int = 0,
+        arrival: float = 0.0,
+    ):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index  # which of the request's n sequences

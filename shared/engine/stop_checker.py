@@ -13,8 +13,9 @@ class StopChecker:
     def __init__(self, seq: Sequence, tokenizer: Tokenizer, eos_token_ids: list[int], max_model_len: int):
         self.seq = seq
         self.params = seq.params
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.token_ids[: seq.num_prompt_tokens],
-                                                  seq.params.skip_special_tokens)
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.params.skip_special_tokens
+        )
         eos = set() if seq.params.ignore_eos else set(eos_token_ids)
         self.stop_ids = eos | set(seq.params.stop_token_ids)
         self.max_model_len = max_model_len
@@ -53,8 +54,7 @@ class StopChecker:
 
     def new_text(self, finished: bool) -> str:
         """Text not yet emitted; keeps the possible start of a stop string back until finished."""
-        end = len(self.text) if finished or not self.params.stop else max(self.emitted,
-                                                                          len(self.text) - self.holdback)
+        end = len(self.text) if finished or not self.params.stop else max(self.emitted, len(self.text) - self.holdback)
         delta = self.text[self.emitted : end]
         self.emitted = end
         return delta

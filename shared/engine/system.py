@@ -6,8 +6,14 @@ import torch
 
 from shared.engine.config import EngineConfig
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def default_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -44,7 +50,9 @@ def _cgroup_room() -> int:
 def kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:
     if config.kv_cache_memory:
         if config.kv_cache_memory > available_memory(device):
-            raise ValueError(f"kv_cache_memory {config.kv_cache_memory >> 20} MiB is more than the "
-                             f"{available_memory(device) >> 20} MiB available")
+            raise ValueError(
+                f"kv_cache_memory {config.kv_cache_memory >> 20} MiB is more than the "
+                f"{available_memory(device) >> 20} MiB available"
+            )
         return config.kv_cache_memory
     return int(available_memory(device) * config.kv_cache_fraction)

@@ -31,16 +31,27 @@ from shared.model_files import smollm2_gguf as find_smollm2
 from shared.tokenizer import Tokenizer
 
 TINY_MODEL_KINDS = ("llama", "llama3_rope", "llama_untied", "qwen2", "qwen3")
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, rms_norm_eps=1e-6)
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+    rms_norm_eps=1e-6,
+)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 BOS_CHATML = "{{ bos_token }}" + CHATML
 THINKING_CHATML = CHATML.replace(
     "{{ '<|im_start|>assistant\n' }}",
     "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and not enable_thinking %}"
-    "{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}",
+)
 
 torch.set_num_threads(2)  # the test machine is small and shared
 
@@ -59,8 +70,7 @@ def smollm2_tokenizer(smollm2_gguf) -> Tokenizer:
 def hf_smollm2(smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
     return model.eval()
 
 
@@ -109,8 +119,17 @@ def _build_tiny(kind: str, out: Path, tokenizer: Tokenizer) -> Path:
     bos = 0 if kind == "llama" else 1  # SmolLM2's own BOS is <|im_start|>; the Llama 3 style kind uses 0
     common = dict(TINY, vocab_size=tokenizer.vocab_size, bos_token_id=bos, eos_token_id=2)
     if arch == "llama":
-        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 256} if kind == "llama3_rope" else None
+        rope = (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            }
+            if kind == "llama3_rope"
+            else None
+        )
         config = tf.LlamaConfig(**common, rope_scaling=rope, tie_word_embeddings=kind != "llama_untied")
         model_cls = tf.LlamaForCausalLM
     elif arch == "qwen2":
@@ -138,13 +157,20 @@ def _build_tiny(kind: str, out: Path, tokenizer: Tokenizer) -> Path:
 
 def _write_tokenizer(kind: str, out: Path, tokenizer: Tokenizer) -> None:
     tok = HFTokenizer.from_str(tokenizer.tokenizer.to_str())
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
-           "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-           "model_max_length": TINY["max_position_embeddings"], "clean_up_tokenization_spaces": False,
-           "chat_template": CHATML}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "model_max_length": TINY["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHATML,
+    }
     if kind == "llama":  # Llama 3 style: BOS added by the post-processor and written by the template
-        tok.post_processor = processors.TemplateProcessing(single=["<|endoftext|>", "$A"],
-                                                           special_tokens=[("<|endoftext|>", 0)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=["<|endoftext|>", "$A"], special_tokens=[("<|endoftext|>", 0)]
+        )
         cfg.update(bos_token="<|endoftext|>", add_bos_token=True, chat_template=BOS_CHATML)
     if kind == "qwen3":
         del cfg["chat_template"]

@@ -13,8 +13,7 @@ def make_engine(ckpt: Checkpoint, kv_blocks: int = 256, **overrides) -> LLMEngin
     cfg = ckpt.config
     block_size = overrides.get("block_size", 16)
     block_bytes = ModelRunner.block_bytes(cfg, block_size, torch.float32)
-    config = EngineConfig(model=ckpt.path, kv_cache_memory=kv_blocks * block_bytes, num_threads=1,
-                          **overrides)
+    config = EngineConfig(model=ckpt.path, kv_cache_memory=kv_blocks * block_bytes, num_threads=1, **overrides)
     return LLMEngine(config, ckpt)
 
 

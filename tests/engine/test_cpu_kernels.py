@@ -16,8 +16,10 @@ from tests.engine.helpers import greedy, make_engine, run_all
 @pytest.fixture
 def torch_ops(monkeypatch):
     """Within the test, ops take their torch path (as on CUDA)."""
+
     def use_torch():
         monkeypatch.setattr(cpu_kernels, "usable", lambda tensor: False)
+
     return use_torch
 
 
@@ -66,8 +68,16 @@ def test_rotary_and_cache_matches_torch(torch_ops):
     def run():
         q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)  # strided views
         k_cache, v_cache = torch.zeros(4, 4, kv_heads, dim), torch.zeros(4, 4, kv_heads, dim)
-        q, k = ops.rotary_and_cache(q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim),
-                                    v.view(tokens, kv_heads, dim), cos, sin, k_cache, v_cache, slots)
+        q, k = ops.rotary_and_cache(
+            q.view(tokens, heads, dim),
+            k.view(tokens, kv_heads, dim),
+            v.view(tokens, kv_heads, dim),
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            slots,
+        )
         return q, k, k_cache, v_cache
 
     fast = run()
@@ -80,8 +90,10 @@ def test_rotary_and_cache_matches_torch(torch_ops):
 def test_paged_decode_attention_matches_sdpa(batch, heads, kv_heads):
     torch.manual_seed(batch)
     block_size, dim, num_blocks = 4, 16, 64
-    k_cache, v_cache = torch.randn(num_blocks, block_size, kv_heads, dim), torch.randn(num_blocks, block_size,
-                                                                                        kv_heads, dim)
+    k_cache, v_cache = (
+        torch.randn(num_blocks, block_size, kv_heads, dim),
+        torch.randn(num_blocks, block_size, kv_heads, dim),
+    )
     lens = torch.randint(1, 30, (batch,))
     max_blocks = -(-int(lens.max()) // block_size)
     tables = torch.randperm(num_blocks)[: batch * max_blocks].view(batch, max_blocks)
@@ -98,8 +110,9 @@ def test_paged_decode_attention_matches_sdpa(batch, heads, kv_heads):
 def test_paged_decode_attention_rejects_a_length_beyond_its_blocks():
     cache = torch.zeros(4, 4, 1, 8)
     with pytest.raises(RuntimeError, match="outside the block table"):
-        cpu_kernels.load().paged_decode_attention(torch.zeros(1, 1, 8), cache, cache, torch.tensor([[0]]),
-                                                  torch.tensor([5]), 1.0)
+        cpu_kernels.load().paged_decode_attention(
+            torch.zeros(1, 1, 8), cache, cache, torch.tensor([[0]]), torch.tensor([5]), 1.0
+        )
 
 
 def test_model_with_and_without_kernels(tiny_model_dir, torch_ops):

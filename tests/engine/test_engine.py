@@ -94,9 +94,13 @@ def test_online_request_passes_queued_offline_ones(ckpt):
 def test_n_greater_than_one_shares_the_prompt_blocks(ckpt):
     engine = make_engine(ckpt)
     prompt = prompts(1, lengths=(40,))[0]
-    res = run_all(engine, {"g": (prompt, greedy(8, n=3)),
-                           "s": (prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8,
-                                                        ignore_eos=True))})
+    res = run_all(
+        engine,
+        {
+            "g": (prompt, greedy(8, n=3)),
+            "s": (prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)),
+        },
+    )
     assert sorted(res["g"]) == [0, 1, 2]
     assert res["g"][0][0] == res["g"][1][0] == res["g"][2][0]  # greedy siblings agree
     sampled = [res["s"][i][0] for i in range(4)]
@@ -152,8 +156,7 @@ def test_prefill_samples_the_first_token_and_decode_goes_on_like_one_engine(ckpt
 def test_seeded_n_sequences_through_a_hand_off_equal_one_engine(ckpt):
     """Each sequence's first token, sampler state and stop strings carry over; siblings fork on decode."""
     prompt = prompts(1, lengths=(37,))[0]
-    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7, stop=["zz"],
-                            ignore_eos=True)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7, stop=["zz"], ignore_eos=True)
     want = run_all(make_engine(ckpt), {"s": (prompt, params)})["s"]
     got = hand_off(make_engine(ckpt), make_engine(ckpt), "s", prompt, params)
     assert got == want
@@ -214,10 +217,12 @@ def test_commit_import_refuses_continuations_that_do_not_fit_and_frees_the_block
     prompt = prompts(1, lengths=(20,))[0]
     seeded = SamplingParams(temperature=1.0, max_tokens=4, n=2, seed=3)
     good_state = torch.Generator().manual_seed(0).get_state().numpy().tobytes()
-    for bad in ([Continuation(2, 5, good_state)],  # index outside n
-                [Continuation(0, 5, good_state), Continuation(0, 6, good_state)],  # twice the same
-                [Continuation(0, 10**9, good_state)],  # outside the vocabulary
-                [Continuation(0, 5, b"\0" * 16)]):  # another device type's sampler state
+    for bad in (
+        [Continuation(2, 5, good_state)],  # index outside n
+        [Continuation(0, 5, good_state), Continuation(0, 6, good_state)],  # twice the same
+        [Continuation(0, 10**9, good_state)],  # outside the vocabulary
+        [Continuation(0, 5, b"\0" * 16)],
+    ):  # another device type's sampler state
         assert engine.handoff.reserve_import("x", prompt, seeded) is not None
         with pytest.raises(InvalidRequestError):
             engine.handoff.commit_import("x", bad)

@@ -13,13 +13,16 @@ def engine(tiny_model_dir):
     return make_engine(load_checkpoint(str(tiny_model_dir("llama"))))
 
 
-@pytest.mark.parametrize("make", [
-    lambda e: ([], greedy()),
-    lambda e: ([1] * e.max_model_len, greedy()),
-    lambda e: ([1, 2], greedy(max_tokens=e.max_model_len)),
-    lambda e: ([1, -5], greedy()),
-    lambda e: ([1, e.model_config.vocab_size], greedy()),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda e: ([], greedy()),
+        lambda e: ([1] * e.max_model_len, greedy()),
+        lambda e: ([1, 2], greedy(max_tokens=e.max_model_len)),
+        lambda e: ([1, -5], greedy()),
+        lambda e: ([1, e.model_config.vocab_size], greedy()),
+    ],
+)
 def test_bad_prompt_raises_and_engine_keeps_serving(engine, make):
     with pytest.raises(InvalidRequestError):
         engine.validate(*make(engine))  # what every boundary (the worker, LLM) asks before add_request
@@ -27,11 +30,25 @@ def test_bad_prompt_raises_and_engine_keeps_serving(engine, make):
     assert len(out["good"][0][0]) == 4
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"max_tokens": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1}, {"top_k": -2},
-    {"stop": [1]}, {"stop": 5}, {"n": 0}, {"min_p": 2.0}, {"presence_penalty": 3},
-    {"repetition_penalty": 0}, {"logprobs": 50}, {"min_tokens": 9, "max_tokens": 3}, {"seed": "x"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_tokens": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"temperature": -1},
+        {"top_k": -2},
+        {"stop": [1]},
+        {"stop": 5},
+        {"n": 0},
+        {"min_p": 2.0},
+        {"presence_penalty": 3},
+        {"repetition_penalty": 0},
+        {"logprobs": 50},
+        {"min_tokens": 9, "max_tokens": 3},
+        {"seed": "x"},
+    ],
+)
 def test_bad_sampling_params_raise_a_typed_error(kwargs):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)

@@ -17,15 +17,33 @@ from shared.model_files import load_generation_defaults, resolve_model
 from tests.engine.conftest import TINY_MODEL_KINDS
 
 Q = gguf.GGMLQuantizationType
-CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "bos_token_id")
+CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "bos_token_id",
+)
 
 # llama.cpp tensor names, written out here rather than taken from the loader so a wrong map shows.
-GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -59,8 +77,14 @@ def _block_bound(x: np.ndarray, qtype: Q) -> np.ndarray:
     blocks = x.reshape(x.shape[0], -1, 32)
     absmax = np.abs(blocks).max(-1, keepdims=True)
     span = blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)
-    bound = {Q.F32: 0 * absmax, Q.F16: absmax * 2**-11, Q.BF16: absmax * 2**-8,
-             Q.Q8_0: absmax / 127 / 2, Q.Q4_0: absmax / 8, Q.Q4_1: span / 15 / 2}[qtype]
+    bound = {
+        Q.F32: 0 * absmax,
+        Q.F16: absmax * 2**-11,
+        Q.BF16: absmax * 2**-8,
+        Q.Q8_0: absmax / 127 / 2,
+        Q.Q4_0: absmax / 8,
+        Q.Q4_1: span / 15 / 2,
+    }[qtype]
     slack = 0 if qtype == Q.F32 else 1e-3 * absmax  # scales are stored as f16
     return np.broadcast_to(bound * 1.02 + slack, blocks.shape).reshape(x.shape)
 
@@ -122,8 +146,7 @@ def test_smollm2_gguf_config_equals_transformers(smollm2_ckpt, hf_smollm2):
     for field in (*CONFIG_FIELDS, "tie_word_embeddings"):
         assert getattr(c, field) == getattr(ref, field), field
     assert c.rope_theta == ref.rope_parameters["rope_theta"] and c.rope_scaling is None
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == \
-        (30, 576, 9, 3)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
     # GGUF says eos=2; chat turns end with <|im_end|> (2), and <|endoftext|> (0) ends documents
     assert c.eos_token_ids[0] == ref.eos_token_id == 2 and set(c.eos_token_ids) == {0, 2}
     assert smollm2_ckpt.generation_defaults == {}
@@ -163,8 +186,13 @@ def test_folder_config_equals_transformers_config(tiny_model_dir, tiny_hf_model,
 
 def test_llama3_rope_scaling_is_read(tiny_model_dir):
     c = load_checkpoint(str(tiny_model_dir("llama3_rope"))).config
-    assert c.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+    assert c.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    }
 
 
 def test_sharded_folder_with_index(tiny_model_dir):
@@ -282,8 +310,12 @@ def test_gguf_written_by_llama_cpp_rules_loads_back_exactly(tmp_path, tiny_model
     assert set(ckpt.weights) == set(folder.weights)
     for name, w in ckpt.weights.items():
         assert torch.equal(w, ref[name]), name  # F32: exact, so Q/K un-permutation is exact too
-    expected = {**vars(folder.config), "name": "tiny-" + folder.config.architecture, "bos_token_id": 1,
-                "rms_norm_eps": float(np.float32(folder.config.rms_norm_eps))}  # GGUF stores f32
+    expected = {
+        **vars(folder.config),
+        "name": "tiny-" + folder.config.architecture,
+        "bos_token_id": 1,
+        "rms_norm_eps": float(np.float32(folder.config.rms_norm_eps)),
+    }  # GGUF stores f32
     assert vars(ckpt.config) == expected  # rope_scaling llama3 recovered from rope_freqs too
     assert ckpt.tokenizer.encode("Hello 123 ✓") == folder.tokenizer.encode("Hello 123 ✓", False)
 

@@ -9,8 +9,7 @@ from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
 from tests.engine.helpers import greedy, make_engine, run_all
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
-           "1, 2, 3, 4,"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,", "1, 2, 3, 4,"]
 
 
 def last_logits(engine, prompt_ids: list[int]) -> torch.Tensor:

@@ -61,8 +61,7 @@ def test_stop_token_ids_and_min_tokens(ckpt):
     first = gen(ckpt, greedy(8))[0][0]
     ids, _, reason = gen(ckpt, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first[0]]))[0]
     assert ids == [first[0]] and reason == "stop"
-    ids, _, _ = gen(ckpt, SamplingParams(temperature=0, max_tokens=8, min_tokens=4,
-                                         stop_token_ids=[first[0]]))[0]
+    ids, _, _ = gen(ckpt, SamplingParams(temperature=0, max_tokens=8, min_tokens=4, stop_token_ids=[first[0]]))[0]
     assert len(ids) >= 4 and ids[0] != first[0]  # banned until min_tokens
 
 
@@ -206,10 +205,20 @@ def test_tiny_temperature_is_greedy_not_nan():
 @pytest.mark.parametrize(
     "kw",
     [
-        {"temperature": 9}, {"temperature": 2.0001}, {"temperature": float("nan")}, {"temperature": float("inf")},
-        {"temperature": 10**400}, {"top_p": float("nan")}, {"min_p": float("nan")},
-        {"repetition_penalty": float("nan")}, {"repetition_penalty": float("inf")}, {"repetition_penalty": 0},
-        {"presence_penalty": float("nan")}, {"logprobs": 21}, {"logprobs": True}, {"n": True},
+        {"temperature": 9},
+        {"temperature": 2.0001},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": 10**400},
+        {"top_p": float("nan")},
+        {"min_p": float("nan")},
+        {"repetition_penalty": float("nan")},
+        {"repetition_penalty": float("inf")},
+        {"repetition_penalty": 0},
+        {"presence_penalty": float("nan")},
+        {"logprobs": 21},
+        {"logprobs": True},
+        {"n": True},
     ],
 )
 def test_sampling_params_refuse_out_of_range_values(kw):
@@ -229,6 +238,14 @@ def test_sampling_params_refuse_bad_logit_bias(bias):
 
 
 def test_sampling_params_edge_values():
-    p = SamplingParams(temperature=2, top_p=1, presence_penalty=-2, frequency_penalty=2, logprobs=20,
-                       logit_bias={0: -100, 1: 100.0}, repetition_penalty=1e-3, min_p=1)
+    p = SamplingParams(
+        temperature=2,
+        top_p=1,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        logprobs=20,
+        logit_bias={0: -100, 1: 100.0},
+        repetition_penalty=1e-3,
+        min_p=1,
+    )
     assert p.logit_bias == {0: -100, 1: 100.0} and SamplingParams().logit_bias == {}

@@ -129,8 +129,15 @@ def test_seeded_sampling_stop_rules_and_logprobs_are_unchanged(ckpt, method):
     ps = repetitive_prompts(6, seed=1)
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True, logprobs=2),
-        SamplingParams(temperature=1.0, top_k=5, seed=4, max_tokens=25, presence_penalty=0.5,
-                       frequency_penalty=0.3, ignore_eos=True),
+        SamplingParams(
+            temperature=1.0,
+            top_k=5,
+            seed=4,
+            max_tokens=25,
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+            ignore_eos=True,
+        ),
         SamplingParams(temperature=0.0, max_tokens=30, repetition_penalty=1.3, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=30, min_tokens=20, stop_token_ids=[ps[3][-1]]),
         SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logit_bias={ps[4][0]: 3.0}),
@@ -147,8 +154,7 @@ def test_seeded_sampling_stop_rules_and_logprobs_are_unchanged(ckpt, method):
     text = want["r0"][0][1]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     stop_params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True, stop=[stop])
-    assert run_all(stop_run, {"s": (ps[0], stop_params)}) == \
-        run_all(make_engine(ckpt), {"s": (ps[0], stop_params)})
+    assert run_all(stop_run, {"s": (ps[0], stop_params)}) == run_all(make_engine(ckpt), {"s": (ps[0], stop_params)})
 
 
 def test_the_decode_worker_of_a_hand_off_speculates_and_equals_one_engine(ckpt):
@@ -191,8 +197,10 @@ def test_sampled_distribution_matches_sampling_without_speculation(ckpt):
     samples = 600
 
     def draw(engine, seed0):
-        reqs = {f"r{i}": (prompt, SamplingParams(temperature=1.0, top_k=3, seed=seed0 + i, max_tokens=4,
-                                                 ignore_eos=True)) for i in range(samples)}
+        reqs = {
+            f"r{i}": (prompt, SamplingParams(temperature=1.0, top_k=3, seed=seed0 + i, max_tokens=4, ignore_eos=True))
+            for i in range(samples)
+        }
         return Counter(tuple(r[0][0][1:]) for r in run_all(engine, reqs).values())
 
     engine = drafting(ckpt, "ngram", kv_blocks=1024)

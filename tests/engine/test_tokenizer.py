@@ -13,24 +13,41 @@ from shared.tokenizer import Tokenizer
 from tests.engine.conftest import CHATML
 
 TEXTS = [
-    "Hello world", "  leading spaces\n\n\ttabs and trailing  ", "numbers 1234567 3.14159 -42 1e10 2024-05-01",
+    "Hello world",
+    "  leading spaces\n\n\ttabs and trailing  ",
+    "numbers 1234567 3.14159 -42 1e10 2024-05-01",
     "def f(x):\n    return x**2  # comment\n\nclass A:\n\tpass\n",
-    "émoji 😀🎉👍🏽 中文字符 日本語 한국어 العربية", "<|im_start|>user\nhi<|im_end|>", "'s 't 're don't I'LL",
-    "   ", "", "a" * 300, "x = [1,2,3]; y = {'a': 1}", "\u00a0nbsp\u2009thin\u200bzero",
-    "Ｆｕｌｌｗｉｄｔｈ ﬁ ligature é vs e\u0301", "\r\n\r\n windows\r\nlines",
-    "<think>not special</think> <|unknown|>", "URL https://example.com/a?b=c&d=e#f",
+    "émoji 😀🎉👍🏽 中文字符 日本語 한국어 العربية",
+    "<|im_start|>user\nhi<|im_end|>",
+    "'s 't 're don't I'LL",
+    "   ",
+    "",
+    "a" * 300,
+    "x = [1,2,3]; y = {'a': 1}",
+    "\u00a0nbsp\u2009thin\u200bzero",
+    "Ｆｕｌｌｗｉｄｔｈ ﬁ ligature é vs e\u0301",
+    "\r\n\r\n windows\r\nlines",
+    "<think>not special</think> <|unknown|>",
+    "URL https://example.com/a?b=c&d=e#f",
 ]
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3? 😀"}],
-    [{"role": "user", "content": "Write code:\n```py\nprint(1)\n```"},
-     {"role": "assistant", "content": "Done."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3? 😀"},
+    ],
+    [{"role": "user", "content": "Write code:\n```py\nprint(1)\n```"}, {"role": "assistant", "content": "Done."}],
     [{"role": "system", "content": ""}, {"role": "user", "content": "  spaces  ", "name": None}],
 ]
-CORPUS = ["Hello world! Bonjour le monde. Ça va? 你好，世界。日本語のテキスト。😀🎉👍🏽 emoji",
-          "def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog 1234567890",
-          "Ünïcödé tëxt wïth äccents — and “quotes”", "한국어 텍스트 العربية עברית"] * 3
+CORPUS = [
+    "Hello world! Bonjour le monde. Ça va? 你好，世界。日本語のテキスト。😀🎉👍🏽 emoji",
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog 1234567890",
+    "Ünïcödé tëxt wïth äccents — and “quotes”",
+    "한국어 텍스트 العربية עברית",
+] * 3
 
 
 # ---- small tokenizers for unit tests --------------------------------------------------------------
@@ -39,9 +56,15 @@ def byte_level() -> Tokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        ),
+    )
     return Tokenizer(tok, eos_token="<|im_end|>", chat_template=CHATML)
 
 
@@ -89,8 +112,9 @@ def test_smollm2_ids_and_text_equal_transformers(smollm2_tokenizer, hf_smollm2_t
 def test_smollm2_chat_equals_transformers(smollm2_tokenizer, hf_smollm2_tokenizer, add_generation_prompt):
     for conv in CONVERSATIONS:
         text = smollm2_tokenizer.apply_chat_template(conv, add_generation_prompt)
-        ref = hf_smollm2_tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                                       tokenize=False)
+        ref = hf_smollm2_tokenizer.apply_chat_template(
+            conv, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
         assert text == ref
         ids = hf_smollm2_tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
@@ -144,11 +168,13 @@ def test_no_chat_template_is_a_clear_error(byte_level):
 
 
 def test_template_features_as_transformers_provides_them(byte_level):
-    template = ("{% for m in messages %}"
-                "{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
-                "{% generation %}[{{ m.role }}|{{ m.content | tojson }}|{{ m.name is defined }}]"
-                "{% endgeneration %}{% endfor %}\n  {% if add_generation_prompt %}{{ eos_token }}{% endif %}"
-                "{{ strftime_now('%Y') | length }}")
+    template = (
+        "{% for m in messages %}"
+        "{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+        "{% generation %}[{{ m.role }}|{{ m.content | tojson }}|{{ m.name is defined }}]"
+        "{% endgeneration %}{% endfor %}\n  {% if add_generation_prompt %}{{ eos_token }}{% endif %}"
+        "{{ strftime_now('%Y') | length }}"
+    )
     tok = Tokenizer(byte_level.tokenizer, eos_token="<|im_end|>", chat_template=template)
     text = tok.apply_chat_template([{"role": "user", "content": "<b>&", "name": None}])
     assert text == '[user|"<b>&"|False]<|im_end|>4'  # no HTML escaping; None keys dropped; lstrip_blocks

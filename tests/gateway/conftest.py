@@ -41,9 +41,7 @@ class FakeTokenizer:
         return text + ("<assistant>" if add_generation_prompt else "")
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
-        )
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
 
 MODEL = ModelInfo(name="test-model", max_model_len=256, vocab_size=FakeTokenizer.vocab_size)
@@ -83,8 +81,10 @@ class ScriptedRouter:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._subs = [await self.nc.subscribe(subjects.ROUTER_GENERATE, cb=self._on_request),
-                      await self.nc.subscribe(subjects.ABORT, cb=self._on_abort)]
+        self._subs = [
+            await self.nc.subscribe(subjects.ROUTER_GENERATE, cb=self._on_request),
+            await self.nc.subscribe(subjects.ABORT, cb=self._on_abort),
+        ]
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []  # a second stop (the fixture's, after a test's) is a no-op
@@ -105,11 +105,19 @@ class ScriptedRouter:
     async def _on_abort(self, msg: nats.aio.msg.Msg) -> None:
         self.aborts.append(AbortRequest.decode(msg.data).request_id)
 
-    async def send(self, req: GenerateRequest, outputs: list[SeqOutput] = (), finished: bool = False,
-                   error: dict | None = None, cached: int = 0, instance: str = "fake-0") -> None:
+    async def send(
+        self,
+        req: GenerateRequest,
+        outputs: list[SeqOutput] = (),
+        finished: bool = False,
+        error: dict | None = None,
+        cached: int = 0,
+        instance: str = "fake-0",
+    ) -> None:
         """A chunk as worker `instance` would send it ("": as the router itself, for its own errors)."""
-        chunk = StreamChunk(req.request_id, [asdict(o) for o in outputs], finished, len(req.prompt_token_ids),
-                            cached, instance, error)
+        chunk = StreamChunk(
+            req.request_id, [asdict(o) for o in outputs], finished, len(req.prompt_token_ids), cached, instance, error
+        )
         await self.nc.publish(req.reply_subject, chunk.encode())
 
     async def wait_abort(self, request_id: str, timeout: float = 10.0) -> bool:
@@ -119,9 +127,7 @@ class ScriptedRouter:
         return request_id in self.aborts
 
 
-def reply_words(
-    pieces: tuple[str, ...] = ("Hello", " world"), finish: str = "stop", cached: int = 0
-) -> Script:
+def reply_words(pieces: tuple[str, ...] = ("Hello", " world"), finish: str = "stop", cached: int = 0) -> Script:
     """A script: every one of the n sequences emits `pieces` (one chunk each), then `finish`.
     Logprobs, when asked, are -0.5 for the token and -0.5, -1.5, ... for its top alternatives."""
     tok = FakeTokenizer()
@@ -177,8 +183,13 @@ async def make_client(nc: nats.NATS, router: ScriptedRouter) -> AsyncIterator[Ma
 
     async def make(view: object = None, watch: bool = False, **overrides: object) -> TestClient:
         config = GatewayConfig(**{"first_token_timeout_s": 2.0, "inter_token_timeout_s": 2.0, **overrides})
-        backend = Backend(nc, config.retry_after_s, view=view if watch else None,
-                          max_submissions=config.max_submissions, route_timeout_s=config.route_timeout_s)
+        backend = Backend(
+            nc,
+            config.retry_after_s,
+            view=view if watch else None,
+            max_submissions=config.max_submissions,
+            route_timeout_s=config.route_timeout_s,
+        )
         await backend.start()
         app = create_app(config, FakeTokenizer(), MODEL, backend, view)
         client = TestClient(TestServer(app))

@@ -62,11 +62,21 @@ async def test_chat_non_streaming_with_exact_usage(client, router: ScriptedRoute
     assert req.params["temperature"] == 0 and req.params["max_tokens"] == 256 - len(prompt)
     assert req.priority == 0
     assert body["id"] == req.request_id and body["object"] == "chat.completion"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
-                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello world"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
     n = len(prompt)
-    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 11, "total_tokens": n + 11,
-                             "prompt_tokens_details": {"cached_tokens": 3}}
+    assert body["usage"] == {
+        "prompt_tokens": n,
+        "completion_tokens": 11,
+        "total_tokens": n + 11,
+        "prompt_tokens_details": {"cached_tokens": 3},
+    }
     assert not router.aborts  # a finished request is not aborted
 
 
@@ -79,13 +89,8 @@ async def test_chat_streaming_sse_format_with_usage(client, router) -> None:
     role, hello, world, usage = events[:-1]
     assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert role["object"] == "chat.completion.chunk" and role["usage"] is None
-    assert (
-        hello["choices"][0]["delta"] == {"content": "Hello"} and hello["choices"][0]["finish_reason"] is None
-    )
-    assert (
-        world["choices"][0]["delta"] == {"content": " world"}
-        and world["choices"][0]["finish_reason"] == "stop"
-    )
+    assert hello["choices"][0]["delta"] == {"content": "Hello"} and hello["choices"][0]["finish_reason"] is None
+    assert world["choices"][0]["delta"] == {"content": " world"} and world["choices"][0]["finish_reason"] == "stop"
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 11
     assert usage["usage"]["prompt_tokens"] == len(TOK.encode_chat(CHAT["messages"]))
     assert len({e["id"] for e in events[:-1]}) == 1
@@ -122,21 +127,15 @@ async def test_chat_logprobs_shape(client, router) -> None:
 
 
 async def test_completions_string_tokens_stream_and_logprobs(client, router) -> None:
-    status, body = await post(
-        client, "/v1/completions", {"model": "test-model", "prompt": "ab", "max_tokens": 5}
-    )
+    status, body = await post(client, "/v1/completions", {"model": "test-model", "prompt": "ab", "max_tokens": 5})
     assert status == 200 and body["object"] == "text_completion"
-    assert body["choices"][0]["text"] == "Hello world" and router.requests[-1].prompt_token_ids == TOK.encode(
-        "ab"
-    )
+    assert body["choices"][0]["text"] == "Hello world" and router.requests[-1].prompt_token_ids == TOK.encode("ab")
     assert router.requests[-1].params["max_tokens"] == 5
     status, body = await post(client, "/v1/completions", {"prompt": [10, 11], "logprobs": 1, "echo": False})
     assert router.requests[-1].prompt_token_ids == [10, 11]
     lp = body["choices"][0]["logprobs"]
     assert (
-        lp["tokens"][:2] == ["H", "e"]
-        and lp["text_offset"][:3] == [0, 1, 2]
-        and lp["top_logprobs"][0] == {"H": -0.5}
+        lp["tokens"][:2] == ["H", "e"] and lp["text_offset"][:3] == [0, 1, 2] and lp["top_logprobs"][0] == {"H": -0.5}
     )
     status, body = await post(client, "/v1/completions", {"prompt": "ab", "echo": True})
     assert body["choices"][0]["text"] == "abHello world"
@@ -167,10 +166,20 @@ BAD = [
     ("POST", "/v1/chat/completions", json.dumps({**CHAT, "top_p": 7}).encode(), 400, "invalid_value"),
     ("POST", "/v1/chat/completions", json.dumps({**CHAT, "stream": 1}).encode(), 400, "invalid_type"),
     ("POST", "/v1/chat/completions", json.dumps({**CHAT, "messages": []}).encode(), 400, "invalid_value"),
-    ("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "x", "content": ""}]}).encode(), 400,
-     "invalid_value"),
-    ("POST", "/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 10_000}).encode(), 400,
-     "context_length_exceeded"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "x", "content": ""}]}).encode(),
+        400,
+        "invalid_value",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "max_tokens": 10_000}).encode(),
+        400,
+        "context_length_exceeded",
+    ),
     ("POST", "/v1/completions", json.dumps({"prompt": [1, 10**6]}).encode(), 400, "invalid_value"),
     ("POST", "/v1/completions", json.dumps({"prompt": "x" * 1000}).encode(), 400, "context_length_exceeded"),
     ("POST", "/v1/chat/completions", json.dumps({**CHAT, "model": "gpt-9"}).encode(), 404, "model_not_found"),
@@ -220,9 +229,7 @@ async def test_api_key(make_client, router) -> None:
     assert len(router.requests) == 1
 
 
-@pytest.mark.parametrize(
-    "code, kind", [(429, "overloaded"), (503, "server_error"), (400, "invalid_request_error")]
-)
+@pytest.mark.parametrize("code, kind", [(429, "overloaded"), (503, "server_error"), (400, "invalid_request_error")])
 async def test_router_errors_become_http_statuses(client, router, code, kind) -> None:
     async def refuse(r: ScriptedRouter, req) -> None:
         error = {"message": "cannot place it", "type": kind, "status": code}
@@ -239,9 +246,7 @@ async def test_router_errors_become_http_statuses(client, router, code, kind) ->
 async def test_error_after_first_output_is_an_sse_event(client, router) -> None:
     async def fail_midway(r: ScriptedRouter, req) -> None:
         await r.send(req, [SeqOutput(0, [10], "H")])
-        await r.send(
-            req, finished=True, error={"message": "worker died", "type": "server_error", "status": 500}
-        )
+        await r.send(req, finished=True, error={"message": "worker died", "type": "server_error", "status": 500})
 
     router.script = fail_midway
     async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
@@ -340,9 +345,7 @@ class FakeView:
 
 
 def inst(iid: str, role: str, state: str = "ready") -> InstanceInfo:
-    return InstanceInfo(
-        iid, role, "m", 42, "host1", state, running=1, waiting=2, free_blocks=3, total_blocks=4
-    )
+    return InstanceInfo(iid, role, "m", 42, "host1", state, running=1, waiting=2, free_blocks=3, total_blocks=4)
 
 
 @pytest.mark.parametrize(
@@ -367,10 +370,17 @@ async def test_admin_instances(make_client) -> None:
     client = await make_client(view=FakeView(inst("p", "prefill"), inst("d", "decode")))
     async with client.get("/admin/instances") as resp:
         body = await resp.json()
-    assert body[0] == {"instance_id": "p", "role": "prefill", "model": "m", "pid": 42, "host": "host1",
-                       "state": "ready", "updated_at": 0.0,
-                       "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4},
-                       "counters": {}}
+    assert body[0] == {
+        "instance_id": "p",
+        "role": "prefill",
+        "model": "m",
+        "pid": 42,
+        "host": "host1",
+        "state": "ready",
+        "updated_at": 0.0,
+        "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4},
+        "counters": {},
+    }
     assert [i["role"] for i in body] == ["prefill", "decode"]
 
 
@@ -400,8 +410,9 @@ async def test_openai_client(client, router) -> None:
     assert [m.id for m in models.data] == ["test-model"]
     r = await oa.chat.completions.create(model="test-model", messages=CHAT["messages"], max_tokens=20)
     assert r.choices[0].message.content == "Hello world" and r.usage.completion_tokens == 11
-    stream = await oa.chat.completions.create(model="test-model", messages=CHAT["messages"], stream=True,
-                                              stream_options={"include_usage": True})
+    stream = await oa.chat.completions.create(
+        model="test-model", messages=CHAT["messages"], stream=True, stream_options={"include_usage": True}
+    )
     parts, usage = [], None
     async for ev in stream:
         parts += [c.delta.content or "" for c in ev.choices]
@@ -427,8 +438,9 @@ async def test_serve_wires_bus_registry_and_http(gw_nats_url, nc, router, monkey
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     stop, started = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(GatewayService(GatewayConfig(port=port, nats=gw_nats_url, model="fake-llm")),
-                                     stop, started))
+    task = asyncio.create_task(
+        serve(GatewayService(GatewayConfig(port=port, nats=gw_nats_url, model="fake-llm")), stop, started)
+    )
     await asyncio.wait_for(started.wait(), 10)
     registry = await InstanceRegistry.open(nc.jetstream())
     base = f"http://127.0.0.1:{port}"

@@ -58,14 +58,23 @@ async def remove(view: InstanceView, iid: str) -> None:
     await view.registry.remove(iid)
 
 
-async def send(nc: nats.NATS, req: GenerateRequest, text: str = "", finish: str | None = None,
-               instance: str = "w", error: dict | None = None, n: int = 1, seq: int = 0) -> None:
+async def send(
+    nc: nats.NATS,
+    req: GenerateRequest,
+    text: str = "",
+    finish: str | None = None,
+    instance: str = "w",
+    error: dict | None = None,
+    n: int = 1,
+    seq: int = 0,
+) -> None:
     """Publish one chunk (number `seq` of the request's stream) as worker `instance`: `text` (one
     token per byte) for each of n sequences."""
     outs = [asdict(SeqOutput(i, TOK.encode(text, add_special_tokens=False), text, finish)) for i in range(n)]
     done = finish is not None or error is not None
-    chunk = StreamChunk(req.request_id, outs if text or finish else [], done, len(req.prompt_token_ids), 0,
-                        instance, error, seq)
+    chunk = StreamChunk(
+        req.request_id, outs if text or finish else [], done, len(req.prompt_token_ids), 0, instance, error, seq
+    )
     await nc.publish(req.reply_subject, chunk.encode())
 
 
@@ -87,8 +96,9 @@ async def sse_text(resp, read: str = "") -> tuple[str, list]:
     return text, events
 
 
-async def test_resubmits_when_the_instance_leaves_before_any_output(make_client: MakeClient, router: ScriptedRouter,
-                                                                    registry, nc) -> None:
+async def test_resubmits_when_the_instance_leaves_before_any_output(
+    make_client: MakeClient, router: ScriptedRouter, registry, nc
+) -> None:
     reg, a, b = registry
     client = await make_client(view=reg, watch=True)
     router.instances = [a]
@@ -233,8 +243,9 @@ async def test_prefill_leaving_after_decode_streams_is_no_failover(make_client, 
     assert len(router.requests) == 1
 
 
-async def test_decode_leaving_after_the_prefill_sent_the_first_token_fails_over(make_client, router, registry,
-                                                                                 nc) -> None:
+async def test_decode_leaving_after_the_prefill_sent_the_first_token_fails_over(
+    make_client, router, registry, nc
+) -> None:
     """The prefill worker streams the first token; the decode worker that should go on dies."""
     reg, prefill, decode = registry
     client = await make_client(view=reg, watch=True)

@@ -82,15 +82,18 @@ async def results(nc: nats.NATS, jid: str, timeout: float = 10.0) -> tuple[dict[
 async def test_one_result_per_request_then_done_with_per_request_errors(make_runner, router, nc) -> None:
     await make_runner()
     jid = job_id()
-    job = Job(jid, [
-        line("chat"),
-        line("completion", COMPLETIONS_URL, max_tokens=5),
-        line("unknown-model", model="nope"),
-        line("bad-param", temperature=-1),
-        line("bad-url", "/v1/embeddings"),
-        line("streamed", stream=True),
-        {"custom_id": "not-a-body", "url": CHAT_URL, "body": ["x"]},
-    ])
+    job = Job(
+        jid,
+        [
+            line("chat"),
+            line("completion", COMPLETIONS_URL, max_tokens=5),
+            line("unknown-model", model="nope"),
+            line("bad-param", temperature=-1),
+            line("bad-url", "/v1/embeddings"),
+            line("streamed", stream=True),
+            {"custom_id": "not-a-body", "url": CHAT_URL, "body": ["x"]},
+        ],
+    )
     await submit(nc, job)
     out, done, count = await results(nc, jid)
     assert count == 8 and done == JobDone(jid, completed=2, failed=5)
@@ -113,17 +116,26 @@ async def test_values_json_cannot_carry_are_refused_by_name(make_runner, router,
     """A job's bodies come as msgpack, which carries what a JSON body cannot: NaN, integer keys, bytes."""
     await make_runner()
     jid = job_id()
-    await submit(nc, Job(jid, [
-        line("nan-temperature", temperature=math.nan),
-        line("inf-max-tokens", max_tokens=math.inf),
-        line("int-key-bias", logit_bias={5: 10}),
-        line("bytes-content", messages=[{"role": "user", "content": b"hi"}]),
-    ]))
+    await submit(
+        nc,
+        Job(
+            jid,
+            [
+                line("nan-temperature", temperature=math.nan),
+                line("inf-max-tokens", max_tokens=math.inf),
+                line("int-key-bias", logit_bias={5: 10}),
+                line("bytes-content", messages=[{"role": "user", "content": b"hi"}]),
+            ],
+        ),
+    )
     out, done, _ = await results(nc, jid)
     assert done == JobDone(jid, completed=0, failed=4) and not router.requests
     assert {cid: (r.error["status"], r.error["param"]) for cid, r in out.items()} == {
-        "nan-temperature": (400, "temperature"), "inf-max-tokens": (400, "max_tokens"),
-        "int-key-bias": (400, "logit_bias"), "bytes-content": (400, "messages[0].content")}
+        "nan-temperature": (400, "temperature"),
+        "inf-max-tokens": (400, "max_tokens"),
+        "int-key-bias": (400, "logit_bias"),
+        "bytes-content": (400, "messages[0].content"),
+    }
 
 
 async def test_router_refusals_are_retried(make_runner, router, nc, monkeypatch) -> None:
@@ -161,6 +173,7 @@ async def test_malformed_jobs_are_acked_and_reported(make_runner, router, nc) ->
     good = job_id()  # the runner goes on
     await submit(nc, Job(good, [line("a")]))
     assert (await results(nc, good))[1].completed == 1
+
     async def acked() -> bool:  # the ack follows the JobDone
         info = await nc.jetstream().consumer_info(subjects.JOBS_STREAM, jobs_module.DURABLE)
         return runner.jobs_done >= 4 and info.num_ack_pending == 0 and info.num_pending == 0  # none to redeliver

@@ -71,11 +71,27 @@ def test_chat_tokenizes_once_with_template_and_defaults_max_tokens(model, tokeni
 
 
 def test_chat_maps_every_sampling_parameter(model, tokenizer) -> None:
-    body = {"max_completion_tokens": 7, "max_tokens": 99, "temperature": 0, "top_p": 0.5, "n": 2,
-            "stop": "END", "seed": 3, "presence_penalty": 0.1, "frequency_penalty": -0.1, "logprobs": True,
-            "top_logprobs": 4, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2,
-            "ignore_eos": True, "stop_token_ids": [2], "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "max_completion_tokens": 7,
+        "max_tokens": 99,
+        "temperature": 0,
+        "top_p": 0.5,
+        "n": 2,
+        "stop": "END",
+        "seed": 3,
+        "presence_penalty": 0.1,
+        "frequency_penalty": -0.1,
+        "logprobs": True,
+        "top_logprobs": 4,
+        "top_k": 5,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "min_tokens": 2,
+        "ignore_eos": True,
+        "stop_token_ids": [2],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     p = chat(body, model, tokenizer)
     sp = p.params
     assert sp.max_tokens == 7  # max_completion_tokens wins over the deprecated max_tokens
@@ -96,12 +112,19 @@ def test_chat_uses_model_generation_defaults_unless_given(model, tokenizer) -> N
 
 
 def test_chat_messages_roles_and_content_parts(model, tokenizer) -> None:
-    msgs = [{"role": "developer", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-            {"role": "assistant", "content": None}, {"role": "user", "content": "c"}]
+    msgs = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "c"},
+    ]
     p = chat({"messages": msgs}, model, tokenizer)
-    expected = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"},
-                {"role": "assistant", "content": ""}, {"role": "user", "content": "c"}]
+    expected = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "c"},
+    ]
     assert p.prompt_token_ids == tokenizer.encode_chat(expected)
 
 
@@ -186,9 +209,7 @@ def test_chat_errors(model, tokenizer, body, status, param, code) -> None:
 
 def test_prompt_plus_max_tokens_over_context_says_both_numbers(model, tokenizer) -> None:
     n_prompt = len(tokenizer.encode_chat(USER))
-    e = expect(
-        lambda: chat({"max_tokens": 250}, model, tokenizer), 400, "max_tokens", "context_length_exceeded"
-    )
+    e = expect(lambda: chat({"max_tokens": 250}, model, tokenizer), 400, "max_tokens", "context_length_exceeded")
     assert "256" in e.message and str(n_prompt) in e.message and "250" in e.message
     assert chat({"max_tokens": 256 - n_prompt}, model, tokenizer).params.max_tokens == 256 - n_prompt
     long = [{"role": "user", "content": "x" * 300}]
@@ -411,11 +432,17 @@ def test_collector_counts_usage_and_keeps_texts(tokenizer) -> None:
     col.add(chunk(SeqOutput(0, [13], "d", "stop"), SeqOutput(1, [14], "e", "length"), SeqOutput(7, [1], "x")))
     assert [c.text for c in col.choices] == ["abd", "ce"]
     assert [c.finish_reason for c in col.choices] == ["stop", "length"]
-    assert col.usage() == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9,
-                           "prompt_tokens_details": {"cached_tokens": 2}}
+    assert col.usage() == {
+        "prompt_tokens": 4,
+        "completion_tokens": 5,
+        "total_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
     body = R.chat_response("id1", 1, "m", col, tokenizer)
-    assert [c["message"] for c in body["choices"]] == [{"role": "assistant", "content": "abd"},
-                                                        {"role": "assistant", "content": "ce"}]
+    assert [c["message"] for c in body["choices"]] == [
+        {"role": "assistant", "content": "abd"},
+        {"role": "assistant", "content": "ce"},
+    ]
     assert body["object"] == "chat.completion" and body["choices"][1]["index"] == 1
     body = R.completion_response("id2", 1, "m", col, tokenizer, echo="P:")
     assert [c["text"] for c in body["choices"]] == ["P:abd", "P:ce"] and body["object"] == "text_completion"
@@ -426,22 +453,36 @@ def test_logprobs_shapes(tokenizer) -> None:
     lps = [[-0.25, [[a, -0.25], [b, -2.0]]], [-math.inf, [[b, -1.0]]]]
     out = R.chat_logprobs(tokenizer, [a, b], lps)
     first = out["content"][0]
-    assert first == {"token": "a", "logprob": -0.25, "bytes": [97],
-                     "top_logprobs": [{"token": "a", "logprob": -0.25, "bytes": [97]},
-                                      {"token": "b", "logprob": -2.0, "bytes": [98]}]}
+    assert first == {
+        "token": "a",
+        "logprob": -0.25,
+        "bytes": [97],
+        "top_logprobs": [
+            {"token": "a", "logprob": -0.25, "bytes": [97]},
+            {"token": "b", "logprob": -2.0, "bytes": [98]},
+        ],
+    }
     assert out["content"][1]["logprob"] == -9999.0  # -inf is not JSON
     assert R.chat_logprobs(tokenizer, [2], [[-1.0, []]])["content"][0]["token"] == "<s>"  # specials shown
     out = R.completion_logprobs(tokenizer, [a, b], lps, offset=3)
-    assert out == {"tokens": ["a", "b"], "token_logprobs": [-0.25, -9999.0],
-                   "top_logprobs": [{"a": -0.25, "b": -2.0}, {"b": -1.0}], "text_offset": [3, 4]}
+    assert out == {
+        "tokens": ["a", "b"],
+        "token_logprobs": [-0.25, -9999.0],
+        "top_logprobs": [{"a": -0.25, "b": -2.0}, {"b": -1.0}],
+        "text_offset": [3, 4],
+    }
 
 
 def test_sse_and_chunks() -> None:
     assert R.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
     assert R.SSE_DONE == b"data: [DONE]\n\n"
     c = R.chat_chunk("id", 1, "m", 0, {"content": "x"})
-    assert "usage" not in c and c["choices"][0] == {"index": 0, "delta": {"content": "x"}, "logprobs": None,
-                                                    "finish_reason": None}
+    assert "usage" not in c and c["choices"][0] == {
+        "index": 0,
+        "delta": {"content": "x"},
+        "logprobs": None,
+        "finish_reason": None,
+    }
     assert R.chat_chunk("id", 1, "m", 0, {}, "stop", with_usage=True)["usage"] is None
     col = R.Collector(1, 3)
     u = R.usage_chunk("chat", "id", 1, "m", col)
@@ -458,4 +499,5 @@ def test_backend_errors_map_to_http() -> None:
     assert (e.status, e.type, e.param, e.retry_after) == (400, "invalid_request_error", "stop", None)
     assert ApiError.from_wire({}, 1).status == 502  # a malformed error says so
     assert ApiError(400, "m", param="p", code="c").body() == {
-        "error": {"message": "m", "type": "invalid_request_error", "param": "p", "code": "c"}}
+        "error": {"message": "m", "type": "invalid_request_error", "param": "p", "code": "c"}
+    }

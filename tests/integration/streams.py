@@ -16,12 +16,20 @@ class Stream:
     body: str = ""  # the error body when the status is not 200
 
 
-async def completion_stream(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int,
-                            started=None) -> Stream:
+async def completion_stream(
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, started=None
+) -> Stream:
     """POST a streamed /v1/completions request that must run to `max_tokens` (greedy, ignore_eos).
     `started` (an asyncio.Event) is set once text arrived."""
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     out = Stream()
     async with session.post(f"{url}/v1/completions", json=body) as r:
         out.status = r.status

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.integration
 
 
 async def ask(session, url: str, content: str, max_tokens: int = 8) -> int:
-    payload = {"model": "smollm2", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-               "temperature": 0}
+    payload = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     async with session.post(f"{url}/v1/chat/completions", json=payload) as r:
         body = await r.read()
         if r.status != 200:
@@ -38,8 +42,11 @@ async def test_killed_worker_leaves_the_pool_and_requests_keep_succeeding(xllm_c
     os.kill(victim["pid"], signal.SIGKILL)
     async with aiohttp.ClientSession() as s:
         statuses = [await ask(s, system.url, f"Say a word about {i}.") for i in range(6)]
-        left_after = await until(lambda: victim["instance_id"] not in [i["instance_id"] for i in system.instances()],
-                                 8, "the dead worker is still in the pool")
+        left_after = await until(
+            lambda: victim["instance_id"] not in [i["instance_id"] for i in system.instances()],
+            8,
+            "the dead worker is still in the pool",
+        )
         statuses += [await ask(s, system.url, f"Name a color, {i}.") for i in range(4)]
     assert statuses == [200] * 10
     assert left_after < 8
@@ -92,9 +99,16 @@ async def test_nats_killed_under_load_every_request_finishes_and_jobs_and_the_in
     system = xllm_system
     tokenizer, _ = load_tokenizer("smollm2")
     known = "Tell me everything about lighthouses and the people who kept them. " * 5
-    job = make_job([JobRequest(f"j{i}", "/v1/completions", {"model": "smollm2", "prompt": f"Fact {i}:",
-                                                           "max_tokens": 48, "ignore_eos": True})
-                    for i in range(4)])
+    job = make_job(
+        [
+            JobRequest(
+                f"j{i}",
+                "/v1/completions",
+                {"model": "smollm2", "prompt": f"Fact {i}:", "max_tokens": 48, "ignore_eos": True},
+            )
+            for i in range(4)
+        ]
+    )
     nc = await connect(system.nats_url, "test-nats-kill")
     timeout = aiohttp.ClientTimeout(total=300)
     try:
@@ -106,8 +120,10 @@ async def test_nats_killed_under_load_every_request_finishes_and_jobs_and_the_in
             await nc.jetstream().publish(subjects.JOBS_SUBMIT, job.encode(), headers={"Nats-Msg-Id": job.job_id})
 
             started = [asyncio.Event() for _ in range(4)]
-            streams = [asyncio.create_task(completion_stream(s, system.url, f"Chapter {i}:", 160, started[i]))
-                       for i in range(4)]
+            streams = [
+                asyncio.create_task(completion_stream(s, system.url, f"Chapter {i}:", 160, started[i]))
+                for i in range(4)
+            ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)  # all streaming now
             port = system.nats_url.rsplit(":", 1)[1]
             pid = int(subprocess.check_output(["pgrep", "-f", f"nats-server -a 127.0.0.1 -p {port}"]).split()[0])

@@ -29,8 +29,9 @@ async def test_tcp_hand_off_streams_the_kv_and_equals_the_in_process_engine(nats
     monkeypatch.setattr(services.worker.kv_transfer, "attach_if_there", no_shared_memory)
     announced = []  # layers announced to the reader one by one, during the prompt's step
     announce = services.worker.kv_transfer.KvExport.announce
-    monkeypatch.setattr(services.worker.kv_transfer.KvExport, "announce",
-                        lambda self, n: announced.append(n) or announce(self, n))
+    monkeypatch.setattr(
+        services.worker.kv_transfer.KvExport, "announce", lambda self, n: announced.append(n) or announce(self, n)
+    )
     llm = LLM(EngineConfig(model="smollm2", kv_cache_memory=64 << 20, num_threads=1))
     prompt = llm.encode("Name three colours of the rainbow.", chat=True)
     params = SamplingParams(temperature=0, max_tokens=16)

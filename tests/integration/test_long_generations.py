@@ -22,7 +22,8 @@ async def test_a_2000_token_stream_and_six_700_token_streams_finish_with_every_t
     async with aiohttp.ClientSession(timeout=timeout) as s:
         streams = await asyncio.gather(
             completion_stream(s, system.url, "The long story begins:", 2000),
-            *(completion_stream(s, system.url, f"Story number {i}:", 700) for i in range(6)))
+            *(completion_stream(s, system.url, f"Story number {i}:", 700) for i in range(6)),
+        )
     for stream, want in zip(streams, [2000] + [700] * 6):
         assert (stream.status, stream.errors, stream.body) == (200, [], "")
         assert (stream.tokens, stream.finish_reason) == (want, "length")

@@ -41,12 +41,12 @@ async def ids(policy, instances, req=None) -> list[str]:
 
 # -- choose_path ----------------------------------------------------------------------------------------
 
+
 def test_auto_prefers_disaggregated_when_both_roles_are_ready() -> None:
     both = [inst("p", "prefill"), inst("d", "decode"), inst("c")]
     assert choose_path("auto", both) == DISAGGREGATED
     assert choose_path("auto", [inst("p", "prefill"), inst("c")]) == COLOCATED
-    assert choose_path("auto", [inst("p", "prefill"), inst("d", "decode", state="starting"), inst("c")]) \
-        == COLOCATED
+    assert choose_path("auto", [inst("p", "prefill"), inst("d", "decode", state="starting"), inst("c")]) == COLOCATED
     assert choose_path("auto", [inst("p", "prefill"), inst("d", "decode")]) == DISAGGREGATED
     assert choose_path("auto", []) is None
     assert choose_path("auto", [inst("c", state="draining")]) is None
@@ -61,6 +61,7 @@ def test_forced_modes_need_their_roles() -> None:
 
 
 # -- least-loaded ---------------------------------------------------------------------------------------
+
 
 async def test_least_loaded_orders_by_running_waiting_and_kv_fullness() -> None:
     policy = LeastLoadedPolicy(rng=random.Random(0))
@@ -121,6 +122,7 @@ async def test_ties_are_broken_at_random_but_every_instance_is_kept() -> None:
 
 
 # -- prefix-aware ---------------------------------------------------------------------------------------
+
 
 def kv_reply(matches: dict[str, int], num_blocks: int = 2, error: str | None = None):
     queries: list[KvQuery] = []

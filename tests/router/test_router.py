@@ -56,8 +56,9 @@ class Cluster:
     def id(self, name: str) -> str:
         return f"{name}-{self.tag}"
 
-    async def add(self, name: str, role: str = "colocated", behaviour: str = "ack", error: dict | None = None,
-                  **load) -> str:
+    async def add(
+        self, name: str, role: str = "colocated", behaviour: str = "ack", error: dict | None = None, **load
+    ) -> str:
         """Register an instance (seen by the view when this returns); behaviour "absent" registers it
         without a worker behind it."""
         iid = self.id(name)
@@ -101,8 +102,7 @@ class Cluster:
 
 def make_request(priority: int = 0) -> GenerateRequest:
     rid = uuid.uuid4().hex[:12]
-    return GenerateRequest(rid, [1, 2, 3], {"max_tokens": 4}, reply_subject=f"test.inbox.{rid}",
-                           priority=priority)
+    return GenerateRequest(rid, [1, 2, 3], {"max_tokens": 4}, reply_subject=f"test.inbox.{rid}", priority=priority)
 
 
 @pytest.fixture
@@ -158,8 +158,9 @@ async def test_colocated_mode_ignores_prefill_and_decode(cluster: Cluster) -> No
 
 async def test_failover_past_absent_and_overloaded_instances(cluster: Cluster) -> None:
     await cluster.add("gone", behaviour="absent")  # best score, nobody listening: no responders
-    await cluster.add("full", running=1, behaviour="refuse",
-                      error={"message": "queue full", "type": "overloaded", "status": 429})
+    await cluster.add(
+        "full", running=1, behaviour="refuse", error={"message": "queue full", "type": "overloaded", "status": 429}
+    )
     ok = await cluster.add("ok", running=2)
     router = await cluster.start_router()
 
@@ -209,8 +210,7 @@ async def test_instance_whose_heartbeats_stop_leaves_the_pool(cluster: Cluster) 
     quiet, loud = cluster.id("quiet"), cluster.id("loud")
     beats = [
         Heartbeater(cluster.registry, lambda: InstanceInfo(quiet, "colocated", "m", 1, "h"), interval=0.3),
-        Heartbeater(cluster.registry, lambda: InstanceInfo(loud, "colocated", "m", 1, "h", running=3),
-                    interval=0.3),
+        Heartbeater(cluster.registry, lambda: InstanceInfo(loud, "colocated", "m", 1, "h", running=3), interval=0.3),
     ]
     for b in beats:
         await b.beat()
@@ -222,8 +222,9 @@ async def test_instance_whose_heartbeats_stop_leaves_the_pool(cluster: Cluster) 
         assert (await cluster.send())[0].instances == [quiet]
 
         await beats[0].stop(remove=False)  # as if the worker hung or was SIGKILLed
-        took = await until(lambda: _listed_without(router, quiet), TTL + 2.5,
-                           "a silent instance stayed in the router's pool")
+        took = await until(
+            lambda: _listed_without(router, quiet), TTL + 2.5, "a silent instance stayed in the router's pool"
+        )
         assert took > TTL - 0.6  # the TTL dropped it, not some early guess
         reply, _ = await cluster.send()
         assert reply.instances == [loud]
@@ -329,9 +330,18 @@ async def test_python_m_services_router_serves_and_stops_on_sigterm(nc, nats_ser
     await beats.beat()
     beats.start()  # alive however long the router process takes to start
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.router", "--nats", nats_server, "--mode", "colocated",
-        cwd=Path(__file__).resolve().parents[2], stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "services.router",
+        "--nats",
+        nats_server,
+        "--mode",
+        "colocated",
+        cwd=Path(__file__).resolve().parents[2],
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
+
         async def routed() -> bool:
             try:
                 answer = await nc.request(subjects.ROUTER_GENERATE, make_request().encode(), timeout=0.5)

@@ -15,8 +15,17 @@ from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner
 
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+TINY = ModelConfig(
+    architecture="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+)
 LAYERS = TINY.num_hidden_layers
 TRAILER = {"sequences": [{"index": 0, "token_id": 7, "rng_state": None}]}
 
@@ -34,6 +43,7 @@ HOST = "127.0.0.1"  # the exporter's host; a reader there uses shared memory, on
 def into(dst: ModelRunner, blocks: list[int]):
     """The reader's `write`: every layer into `blocks` of `dst` (the decode worker does it on its engine
     thread)."""
+
     async def write(kv: torch.Tensor) -> None:
         dst.write_kv(blocks, kv)
 
@@ -41,8 +51,7 @@ def into(dst: ModelRunner, blocks: list[int]):
 
 
 async def read(export: KvExport, port: int, dst: ModelRunner, blocks: list[int], reader_host: str):
-    return await import_kv(export.handle(HOST, port), dst.kv_layout, len(blocks), reader_host,
-                           into(dst, blocks))
+    return await import_kv(export.handle(HOST, port), dst.kv_layout, len(blocks), reader_host, into(dst, blocks))
 
 
 @pytest.fixture
@@ -55,7 +64,8 @@ async def server():
 
 def landed(dst: ModelRunner, src: ModelRunner, dst_blocks: list[int], src_blocks: list[int], layer: int) -> bool:
     return torch.equal(dst.k_cache[layer, dst_blocks], src.k_cache[layer, src_blocks]) and torch.equal(
-        dst.v_cache[layer, dst_blocks], src.v_cache[layer, src_blocks])
+        dst.v_cache[layer, dst_blocks], src.v_cache[layer, src_blocks]
+    )
 
 
 async def test_over_tcp_layers_are_sent_while_later_ones_are_still_being_computed(server, monkeypatch):

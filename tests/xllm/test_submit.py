@@ -67,10 +67,18 @@ def test_job_ids() -> None:
 def test_batch_line_formats() -> None:
     body = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
     assert batch_line(JobResult("j", "a", response=body)) == {
-        "id": "j:a", "custom_id": "a", "response": {"status_code": 200, "request_id": "chatcmpl-1", "body": body},
-        "error": None}
-    err = {"message": "The model `x` does not exist", "type": "invalid_request_error", "param": "model", "status": 404,
-           "code": "model_not_found"}
+        "id": "j:a",
+        "custom_id": "a",
+        "response": {"status_code": 200, "request_id": "chatcmpl-1", "body": body},
+        "error": None,
+    }
+    err = {
+        "message": "The model `x` does not exist",
+        "type": "invalid_request_error",
+        "param": "model",
+        "status": 404,
+        "code": "model_not_found",
+    }
     line = batch_line(JobResult("j", "b", error=err))
     openai = {"message": err["message"], "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
     assert line["response"] == {"status_code": 404, "request_id": None, "body": {"error": openai}}
@@ -105,16 +113,21 @@ async def job_service(nc: Client) -> AsyncIterator[list[Job]]:
         for r in job.requests:
             cid = r["custom_id"]
             if cid == "bad":
-                result = JobResult(job.job_id, cid, error={"message": "nope", "type": "invalid_request_error",
-                                                           "status": 400})
+                result = JobResult(
+                    job.job_id, cid, error={"message": "nope", "type": "invalid_request_error", "status": 400}
+                )
             else:
-                body = {"id": f"chatcmpl-{cid}", "object": "chat.completion",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hi {cid}"}}]}
+                body = {
+                    "id": f"chatcmpl-{cid}",
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hi {cid}"}}],
+                }
                 result = JobResult(job.job_id, cid, response=body)
             await js.publish(subjects.job_results(job.job_id), result.encode())
         failed = sum(r["custom_id"] == "bad" for r in job.requests)
-        await js.publish(subjects.job_results(job.job_id), JobDone(job.job_id, len(job.requests) - failed,
-                                                                   failed).encode())
+        await js.publish(
+            subjects.job_results(job.job_id), JobDone(job.job_id, len(job.requests) - failed, failed).encode()
+        )
 
     sub = await js.subscribe(subjects.JOBS_SUBMIT, cb=on_job, manual_ack=True, deliver_policy=DeliverPolicy.NEW)
     yield seen
@@ -122,13 +135,15 @@ async def job_service(nc: Client) -> AsyncIterator[list[Job]]:
 
 
 @pytest.mark.integration
-async def test_round_trip_wait_and_fetch_later(nats_server: str, job_service: list[Job], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+async def test_round_trip_wait_and_fetch_later(
+    nats_server: str, job_service: list[Job], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     f, out = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
     f.write_text("\n".join(json.dumps(req(c)) for c in ("a", "bad", "c")) + "\n")
     jid = f"ct-{uuid.uuid4().hex[:8]}"
-    code = await asyncio.to_thread(main, [str(f), "--nats", nats_server, "--wait", "--output", str(out),
-                                          "--job-id", jid, "--timeout", "20"])
+    code = await asyncio.to_thread(
+        main, [str(f), "--nats", nats_server, "--wait", "--output", str(out), "--job-id", jid, "--timeout", "20"]
+    )
     assert code == 0
     streams = capsys.readouterr()
     assert streams.out.strip() == jid and f"job {jid}: 2 completed, 1 failed" in streams.err
@@ -152,14 +167,16 @@ async def test_round_trip_wait_and_fetch_later(nats_server: str, job_service: li
 
 
 @pytest.mark.integration
-async def test_results_wait_times_out_clearly(nats_server: str, job_service: list[Job],
-                                              capsys: pytest.CaptureFixture) -> None:
+async def test_results_wait_times_out_clearly(
+    nats_server: str, job_service: list[Job], capsys: pytest.CaptureFixture
+) -> None:
     code = await asyncio.to_thread(main, ["--results", "ct-never", "--nats", nats_server, "--timeout", "0.3"])
     assert code == 1 and "not done within 0.3 s" in capsys.readouterr().err
 
 
-def test_unreachable_nats_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_nats_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XLLM_NATS_CONNECT_WAIT", "0.5")
     f = tmp_path / "jobs.jsonl"
     f.write_text(json.dumps(req("a")) + "\n")

@@ -29,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS, default="none",
-                        help="instead: this speculative method against none (xllm/bench/speculative.py)")
+    parser.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default="none",
+        help="instead: this speculative method against none (xllm/bench/speculative.py)",
+    )
     parser.add_argument("--num-speculative-tokens", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="with --speculative: rounds of fresh prompts")
     args = parser.parse_args(argv)
@@ -39,18 +43,29 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = load_checkpoint(args.model)
     if args.speculative != "none":
-        return speculative.run(ckpt, args.model, args.speculative, args.num_speculative_tokens, args.threads,
-                               args.rounds, args.seed)
+        return speculative.run(
+            ckpt, args.model, args.speculative, args.num_speculative_tokens, args.threads, args.rounds, args.seed
+        )
     rng = random.Random(args.seed)
     vocab = ckpt.config.vocab_size
     cfg = ckpt.config
     token_bytes = ModelRunner.block_bytes(cfg, 1, torch.float32)
     kv_bytes = token_bytes * (args.input_len + args.output_len + 32) * max(batch_sizes)
-    llm = LLM(EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory=kv_bytes,
-                           max_num_seqs=max(batch_sizes), enable_prefix_caching=False), ckpt)
+    llm = LLM(
+        EngineConfig(
+            model=args.model,
+            num_threads=args.threads,
+            kv_cache_memory=kv_bytes,
+            max_num_seqs=max(batch_sizes),
+            enable_prefix_caching=False,
+        ),
+        ckpt,
+    )
     hf = None if args.no_hf else load_hf(args.model)
-    print(f"model {ckpt.config.name}  fp32  threads {args.threads}  {args.input_len} in / "
-          f"{args.output_len} out (EOS ignored), greedy; output tok/s, prefill included")
+    print(
+        f"model {ckpt.config.name}  fp32  threads {args.threads}  {args.input_len} in / "
+        f"{args.output_len} out (EOS ignored), greedy; output tok/s, prefill included"
+    )
     print(f"{'batch':>5} {'xllm tok/s':>11} {'hf tok/s':>9} {'ratio':>6}")
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([[rng.randrange(vocab) for _ in range(16)]], SamplingParams(max_tokens=4))  # warm-up
@@ -69,8 +84,7 @@ def load_hf(model: str):
 
     path = resolve_model(model)
     if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                    dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
@@ -78,7 +92,13 @@ def load_hf(model: str):
 def hf_generate(model, prompts: list[list[int]], output_len: int) -> float:
     ids = torch.tensor(prompts)
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                         min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        do_sample=False,
+        pad_token_id=0,
+    )
     elapsed = time.perf_counter() - start
     return (out.shape[1] - ids.shape[1]) * len(prompts) / elapsed

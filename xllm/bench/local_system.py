@@ -34,10 +34,15 @@ class System:
 def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
     port = free_port()
     launcher_log = open(state_dir / "launcher.log", "wb")  # noqa: SIM115 -- the child keeps it
-    argv = [sys.executable, "-m", "xllm.cli", "up", "--port", str(port), "--state-dir", str(state_dir),
-            *args]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=launcher_log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    argv = [sys.executable, "-m", "xllm.cli", "up", "--port", str(port), "--state-dir", str(state_dir), *args]
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=launcher_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         return _wait_up(proc, state_dir, port, timeout)
     except BaseException:  # not up in time, or Ctrl-C meanwhile: leave no process behind

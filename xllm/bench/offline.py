@@ -51,8 +51,9 @@ def to_result(jr: JobResult, req: BenchRequest, elapsed: float) -> RequestResult
     return res
 
 
-async def run_offline(nats_url: str, target: Target, requests: list[BenchRequest], timeout_s: float,
-                      progress: bool = True) -> tuple[RunResult, dict]:
+async def run_offline(
+    nats_url: str, target: Target, requests: list[BenchRequest], timeout_s: float, progress: bool = True
+) -> tuple[RunResult, dict]:
     """Submit one job of all requests; returns the run and a `job` summary (ids, JobDone counts)."""
     job, by_id = make_job(target, requests)
     try:
@@ -71,14 +72,20 @@ async def run_offline(nats_url: str, target: Target, requests: list[BenchRequest
     for cid, req in by_id.items():  # what never came back within the time limit
         if cid not in results:
             results[cid] = RequestResult(ok=False, error="timeout", e2e=duration, input_len=req.input_len)
-    summary = {"job_id": job.job_id, "completion_time_s": duration if done else None,
-               "done_received": done is not None, "done_completed": done.completed if done else None,
-               "done_failed": done.failed if done else None, "results_received": received}
+    summary = {
+        "job_id": job.job_id,
+        "completion_time_s": duration if done else None,
+        "done_received": done is not None,
+        "done_completed": done.completed if done else None,
+        "done_failed": done.failed if done else None,
+        "results_received": received,
+    }
     return RunResult(LoadPoint(), [results[c] for c in by_id], duration, started_at), summary
 
 
-async def _follow(js, job: Job, by_id: dict[str, BenchRequest], t0: float, timeout_s: float,
-                  bar: Progress) -> tuple[dict[str, RequestResult], JobDone | None]:
+async def _follow(
+    js, job: Job, by_id: dict[str, BenchRequest], t0: float, timeout_s: float, bar: Progress
+) -> tuple[dict[str, RequestResult], JobDone | None]:
     """Publish the job and read its results until its JobDone or the time limit."""
     try:
         await js.publish(JOBS_SUBMIT, job.encode(), timeout=10)

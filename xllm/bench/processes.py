@@ -51,6 +51,8 @@ def memory_line(root: int) -> str:
         if mib > 100:
             status = Path(f"/proc/{pid}/status").read_text().splitlines()
             kib = {x.split(":")[0]: int(x.split()[1]) for x in status if x.startswith(("RssAnon:", "RssShmem:"))}
-            parts.append(f"{name.split()[0].removeprefix('services.')} {mib:.0f} MiB "
-                         f"(anon {kib.get('RssAnon', 0) / 1024:.0f}, shm {kib.get('RssShmem', 0) / 1024:.0f})")
+            parts.append(
+                f"{name.split()[0].removeprefix('services.')} {mib:.0f} MiB "
+                f"(anon {kib.get('RssAnon', 0) / 1024:.0f}, shm {kib.get('RssShmem', 0) / 1024:.0f})"
+            )
     return "; ".join(parts)

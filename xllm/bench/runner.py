@@ -82,8 +82,12 @@ async def run_load(
     return RunResult(point, results, duration, started_at)
 
 
-async def _arrive(requests: list[BenchRequest], times: np.ndarray, t0: float,
-                  send_one: Callable[[BenchRequest], Awaitable[RequestResult]]) -> list[RequestResult]:
+async def _arrive(
+    requests: list[BenchRequest],
+    times: np.ndarray,
+    t0: float,
+    send_one: Callable[[BenchRequest], Awaitable[RequestResult]],
+) -> list[RequestResult]:
     """Send each request at its arrival time (seconds after `t0`); their results, in order."""
     tasks = []
     for req, at in zip(requests, times):

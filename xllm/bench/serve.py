@@ -142,8 +142,14 @@ async def _run(args: argparse.Namespace) -> int:
     )
     model = await resolve_model(args)
     target = Target(
-        args.base_url or DEFAULT_BASE_URL, model, args.endpoint, args.api_key, args.timeout,
-        args.ignore_eos, args.temperature, args.extra_body,
+        args.base_url or DEFAULT_BASE_URL,
+        model,
+        args.endpoint,
+        args.api_key,
+        args.timeout,
+        args.ignore_eos,
+        args.temperature,
+        args.extra_body,
     )
     progress = not args.no_progress
     runs: list[tuple[RunResult, dict[str, Any]]] = []
@@ -202,8 +208,14 @@ def write_outputs(
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def _plots(spec: WorkloadSpec, runs: list[tuple[RunResult, dict[str, Any]]], x_name: str | None, xs: list[float],
-           out: Path, stem: str) -> list[Path]:
+def _plots(
+    spec: WorkloadSpec,
+    runs: list[tuple[RunResult, dict[str, Any]]],
+    x_name: str | None,
+    xs: list[float],
+    out: Path,
+    stem: str,
+) -> list[Path]:
     try:
         from xllm.bench import plots
     except ImportError:

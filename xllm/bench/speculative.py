@@ -20,9 +20,20 @@ from shared.engine.loader import Checkpoint
 from shared.engine.sampling_params import SamplingParams
 from xllm.bench.workloads import code_edit_prompt
 
-TOPICS = ("the sea", "a city at night", "how bread is made", "the history of the bicycle", "why the sky is blue",
-          "a dog who learns to read", "the moon", "winter in the mountains", "how a river forms",
-          "a friendly robot", "the first day of school", "a market in the morning")
+TOPICS = (
+    "the sea",
+    "a city at night",
+    "how bread is made",
+    "the history of the bicycle",
+    "why the sky is blue",
+    "a dog who learns to read",
+    "the moon",
+    "winter in the mountains",
+    "how a river forms",
+    "a friendly robot",
+    "the first day of school",
+    "a market in the morning",
+)
 CONFIGS = ("none", "adaptive", "fixed")
 
 
@@ -36,21 +47,39 @@ def chat_prompt(rng: random.Random) -> tuple[str, SamplingParams]:
     return prompt, SamplingParams(temperature=0.7, seed=rng.randrange(1 << 30), max_tokens=128)
 
 
-WORKLOADS = {"(a) repetitive, batch 1": (code_prompt, 1), "(b) open chat, batch 1": (chat_prompt, 1),
-             "(c) chat, batch 32": (chat_prompt, 32)}
+WORKLOADS = {
+    "(a) repetitive, batch 1": (code_prompt, 1),
+    "(b) open chat, batch 1": (chat_prompt, 1),
+    "(c) chat, batch 32": (chat_prompt, 32),
+}
 
 
 def run(ckpt: Checkpoint, model: str, method: str, max_draft: int, threads: int, rounds: int, seed: int) -> int:
     kv = 512 << 20
-    llms = {name: LLM(EngineConfig(model=model, num_threads=threads, kv_cache_memory=kv, max_num_seqs=32,
-                                   enable_prefix_caching=False, speculative="none" if name == "none" else method,
-                                   num_speculative_tokens=max_draft,
-                                   draft_length="fixed" if name == "fixed" else "adaptive"), ckpt)
-            for name in CONFIGS}
-    print(f"model {ckpt.config.name}  fp32  threads {threads}  speculative {method}, at most {max_draft} draft "
-          f"tokens; {rounds} rounds, each config on the same fresh prompts; output tok/s, prefill included")
-    print(f"{'workload':<24} {'none':>7} {'adaptive':>9} {'fixed':>7} {'adapt/none':>10} {'fixed/none':>10} "
-          f"{'accept':>7} {'mean len':>8} {'same out':>8}")
+    llms = {
+        name: LLM(
+            EngineConfig(
+                model=model,
+                num_threads=threads,
+                kv_cache_memory=kv,
+                max_num_seqs=32,
+                enable_prefix_caching=False,
+                speculative="none" if name == "none" else method,
+                num_speculative_tokens=max_draft,
+                draft_length="fixed" if name == "fixed" else "adaptive",
+            ),
+            ckpt,
+        )
+        for name in CONFIGS
+    }
+    print(
+        f"model {ckpt.config.name}  fp32  threads {threads}  speculative {method}, at most {max_draft} draft "
+        f"tokens; {rounds} rounds, each config on the same fresh prompts; output tok/s, prefill included"
+    )
+    print(
+        f"{'workload':<24} {'none':>7} {'adaptive':>9} {'fixed':>7} {'adapt/none':>10} {'fixed/none':>10} "
+        f"{'accept':>7} {'mean len':>8} {'same out':>8}"
+    )
     rng = random.Random(seed)
     for workload, (make_prompt, batch) in WORKLOADS.items():
         seconds, tokens, same = dict.fromkeys(CONFIGS, 0.0), dict.fromkeys(CONFIGS, 0), True
@@ -67,15 +96,21 @@ def run(ckpt: Checkpoint, model: str, method: str, max_draft: int, threads: int,
             same &= outputs["none"] == outputs["adaptive"] == outputs["fixed"]
         rate = {name: tokens[name] / seconds[name] for name in CONFIGS}
         drafted, accepted, verified = (a - b for a, b in zip(_spec_counts(llms["fixed"]), before["fixed"]))
-        print(f"{workload:<24} {rate['none']:>7.1f} {rate['adaptive']:>9.1f} {rate['fixed']:>7.1f} "
-              f"{rate['adaptive'] / rate['none']:>9.2f}x {rate['fixed'] / rate['none']:>9.2f}x "
-              f"{accepted / max(drafted, 1):>7.0%} {1 + accepted / max(verified, 1):>8.2f} "
-              f"{'yes' if same else 'NO':>8}", flush=True)
+        print(
+            f"{workload:<24} {rate['none']:>7.1f} {rate['adaptive']:>9.1f} {rate['fixed']:>7.1f} "
+            f"{rate['adaptive'] / rate['none']:>9.2f}x {rate['fixed'] / rate['none']:>9.2f}x "
+            f"{accepted / max(drafted, 1):>7.0%} {1 + accepted / max(verified, 1):>8.2f} "
+            f"{'yes' if same else 'NO':>8}",
+            flush=True,
+        )
     print("accept, mean len: the fixed config's draft tokens accepted, and tokens per verification step")
     return 0
 
 
 def _spec_counts(llm: LLM) -> tuple[int, int, int]:
     stats = llm.engine.stats()
-    return (stats.get("spec_drafted_tokens", 0), stats.get("spec_accepted_tokens", 0),
-            stats.get("spec_verifications", 0))
+    return (
+        stats.get("spec_drafted_tokens", 0),
+        stats.get("spec_accepted_tokens", 0),
+        stats.get("spec_verifications", 0),
+    )

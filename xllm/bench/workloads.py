@@ -65,9 +65,7 @@ def lognormal_lengths(mean: int, sigma: float, n: int, rng: np.random.Generator)
     return np.clip(np.round(x), 4, max(4, 4 * mean)).astype(np.int64)
 
 
-def generate(
-    spec: WorkloadSpec, n: int, seed: int, salt_rng: random.Random | None = None
-) -> list[BenchRequest]:
+def generate(spec: WorkloadSpec, n: int, seed: int, salt_rng: random.Random | None = None) -> list[BenchRequest]:
     """n requests of the given workload. The offline workload uses the synthetic lengths."""
     rng = np.random.default_rng(seed)
     salt_rng = salt_rng or random.SystemRandom()
@@ -80,8 +78,9 @@ def generate(
     elif spec.kind == "shared-prefix":
         return shared_prefix(spec, n, rng, salt_rng)
     elif spec.kind == "code-edit":
-        prompts = [" ".join(salt_rng.choice(WORDS) for _ in range(SALT_WORDS)) + "\n" + code_edit_prompt(rng)
-                   for _ in range(n)]
+        prompts = [
+            " ".join(salt_rng.choice(WORDS) for _ in range(SALT_WORDS)) + "\n" + code_edit_prompt(rng) for _ in range(n)
+        ]
         return [BenchRequest(p, spec.output_len, len(p.split())) for p in prompts]
     else:
         raise ValueError(f"unknown workload {spec.kind!r}; choose one of {', '.join(WORKLOADS)}")
@@ -92,16 +91,19 @@ def code_edit_prompt(rng: np.random.Generator) -> str:
     """A prompt holding a code block that the answer reproduces with one edit: what speculative decoding
     by n-gram or suffix lookup is for."""
     names = random_words(7, rng)
-    functions = [f"def {a}_{b}(values):\n    total = 0\n    for value in values:\n        total += value * "
-                 f"{rng.integers(2, 9)}\n    return total\n" for a, b in zip(names[:6:2], names[1:6:2])]
+    functions = [
+        f"def {a}_{b}(values):\n    total = 0\n    for value in values:\n        total += value * "
+        f"{rng.integers(2, 9)}\n    return total\n"
+        for a, b in zip(names[:6:2], names[1:6:2])
+    ]
     old, new = f"{names[0]}_{names[1]}", f"{names[0]}_{names[6]}"
-    return (f"Here is some Python code:\n```python\n{''.join(functions)}```\nRewrite the code above with the "
-            f"function `{old}` renamed to `{new}`. Reply with the whole code only.")
+    return (
+        f"Here is some Python code:\n```python\n{''.join(functions)}```\nRewrite the code above with the "
+        f"function `{old}` renamed to `{new}`. Reply with the whole code only."
+    )
 
 
-def shared_prefix(
-    spec: WorkloadSpec, n: int, rng: np.random.Generator, salt_rng: random.Random
-) -> list[BenchRequest]:
+def shared_prefix(spec: WorkloadSpec, n: int, rng: np.random.Generator, salt_rng: random.Random) -> list[BenchRequest]:
     """G groups; each request = its group's shared system prompt + its own salted question."""
     groups = max(1, spec.prefix_groups)
     systems = [salted_text(spec.prefix_len, rng, salt_rng) for _ in range(groups)]

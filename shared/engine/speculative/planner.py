@@ -38,15 +38,22 @@ class StepCost:
         self.seconds[i] += COST_RATE * w * error
 
 
-def plan_draft_lengths(candidates: list, acceptance: list[float], num_decodes: int, base_tokens: int,
-                       cost: StepCost) -> list[int]:
+def plan_draft_lengths(
+    candidates: list, acceptance: list[float], num_decodes: int, base_tokens: int, cost: StepCost
+) -> list[int]:
     """Draft tokens to score for each candidate (which has `len(seq.spec_token_ids)` proposed).
 
     The j-th draft token of a sequence with acceptance rate a adds a**j expected output tokens and one
     scored token. Taking draft tokens by expected gain, keep the prefix with the best expected output
     tokens per second (each decode emits one token without drafts)."""
-    gains = sorted(((a ** (j + 1), i) for i, (seq, a) in enumerate(zip(candidates, acceptance))
-                    for j in range(len(seq.spec_token_ids))), reverse=True)
+    gains = sorted(
+        (
+            (a ** (j + 1), i)
+            for i, (seq, a) in enumerate(zip(candidates, acceptance))
+            for j in range(len(seq.spec_token_ids))
+        ),
+        reverse=True,
+    )
     emitted, tokens = float(num_decodes), base_tokens
     best_rate, best_count = emitted / cost(tokens), 0
     for count, (gain, _) in enumerate(gains, 1):

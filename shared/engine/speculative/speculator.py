@@ -27,8 +27,9 @@ class Speculator:
         self.verifications = 0  # sequence-steps that scored drafts
 
     @classmethod
-    def calibrated(cls, method: str, max_draft_tokens: int, max_tokens: int,
-                   time_step: Callable[[int], float]) -> "Speculator":
+    def calibrated(
+        cls, method: str, max_draft_tokens: int, max_tokens: int, time_step: Callable[[int], float]
+    ) -> "Speculator":
         """Measure the step time at a few token counts (`time_step(n)` runs one step of n tokens)."""
         sizes = [n for n in CALIBRATION_SIZES if n <= max_tokens] or [1]
         time_step(sizes[-1])  # warm up
@@ -78,5 +79,8 @@ class Speculator:
         self.acceptance.forget(seq.seq_id)
 
     def stats(self) -> dict:
-        return {"spec_drafted_tokens": self.drafted, "spec_accepted_tokens": self.accepted,
-                "spec_verifications": self.verifications}
+        return {
+            "spec_drafted_tokens": self.drafted,
+            "spec_accepted_tokens": self.accepted,
+            "spec_verifications": self.verifications,
+        }

@@ -13,7 +13,12 @@ from xllm.bench.metrics import meets_slo, parse_goodput, summarize
 def result(ttft_ms: float, tpot_ms: float, out: int = 11, ok: bool = True) -> RequestResult:
     ttft, tpot = ttft_ms / 1000, tpot_ms / 1000
     return RequestResult(
-        ok=ok, ttft=ttft, e2e=ttft + tpot * (out - 1), output_tokens=out, chunks=out, usage_reported=True,
+        ok=ok,
+        ttft=ttft,
+        e2e=ttft + tpot * (out - 1),
+        output_tokens=out,
+        chunks=out,
+        usage_reported=True,
         error=None if ok else "http_500",
     )
 

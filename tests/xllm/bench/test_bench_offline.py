@@ -59,9 +59,26 @@ async def start_job_service(url: str, fail: set[str]) -> nats.NATS:
 async def test_offline_job_through_jetstream(nats_url, tmp_path):
     service = await start_job_service(nats_url, fail={"req-2"})
     args = [
-        "--workload", "offline", "--nats", nats_url, "--model", "m", "--num-prompts", "5",
-        "--input-len", "12", "--output-len", "7", "--ignore-eos", "--job-timeout", "30",
-        "--result-dir", str(tmp_path), "--result-name", "job", "--no-progress",
+        "--workload",
+        "offline",
+        "--nats",
+        nats_url,
+        "--model",
+        "m",
+        "--num-prompts",
+        "5",
+        "--input-len",
+        "12",
+        "--output-len",
+        "7",
+        "--ignore-eos",
+        "--job-timeout",
+        "30",
+        "--result-dir",
+        str(tmp_path),
+        "--result-name",
+        "job",
+        "--no-progress",
     ]
     try:
         assert await asyncio.wait_for(asyncio.to_thread(serve.main, args), 60) == 0
@@ -83,7 +100,18 @@ async def test_offline_job_through_jetstream(nats_url, tmp_path):
 
 
 async def test_offline_without_job_service_is_a_clear_error(nats_url, tmp_path, capsys):
-    args = ["--workload", "offline", "--nats", nats_url, "--model", "m", "--num-prompts", "2",
-            "--result-dir", str(tmp_path), "--no-progress"]
+    args = [
+        "--workload",
+        "offline",
+        "--nats",
+        nats_url,
+        "--model",
+        "m",
+        "--num-prompts",
+        "2",
+        "--result-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert await asyncio.to_thread(serve.main, args) == 2
     assert "job service" in capsys.readouterr().err

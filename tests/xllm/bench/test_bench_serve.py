@@ -121,9 +121,7 @@ async def test_ttft_itl_tpot_e2e_match_injected_delays(fake):
 async def test_percentiles_of_known_ttfts(fake):
     url, b = fake
     b.ttft, b.itl = [0.02 * (i + 1) for i in range(10)], 0.005  # 20, 40, ..., 200 ms
-    run = await run_load(
-        Target(url, "fake-model"), reqs(10, 2), LoadPoint(max_concurrency=1), seed=0, progress=False
-    )
+    run = await run_load(Target(url, "fake-model"), reqs(10, 2), LoadPoint(max_concurrency=1), seed=0, progress=False)
     st = summarize(run.results, run.duration_s, {})["ttft_ms"]
     assert st["p50"] == pytest.approx(110, abs=12)  # numpy linear interpolation: 100..120 -> 110
     assert st["p90"] == pytest.approx(182, abs=12)
@@ -196,9 +194,27 @@ async def test_cli_writes_json_and_pngs_for_a_sweep(fake, tmp_path, capsys):
     url, b = fake
     b.ttft, b.itl = [0.02], 0.005
     args = [
-        "--base-url", url, "--num-prompts", "6", "--input-len", "16", "--output-len", "4",
-        "--sweep-rates", "50,100", "--goodput", "ttft:1000", "tpot:1000", "--ignore-eos",
-        "--result-dir", str(tmp_path), "--result-name", "t", "--no-progress", "--warmup", "2",
+        "--base-url",
+        url,
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--sweep-rates",
+        "50,100",
+        "--goodput",
+        "ttft:1000",
+        "tpot:1000",
+        "--ignore-eos",
+        "--result-dir",
+        str(tmp_path),
+        "--result-name",
+        "t",
+        "--no-progress",
+        "--warmup",
+        "2",
     ]
     # the fake server runs on this test's loop; the CLI runs its own loop (asyncio.run) in a thread
     assert await asyncio.wait_for(asyncio.to_thread(serve.main, args), 60) == 0

@@ -14,9 +14,26 @@ from xllm.bench import serve
 @pytest.mark.integration
 async def test_bench_serve_against_xllm_up(xllm_server_url, tmp_path):
     args = [
-        "--base-url", xllm_server_url, "--num-prompts", "4", "--max-concurrency", "2",
-        "--input-len", "32", "--output-len", "8", "--ignore-eos", "--goodput", "ttft:60000",
-        "--result-dir", str(tmp_path), "--result-name", "smoke", "--no-progress", "--timeout", "120",
+        "--base-url",
+        xllm_server_url,
+        "--num-prompts",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--input-len",
+        "32",
+        "--output-len",
+        "8",
+        "--ignore-eos",
+        "--goodput",
+        "ttft:60000",
+        "--result-dir",
+        str(tmp_path),
+        "--result-name",
+        "smoke",
+        "--no-progress",
+        "--timeout",
+        "120",
     ]
     assert await asyncio.wait_for(asyncio.to_thread(serve.main, args), 600) == 0
     doc = json.loads((tmp_path / "smoke.json").read_text())
