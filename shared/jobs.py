@@ -1,5 +1,5 @@
 """Offline batch jobs on JetStream, the protocol both sides share (docs/jobs.md): job ids, the request
-kinds a job may hold, and reading a job's results back.
+kinds a job may hold, checking a job message, and reading a job's results back.
 
     client --Job--> xllm.jobs.submit (stream XLLM_JOBS) --> a gateway's job runner
     runner --JobResult per request, then JobDone--> xllm.jobs.results.<job_id> (stream XLLM_JOB_RESULTS)
@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from dataclasses import asdict
 from typing import Any
 
@@ -78,3 +79,38 @@ async def iter_results(
                 return
     finally:
         await sub.unsubscribe()
+
+
+class JobError(ValueError):
+    """The job as a whole is malformed (reported as one error result with custom_id "")."""
+
+
+def parse_job(data: bytes) -> tuple[str, list[JobRequest]]:
+    """(job id, requests) of a Job message; JobError when it cannot be run at all."""
+    try:
+        job = Job.decode(data)
+    except SchemaError as e:
+        raise JobError(str(e)) from None
+    if not isinstance(job.job_id, str) or not JOB_ID_RE.match(job.job_id):
+        raise JobError(f"job_id {job.job_id!r}: use 1-128 letters, digits, '-' or '_'")
+    if not isinstance(job.requests, list):
+        raise JobError("requests must be a list of {custom_id, url, body} maps")
+    lines, seen = [], set()
+    for i, item in enumerate(job.requests):
+        cid = item.get("custom_id") if isinstance(item, dict) else None
+        if not isinstance(cid, str) or not cid:
+            raise JobError(f"requests[{i}]: custom_id must be a non-empty string")
+        if cid in seen:
+            raise JobError(f"requests[{i}]: custom_id {cid!r} is used twice")
+        seen.add(cid)
+        lines.append(JobRequest(cid, item.get("url"), item.get("body")))  # checked when run: a bad one fails alone
+    return job.job_id, lines
+
+
+def salvage_job_id(data: bytes) -> str | None:
+    """The job id of a message too broken to run, if it has a usable one (to report the error)."""
+    with suppress(Exception):
+        job_id = msgpack.unpackb(data, raw=False).get("job_id")
+        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
+            return job_id
+    return None

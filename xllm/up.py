@@ -69,71 +69,38 @@ class Service:
 def plan(config: UpConfig, nats_url: str) -> list[Service]:
     """The processes to run, in start order (the gateway last: it is the one users reach)."""
     py = [sys.executable, "-m"]
-    common = ["--nats", nats_url, "--log-level", config.log_level]
-    roles = (
-        ["colocated"] * config.decode
-        if config.mode == "colocated"
-        else ["prefill"] * config.prefill + ["decode"] * config.decode
-    )
+    common = flags(nats=nats_url, log_level=config.log_level)
+    roles = ["prefill"] * config.prefill + ["decode"] * config.decode
+    if config.mode == "colocated":
+        roles = ["colocated"] * config.decode
     # Every worker may use every core: on 2 cores, 2 threads per worker beat 1 each for prefill +
     # decode, bursty and steady alike (prefill and decode phases rarely peak together).
     threads = config.worker_threads or (os.cpu_count() or 1)
-    worker_args = [
-        "--model",
-        config.model,
-        "--num-threads",
-        str(threads),
-        "--kv-cache-fraction",
-        str(config.kv_cache_fraction),
-        "--max-num-seqs",
-        str(config.max_num_seqs),
-    ]
-    services = [
-        Service("kvcache", [*py, "services.kvcache", *common]),
-        Service("router", [*py, "services.router", *common]),
-    ]
+    worker_args = flags(
+        model=config.model,
+        num_threads=threads,
+        kv_cache_fraction=config.kv_cache_fraction,
+        max_num_seqs=config.max_num_seqs,
+    )
+    speculation = flags(
+        speculative=config.speculative,
+        num_speculative_tokens=config.num_speculative_tokens,
+        draft_length=config.draft_length,
+    )
+    services = [Service(name, [*py, f"services.{name}", *common]) for name in ("kvcache", "router")]
     for i, role in enumerate(roles):
         name = f"{role}-{i}"
-        speculation = (
-            []
-            if role == "prefill"
-            else [
-                "--speculative",
-                config.speculative,
-                "--num-speculative-tokens",
-                str(config.num_speculative_tokens),
-                "--draft-length",
-                config.draft_length,
-            ]
-        )
-        services.append(
-            Service(
-                name,
-                [
-                    *py,
-                    f"services.{role}",
-                    *common,
-                    *worker_args,
-                    *speculation,
-                    "--instance-id",
-                    f"{name}-{os.getpid()}",
-                ],
-            )
-        )
-    gateway = [
-        *py,
-        "services.gateway",
-        *common,
-        "--model",
-        config.model,
-        "--host",
-        config.host,
-        "--port",
-        str(config.port),
-    ]
+        own = flags(instance_id=f"{name}-{os.getpid()}") + (speculation if role != "prefill" else [])
+        services.append(Service(name, [*py, f"services.{role}", *common, *worker_args, *own]))
+    gateway = flags(model=config.model, host=config.host, port=config.port)
     env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}  # not on the command line
-    services.append(Service("gateway", gateway, env))
+    services.append(Service("gateway", [*py, "services.gateway", *common, *gateway], env))
     return services
+
+
+def flags(**values: object) -> list[str]:
+    """Command-line flags from keyword arguments: flags(max_num_seqs=8) == ["--max-num-seqs", "8"]."""
+    return [arg for name, value in values.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
 
 
 class Supervisor:

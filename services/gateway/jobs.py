@@ -23,7 +23,6 @@ import uuid
 from contextlib import suppress
 from typing import Any
 
-import msgpack
 import nats.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -37,8 +36,8 @@ from services.gateway.generation import Generation
 from services.gateway.protocol import ModelInfo, ParsedRequest
 from shared import bus, subjects
 from shared.errors import ApiError, internal, invalid
-from shared.jobs import JOB_ID_RE, URLS, iter_results
-from shared.messages import GenerateRequest, Job, JobDone, JobRequest, JobResult, SchemaError
+from shared.jobs import URLS, JobError, iter_results, parse_job, salvage_job_id
+from shared.messages import GenerateRequest, JobDone, JobRequest, JobResult
 from shared.retry import every, retry
 
 log = structlog.get_logger("xllm.gateway.jobs")
@@ -52,10 +51,6 @@ RETRY_FOR_S = 600.0  # how long an offline request keeps retrying router refusal
 PUBLISH_FOR_S = 60.0  # how long a result waits for NATS to come back before the job is handed back
 OFFLINE_PRIORITY = 1
 PARSERS = dict(zip(URLS, (parse_chat, parse_completion)))
-
-
-class JobError(ValueError):
-    """The job as a whole is malformed (reported as one error result with custom_id "")."""
 
 
 class JobRunner:
@@ -171,7 +166,7 @@ class JobRunner:
 
     async def _report_bad_job(self, data: bytes, e: JobError) -> None:
         """A job that cannot be run: one error result and its JobDone, when it has an id to report under."""
-        job_id = _salvage_job_id(data)
+        job_id = salvage_job_id(data)
         log.warning("bad_job", job_id=job_id, error=str(e))
         if job_id is not None:
             err = invalid(f"malformed job: {e}", code="invalid_job").to_wire()
@@ -285,34 +280,3 @@ class JobRunner:
 
 def _refused(e: Exception) -> bool:
     return isinstance(e, ApiError) and e.status in (429, 503)
-
-
-def parse_job(data: bytes) -> tuple[str, list[JobRequest]]:
-    """(job id, requests) of a Job message; JobError when it cannot be run at all."""
-    try:
-        job = Job.decode(data)
-    except SchemaError as e:
-        raise JobError(str(e)) from None
-    if not isinstance(job.job_id, str) or not JOB_ID_RE.match(job.job_id):
-        raise JobError(f"job_id {job.job_id!r}: use 1-128 letters, digits, '-' or '_'")
-    if not isinstance(job.requests, list):
-        raise JobError("requests must be a list of {custom_id, url, body} maps")
-    lines, seen = [], set()
-    for i, item in enumerate(job.requests):
-        cid = item.get("custom_id") if isinstance(item, dict) else None
-        if not isinstance(cid, str) or not cid:
-            raise JobError(f"requests[{i}]: custom_id must be a non-empty string")
-        if cid in seen:
-            raise JobError(f"requests[{i}]: custom_id {cid!r} is used twice")
-        seen.add(cid)
-        lines.append(JobRequest(cid, item.get("url"), item.get("body")))  # checked when run: a bad one fails alone
-    return job.job_id, lines
-
-
-def _salvage_job_id(data: bytes) -> str | None:
-    """The job id of a message too broken to run, if it has a usable one (to report the error)."""
-    with suppress(Exception):
-        job_id = msgpack.unpackb(data, raw=False).get("job_id")
-        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
-            return job_id
-    return None

@@ -16,10 +16,10 @@ from shared.engine.errors import InvalidRequestError
 from shared.engine.kv_handoff import Handoff
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
-from shared.engine.model_runner import ModelRunner
+from shared.engine.model_runner import ModelRunner, split_rows
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
-from shared.engine.scheduler import ScheduledSeq, Scheduler
+from shared.engine.scheduler import Scheduler
 from shared.engine.sequence import Request, Sequence
 from shared.engine.speculative import Speculator
 from shared.engine.stop_checker import StopChecker
@@ -75,7 +75,7 @@ class LLMEngine:
                 config.max_num_seqs * (config.num_speculative_tokens + 1),
             )
             self.speculator = Speculator.calibrated(
-                config.speculative, config.num_speculative_tokens, max_tokens, self._time_step
+                config.speculative, config.num_speculative_tokens, max_tokens, self.runner, self.block_manager
             )
 
     # ---- requests -----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class LLMEngine:
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens - s.num_draft_tokens
             self.block_manager.cache_full_blocks(s.seq)
-        first_rows, draft_logits = _split_rows(logits, sampling)
+        first_rows, draft_logits = split_rows(logits, sampling)
         logits, sampling = self._fork_siblings(logits[first_rows], sampling)
         seq_outputs = self._sample(logits, sampling, draft_logits) if sampling else {}
         if self.speculator:
@@ -242,16 +242,6 @@ class LLMEngine:
         if self.speculator:
             self.speculator.finished(seq)
 
-    def _time_step(self, num_tokens: int) -> float:
-        """Seconds for one forward of `num_tokens` tokens of a throwaway sequence (the speculator's cost model)."""
-        seq = Sequence("calibration", [0] * num_tokens, SamplingParams(max_tokens=1))
-        self.block_manager.allocate(seq, num_tokens)
-        started = time.perf_counter()
-        self.runner.run([ScheduledSeq(seq, num_tokens)])
-        elapsed = time.perf_counter() - started
-        self.block_manager.free(seq)
-        return elapsed
-
     def _fork_siblings(self, logits: torch.Tensor, sampling: list[Sequence]):
         """n > 1: when the first sequence of a request finishes its prompt, its siblings share its
         prompt blocks (copying only the partial last one) and sample from the same logits."""
@@ -297,15 +287,3 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             **(self.speculator.stats() if self.speculator else {}),
         }
-
-
-def _split_rows(logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[int], dict[int, torch.Tensor]]:
-    """The runner gives each sampling sequence 1 + its draft tokens rows: the first rows' indices, and the
-    draft rows by seq_id."""
-    first, drafts, row = [], {}, 0
-    for seq in sampling:
-        first.append(row)
-        if seq.spec_token_ids:
-            drafts[seq.seq_id] = logits[row + 1 : row + 1 + len(seq.spec_token_ids)]
-        row += 1 + len(seq.spec_token_ids)
-    return first, drafts

@@ -141,3 +141,15 @@ class ModelRunner:
         idx = self._tensor(block_ids)
         self.k_cache[:, idx] = kv[:, 0].to(self.device, self.k_cache.dtype)
         self.v_cache[:, idx] = kv[:, 1].to(self.device, self.v_cache.dtype)
+
+
+def split_rows(logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[int], dict[int, torch.Tensor]]:
+    """`run` gives each sampling sequence 1 + its draft tokens rows: the first rows' indices, and the draft
+    rows by seq_id."""
+    first, drafts, row = [], {}, 0
+    for seq in sampling:
+        first.append(row)
+        if seq.spec_token_ids:
+            drafts[seq.seq_id] = logits[row + 1 : row + 1 + len(seq.spec_token_ids)]
+        row += 1 + len(seq.spec_token_ids)
+    return first, drafts

@@ -21,26 +21,9 @@ from xllm.bench import speculative
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xllm bench engine", description=__doc__)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--batch-sizes", default="1,8,32,64")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--speculative",
-        choices=SPECULATIVE_METHODS,
-        default="none",
-        help="instead: this speculative method against none (xllm/bench/speculative.py)",
-    )
-    parser.add_argument("--num-speculative-tokens", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="with --speculative: rounds of fresh prompts")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-
     ckpt = load_checkpoint(args.model)
     if args.speculative != "none":
         return speculative.run(
@@ -48,19 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     rng = random.Random(args.seed)
     vocab = ckpt.config.vocab_size
-    cfg = ckpt.config
-    token_bytes = ModelRunner.block_bytes(cfg, 1, torch.float32)
+    token_bytes = ModelRunner.block_bytes(ckpt.config, 1, torch.float32)
     kv_bytes = token_bytes * (args.input_len + args.output_len + 32) * max(batch_sizes)
-    llm = LLM(
-        EngineConfig(
-            model=args.model,
-            num_threads=args.threads,
-            kv_cache_memory=kv_bytes,
-            max_num_seqs=max(batch_sizes),
-            enable_prefix_caching=False,
-        ),
-        ckpt,
+    config = EngineConfig(
+        model=args.model,
+        num_threads=args.threads,
+        kv_cache_memory=kv_bytes,
+        max_num_seqs=max(batch_sizes),
+        enable_prefix_caching=False,
     )
+    llm = LLM(config, ckpt)
     hf = None if args.no_hf else load_hf(args.model)
     print(
         f"model {ckpt.config.name}  fp32  threads {args.threads}  {args.input_len} in / "
@@ -77,6 +57,26 @@ def main(argv: list[str] | None = None) -> int:
         theirs = hf_generate(hf, prompts, args.output_len) if hf is not None else float("nan")
         print(f"{batch:>5} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>5.2f}x", flush=True)
     return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xllm bench engine", description=__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default="none",
+        help="instead: this speculative method against none (xllm/bench/speculative.py)",
+    )
+    parser.add_argument("--num-speculative-tokens", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="with --speculative: rounds of fresh prompts")
+    return parser
 
 
 def load_hf(model: str):

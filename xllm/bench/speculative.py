@@ -55,23 +55,7 @@ WORKLOADS = {
 
 
 def run(ckpt: Checkpoint, model: str, method: str, max_draft: int, threads: int, rounds: int, seed: int) -> int:
-    kv = 512 << 20
-    llms = {
-        name: LLM(
-            EngineConfig(
-                model=model,
-                num_threads=threads,
-                kv_cache_memory=kv,
-                max_num_seqs=32,
-                enable_prefix_caching=False,
-                speculative="none" if name == "none" else method,
-                num_speculative_tokens=max_draft,
-                draft_length="fixed" if name == "fixed" else "adaptive",
-            ),
-            ckpt,
-        )
-        for name in CONFIGS
-    }
+    llms = {name: LLM(engine_config(name, model, method, max_draft, threads), ckpt) for name in CONFIGS}
     print(
         f"model {ckpt.config.name}  fp32  threads {threads}  speculative {method}, at most {max_draft} draft "
         f"tokens; {rounds} rounds, each config on the same fresh prompts; output tok/s, prefill included"
@@ -82,20 +66,9 @@ def run(ckpt: Checkpoint, model: str, method: str, max_draft: int, threads: int,
     )
     rng = random.Random(seed)
     for workload, (make_prompt, batch) in WORKLOADS.items():
-        seconds, tokens, same = dict.fromkeys(CONFIGS, 0.0), dict.fromkeys(CONFIGS, 0), True
-        before = {name: _spec_counts(llm) for name, llm in llms.items()}
-        for _ in range(rounds):
-            prompts, params = zip(*(make_prompt(rng) for _ in range(batch)))
-            outputs = {}
-            for name, llm in llms.items():
-                start = time.perf_counter()
-                done = llm.generate(list(prompts), list(params), chat=True)
-                seconds[name] += time.perf_counter() - start
-                outputs[name] = [c.outputs[0].token_ids for c in done]
-                tokens[name] += sum(len(ids) for ids in outputs[name])
-            same &= outputs["none"] == outputs["adaptive"] == outputs["fixed"]
-        rate = {name: tokens[name] / seconds[name] for name in CONFIGS}
-        drafted, accepted, verified = (a - b for a, b in zip(_spec_counts(llms["fixed"]), before["fixed"]))
+        before = _spec_counts(llms["fixed"])
+        rate, same = run_workload(llms, [[make_prompt(rng) for _ in range(batch)] for _ in range(rounds)])
+        drafted, accepted, verified = (a - b for a, b in zip(_spec_counts(llms["fixed"]), before))
         print(
             f"{workload:<24} {rate['none']:>7.1f} {rate['adaptive']:>9.1f} {rate['fixed']:>7.1f} "
             f"{rate['adaptive'] / rate['none']:>9.2f}x {rate['fixed'] / rate['none']:>9.2f}x "
@@ -105,6 +78,36 @@ def run(ckpt: Checkpoint, model: str, method: str, max_draft: int, threads: int,
         )
     print("accept, mean len: the fixed config's draft tokens accepted, and tokens per verification step")
     return 0
+
+
+def engine_config(name: str, model: str, method: str, max_draft: int, threads: int) -> EngineConfig:
+    """One of CONFIGS: no speculation, adaptive draft lengths or fixed ones."""
+    return EngineConfig(
+        model=model,
+        num_threads=threads,
+        kv_cache_memory=512 << 20,
+        max_num_seqs=32,
+        enable_prefix_caching=False,
+        speculative="none" if name == "none" else method,
+        num_speculative_tokens=max_draft,
+        draft_length="fixed" if name == "fixed" else "adaptive",
+    )
+
+
+def run_workload(llms: dict[str, LLM], rounds: list[list[tuple[str, SamplingParams]]]) -> tuple[dict, bool]:
+    """Each round's batch through every engine in turn: output tok/s per engine, and whether every output
+    was the same."""
+    seconds, tokens, same = dict.fromkeys(llms, 0.0), dict.fromkeys(llms, 0), True
+    for batch in rounds:
+        prompts, params = (list(column) for column in zip(*batch))
+        outputs = {}
+        for name, llm in llms.items():
+            start = time.perf_counter()
+            outputs[name] = [c.outputs[0].token_ids for c in llm.generate(prompts, params, chat=True)]
+            seconds[name] += time.perf_counter() - start
+            tokens[name] += sum(len(ids) for ids in outputs[name])
+        same &= all(out == outputs["none"] for out in outputs.values())
+    return {name: tokens[name] / seconds[name] for name in llms}, same
 
 
 def _spec_counts(llm: LLM) -> tuple[int, int, int]:

@@ -1,8 +1,11 @@
 """The engine's side of speculative decoding: propose before the schedule, count after verification."""
 
 import time
-from collections.abc import Callable
 
+from shared.engine.block_manager import BlockManager
+from shared.engine.model_runner import ModelRunner
+from shared.engine.sampling_params import SamplingParams
+from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence, SequenceStatus
 from shared.engine.speculative.ngram import NgramProposer
 from shared.engine.speculative.planner import Acceptance, StepCost, plan_draft_lengths
@@ -28,12 +31,12 @@ class Speculator:
 
     @classmethod
     def calibrated(
-        cls, method: str, max_draft_tokens: int, max_tokens: int, time_step: Callable[[int], float]
+        cls, method: str, max_draft_tokens: int, max_tokens: int, runner: ModelRunner, block_manager: BlockManager
     ) -> "Speculator":
-        """Measure the step time at a few token counts (`time_step(n)` runs one step of n tokens)."""
+        """Measure the engine's step time at a few token counts, up to `max_tokens`, before it serves."""
         sizes = [n for n in CALIBRATION_SIZES if n <= max_tokens] or [1]
-        time_step(sizes[-1])  # warm up
-        points = {n: min(time_step(n) for _ in range(2)) for n in sizes}
+        time_step(runner, block_manager, sizes[-1])  # warm up
+        points = {n: min(time_step(runner, block_manager, n) for _ in range(2)) for n in sizes}
         if len(points) == 1:
             points[2 * sizes[0]] = 2 * points[sizes[0]]
         return cls(method, max_draft_tokens, StepCost(points))
@@ -84,3 +87,14 @@ class Speculator:
             "spec_accepted_tokens": self.accepted,
             "spec_verifications": self.verifications,
         }
+
+
+def time_step(runner: ModelRunner, block_manager: BlockManager, num_tokens: int) -> float:
+    """Seconds for one forward of `num_tokens` tokens of a throwaway sequence, its blocks freed after."""
+    seq = Sequence("calibration", [0] * num_tokens, SamplingParams(max_tokens=1))
+    block_manager.allocate(seq, num_tokens)
+    started = time.perf_counter()
+    runner.run([ScheduledSeq(seq, num_tokens)])
+    elapsed = time.perf_counter() - started
+    block_manager.free(seq)
+    return elapsed
