@@ -20,8 +20,15 @@ from shared.tokenizer import Tokenizer, read_json
 SMOLLM2_NAMES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-HF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # HF model_type -> ours
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+HF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # HF model_type, ours too
+# GGUF general.architecture -> ours (a "llama" file with experts is Mixtral)
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+}
 
 # generation_config.json keys that are sampling defaults (requests may override them)
 GENERATION_KEYS = (
@@ -107,13 +114,13 @@ def hf_tokenizer_and_config(path: Path, raw: dict, generation: dict) -> tuple[To
 def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model") -> ModelConfig:
     """ModelConfig from config.json (transformers 4 `rope_scaling` or 5 `rope_parameters` spelling) and
     generation_config.json (EOS ids). The loader adds the tokenizer's end-of-turn tokens."""
-    arch = HF_ARCHITECTURES.get(raw.get("model_type"))
-    if arch is None:
-        raise ValueError(
-            f"model_type {raw.get('model_type')!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})"
-        )
+    arch = raw.get("model_type")
+    if arch not in HF_ARCHITECTURES:
+        raise ValueError(f"model_type {arch!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
     if raw.get("hidden_act", "silu") != "silu":  # the MLP is SwiGLU
         raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+    if raw.get("sliding_window") and (arch == "mixtral" or raw.get("use_sliding_window")):
+        raise ValueError(f"sliding-window attention (sliding_window {raw['sliding_window']}) is not supported")
     generation = generation or {}
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
@@ -135,11 +142,33 @@ def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model
         rope_theta=theta,
         rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),  # Qwen2: always
-        qk_norm=arch == "qwen3",
+        attention_bias=arch in ("qwen2", "qwen2_moe") or bool(raw.get("attention_bias", False)),  # Qwen2: always
+        qk_norm=arch in ("qwen3", "qwen3_moe"),
         bos_token_id=bos,
         eos_token_ids=list(dict.fromkeys(eos)),
         name=name,
+        **_hf_moe_fields(arch, raw),
+    )
+
+
+def _hf_moe_fields(arch: str, raw: dict) -> dict:
+    if arch == "mixtral":  # every layer sparse; intermediate_size is each expert's; top-k always renormalized
+        return dict(
+            num_experts=raw["num_local_experts"],
+            num_experts_per_tok=raw["num_experts_per_tok"],
+            moe_intermediate_size=raw["intermediate_size"],
+            norm_topk_prob=True,
+        )
+    if arch not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    return dict(
+        num_experts=raw.get("num_experts") or raw["num_local_experts"],  # transformers 5 writes either
+        num_experts_per_tok=raw["num_experts_per_tok"],
+        moe_intermediate_size=raw["moe_intermediate_size"],
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
+        mlp_only_layers=list(raw.get("mlp_only_layers") or []),
+        decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
     )
 
 
@@ -162,8 +191,9 @@ def config_from_gguf(reader: GGUFReader, tokenizer: Tokenizer, name: str = "mode
     heads, hidden = a("attention.head_count"), a("embedding_length")
     head_dim = a("attention.key_length") or hidden // heads
     theta = float(a("rope.freq_base", 10000.0))
+    moe = _gguf_moe_fields(arch, a, tensors)
     return ModelConfig(
-        architecture=arch,
+        architecture="mixtral" if arch == "llama" and moe else GGUF_ARCHITECTURES[arch],
         vocab_size=a("vocab_size") or int(tensors["token_embd.weight"].shape[-1]),
         hidden_size=hidden,
         intermediate_size=a("feed_forward_length"),
@@ -181,6 +211,24 @@ def config_from_gguf(reader: GGUFReader, tokenizer: Tokenizer, name: str = "mode
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=list(tokenizer.eos_token_ids),
         name=_meta(reader, "general.name", name),
+        **moe,
+    )
+
+
+def _gguf_moe_fields(arch: str, a, tensors: dict) -> dict:
+    """llama.cpp's MoE metadata; which layers are sparse, from which have a router tensor."""
+    experts = a("expert_count") or 0
+    if not experts:
+        return {}
+    layers = a("block_count")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=a("expert_used_count"),
+        moe_intermediate_size=a("expert_feed_forward_length") or a("feed_forward_length"),
+        # llama.cpp renormalizes for Mixtral and Qwen3-MoE, not for Qwen2-MoE, unless the file says
+        norm_topk_prob=bool(a("expert_weights_norm", arch != "qwen2moe")),
+        shared_expert_intermediate_size=a("expert_shared_feed_forward_length") or 0,
+        mlp_only_layers=[i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
     )
 
 

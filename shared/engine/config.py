@@ -8,7 +8,7 @@ DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; o
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "qwen3"
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -26,6 +26,20 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = "model"
+    # Mixture of experts (0 experts: a dense model). A layer's MLP is sparse unless it is listed in
+    # `mlp_only_layers` or its number is off the `decoder_sparse_step` (Qwen2/3-MoE's rule).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k router weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    mlp_only_layers: list[int] = field(default_factory=list)
+    decoder_sparse_step: int = 1
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (
+            self.num_experts > 0 and index not in self.mlp_only_layers and (index + 1) % self.decoder_sparse_step == 0
+        )
 
 
 @dataclass

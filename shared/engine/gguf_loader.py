@@ -29,7 +29,14 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# every expert's weights in one [E, out, in] tensor -> one checkpoint tensor per expert
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict, Tokenizer]:
@@ -51,6 +58,16 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def expert_names(tensor: ReaderTensor) -> list[str]:
+    """'blk.3.ffn_up_exps.weight' -> ['model.layers.3.mlp.experts.0.up_proj.weight', ...], one per expert
+    (the slowest GGUF dimension); [] for any other tensor."""
+    parts = tensor.name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _EXPERT_NAMES:
+        return []
+    experts = int(tensor.shape[-1])
+    return [f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_NAMES[parts[2]]}.{parts[3]}" for e in range(experts)]
+
+
 def read_tensor(tensor: ReaderTensor) -> torch.Tensor:
     """Dequantized to float32, in torch's dimension order (GGUF lists dimensions fastest-first)."""
     shape = tuple(int(n) for n in reversed(tensor.shape))
@@ -61,15 +78,22 @@ def read_tensor(tensor: ReaderTensor) -> torch.Tensor:
 def load_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     weights = {}
     for tensor in reader.tensors:
+        if experts := expert_names(tensor):
+            for name, w in zip(experts, read_tensor(tensor).unbind(0), strict=True):
+                weights[name] = w.to(dtype)
+            continue
         name = hf_name(tensor.name)
         if name is None:
             continue
         w = read_tensor(tensor)
+        if name.endswith("shared_expert_gate.weight"):  # llama.cpp keeps it as a vector
+            w = w.reshape(1, -1)
         # llama.cpp's converter reorders llama Q/K rows for its interleaved rotary; undo it to get HF's
         # rotate-half layout back. Qwen files are written without the reordering.
-        if config.architecture == "llama" and ".self_attn.q_proj." in name:
+        llama = config.architecture in ("llama", "mixtral")
+        if llama and ".self_attn.q_proj." in name:
             w = unpermute_qk(w, config.num_attention_heads)
-        elif config.architecture == "llama" and ".self_attn.k_proj." in name:
+        elif llama and ".self_attn.k_proj." in name:
             w = unpermute_qk(w, config.num_key_value_heads)
         weights[name] = w.to(dtype)
     return weights

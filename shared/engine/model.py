@@ -1,9 +1,11 @@
-"""Decoder-only transformer for the Llama family, Qwen2/2.5 and Qwen3, named as in the HF checkpoints.
+"""Decoder-only transformer for the Llama family, Qwen2/2.5, Qwen3 and their mixture-of-experts kin
+(Mixtral, Qwen2-MoE, Qwen3-MoE), named as in the HF checkpoints.
 
-The differences between these architectures are two flags on ModelConfig: `attention_bias`
-(Qwen2's q/k/v bias) and `qk_norm` (Qwen3's per-head RMSNorm on q and k). Everything else is shared.
-q/k/v and gate/up projections are packed into one matmul each (fewer, larger matmuls run faster,
-most of all at batch 1); PACKED maps checkpoint names onto those packed weights.
+The differences between these architectures are flags on ModelConfig: `attention_bias` (Qwen2's q/k/v
+bias), `qk_norm` (Qwen3's per-head RMSNorm on q and k) and the MoE fields (which layers' MLP is a
+SparseMoeBlock, shared/engine/moe.py). Everything else is shared. q/k/v and gate/up projections are
+packed into one matmul each (fewer, larger matmuls run faster, most of all at batch 1); PACKED maps
+checkpoint names onto those packed weights.
 """
 
 from collections.abc import Callable
@@ -14,48 +16,9 @@ from torch import nn
 from shared.engine import ops
 from shared.engine.attention import AttentionMetadata, paged_attention
 from shared.engine.config import ModelConfig
+from shared.engine.layers import MLP, PACKED, Linear, PackedLinear, RMSNorm
+from shared.engine.moe import EXPERT_TENSOR, Experts, SparseMoeBlock, checkpoint_name
 from shared.engine.rotary import RotaryEmbedding
-
-# checkpoint module name -> (our packed module, shard index)
-PACKED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
-
-class Linear(nn.Linear):
-    packed: torch.Tensor | None = None  # the weight prepacked for oneDNN (CausalLM.prepack_weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, self.packed)
-
-
-class PackedLinear(Linear):
-    """Several projections of the same input in one weight, split along the output dimension."""
-
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
-        self.shard_sizes = shard_sizes
-
-    def shard(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
-        start = sum(self.shard_sizes[:index])
-        return tensor.narrow(0, start, self.shard_sizes[index])
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """rms_norm(x), or with `residual`: residual += x in place, then rms_norm(residual)."""
-        if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.add_rms_norm_(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -91,26 +54,19 @@ class Attention(nn.Module):
         return self.o_proj(o.view(t, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = PackedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm block. The residual stream is carried beside the layer's output and added inside the next
     norm (one fused op instead of an add and a norm): returns (output, residual), output not yet added."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        if config.is_moe_layer(index):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,
@@ -131,7 +87,7 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
 
@@ -208,12 +164,18 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Checkpoint names are our names, except the packed projections (see PACKED)."""
+        """Checkpoint names are our names, except the packed projections (see PACKED) and the experts' own
+        tensors (shared/engine/moe.py)."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
         for name, tensor in weights.items():
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            name = checkpoint_name(name)
+            if expert := EXPERT_TENSOR.fullmatch(name):
+                key = modules[expert["experts"]].load_expert(int(expert["index"]), expert["proj"], tensor)
+                loaded.add(f"{expert['experts']}.{key}")
                 continue
             module_path, _, kind = name.rpartition(".")
             parent, _, leaf = module_path.rpartition(".")
@@ -227,10 +189,21 @@ class CausalLM(nn.Module):
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
             params[name].copy_(tensor)
             loaded.add(name)
-        expected = set()
-        for name in params:
-            module = modules[name.rpartition(".")[0]]
-            shards = len(module.shard_sizes) if isinstance(module, PackedLinear) else 0
-            expected |= {f"{name}#{i}" for i in range(shards)} if shards else {name}
-        if missing := expected - loaded:
+        if missing := self.expected_keys() - loaded:
             raise KeyError(f"checkpoint lacks {sorted(missing)[:5]}")
+
+    def expected_keys(self) -> set[str]:
+        """What a checkpoint must supply: every parameter (a tied one once), a packed one shard by shard,
+        the experts' one tensor per expert."""
+        modules = dict(self.named_modules())
+        expected = set()
+        for name in dict(self.named_parameters()):
+            path = name.rpartition(".")[0]
+            module = modules[path]
+            if isinstance(module, Experts):
+                expected |= {f"{path}.{key}" for key in module.expected_keys()}
+            elif isinstance(module, PackedLinear):
+                expected |= {f"{name}#{i}" for i in range(len(module.shard_sizes))}
+            else:
+                expected.add(name)
+        return expected

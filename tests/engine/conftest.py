@@ -13,6 +13,10 @@
     "qwen2"        q/k/v biases, tied embeddings
     "qwen3"        q/k RMSNorm, head_dim 32 (!= hidden/heads), untied; eos [2, 0] and sampling defaults in
                    generation_config.json; chat template in chat_template.jinja (transformers 5 layout)
+  Mixtures of experts (TINY_MOE_KINDS), 8 experts, 2 per token:
+    "mixtral"      every layer sparse, experts of 128
+    "qwen2_moe"    layer 0 dense (mlp_only_layers), experts of 32, a shared expert of 48, top-k not renormalized
+    "qwen3_moe"    experts of 32, top-k renormalized, q/k norms, head_dim 32
   All: hidden 64, 2 layers, 4 heads / 2 KV heads, intermediate 128, fp32, SmolLM2's tokenizer and vocab
   (49152), ChatML chat template, EOS <|im_end|> (2). Weights are random (seeded) with norms and biases
   randomised too, so a misplaced tensor changes the logits.
@@ -31,6 +35,7 @@ from shared.model_files import smollm2_gguf as find_smollm2
 from shared.tokenizer import Tokenizer
 
 TINY_MODEL_KINDS = ("llama", "llama3_rope", "llama_untied", "qwen2", "qwen3")
+TINY_MOE_KINDS = ("mixtral", "qwen2_moe", "qwen3_moe")
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -87,8 +92,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     built: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
-        if kind not in TINY_MODEL_KINDS:
-            raise ValueError(f"unknown tiny model kind {kind!r}; have {TINY_MODEL_KINDS}")
+        if kind not in TINY_MODEL_KINDS + TINY_MOE_KINDS:
+            raise ValueError(f"unknown tiny model kind {kind!r}; have {TINY_MODEL_KINDS + TINY_MOE_KINDS}")
         if kind not in built:
             built[kind] = _build_tiny(kind, tmp_path_factory.mktemp(f"tiny_{kind}"), smollm2_tokenizer)
         return built[kind]
@@ -134,10 +139,12 @@ def _build_tiny(kind: str, out: Path, tokenizer: Tokenizer) -> Path:
         model_cls = tf.LlamaForCausalLM
     elif arch == "qwen2":
         config, model_cls = tf.Qwen2Config(**common, tie_word_embeddings=True), tf.Qwen2ForCausalLM
-    else:
+    elif arch == "qwen3":
         config = tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
         model_cls = tf.Qwen3ForCausalLM
-    torch.manual_seed(TINY_MODEL_KINDS.index(kind))
+    else:
+        config, model_cls = _moe_config(kind, common)
+    torch.manual_seed((TINY_MODEL_KINDS + TINY_MOE_KINDS).index(kind))
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -153,6 +160,20 @@ def _build_tiny(kind: str, out: Path, tokenizer: Tokenizer) -> Path:
         generation.update(eos_token_id=[2, 0], temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out
+
+
+def _moe_config(kind: str, common: dict):
+    import transformers as tf
+
+    moe = dict(common, num_experts_per_tok=2, tie_word_embeddings=False)
+    if kind == "mixtral":
+        return tf.MixtralConfig(**moe, num_local_experts=8), tf.MixtralForCausalLM
+    moe.update(num_experts=8, moe_intermediate_size=32)
+    if kind == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(**moe, shared_expert_intermediate_size=48, mlp_only_layers=[0])
+        return config, tf.Qwen2MoeForCausalLM
+    config = tf.Qwen3MoeConfig(**moe, head_dim=32, norm_topk_prob=True)
+    return config, tf.Qwen3MoeForCausalLM
 
 
 def _write_tokenizer(kind: str, out: Path, tokenizer: Tokenizer) -> None:

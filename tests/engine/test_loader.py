@@ -2,8 +2,6 @@
 GGUF files we write (with llama.cpp's conventions) against the weights they came from."""
 
 import json
-import math
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -15,6 +13,7 @@ from shared.engine.gguf_loader import read_tensor, unpermute_qk
 from shared.engine.loader import load_checkpoint
 from shared.model_files import load_generation_defaults, resolve_model
 from tests.engine.conftest import TINY_MODEL_KINDS
+from tests.engine.gguf_writer import llama_cpp_permute, write_gguf
 
 Q = gguf.GGMLQuantizationType
 CONFIG_FIELDS = (
@@ -29,22 +28,6 @@ CONFIG_FIELDS = (
     "rms_norm_eps",
     "bos_token_id",
 )
-
-# llama.cpp tensor names, written out here rather than taken from the loader so a wrong map shows.
-GGUF_LAYER = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
 # ---- resolve_model --------------------------------------------------------------------------------
@@ -108,11 +91,6 @@ def test_dequantize_each_type_within_its_rounding(tmp_path, qtype):
     assert (err <= _block_bound(x, qtype)).all(), f"{qtype.name}: max error {err.max():.4f}"
     if qtype not in (Q.F32,):
         assert err.max() > 0  # really went through the lossy type
-
-
-def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes Q and K."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -226,80 +204,6 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 
 # ---- GGUF files written with llama.cpp's conventions -------------------------------------------
-def llama_cpp_rope_freqs(s: dict, head_dim: int, theta: float) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel rope_freqs for llama3 scaling."""
-    factors = []
-    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
-        wavelen = 2 * math.pi / freq
-        old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
-        if wavelen < old / high:
-            factors.append(1)
-        elif wavelen > old / low:
-            factors.append(s["factor"])
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
-    return np.array(factors, dtype=np.float32)
-
-
-def write_gguf(path: Path, folder_ckpt, state_dict: dict, qtype: Q = Q.F32) -> None:
-    """A GGUF of this model as llama.cpp's converter writes one (names, Q/K permutation, metadata)."""
-    c, tok = folder_ckpt.config, folder_ckpt.tokenizer
-    w = gguf.GGUFWriter(str(path), c.architecture)
-    w.add_name(f"tiny-{c.architecture}")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    if c.architecture == "llama":
-        w.add_rope_dimension_count(c.head_dim)
-        w.add_vocab_size(c.vocab_size)
-    if c.head_dim != c.hidden_size // c.num_attention_heads:
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
-    vocab = json.loads(tok.tokenizer.to_str())["model"]
-    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if tok.is_special(i) else 1 for i in range(len(tokens))])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(tok.chat_template)
-    if c.rope_scaling:
-        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(c.rope_scaling, c.head_dim, c.rope_theta))
-    for name, t in state_dict.items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue  # llama.cpp writes output.weight only when untied
-        base, kind = name.rsplit(".", 1)
-        if base in GGUF_GLOBAL:
-            gname = f"{GGUF_GLOBAL[base]}.{kind}"
-        else:
-            _, _, layer, rest = base.split(".", 3)
-            gname = f"blk.{layer}.{GGUF_LAYER[rest]}.{kind}"
-        if c.architecture == "llama" and rest_is(name, "q_proj"):
-            t = llama_cpp_permute(t, c.num_attention_heads)
-        elif c.architecture == "llama" and rest_is(name, "k_proj"):
-            t = llama_cpp_permute(t, c.num_key_value_heads)
-        x = t.float().numpy()
-        q = qtype if x.ndim == 2 else Q.F32  # llama.cpp keeps norms in F32
-        w.add_tensor(gname, gguf.quants.quantize(x, q), raw_dtype=None if q in (Q.F32, Q.F16) else q)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def rest_is(name: str, proj: str) -> bool:
-    return f".self_attn.{proj}." in name
-
-
 # llama3_rope: Q/K permutation + rope_freqs, tied; qwen2: biases; qwen3: q/k norms, head_dim, untied
 @pytest.mark.parametrize("kind", ["llama3_rope", "qwen2", "qwen3"])
 def test_gguf_written_by_llama_cpp_rules_loads_back_exactly(tmp_path, tiny_model_dir, tiny_hf_model, kind):

@@ -1,0 +1,141 @@
+"""GGUF files written as llama.cpp's converter (convert_hf_to_gguf.py) writes them: names, the Q/K
+permutation of llama-family models, stacked experts, metadata. The tests read them back with our loader."""
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+Q = gguf.GGMLQuantizationType
+
+# llama.cpp tensor names, written out here rather than taken from the loader so a wrong map shows.
+GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+# expert tensors, stacked into one [E, out, in] tensor per layer
+GGUF_EXPERTS = {
+    "gate_proj": "ffn_gate_exps",
+    "up_proj": "ffn_up_exps",
+    "down_proj": "ffn_down_exps",
+    "w1": "ffn_gate_exps",
+    "w3": "ffn_up_exps",
+    "w2": "ffn_down_exps",
+}
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # else the same name
+GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes Q and K."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_freqs(s: dict, head_dim: int, theta: float) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel rope_freqs for llama3 scaling."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelen = 2 * math.pi / freq
+        old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        if wavelen < old / high:
+            factors.append(1)
+        elif wavelen > old / low:
+            factors.append(s["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_gguf(path: Path, folder_ckpt, state_dict: dict, qtype: Q = Q.F32) -> None:
+    """A GGUF of this model as llama.cpp's converter writes one (names, Q/K permutation, metadata)."""
+    c, tok = folder_ckpt.config, folder_ckpt.tokenizer
+    llama = c.architecture in ("llama", "mixtral")
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH.get(c.architecture, c.architecture))
+    w.add_name(f"tiny-{c.architecture}")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    if c.num_experts:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        if not llama:
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if c.shared_expert_intermediate_size:
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if llama:
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_vocab_size(c.vocab_size)
+    if c.head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    vocab = json.loads(tok.tokenizer.to_str())["model"]
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if tok.is_special(i) else 1 for i in range(len(tokens))])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
+    if c.rope_scaling:
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(c.rope_scaling, c.head_dim, c.rope_theta))
+    for gname, t in gguf_tensors(state_dict, c):
+        x = t.float().numpy()
+        q = qtype if x.ndim >= 2 else Q.F32  # llama.cpp keeps norms in F32
+        w.add_tensor(gname, gguf.quants.quantize(x, q), raw_dtype=None if q in (Q.F32, Q.F16) else q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_tensors(state_dict: dict, c) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) in llama.cpp's layout: Q/K permuted for llama, experts stacked per layer."""
+    out, experts = [], {}
+    for name, t in state_dict.items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp writes output.weight only when untied
+        base, kind = name.rsplit(".", 1)
+        if base in GGUF_GLOBAL:
+            out.append((f"{GGUF_GLOBAL[base]}.{kind}", t))
+            continue
+        _, _, layer, rest = base.split(".", 3)
+        if ".experts." in rest:
+            _, index, proj = rest.rsplit(".", 2)
+            experts.setdefault(f"blk.{layer}.{GGUF_EXPERTS[proj]}.{kind}", {})[int(index)] = t
+            continue
+        if c.architecture in ("llama", "mixtral") and rest == "self_attn.q_proj":
+            t = llama_cpp_permute(t, c.num_attention_heads)
+        elif c.architecture in ("llama", "mixtral") and rest == "self_attn.k_proj":
+            t = llama_cpp_permute(t, c.num_key_value_heads)
+        elif rest == "mlp.shared_expert_gate":
+            t = t.reshape(-1)  # llama.cpp keeps it as a vector
+        out.append((f"blk.{layer}.{GGUF_LAYER[rest]}.{kind}", t))
+    out += [(name, torch.stack([per[e] for e in sorted(per)])) for name, per in experts.items()]
+    return out
