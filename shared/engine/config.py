@@ -59,3 +59,5 @@ class EngineConfig:
     speculative: str = "none"  # one of SPECULATIVE_METHODS
     num_speculative_tokens: int = 5  # the most draft tokens a sequence scores per step
     draft_length: str = "adaptive"  # one of DRAFT_LENGTHS
+    expert_parallel: int = 1  # processes a MoE model's experts are split over (shared/engine/expert_parallel.py)
+    num_redundant_experts: int = 0  # extra expert slots per MoE layer, for copies of hot experts

@@ -13,6 +13,7 @@ import torch
 from shared.engine.block_manager import BlockManager, KvEventHook
 from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
+from shared.engine.expert_parallel import distribute_experts
 from shared.engine.kv_handoff import Handoff
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
@@ -54,6 +55,9 @@ class LLMEngine:
             config.max_model_len or ckpt.config.max_position_embeddings, ckpt.config.max_position_embeddings
         )
         self.model = model = CausalLM.build(ckpt.config, ckpt.weights, self.max_model_len, self.device, self.dtype)
+        self.expert_group = None
+        if config.expert_parallel > 1:
+            self.expert_group = distribute_experts(model, ckpt.path or config.model, config, self.dtype)
         block_bytes = ModelRunner.block_bytes(model.config, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, on_kv_event)
@@ -77,6 +81,12 @@ class LLMEngine:
             self.speculator = Speculator.calibrated(
                 config.speculative, config.num_speculative_tokens, max_tokens, self.runner, self.block_manager
             )
+
+    def close(self) -> None:
+        """Release what outlives the object: an expert-parallel group's processes."""
+        if self.expert_group is not None:
+            self.expert_group.close()
+            self.expert_group = None
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -64,7 +64,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(index):
-            self.mlp = SparseMoeBlock(config)
+            self.mlp = SparseMoeBlock(config, index)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from shared.engine import ops
 from shared.engine.config import ModelConfig
+from shared.engine.eplb import Placement, default_placement
 from shared.engine.layers import MLP, Linear
 
 MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -34,77 +35,116 @@ def checkpoint_name(name: str) -> str:
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    """The experts this process holds: slot s holds logical expert `slot_experts[s]` (all of them, in order,
+    without expert parallelism; a share, maybe with copies of hot experts, with it)."""
+
+    def __init__(self, slot_experts: list[int], hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        # Tokens routed to each expert since the last `take_load()`: what expert balancing reads. On the CPU
-        # whatever the model's device (the model is built on the meta device first).
-        self.load = torch.zeros(num_experts, dtype=torch.int64, device="cpu")
+        self.slot_experts, self.intermediate_size = list(slot_experts), intermediate_size
+        num_slots = len(slot_experts)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size))
 
     @torch.no_grad()
     def load_expert(self, index: int, proj: str, tensor: torch.Tensor) -> str:
-        """Copy one checkpoint tensor of expert `index` into place; returns its key for the loaded-set check."""
+        """Copy one checkpoint tensor of logical expert `index` into each slot holding it (none: not ours);
+        returns its key for the loaded-set check."""
         size = self.intermediate_size
-        if proj == "gate_proj":
-            self.gate_up_proj[index, :size].copy_(tensor)
-        elif proj == "up_proj":
-            self.gate_up_proj[index, size:].copy_(tensor)
-        elif proj == "down_proj":
-            self.down_proj[index].copy_(tensor)
-        else:
-            raise KeyError(f"expert tensor {proj!r} has no place in the model")
+        for slot in (s for s, e in enumerate(self.slot_experts) if e == index):
+            if proj == "gate_proj":
+                self.gate_up_proj[slot, :size].copy_(tensor)
+            elif proj == "up_proj":
+                self.gate_up_proj[slot, size:].copy_(tensor)
+            elif proj == "down_proj":
+                self.down_proj[slot].copy_(tensor)
+            else:
+                raise KeyError(f"expert tensor {proj!r} has no place in the model")
         return f"{proj}#{index}"
 
     def expected_keys(self) -> set[str]:
-        return {f"{proj}#{e}" for proj in ("gate_proj", "up_proj", "down_proj") for e in range(self.num_experts)}
+        return {f"{proj}#{e}" for proj in ("gate_proj", "up_proj", "down_proj") for e in set(self.slot_experts)}
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; expert_ids and weights [T, k]: token t goes to expert_ids[t, j] with weight weights[t, j]."""
-        top_k = expert_ids.shape[1]
-        flat = expert_ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        self.load += counts.cpu()
-        token = order // top_k
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; slots and weights [T, k]: token t goes to local slot slots[t, j] (-1: held elsewhere) with
+        weight weights[t, j]. Returns the weighted sum of this process's experts' outputs, [T, H]."""
+        top_k = slots.shape[1]
+        flat = slots.flatten()
+        pairs = (flat >= 0).nonzero().squeeze(1)
+        pairs = pairs[flat[pairs].argsort(stable=True)]
+        token = pairs // top_k
         rows = x[token]
         out = torch.empty_like(rows)
         start = 0
-        for expert, n in enumerate(counts.tolist()):
+        for slot, n in enumerate(torch.bincount(flat[pairs], minlength=len(self.slot_experts)).tolist()):
             if n:
-                h = ops.silu_and_mul(ops.linear(rows[start : start + n], self.gate_up_proj[expert], None))
-                out[start : start + n] = ops.linear(h, self.down_proj[expert], None)
+                h = ops.silu_and_mul(ops.linear(rows[start : start + n], self.gate_up_proj[slot], None))
+                out[start : start + n] = ops.linear(h, self.down_proj[slot], None)
                 start += n
-        out *= weights.flatten()[order].unsqueeze(1).to(out.dtype)
+        out *= weights.flatten()[pairs].unsqueeze(1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token, out)
 
-    def take_load(self) -> torch.Tensor:
-        """The per-expert token counts since the last call, and a fresh count."""
-        load, self.load = self.load, torch.zeros_like(self.load)
-        return load
+    @torch.no_grad()
+    def keep_slots(self, slot_experts: list[int]) -> None:
+        """Hold only `slot_experts` (logical ids, from the experts held now): a rank's share."""
+        index = torch.tensor([self.slot_experts.index(e) for e in slot_experts])
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj[index])
+        self.down_proj = nn.Parameter(self.down_proj[index])
+        self.slot_experts = list(slot_experts)
 
 
 class SparseMoeBlock(nn.Module):
     """Router softmax over all experts in fp32, the top k kept (renormalized to sum 1 when the config says),
-    the chosen experts' outputs summed by those weights; plus a sigmoid-gated shared expert (Qwen2-MoE)."""
+    the chosen experts' outputs summed by those weights; plus a sigmoid-gated shared expert (Qwen2-MoE).
 
-    def __init__(self, config: ModelConfig):
+    With expert parallelism (`distribute`) this process holds a share of the experts: the routed tokens go
+    to every rank of the group (shared/engine/expert_parallel.py), each computes its experts' part, and the
+    parts are summed here."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
+        self.layer_index, self.num_experts = layer_index, config.num_experts
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = Experts(list(range(config.num_experts)), config.hidden_size, config.moe_intermediate_size)
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
+        self.group = None
+        self.placement = default_placement(config.num_experts, 1)
+        self.replicas, self.copies = self.placement.routing_table()
+        # Tokens routed to each logical expert since the last `take_load()`: what expert balancing reads. On
+        # the CPU whatever the model's device (the model is built on the meta device first, hence `device`).
+        self.load = torch.zeros(config.num_experts, dtype=torch.int64, device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights /= weights.sum(dim=-1, keepdim=True)
-        out = self.experts(x, expert_ids, weights)
+        self.load += torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cpu()
+        slots = self.route(expert_ids)
+        if self.group is None:
+            out = self.experts(x, slots, weights)
+        else:
+            out = self.group.run_experts(self.layer_index, self.experts, x, slots, weights)
         if self.shared_expert is not None:
             out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def route(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Logical experts [T, k] -> physical slots: token t takes copy t mod (copies) of each expert."""
+        copies = self.copies.to(expert_ids.device)[expert_ids]
+        position = torch.arange(expert_ids.shape[0], device=expert_ids.device).unsqueeze(1)
+        return self.replicas.to(expert_ids.device)[expert_ids, position % copies]
+
+    def distribute(self, group, placement: Placement) -> None:
+        """Keep this rank's share of `placement`; run the experts across `group` from now on."""
+        self.group, self.placement = group, placement
+        self.replicas, self.copies = placement.routing_table()
+        self.experts.keep_slots(group.local_slots(placement))
+
+    def take_load(self) -> torch.Tensor:
+        """The per-expert token counts since the last call, and a fresh count."""
+        load, self.load = self.load, torch.zeros_like(self.load)
+        return load

@@ -1,0 +1,82 @@
+"""Expert placement (EPLB) and expert parallelism over real processes joined by torch.distributed (gloo)."""
+
+import pytest
+import torch
+
+from shared.engine.eplb import balanced_placement, default_placement, imbalance
+from shared.engine.expert_parallel import ExpertGroupError
+from shared.engine.loader import load_checkpoint
+from shared.engine.moe import SparseMoeBlock
+from tests.engine.helpers import greedy, make_engine, run_all
+from tests.engine.test_reference import PROMPTS, hf_greedy
+
+
+# ---- placement ------------------------------------------------------------------------------------
+def test_default_placement_splits_experts_in_order():
+    p = default_placement(8, 2, num_redundant=2)
+    assert p.slots == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    replicas, copies = p.routing_table()
+    assert copies.tolist() == [2, 2, 1, 1, 1, 1, 1, 1] and replicas[0].tolist() == [0, 8]
+    with pytest.raises(ValueError, match="do not split evenly"):
+        default_placement(8, 3)
+
+
+@pytest.mark.parametrize("ranks,redundant", [(2, 0), (2, 2), (4, 4)])
+def test_balanced_placement_evens_out_a_skewed_load(ranks, redundant):
+    # a Zipf-like skew: expert 0 takes a third of the tokens
+    load = torch.tensor([1000, 400, 300, 200, 150, 120, 100, 90, 80, 70, 60, 50, 40, 30, 20, 10])
+    before = imbalance(default_placement(16, ranks, redundant).rank_loads(load, ranks))
+    placement = balanced_placement(load, ranks, redundant)
+    after = imbalance(placement.rank_loads(load, ranks))
+    assert sorted(set(placement.slots)) == list(range(16)) and len(placement.slots) == 16 + redundant
+    assert after < before and after <= (1.15 if redundant else 1.35), (before, after)
+    per_rank = len(placement.slots) // ranks
+    for r in range(ranks):  # no rank holds two copies of one expert
+        share = placement.slots[r * per_rank : (r + 1) * per_rank]
+        assert len(set(share)) == len(share)
+
+
+def test_routing_spreads_tokens_over_an_experts_copies():
+    from shared.engine.config import ModelConfig
+
+    config = ModelConfig("qwen3_moe", 10, 8, 8, 1, 1, 1, 8, 16, num_experts=4, num_experts_per_tok=1)
+    block = SparseMoeBlock(config, 0)
+    block.placement = default_placement(4, 2, num_redundant=2)  # experts 0 and 1 have two copies
+    block.replicas, block.copies = block.placement.routing_table()
+    slots = block.route(torch.tensor([[0], [0], [0], [0], [3]]))
+    assert slots.flatten().tolist() == [0, 4, 0, 4, 3]
+
+
+# ---- expert parallelism ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_ckpt(tiny_model_dir):
+    return load_checkpoint(str(tiny_model_dir("qwen3_moe")))
+
+
+@pytest.mark.parametrize("world,redundant", [(2, 0), (2, 2)])
+def test_expert_parallel_output_equals_transformers(moe_ckpt, tiny_hf_model, world, redundant):
+    engine = make_engine(moe_ckpt, expert_parallel=world, num_redundant_experts=redundant)
+    try:
+        prompts = {str(i): (moe_ckpt.tokenizer.encode(p), greedy(12)) for i, p in enumerate(PROMPTS)}
+        got = run_all(engine, prompts)
+        model = tiny_hf_model("qwen3_moe")
+        for key, (ids, _) in prompts.items():
+            assert got[key][0][0] == hf_greedy(model, ids, 12), key
+        blocks = [m for m in engine.model.modules() if isinstance(m, SparseMoeBlock)]
+        assert len(blocks[0].experts.slot_experts) == (8 + redundant) // world  # rank 0 holds only its share
+    finally:
+        followers = list(engine.expert_group.followers)
+        engine.close()
+    assert [f.returncode for f in followers] == [0] * (world - 1)
+
+
+def test_a_lost_rank_breaks_the_group_with_a_clear_error(moe_ckpt):
+    engine = make_engine(moe_ckpt, expert_parallel=2)
+    try:
+        engine.expert_group.followers[0].kill()
+        engine.expert_group.followers[0].wait()
+        engine.add_request("a", moe_ckpt.tokenizer.encode(PROMPTS[0]), greedy(4))
+        with pytest.raises(ExpertGroupError, match="expert-parallel group broken"):
+            engine.step()
+    finally:
+        engine.close()
