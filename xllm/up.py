@@ -53,6 +53,8 @@ class UpConfig:
     draft_length: str = opt(
         "adaptive", "adaptive (a cost model decides) or fixed (all that is proposed)", choices=DRAFT_LENGTHS
     )
+    expert_parallel: int = opt(1, "processes each worker splits a MoE model's experts over", min=1)
+    num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
@@ -81,6 +83,8 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         num_threads=threads,
         kv_cache_fraction=config.kv_cache_fraction,
         max_num_seqs=config.max_num_seqs,
+        expert_parallel=config.expert_parallel,
+        num_redundant_experts=config.num_redundant_experts,
     )
     speculation = flags(
         speculative=config.speculative,

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from shared.engine.expert_parallel import ExpertGroupError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
 from shared.engine.model_runner import KvLayout
 from shared.engine.sampling_params import SamplingParams
@@ -26,6 +27,11 @@ log = structlog.get_logger()
 
 class EngineDeadError(RuntimeError):
     """A step failed (a bug, not bad input): the requests it was running are failed with this."""
+
+
+class EngineLostError(EngineDeadError):
+    """The engine cannot run any more (a rank of its expert-parallel group is gone): its requests are failed
+    with this, and the worker leaves, so the gateway fails them over."""
 
 
 class RequestAborted(Exception):
@@ -42,6 +48,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: set[asyncio.Future] = set()  # `call`s not answered yet
         self.stats: dict[str, int] = engine.stats()  # replaced, never mutated, by the engine thread
+        self.on_lost: Callable[[Exception], None] = lambda error: None  # on the event loop, once
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     async def start(self) -> None:
@@ -54,6 +61,8 @@ class AsyncEngine:
         await asyncio.to_thread(self._thread.join, 10)
         for future in list(self._calls):  # queued behind the last step: they will never run
             _set_exception(future, EngineDeadError("the engine stopped"))
+        if not self._thread.is_alive():
+            await asyncio.to_thread(self.engine.close)
 
     # ---- API for the event loop ---------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -166,6 +175,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except ExpertGroupError as e:  # for good: fail everything, stop stepping, tell the worker
+                log.error("engine_lost", error=str(e))
+                self._fail_all(EngineLostError(str(e)))
+                self._loop.call_soon_threadsafe(self.on_lost, e)
+                return
             except Exception as e:  # a bug, not bad input: fail what is running, keep serving
                 log.exception("engine step failed; aborting running requests")
                 self._fail_all(e)
@@ -190,7 +204,8 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
-            self._loop.call_soon_threadsafe(self._fail, request_id, EngineDeadError(str(error)))
+            lost = error if isinstance(error, EngineDeadError) else EngineDeadError(str(error))
+            self._loop.call_soon_threadsafe(self._fail, request_id, lost)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)

@@ -36,6 +36,8 @@ class WorkerConfig:
         "and each sequence's acceptance; fixed: all that is proposed",
         choices=DRAFT_LENGTHS,
     )
+    expert_parallel: int = opt(1, "processes to split a MoE model's experts over (this one is rank 0)", min=1)
+    num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
@@ -60,4 +62,6 @@ class WorkerConfig:
             speculative=self.speculative if speculate else "none",
             num_speculative_tokens=self.num_speculative_tokens,
             draft_length=self.draft_length,
+            expert_parallel=self.expert_parallel,
+            num_redundant_experts=self.num_redundant_experts,
         )

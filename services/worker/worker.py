@@ -10,6 +10,7 @@ and the engine trusts what it is given. The prefill and decode roles add the KV 
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.worker.async_engine import AsyncEngine, EngineDeadError, RequestAborted
+from services.worker.async_engine import AsyncEngine, EngineDeadError, EngineLostError, RequestAborted
 from services.worker.config import WorkerConfig
 from shared import bus, subjects
 from shared.bus import ensure_streams, respond
@@ -118,8 +119,15 @@ class Worker:
             lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
         )
         async_engine = AsyncEngine(engine)
+        async_engine.on_lost = self._leave
         await async_engine.start()
         return async_engine
+
+    def _leave(self, error: Exception) -> None:
+        """The engine is lost: stop as on SIGTERM (leave the registry first, so the gateway fails the
+        requests over); a supervisor (`xllm up`, compose) starts the worker again."""
+        log.error("worker_leaving", instance=self.instance_id, error=str(error))
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def stop(self) -> None:
         """Leave the pool first (no new work), let requests in flight finish, then stop the engine."""
@@ -223,6 +231,9 @@ class Worker:
         except InvalidRequestError as e:  # the engine refused it (a request id already running here)
             self.requests_total.labels("invalid").inc()
             await self.publish_error(req, invalid(e.message, e.param))
+            return None
+        except EngineLostError:  # no error to the gateway: it fails the request over when we leave
+            self.requests_total.labels("lost").inc()
             return None
         except EngineDeadError as e:
             self.requests_total.labels("failed").inc()

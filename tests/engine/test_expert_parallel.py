@@ -1,5 +1,12 @@
 """Expert placement (EPLB) and expert parallelism over real processes joined by torch.distributed (gloo)."""
 
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
 import pytest
 import torch
 
@@ -9,6 +16,8 @@ from shared.engine.loader import load_checkpoint
 from shared.engine.moe import SparseMoeBlock
 from tests.engine.helpers import greedy, make_engine, run_all
 from tests.engine.test_reference import PROMPTS, hf_greedy
+from tests.waiting import until
+from xllm.bench.local_system import start_system, stop_system
 
 
 # ---- placement ------------------------------------------------------------------------------------
@@ -80,3 +89,66 @@ def test_a_lost_rank_breaks_the_group_with_a_clear_error(moe_ckpt):
             engine.step()
     finally:
         engine.close()
+
+
+# ---- through `xllm up` ----------------------------------------------------------------------------
+def follower_pids(worker_pid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == worker_pid and b"shared.engine.expert_parallel" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+async def complete(session, url: str, model: str, prompt: str, max_tokens: int, started) -> tuple[int, str]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        text = ""
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                text += "".join(c["text"] for c in json.loads(line[6:]).get("choices", []))
+                started.set()
+        return r.status, text
+
+
+@pytest.mark.integration
+async def test_xllm_up_serves_a_moe_model_over_expert_parallel_workers_and_fails_over_a_lost_rank(
+    tmp_path, tiny_model_dir, moe_ckpt
+):
+    model = str(tiny_model_dir("qwen3_moe"))
+    engine = make_engine(moe_ckpt)
+    tokens = 900  # seconds of generation: several heartbeats show which worker is busy
+    expected = [
+        moe_ckpt.tokenizer.decode(run_all(engine, {"r": (moe_ckpt.tokenizer.encode(p), greedy(tokens))})["r"][0][0])
+        for p in PROMPTS
+    ]
+    args = ["--model", model, "--mode", "colocated", "--decode", "2", "--expert-parallel", "2"]
+    system = start_system(tmp_path, *args, "--kv-cache-fraction", "0.02", "--worker-threads", "1")
+    try:
+        workers = system.instances()
+        assert len(workers) == 2 and all(len(follower_pids(w["pid"])) == 1 for w in workers)
+        async with aiohttp.ClientSession() as s:
+            started = [asyncio.Event() for _ in PROMPTS]
+            running = [
+                asyncio.create_task(complete(s, system.url, model, p, tokens, e))
+                for p, e in zip(PROMPTS, started, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)  # all streaming
+            await until(lambda: any(i["load"]["running"] for i in system.instances()), 60, "no worker took a request")
+            victim = next(i for i in system.instances() if i["load"]["running"])
+            os.kill(follower_pids(victim["pid"])[0], signal.SIGKILL)  # rank 1 of a busy worker's group
+            results = await asyncio.wait_for(asyncio.gather(*running), 180)
+            async with s.get(f"{system.url}/metrics") as r:
+                metrics = await r.text()
+        assert results == [(200, text) for text in expected]  # served across the loss, and equal to EP 1
+        assert 'xllm_gateway_failovers_total{reason="instance_left"}' in metrics
+        # the worker left (and `xllm up` started it again, as a new process)
+        await until(lambda: victim["pid"] not in [i["pid"] for i in system.instances()], 30, "the worker stayed")
+        assert "engine_lost" in system.log(victim["instance_id"].rsplit("-", 1)[0])
+    finally:
+        stop_system(system.proc)
