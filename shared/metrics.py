@@ -70,6 +70,29 @@ class SpeculationCollector:
         yield mean
 
 
+class ExpertBalanceCollector:
+    """An expert-parallel engine's balance (the `eplb_*` keys of its stats): imbalance per MoE layer, and
+    the rebalances done and the time they spent moving weights."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        gauge = GaugeMetricFamily(
+            "xllm_eplb_imbalance", "max / mean routed tokens per rank over the window, per MoE layer", labels=["layer"]
+        )
+        for layer, value in stats["eplb_imbalance"].items():
+            gauge.add_metric([str(layer)], value)
+        yield gauge
+        yield CounterMetricFamily(
+            "xllm_eplb_rebalances", "MoE layers whose experts were moved", stats["eplb_rebalances"]
+        )
+        yield CounterMetricFamily(
+            "xllm_eplb_move_seconds", "time spent moving expert weights between ranks", stats["eplb_move_seconds"]
+        )
+
+
 def exposition(registry: CollectorRegistry) -> web.Response:
     """`registry` in Prometheus' text format, as an HTTP response (labelled 0.0.4, which every scraper
     reads; the body is the same)."""

@@ -3,7 +3,7 @@
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from shared.metrics import SpeculationCollector, StatsCollector, serve_metrics
+from shared.metrics import ExpertBalanceCollector, SpeculationCollector, StatsCollector, serve_metrics
 
 
 def test_stats_render_numbers_and_kinds() -> None:
@@ -27,6 +27,15 @@ def test_speculation_counters_per_method() -> None:
     assert 'xllm_spec_accepted_tokens_total{method="ngram"} 30.0' in text
     assert 'xllm_spec_verifications_total{method="ngram"} 10.0' in text
     assert 'xllm_spec_mean_acceptance_length{method="ngram"} 4.0' in text
+
+
+def test_expert_balance_per_layer() -> None:
+    stats = {"eplb_imbalance": {1: 1.5, 3: 1.02}, "eplb_rebalances": 2, "eplb_move_seconds": 0.25}
+    registry = CollectorRegistry()
+    registry.register(ExpertBalanceCollector(lambda: stats))
+    text = generate_latest(registry).decode()
+    assert 'xllm_eplb_imbalance{layer="1"} 1.5' in text and 'xllm_eplb_imbalance{layer="3"} 1.02' in text
+    assert "xllm_eplb_rebalances_total 2.0" in text and "xllm_eplb_move_seconds_total 0.25" in text
 
 
 async def test_serve_metrics_over_http() -> None:

@@ -55,6 +55,7 @@ class UpConfig:
     )
     expert_parallel: int = opt(1, "processes each worker splits a MoE model's experts over", min=1)
     num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
+    enable_eplb: bool = opt(False, "rebalance experts while serving (with --expert-parallel)")
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
@@ -86,6 +87,8 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         expert_parallel=config.expert_parallel,
         num_redundant_experts=config.num_redundant_experts,
     )
+    if config.enable_eplb:
+        worker_args.append("--enable-eplb")
     speculation = flags(
         speculative=config.speculative,
         num_speculative_tokens=config.num_speculative_tokens,

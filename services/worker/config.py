@@ -38,6 +38,8 @@ class WorkerConfig:
     )
     expert_parallel: int = opt(1, "processes to split a MoE model's experts over (this one is rank 0)", min=1)
     num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
+    enable_eplb: bool = opt(False, "rebalance experts over the group while serving, when the load drifts and it pays")
+    eplb_interval_steps: int = opt(32, "engine steps between expert-load samples and rebalancing decisions", min=1)
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
@@ -64,4 +66,6 @@ class WorkerConfig:
             draft_length=self.draft_length,
             expert_parallel=self.expert_parallel,
             num_redundant_experts=self.num_redundant_experts,
+            enable_eplb=self.enable_eplb,
+            eplb_interval_steps=self.eplb_interval_steps,
         )

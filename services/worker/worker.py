@@ -33,7 +33,7 @@ from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, internal, invalid, overloaded
 from shared.logging import bind_request
 from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, KvEvent, SchemaError, StreamChunk
-from shared.metrics import LATENCY_BUCKETS, SpeculationCollector
+from shared.metrics import LATENCY_BUCKETS, ExpertBalanceCollector, SpeculationCollector
 from shared.registry import Heartbeater, InstanceRegistry
 from shared.retry import retry
 from shared.service import main
@@ -97,6 +97,8 @@ class Worker:
             )
         if self.engine.speculative != "none":
             self.metrics.register(SpeculationCollector(self.engine.speculative, lambda: self.engine.stats))
+        if "eplb_imbalance" in self.engine.stats:
+            self.metrics.register(ExpertBalanceCollector(lambda: self.engine.stats))
         await self.start_data_plane()
         self._publisher = asyncio.create_task(self._publish_kv_events(js, events))
         self._subs = [
@@ -171,6 +173,7 @@ class Worker:
             "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
             "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
             **{key: value for key, value in stats.items() if key.startswith("spec_")},
+            **{key: stats[key] for key in ("eplb_rebalances", "eplb_move_seconds") if key in stats},
         }
 
     # ---- role hooks (overridden by prefill / decode) --------------------------------------------

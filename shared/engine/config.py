@@ -61,3 +61,5 @@ class EngineConfig:
     draft_length: str = "adaptive"  # one of DRAFT_LENGTHS
     expert_parallel: int = 1  # processes a MoE model's experts are split over (shared/engine/expert_parallel.py)
     num_redundant_experts: int = 0  # extra expert slots per MoE layer, for copies of hot experts
+    enable_eplb: bool = False  # rebalance experts over the group while serving (shared/engine/expert_balancer.py)
+    eplb_interval_steps: int = 32  # steps between load samples (and rebalancing decisions)

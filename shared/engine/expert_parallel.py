@@ -14,6 +14,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -23,7 +24,8 @@ from shared.engine.eplb import Placement, default_placement
 from shared.engine.loader import load_checkpoint
 from shared.engine.moe import EXPERT_TENSOR, Experts, SparseMoeBlock, checkpoint_name
 
-STOP, RUN_EXPERTS = 0, 1
+STOP, RUN_EXPERTS, MOVE_EXPERTS = 0, 1, 2
+PROBE_BYTES = 4 << 20  # one broadcast of this size at start: the link's speed, for the cost of moving experts
 TIMEOUT = timedelta(seconds=120)  # joining, or a collective, that long means a rank is gone
 
 
@@ -36,6 +38,8 @@ class ExpertGroup:
         self.rank, self.world_size = rank, world_size
         self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.followers: list[subprocess.Popen] = []
+        self.bytes_per_second = 0.0  # measured at start (`probe`), then by each move
+        self.seconds_per_pair = 0.0  # rank 0's expert compute per routed (token, expert) pair, a moving average
 
     # ---- placement --------------------------------------------------------------------------------
     def local_slots(self, placement: Placement) -> list[int]:
@@ -57,11 +61,65 @@ class ExpertGroup:
         try:
             dist.broadcast(torch.tensor([RUN_EXPERTS, layer, x.shape[0]]), 0)
             dist.broadcast(torch.cat([x.float(), slots.float(), weights], dim=1), 0)
-            out = experts(x, self._local(slots, len(experts.slot_experts)), weights)
+            local = self._local(slots, len(experts.slot_experts))
+            started = time.perf_counter()
+            out = experts(x, local, weights)
+            if pairs := int((local >= 0).sum()):
+                seconds = (time.perf_counter() - started) / pairs
+                self.seconds_per_pair = (
+                    0.9 * self.seconds_per_pair + 0.1 * seconds if self.seconds_per_pair else seconds
+                )
             dist.reduce(out, 0)
         except RuntimeError as e:  # gloo reports a closed peer or a timeout this way
             raise ExpertGroupError(f"expert-parallel group broken: {e}") from e
         return out
+
+    def move_experts(self, layer: int, experts: Experts, old: Placement, new: Placement) -> int:
+        """Move one layer from `old` to `new` on every rank; returns the bytes that travelled."""
+        try:
+            dist.broadcast(torch.tensor([MOVE_EXPERTS, layer, len(new.slots)]), 0)
+            dist.broadcast(torch.tensor(new.slots), 0)
+            started = time.perf_counter()
+            moved = self._move(experts, old, new)
+        except RuntimeError as e:
+            raise ExpertGroupError(f"expert-parallel group broken: {e}") from e
+        if moved:
+            self.bytes_per_second = moved / (time.perf_counter() - started)
+        return moved
+
+    def _move(self, experts: Experts, old: Placement, new: Placement) -> int:
+        """Every rank: fill a second buffer with this rank's new share (kept experts copied, the others
+        received from a rank holding them), then switch to it."""
+        held, share = experts.slot_experts, self.local_slots(new)
+        gate_up = experts.gate_up_proj.new_empty(len(share), *experts.gate_up_proj.shape[1:])
+        down = experts.down_proj.new_empty(len(share), *experts.down_proj.shape[1:])
+        for slot, expert in enumerate(share):
+            if expert in held:
+                gate_up[slot], down[slot] = (
+                    experts.gate_up_proj[held.index(expert)],
+                    experts.down_proj[held.index(expert)],
+                )
+        requests, transfers = [], plan_moves(old, new, self.world_size)
+        for i, (src, dst, expert) in enumerate(transfers):
+            if src == self.rank:
+                j = held.index(expert)
+                requests += [
+                    dist.isend(t[j], dst, tag=2 * i + k)
+                    for k, t in enumerate((experts.gate_up_proj, experts.down_proj))
+                ]
+            elif dst == self.rank:
+                slot = share.index(expert)
+                requests += [dist.irecv(t[slot], src, tag=2 * i + k) for k, t in enumerate((gate_up, down))]
+        for request in requests:
+            request.wait()
+        experts.hold(share, gate_up, down)
+        return len(transfers) * (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+
+    def probe(self) -> None:
+        """Every rank at start: time one broadcast, the first estimate of `bytes_per_second`."""
+        started = time.perf_counter()
+        dist.broadcast(torch.zeros(PROBE_BYTES // 4), 0)
+        self.bytes_per_second = PROBE_BYTES / (time.perf_counter() - started)
 
     def close(self) -> None:
         """Stop the followers and leave the group."""
@@ -91,17 +149,26 @@ class ExpertGroup:
             cmd = [sys.executable, "-m", "shared.engine.expert_parallel", *map(str, args)]
             group.followers.append(subprocess.Popen(cmd))
         dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=0, world_size=world_size, timeout=TIMEOUT)
+        group.probe()
         return group
 
     # ---- ranks 1..N-1 -----------------------------------------------------------------------------
-    def serve(self, experts: dict[int, Experts]) -> None:
+    def serve(self, experts: dict[int, Experts], placements: dict[int, Placement]) -> None:
         """Follow rank 0's commands until it says stop (or is gone)."""
         while True:
             header = torch.zeros(3, dtype=torch.long)
             dist.broadcast(header, 0)
-            command, layer, tokens = header.tolist()
+            command, layer, size = header.tolist()
             if command == STOP:
                 return
+            if command == MOVE_EXPERTS:
+                slots = torch.zeros(size, dtype=torch.long)
+                dist.broadcast(slots, 0)
+                new = Placement(slots.tolist(), placements[layer].num_experts)
+                self._move(experts[layer], placements[layer], new)
+                placements[layer] = new
+                continue
+            tokens = size
             packed = torch.empty(tokens, self.hidden_size + 2 * self.top_k)
             dist.broadcast(packed, 0)
             x, slots, weights = packed.split([self.hidden_size, self.top_k, self.top_k], dim=1)
@@ -125,19 +192,34 @@ def distribute_experts(model, checkpoint_path: str, config, dtype: torch.dtype) 
     return group
 
 
-def follower_experts(ckpt, group: ExpertGroup, num_redundant: int) -> dict[int, Experts]:
-    """This rank's share of every MoE layer's experts, from the checkpoint (the rest is dropped)."""
+def plan_moves(old: Placement, new: Placement, world_size: int) -> list[tuple[int, int, int]]:
+    """(from rank, to rank, expert) for each expert a rank holds under `new` and not under `old`; the same
+    list, in the same order, on every rank."""
+    per_rank = len(old.slots) // world_size
+    old_shares = [old.slots[r * per_rank : (r + 1) * per_rank] for r in range(world_size)]
+    moves = []
+    for dst in range(world_size):
+        for expert in dict.fromkeys(new.slots[dst * per_rank : (dst + 1) * per_rank]):
+            if expert not in old_shares[dst]:
+                src = next(r for r in range(world_size) if expert in old_shares[r])
+                moves.append((src, dst, expert))
+    return moves
+
+
+def follower_experts(ckpt, group: ExpertGroup, num_redundant: int) -> tuple[dict[int, Experts], dict]:
+    """This rank's share of every MoE layer's experts, from the checkpoint (the rest is dropped), and the
+    layers' placements."""
     config = ckpt.config
-    experts = {}
+    experts, placements = {}, {}
     for layer in (i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)):
-        placement = default_placement(config.num_experts, group.world_size, num_redundant)
-        experts[layer] = Experts(group.local_slots(placement), config.hidden_size, config.moe_intermediate_size)
-        experts[layer].to(group.dtype)
+        placements[layer] = default_placement(config.num_experts, group.world_size, num_redundant)
+        share = group.local_slots(placements[layer])
+        experts[layer] = Experts(share, config.hidden_size, config.moe_intermediate_size).to(group.dtype)
     for name, tensor in ckpt.weights.items():
         match = EXPERT_TENSOR.fullmatch(checkpoint_name(name))
         if match and (layer := int(match["experts"].split(".")[2])) in experts:
             experts[layer].load_expert(int(match["index"]), match["proj"], tensor)
-    return experts
+    return experts, placements
 
 
 def _free_port() -> int:
@@ -162,14 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(args.model, dtype)
     config = ckpt.config
     group = ExpertGroup(args.rank, args.world_size, config.hidden_size, config.num_experts_per_tok, dtype)
-    experts = follower_experts(ckpt, group, args.num_redundant_experts)
+    experts, placements = follower_experts(ckpt, group, args.num_redundant_experts)
     del ckpt
     dist.init_process_group(
         "gloo", init_method=f"tcp://{args.address}", rank=args.rank, world_size=args.world_size, timeout=TIMEOUT
     )
+    group.probe()
     with torch.inference_mode():
         try:
-            group.serve(experts)
+            group.serve(experts, placements)
         except RuntimeError:
             sys.exit(1)  # rank 0 is gone
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ import torch
 from shared.engine.block_manager import BlockManager, KvEventHook
 from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
-from shared.engine.expert_parallel import distribute_experts
+from shared.engine.expert_balancer import start_expert_parallel
 from shared.engine.kv_handoff import Handoff
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
@@ -55,9 +55,9 @@ class LLMEngine:
             config.max_model_len or ckpt.config.max_position_embeddings, ckpt.config.max_position_embeddings
         )
         self.model = model = CausalLM.build(ckpt.config, ckpt.weights, self.max_model_len, self.device, self.dtype)
-        self.expert_group = None
+        self.expert_balancer = None  # expert parallelism: the group and its load balancing
         if config.expert_parallel > 1:
-            self.expert_group = distribute_experts(model, ckpt.path or config.model, config, self.dtype)
+            self.expert_balancer = start_expert_parallel(model, ckpt.path or config.model, config, self.dtype)
         block_bytes = ModelRunner.block_bytes(model.config, config.block_size, self.dtype)
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, on_kv_event)
@@ -84,9 +84,9 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release what outlives the object: an expert-parallel group's processes."""
-        if self.expert_group is not None:
-            self.expert_group.close()
-            self.expert_group = None
+        if self.expert_balancer is not None:
+            self.expert_balancer.close()
+            self.expert_balancer = None
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -191,6 +191,8 @@ class LLMEngine:
             deltas.setdefault(seq.request_id, []).append(delta)
         outputs = [self._request_output(self.requests[rid], seq_deltas) for rid, seq_deltas in deltas.items()]
         self.handoff.hold(outputs)  # prefill role: those requests stop here, their KV kept for the hand-off
+        if self.expert_balancer:
+            self.expert_balancer.after_step()
         return outputs
 
     def _sample(
@@ -296,4 +298,5 @@ class LLMEngine:
             "prefix_hits": bm.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
             **(self.speculator.stats() if self.speculator else {}),
+            **(self.expert_balancer.stats() if self.expert_balancer else {}),
         }

@@ -87,8 +87,12 @@ class Experts(nn.Module):
     def keep_slots(self, slot_experts: list[int]) -> None:
         """Hold only `slot_experts` (logical ids, from the experts held now): a rank's share."""
         index = torch.tensor([self.slot_experts.index(e) for e in slot_experts])
-        self.gate_up_proj = nn.Parameter(self.gate_up_proj[index])
-        self.down_proj = nn.Parameter(self.down_proj[index])
+        self.hold(slot_experts, self.gate_up_proj[index], self.down_proj[index])
+
+    def hold(self, slot_experts: list[int], gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Switch to these weights (slot s holding logical expert slot_experts[s])."""
+        self.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
+        self.down_proj = nn.Parameter(down_proj, requires_grad=False)
         self.slot_experts = list(slot_experts)
 
 
@@ -140,9 +144,14 @@ class SparseMoeBlock(nn.Module):
 
     def distribute(self, group, placement: Placement) -> None:
         """Keep this rank's share of `placement`; run the experts across `group` from now on."""
-        self.group, self.placement = group, placement
-        self.replicas, self.copies = placement.routing_table()
+        self.group = group
         self.experts.keep_slots(group.local_slots(placement))
+        self.use(placement)
+
+    def use(self, placement: Placement) -> None:
+        """Route by `placement` from now on (every rank holds its share of it)."""
+        self.placement = placement
+        self.replicas, self.copies = placement.routing_table()
 
     def take_load(self) -> torch.Tensor:
         """The per-expert token counts since the last call, and a fresh count."""

@@ -5,12 +5,14 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 import torch
 
 from shared.engine.eplb import balanced_placement, default_placement, imbalance
+from shared.engine.expert_balancer import ExpertBalancer
 from shared.engine.expert_parallel import ExpertGroupError
 from shared.engine.loader import load_checkpoint
 from shared.engine.moe import SparseMoeBlock
@@ -74,7 +76,7 @@ def test_expert_parallel_output_equals_transformers(moe_ckpt, tiny_hf_model, wor
         blocks = [m for m in engine.model.modules() if isinstance(m, SparseMoeBlock)]
         assert len(blocks[0].experts.slot_experts) == (8 + redundant) // world  # rank 0 holds only its share
     finally:
-        followers = list(engine.expert_group.followers)
+        followers = list(engine.expert_balancer.group.followers)
         engine.close()
     assert [f.returncode for f in followers] == [0] * (world - 1)
 
@@ -82,8 +84,8 @@ def test_expert_parallel_output_equals_transformers(moe_ckpt, tiny_hf_model, wor
 def test_a_lost_rank_breaks_the_group_with_a_clear_error(moe_ckpt):
     engine = make_engine(moe_ckpt, expert_parallel=2)
     try:
-        engine.expert_group.followers[0].kill()
-        engine.expert_group.followers[0].wait()
+        engine.expert_balancer.group.followers[0].kill()
+        engine.expert_balancer.group.followers[0].wait()
         engine.add_request("a", moe_ckpt.tokenizer.encode(PROMPTS[0]), greedy(4))
         with pytest.raises(ExpertGroupError, match="expert-parallel group broken"):
             engine.step()
@@ -128,10 +130,12 @@ async def test_xllm_up_serves_a_moe_model_over_expert_parallel_workers_and_fails
         for p in PROMPTS
     ]
     args = ["--model", model, "--mode", "colocated", "--decode", "2", "--expert-parallel", "2"]
+    args += ["--num-redundant-experts", "2", "--enable-eplb"]
     system = start_system(tmp_path, *args, "--kv-cache-fraction", "0.02", "--worker-threads", "1")
     try:
         workers = system.instances()
         assert len(workers) == 2 and all(len(follower_pids(w["pid"])) == 1 for w in workers)
+        assert all("eplb_rebalances" in w["counters"] for w in workers)
         async with aiohttp.ClientSession() as s:
             started = [asyncio.Event() for _ in PROMPTS]
             running = [
@@ -152,3 +156,72 @@ async def test_xllm_up_serves_a_moe_model_over_expert_parallel_workers_and_fails
         assert "engine_lost" in system.log(victim["instance_id"].rsplit("-", 1)[0])
     finally:
         stop_system(system.proc)
+
+
+# ---- rebalancing while serving --------------------------------------------------------------------
+def small_block(world: int, redundant: int) -> SparseMoeBlock:
+    from shared.engine.config import ModelConfig
+
+    config = ModelConfig(
+        "qwen3_moe", 10, 8, 8, 1, 1, 1, 8, 16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=4
+    )
+    block = SparseMoeBlock(config, 0)
+    block.use(default_placement(8, world, redundant))
+    block.experts.keep_slots(block.placement.slots[: (8 + redundant) // world])
+    return block
+
+
+def balancer_for(block, seconds_per_pair: float, bytes_per_second: float):
+    group = SimpleNamespace(world_size=2, seconds_per_pair=seconds_per_pair, bytes_per_second=bytes_per_second)
+    return ExpertBalancer(group, [block], num_redundant=2, enabled=True, interval_steps=1)
+
+
+SKEWED = torch.tensor([900, 500, 100, 80, 60, 40, 20, 10])
+
+
+def test_a_drifted_layer_is_rebalanced_when_the_move_pays():
+    block = small_block(2, 2)
+    balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=1e9)
+    layer = balancer.layers[0]
+    new = balancer.decide(layer, SKEWED)
+    assert new is not None
+    before, after = (imbalance(p.rank_loads(SKEWED, 2)) for p in (block.placement, new))
+    assert after < before and after <= 1.15
+
+
+def test_no_rebalance_when_moving_costs_more_than_it_saves():
+    block = small_block(2, 2)
+    balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=1.0)  # a byte a second
+    assert balancer.decide(balancer.layers[0], SKEWED) is None
+
+
+def test_no_rebalance_while_the_load_has_not_drifted():
+    block = small_block(2, 2)
+    balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=1e9)
+    layer = balancer.layers[0]
+    layer.placed_for = SKEWED * 2  # the same shape: cosine similarity 1
+    assert balancer.decide(layer, SKEWED) is None
+    layer.placed_for = SKEWED.flip(0)  # the hot experts changed
+    assert balancer.decide(layer, SKEWED) is not None
+
+
+def test_rebalancing_while_serving_leaves_greedy_output_unchanged(moe_ckpt, tiny_hf_model):
+    engine = make_engine(moe_ckpt, expert_parallel=2, num_redundant_experts=2, enable_eplb=True, eplb_interval_steps=2)
+    try:
+        balancer = engine.expert_balancer
+        balancer.group.bytes_per_second = 1e15  # moving looks free: every drift is acted on
+        prompts = {str(i): (moe_ckpt.tokenizer.encode(p), greedy(24)) for i, p in enumerate(PROMPTS)}
+        got = run_all(engine, prompts)
+        assert balancer.rebalances >= 1  # moved while these requests ran
+        model = tiny_hf_model("qwen3_moe")
+        for key, (ids, _) in prompts.items():
+            assert got[key][0][0] == hf_greedy(model, ids, 24), key
+        placements = [layer.block.placement.slots for layer in balancer.layers]
+        assert placements != [default_placement(8, 2, 2).slots] * len(placements)
+        again = run_all(engine, {k: (ids, greedy(24)) for k, (ids, _) in prompts.items()})  # after the moves
+        assert again == got
+        stats = engine.stats()
+        assert stats["eplb_rebalances"] == balancer.rebalances and stats["eplb_move_seconds"] > 0
+        assert all(v >= 1.0 for v in stats["eplb_imbalance"].values())
+    finally:
+        engine.close()
