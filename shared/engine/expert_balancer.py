@@ -5,9 +5,10 @@ is rebalanced when two things hold:
   - its load has drifted since its placement was chosen: the cosine similarity of the window's load to
     the load that placement was made for is under DRIFT (xLLM's rule; a layer never placed by load counts
     as drifted), and
-  - the move pays: the routed tokens the busiest rank sheds under the new placement, times the measured
-    seconds per routed token, over one more window of the same load, exceed the measured time to send the
-    experts that move.
+  - the move has paid for itself already: since the drift, the time the busiest rank spent on routed
+    tokens a balanced placement would have taken off it (measured seconds per routed token) adds up to
+    more than moving the experts takes (measured link speed). How long a skew will last is unknown; this
+    is the ski-rental rule, which never spends more than twice what knowing it would have.
 Moves go one layer per step, between steps: every rank fills a second buffer with its new share, then all
 switch (ExpertGroup.move_experts), so serving never stops for more than one layer's move.
 """
@@ -34,6 +35,7 @@ class LayerBalance:
     block: SparseMoeBlock
     window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # tokens per expert, per interval
     placed_for: torch.Tensor | None = None  # the window load the current placement was made for
+    regret_s: float = 0.0  # since the load drifted: time a balanced placement would have saved
     imbalance: float = 1.0  # max / mean tokens per rank over the window, under the current placement
 
 
@@ -55,42 +57,41 @@ class ExpertBalancer:
         if self.steps % self.interval_steps:
             return
         for layer in self.layers:
-            layer.window.append(layer.block.take_load())
+            interval_load = layer.block.take_load()
+            layer.window.append(interval_load)
             load = torch.stack(list(layer.window)).sum(0)
             layer.imbalance = imbalance(layer.block.placement.rank_loads(load, self.group.world_size))
             if self.enabled and not any(q[0] is layer for q in self.queued):
-                placement = self.decide(layer, load)
+                placement = self.decide(layer, load, interval_load)
                 if placement is not None:
                     self.queued.append((layer, placement, load))
 
-    def decide(self, layer: LayerBalance, load: torch.Tensor) -> Placement | None:
-        """A better placement for `load`, when the layer drifted and moving pays; else None."""
+    def decide(self, layer: LayerBalance, load: torch.Tensor, interval_load: torch.Tensor) -> Placement | None:
+        """A better placement for `load` (the window's), when the layer drifted and the time lost to its
+        imbalance since, `interval_load` included, exceeds the cost of the move; else None."""
         if not load.any():
             return None
-        if (
-            layer.placed_for is not None
-            and torch.cosine_similarity(load.double(), layer.placed_for.double(), 0) >= DRIFT
-        ):
+        drifted = layer.placed_for is None or cosine(load, layer.placed_for) < DRIFT
+        if not drifted:
+            layer.regret_s = 0.0
             return None
         ranks, current = self.group.world_size, layer.block.placement
         new = balanced_placement(load, ranks, self.num_redundant)
-        shed = float(current.rank_loads(load, ranks).max() - new.rank_loads(load, ranks).max())
-        gain_s = shed * self.group.seconds_per_pair
+        shed = float(current.rank_loads(interval_load, ranks).max() - new.rank_loads(interval_load, ranks).max())
+        layer.regret_s += max(shed, 0.0) * self.group.seconds_per_pair
         experts = layer.block.experts
         expert_bytes = (
             experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
         ) * experts.down_proj.element_size()
         cost_s = len(plan_moves(current, new, ranks)) * expert_bytes / max(self.group.bytes_per_second, 1.0)
-        if gain_s <= cost_s:
-            return None
-        return new
+        return new if layer.regret_s > cost_s else None
 
     def _move(self, layer: LayerBalance, placement: Placement, load: torch.Tensor) -> None:
         started = time.perf_counter()
         moved = self.group.move_experts(layer.block.layer_index, layer.block.experts, layer.block.placement, placement)
         layer.block.use(placement)
         seconds = time.perf_counter() - started
-        layer.placed_for = load
+        layer.placed_for, layer.regret_s = load, 0.0
         self.rebalances += 1
         self.move_seconds += seconds
         log.info("experts_rebalanced", layer=layer.block.layer_index, moved_bytes=moved, seconds=round(seconds, 4))
@@ -104,6 +105,10 @@ class ExpertBalancer:
 
     def close(self) -> None:
         self.group.close()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.cosine_similarity(a.double(), b.double(), 0))
 
 
 def start_expert_parallel(model, checkpoint_path: str, config, dtype: torch.dtype) -> ExpertBalancer:

@@ -26,7 +26,11 @@ from shared.engine.moe import EXPERT_TENSOR, Experts, SparseMoeBlock, checkpoint
 
 STOP, RUN_EXPERTS, MOVE_EXPERTS = 0, 1, 2
 PROBE_BYTES = 4 << 20  # one broadcast of this size at start: the link's speed, for the cost of moving experts
-TIMEOUT = timedelta(seconds=120)  # joining, or a collective, that long means a rank is gone
+# Rank 0 gives up on a collective after TIMEOUT: a follower that slow is hung (one that died fails it at
+# once). Followers wait for rank 0's next command as long as it lives: an idle engine sends none.
+TIMEOUT = timedelta(seconds=120)
+FOLLOWER_WAIT = timedelta(days=365)
+READY = b"ready\n"  # a follower's stdout line once its experts are loaded
 
 
 class ExpertGroupError(RuntimeError):
@@ -125,12 +129,16 @@ class ExpertGroup:
         """Stop the followers and leave the group."""
         with contextlib.suppress(RuntimeError):  # a follower is gone already
             dist.broadcast(torch.tensor([STOP, 0, 0]), 0)
+        self.stop_followers()
+        dist.destroy_process_group()
+
+    def stop_followers(self, wait_s: float = 30) -> None:
         for follower in self.followers:
             try:
-                follower.wait(timeout=30)
+                follower.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 follower.kill()
-        dist.destroy_process_group()
+                follower.wait()
 
     @classmethod
     def launch(
@@ -147,7 +155,11 @@ class ExpertGroup:
             if num_threads:
                 args += ["--num-threads", num_threads]
             cmd = [sys.executable, "-m", "shared.engine.expert_parallel", *map(str, args)]
-            group.followers.append(subprocess.Popen(cmd))
+            group.followers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+        for rank, follower in enumerate(group.followers, 1):  # loading takes as long as it takes
+            if follower.stdout.readline() != READY:
+                group.stop_followers(wait_s=0)
+                raise ExpertGroupError(f"expert-parallel rank {rank} failed to start (exit code {follower.wait()})")
         dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=0, world_size=world_size, timeout=TIMEOUT)
         group.probe()
         return group
@@ -246,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     group = ExpertGroup(args.rank, args.world_size, config.hidden_size, config.num_experts_per_tok, dtype)
     experts, placements = follower_experts(ckpt, group, args.num_redundant_experts)
     del ckpt
+    sys.stdout.buffer.write(READY)
+    sys.stdout.flush()
     dist.init_process_group(
-        "gloo", init_method=f"tcp://{args.address}", rank=args.rank, world_size=args.world_size, timeout=TIMEOUT
+        "gloo", init_method=f"tcp://{args.address}", rank=args.rank, world_size=args.world_size, timeout=FOLLOWER_WAIT
     )
     group.probe()
     with torch.inference_mode():

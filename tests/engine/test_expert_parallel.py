@@ -13,7 +13,7 @@ import torch
 
 from shared.engine.eplb import balanced_placement, default_placement, imbalance
 from shared.engine.expert_balancer import ExpertBalancer
-from shared.engine.expert_parallel import ExpertGroupError
+from shared.engine.expert_parallel import ExpertGroup, ExpertGroupError, plan_moves
 from shared.engine.loader import load_checkpoint
 from shared.engine.moe import SparseMoeBlock
 from tests.engine.helpers import greedy, make_engine, run_all
@@ -91,6 +91,12 @@ def test_a_lost_rank_breaks_the_group_with_a_clear_error(moe_ckpt):
             engine.step()
     finally:
         engine.close()
+
+
+def test_a_rank_that_cannot_start_is_a_clear_error(moe_ckpt, tmp_path):
+    with pytest.raises(ExpertGroupError, match="rank 1 failed to start"):
+        ExpertGroup.launch(str(tmp_path / "missing"), 2, 0, moe_ckpt.config, torch.float32, 1)
+    assert not torch.distributed.is_initialized()  # nothing half-joined: the next engine may start a group
 
 
 # ---- through `xllm up` ----------------------------------------------------------------------------
@@ -183,7 +189,7 @@ def test_a_drifted_layer_is_rebalanced_when_the_move_pays():
     block = small_block(2, 2)
     balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=1e9)
     layer = balancer.layers[0]
-    new = balancer.decide(layer, SKEWED)
+    new = balancer.decide(layer, SKEWED, SKEWED)
     assert new is not None
     before, after = (imbalance(p.rank_loads(SKEWED, 2)) for p in (block.placement, new))
     assert after < before and after <= 1.15
@@ -192,7 +198,28 @@ def test_a_drifted_layer_is_rebalanced_when_the_move_pays():
 def test_no_rebalance_when_moving_costs_more_than_it_saves():
     block = small_block(2, 2)
     balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=1.0)  # a byte a second
-    assert balancer.decide(balancer.layers[0], SKEWED) is None
+    assert balancer.decide(balancer.layers[0], SKEWED, SKEWED) is None
+
+
+def test_a_skew_is_rebalanced_once_it_has_cost_more_than_the_move():
+    """Ski rental: each interval of the skew adds the time a balanced placement would have saved."""
+    block = small_block(2, 2)
+    expert_bytes = 3 * 4 * 8 * 4  # gate, up, down of 4 x 8, fp32
+    balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=expert_bytes / 0.5)  # 0.5 s each
+    layer, decisions = balancer.layers[0], []
+    for _ in range(40):
+        decisions.append(balancer.decide(layer, SKEWED, SKEWED) is not None)
+    new = balanced_placement(SKEWED, 2, 2)
+    cost_s = len(plan_moves(block.placement, new, 2)) * 0.5  # 4 experts move: 2 s
+    shed_s = 1e-3 * float(block.placement.rank_loads(SKEWED, 2).max() - new.rank_loads(SKEWED, 2).max())  # 0.08 s
+    regret, expected = 0.0, None
+    for i in range(40):
+        regret += shed_s
+        if regret > cost_s:
+            expected = i
+            break
+    assert expected is not None and expected > 20  # about 2 / 0.08 intervals, not the first
+    assert decisions.index(True) == expected and not any(decisions[:expected])
 
 
 def test_no_rebalance_while_the_load_has_not_drifted():
@@ -200,9 +227,9 @@ def test_no_rebalance_while_the_load_has_not_drifted():
     balancer = balancer_for(block, seconds_per_pair=1e-3, bytes_per_second=1e9)
     layer = balancer.layers[0]
     layer.placed_for = SKEWED * 2  # the same shape: cosine similarity 1
-    assert balancer.decide(layer, SKEWED) is None
+    assert balancer.decide(layer, SKEWED, SKEWED) is None
     layer.placed_for = SKEWED.flip(0)  # the hot experts changed
-    assert balancer.decide(layer, SKEWED) is not None
+    assert balancer.decide(layer, SKEWED, SKEWED) is not None
 
 
 def test_rebalancing_while_serving_leaves_greedy_output_unchanged(moe_ckpt, tiny_hf_model):
