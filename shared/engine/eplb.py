@@ -7,6 +7,7 @@ load that still has a free slot. A token routed to an expert with several copies
 turn (by its position in the step), so the copies share the expert's load.
 """
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +27,44 @@ class Placement:
         replicas = torch.tensor([c + [c[0]] * (widest - len(c)) for c in copies], dtype=torch.long, device="cpu")
         return replicas, torch.tensor([len(c) for c in copies], dtype=torch.long, device="cpu")
 
+    def slot_loads(self, expert_load: torch.Tensor, num_ranks: int) -> torch.Tensor:
+        """Tokens per slot, [ranks, slots per rank], if `expert_load` [E] is split evenly over the copies."""
+        per_copy = expert_load.double() / self.routing_table()[1]
+        return per_copy[torch.tensor(self.slots)].view(num_ranks, -1)
+
     def rank_loads(self, expert_load: torch.Tensor, num_ranks: int) -> torch.Tensor:
         """Tokens per rank if `expert_load` [E] is split evenly over each expert's copies."""
-        counts = self.routing_table()[1]
-        per_copy = expert_load.double() / counts
-        slot_load = torch.zeros(len(self.slots), dtype=torch.double)
-        for slot, expert in enumerate(self.slots):
-            slot_load[slot] = per_copy[expert]
-        return slot_load.view(num_ranks, -1).sum(1)
+        return self.slot_loads(expert_load, num_ranks).sum(1)
+
+
+class ExpertCost:
+    """Seconds one rank spends on one layer's experts in a step: `per_expert` for each expert it runs (its
+    weights read, whatever the rows) + `per_token` for each routed token, fitted by least squares to the
+    steps rank 0 measured. Decode steps with few tokens per expert cost mostly the first term, large
+    prefill steps the second: balancing tokens pays only in proportion to the second."""
+
+    def __init__(self, samples: int = 512):
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=samples)  # (experts run, tokens, seconds)
+        self.per_expert = self.per_token = 0.0
+
+    def observe(self, experts: int, tokens: int, seconds: float) -> None:
+        self.samples.append((experts, tokens, seconds))
+
+    def fit(self) -> None:
+        if len(self.samples) < 8:
+            return
+        x = torch.tensor([s[:2] for s in self.samples], dtype=torch.double)
+        y = torch.tensor([s[2] for s in self.samples], dtype=torch.double)
+        solution = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.flatten()
+        if (solution >= 0).all():
+            self.per_expert, self.per_token = solution.tolist()
+        else:  # a degenerate fit (no spread in the samples): all of it per token
+            self.per_expert, self.per_token = 0.0, float(y.sum() / x[:, 1].sum().clamp(min=1))
+
+    def rank_seconds(self, slot_loads: torch.Tensor) -> torch.Tensor:
+        """Predicted seconds per rank for one step's tokens per slot [ranks, slots]: a slot with under one
+        token per step runs in that share of steps."""
+        return self.per_expert * slot_loads.clamp(max=1).sum(1) + self.per_token * slot_loads.sum(1)
 
 
 def imbalance(rank_loads: torch.Tensor) -> float:

@@ -5,10 +5,11 @@ is rebalanced when two things hold:
   - its load has drifted since its placement was chosen: the cosine similarity of the window's load to
     the load that placement was made for is under DRIFT (xLLM's rule; a layer never placed by load counts
     as drifted), and
-  - the move has paid for itself already: since the drift, the time the busiest rank spent on routed
-    tokens a balanced placement would have taken off it (measured seconds per routed token) adds up to
-    more than moving the experts takes (measured link speed). How long a skew will last is unknown; this
-    is the ski-rental rule, which never spends more than twice what knowing it would have.
+  - the move has paid for itself already: since the drift, the time the slowest rank spent on experts
+    beyond what it would have under a balanced placement (eplb.ExpertCost: per expert run + per routed
+    token, fitted to rank 0's measured expert time) adds up to more than moving the experts takes
+    (measured link speed). How long a skew will last is unknown; this is the ski-rental rule, which
+    never spends more than twice what knowing it would have.
 Moves go one layer per step, between steps: every rank fills a second buffer with its new share, then all
 switch (ExpertGroup.move_experts), so serving never stops for more than one layer's move.
 """
@@ -56,6 +57,7 @@ class ExpertBalancer:
             self._move(*self.queued.popleft())
         if self.steps % self.interval_steps:
             return
+        self.group.cost.fit()
         for layer in self.layers:
             interval_load = layer.block.take_load()
             layer.window.append(interval_load)
@@ -75,10 +77,11 @@ class ExpertBalancer:
         if not drifted:
             layer.regret_s = 0.0
             return None
-        ranks, current = self.group.world_size, layer.block.placement
+        ranks, current, cost = self.group.world_size, layer.block.placement, self.group.cost
         new = balanced_placement(load, ranks, self.num_redundant)
-        shed = float(current.rank_loads(interval_load, ranks).max() - new.rank_loads(interval_load, ranks).max())
-        layer.regret_s += max(shed, 0.0) * self.group.seconds_per_pair
+        per_step = interval_load.double() / self.interval_steps
+        now, then = (cost.rank_seconds(p.slot_loads(per_step, ranks)).max() for p in (current, new))
+        layer.regret_s += max(float(now - then), 0.0) * self.interval_steps
         experts = layer.block.experts
         expert_bytes = (
             experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()

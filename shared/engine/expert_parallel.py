@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shared.engine.eplb import Placement, default_placement
+from shared.engine.eplb import ExpertCost, Placement, default_placement
 from shared.engine.loader import load_checkpoint
 from shared.engine.moe import EXPERT_TENSOR, Experts, SparseMoeBlock, checkpoint_name
 
@@ -42,8 +42,9 @@ class ExpertGroup:
         self.rank, self.world_size = rank, world_size
         self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.followers: list[subprocess.Popen] = []
+        self.broken = False  # a collective failed: the ranks may be out of step
         self.bytes_per_second = 0.0  # measured at start (`probe`), then by each move
-        self.seconds_per_pair = 0.0  # rank 0's expert compute per routed (token, expert) pair, a moving average
+        self.cost = ExpertCost()  # fitted to rank 0's own expert time per layer and step
 
     # ---- placement --------------------------------------------------------------------------------
     def local_slots(self, placement: Placement) -> list[int]:
@@ -68,14 +69,11 @@ class ExpertGroup:
             local = self._local(slots, len(experts.slot_experts))
             started = time.perf_counter()
             out = experts(x, local, weights)
-            if pairs := int((local >= 0).sum()):
-                seconds = (time.perf_counter() - started) / pairs
-                self.seconds_per_pair = (
-                    0.9 * self.seconds_per_pair + 0.1 * seconds if self.seconds_per_pair else seconds
-                )
+            routed = local[local >= 0]
+            self.cost.observe(int(routed.unique().numel()), int(routed.numel()), time.perf_counter() - started)
             dist.reduce(out, 0)
-        except RuntimeError as e:  # gloo reports a closed peer or a timeout this way
-            raise ExpertGroupError(f"expert-parallel group broken: {e}") from e
+        except Exception as e:  # gloo's closed peer or timeout; anything else leaves the ranks out of step too
+            raise self._broken(e) from e
         return out
 
     def move_experts(self, layer: int, experts: Experts, old: Placement, new: Placement) -> int:
@@ -85,8 +83,8 @@ class ExpertGroup:
             dist.broadcast(torch.tensor(new.slots), 0)
             started = time.perf_counter()
             moved = self._move(experts, old, new)
-        except RuntimeError as e:
-            raise ExpertGroupError(f"expert-parallel group broken: {e}") from e
+        except Exception as e:
+            raise self._broken(e) from e
         if moved:
             self.bytes_per_second = moved / (time.perf_counter() - started)
         return moved
@@ -125,11 +123,16 @@ class ExpertGroup:
         dist.broadcast(torch.zeros(PROBE_BYTES // 4), 0)
         self.bytes_per_second = PROBE_BYTES / (time.perf_counter() - started)
 
+    def _broken(self, error: Exception) -> ExpertGroupError:
+        self.broken = True
+        return ExpertGroupError(f"expert-parallel group broken: {error}")
+
     def close(self) -> None:
-        """Stop the followers and leave the group."""
-        with contextlib.suppress(RuntimeError):  # a follower is gone already
-            dist.broadcast(torch.tensor([STOP, 0, 0]), 0)
-        self.stop_followers()
+        """Stop the followers (kill them when the group is out of step) and leave the group."""
+        if not self.broken:
+            with contextlib.suppress(RuntimeError):  # a follower is gone already
+                dist.broadcast(torch.tensor([STOP, 0, 0]), 0)
+        self.stop_followers(wait_s=0 if self.broken else 30)
         dist.destroy_process_group()
 
     def stop_followers(self, wait_s: float = 30) -> None:

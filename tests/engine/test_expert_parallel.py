@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import torch
 
-from shared.engine.eplb import balanced_placement, default_placement, imbalance
+from shared.engine.eplb import ExpertCost, balanced_placement, default_placement, imbalance
 from shared.engine.expert_balancer import ExpertBalancer
 from shared.engine.expert_parallel import ExpertGroup, ExpertGroupError, plan_moves
 from shared.engine.loader import load_checkpoint
@@ -91,6 +91,22 @@ def test_a_lost_rank_breaks_the_group_with_a_clear_error(moe_ckpt):
             engine.step()
     finally:
         engine.close()
+
+
+def test_a_failure_between_collectives_breaks_the_group_and_close_ends_it(moe_ckpt, monkeypatch):
+    """Rank 0 failing after the broadcast leaves the follower waiting in the reduce: the group is out of
+    step, so closing it kills the followers instead of sending them a command."""
+    engine = make_engine(moe_ckpt, expert_parallel=2)
+    follower = engine.expert_balancer.group.followers[0]
+    try:
+        block = next(m for m in engine.model.modules() if isinstance(m, SparseMoeBlock))
+        monkeypatch.setattr(block.experts, "forward", lambda *a: 1 / 0)
+        engine.add_request("a", moe_ckpt.tokenizer.encode(PROMPTS[0]), greedy(4))
+        with pytest.raises(ExpertGroupError, match="division by zero"):
+            engine.step()
+    finally:
+        engine.close()
+    assert follower.poll() is not None
 
 
 def test_a_rank_that_cannot_start_is_a_clear_error(moe_ckpt, tmp_path):
@@ -177,8 +193,10 @@ def small_block(world: int, redundant: int) -> SparseMoeBlock:
     return block
 
 
-def balancer_for(block, seconds_per_pair: float, bytes_per_second: float):
-    group = SimpleNamespace(world_size=2, seconds_per_pair=seconds_per_pair, bytes_per_second=bytes_per_second)
+def balancer_for(block, seconds_per_pair: float, bytes_per_second: float, seconds_per_expert: float = 0.0):
+    cost = ExpertCost()
+    cost.per_expert, cost.per_token = seconds_per_expert, seconds_per_pair
+    group = SimpleNamespace(world_size=2, cost=cost, bytes_per_second=bytes_per_second)
     return ExpertBalancer(group, [block], num_redundant=2, enabled=True, interval_steps=1)
 
 
@@ -220,6 +238,24 @@ def test_a_skew_is_rebalanced_once_it_has_cost_more_than_the_move():
             break
     assert expected is not None and expected > 20  # about 2 / 0.08 intervals, not the first
     assert decisions.index(True) == expected and not any(decisions[:expected])
+
+
+def test_no_rebalance_when_expert_time_is_all_weight_reads():
+    """Decode-like steps: every expert runs on every rank whatever the tokens, so evening out the tokens
+    saves nothing, and the balancer does not move."""
+    block = small_block(2, 2)
+    balancer = balancer_for(block, seconds_per_pair=0.0, bytes_per_second=1e9, seconds_per_expert=1e-3)
+    assert all(balancer.decide(balancer.layers[0], SKEWED, SKEWED) is None for _ in range(50))
+
+
+def test_expert_cost_fit_recovers_per_expert_and_per_token_seconds():
+    cost = ExpertCost()
+    for experts, tokens in [(1, 4), (2, 64), (8, 16), (4, 300), (6, 2), (3, 128), (8, 512), (5, 40)] * 4:
+        cost.observe(experts, tokens, 2e-3 * experts + 1e-5 * tokens)
+    cost.fit()
+    assert cost.per_expert == pytest.approx(2e-3) and cost.per_token == pytest.approx(1e-5)
+    seconds = cost.rank_seconds(torch.tensor([[0.5, 3.0], [0.0, 10.0]], dtype=torch.double))
+    assert seconds.tolist() == pytest.approx([2e-3 * 1.5 + 1e-5 * 3.5, 2e-3 * 1 + 1e-5 * 10])
 
 
 def test_no_rebalance_while_the_load_has_not_drifted():
