@@ -4,7 +4,8 @@ No real MoE model ships offline, so this builds a synthetic Qwen3-MoE (random we
 tokenizer) and skews its router: every MoE layer's router gets a bias that sends most tokens to a few
 "hot" experts, and the hot set moves each phase. Two engines, one after the other, serve the same
 workload (a fixed number of requests in the engine, topped up as they finish): EPLB off (the default
-placement, redundant slots holding experts 0, 1, ...) and on. Per phase: throughput in tokens through
+placement, redundant slots holding experts 0, 1, ...) and on; then, for reference, one engine with no
+expert parallelism at all. Per phase: throughput in tokens through
 the model (prompt + generated) per second, and the imbalance (max / mean routed tokens per rank, mean
 over layers) at its end; then the rebalances and the time each layer's move stalled the engine.
 
@@ -68,11 +69,11 @@ def skew(engine: LLMEngine, phase: int) -> list[int]:
     return hot
 
 
-def run(model: Path, eplb: bool, args) -> list[dict]:
+def run(model: Path, eplb: bool, args, ranks: int = 2) -> list[dict]:
     config = EngineConfig(
         model=str(model),
-        expert_parallel=2,
-        num_redundant_experts=args.redundant,
+        expert_parallel=ranks,
+        num_redundant_experts=args.redundant if ranks > 1 else 0,
         enable_eplb=eplb,
         eplb_interval_steps=args.interval,
         num_threads=1,
@@ -97,12 +98,19 @@ def run(model: Path, eplb: bool, args) -> list[dict]:
                     tokens += sum(len(d.token_ids) for d in out.outputs)
             seconds = time.perf_counter() - started
             stats = engine.stats()
-            imbalance = sum(stats["eplb_imbalance"].values()) / len(stats["eplb_imbalance"])
+            layers = stats.get("eplb_imbalance", {0: 1.0})
             phases.append(
-                dict(hot=hot, tok_s=tokens / seconds, imbalance=imbalance, rebalances=stats["eplb_rebalances"])
+                dict(
+                    hot=hot,
+                    tok_s=tokens / seconds,
+                    imbalance=sum(layers.values()) / len(layers),
+                    rebalances=stats.get("eplb_rebalances", 0),
+                )
             )
-        moves = engine.expert_balancer.rebalances
-        phases.append(dict(move_seconds=engine.expert_balancer.move_seconds, moves=moves))
+        balancer = engine.expert_balancer
+        phases.append(
+            dict(move_seconds=balancer.move_seconds if balancer else 0.0, moves=stats.get("eplb_rebalances", 0))
+        )
     finally:
         engine.close()
     return phases
@@ -123,26 +131,28 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp), args.hidden, args.layers, args.intermediate)
-        off, on = run(model, False, args), run(model, True, args)
+        off, on, single = run(model, False, args), run(model, True, args), run(model, False, args, ranks=1)
     print(
         f"synthetic Qwen3-MoE: {EXPERTS} experts (top-2), {args.layers} layers, hidden {args.hidden}, "
         f"experts of {args.intermediate}; {args.redundant} redundant slots; {args.seqs} requests of "
         f"{args.prompt_len} + {args.output_len} tokens at a time"
     )
-    print("| phase | hot experts | off tok/s | on tok/s | on/off | imbalance off | imbalance on | rebalances (on) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for i, (a, b) in enumerate(zip(off[:-1], on[:-1], strict=True)):
+    print(
+        "| phase | hot experts | EP 2, EPLB off tok/s | EPLB on tok/s | on/off | imbalance off | imbalance on "
+        "| rebalances (on, so far) | no EP tok/s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for i, (a, b, c) in enumerate(zip(off[:-1], on[:-1], single[:-1], strict=True)):
         print(
             f"| {i} | {a['hot']} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {b['tok_s'] / a['tok_s']:.2f}x "
-            f"| {a['imbalance']:.2f} | {b['imbalance']:.2f} | {b['rebalances']} |"
+            f"| {a['imbalance']:.2f} | {b['imbalance']:.2f} | {b['rebalances']} | {c['tok_s']:.1f} |"
         )
-    total_off = sum(p["tok_s"] for p in off[:-1]) / args.phases
-    total_on = sum(p["tok_s"] for p in on[:-1]) / args.phases
+    total_off, total_on, total_single = (sum(p["tok_s"] for p in r[:-1]) / args.phases for r in (off, on, single))
     moves = on[-1]["moves"]
     stall = on[-1]["move_seconds"] / moves * 1000 if moves else 0.0
     print(
         f"mean of phases: off {total_off:.1f} tok/s, on {total_on:.1f} tok/s ({total_on / total_off:.2f}x); "
-        f"{moves} layer moves, {stall:.1f} ms each on average"
+        f"{moves} layer moves, {stall:.1f} ms each on average; no expert parallelism {total_single:.1f} tok/s"
     )
 
 

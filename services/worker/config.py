@@ -38,6 +38,9 @@ class WorkerConfig:
     )
     expert_parallel: int = opt(1, "processes to split a MoE model's experts over (this one is rank 0)", min=1)
     num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
+    expert_parallel_address: str | None = opt(
+        None, "HOST:PORT this worker meets expert-parallel ranks started on other hosts at (default: starts them here)"
+    )
     enable_eplb: bool = opt(False, "rebalance experts over the group while serving, when the load drifts and it pays")
     eplb_interval_steps: int = opt(32, "engine steps between expert-load samples and rebalancing decisions", min=1)
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
@@ -66,6 +69,7 @@ class WorkerConfig:
             draft_length=self.draft_length,
             expert_parallel=self.expert_parallel,
             num_redundant_experts=self.num_redundant_experts,
+            expert_parallel_address=self.expert_parallel_address,
             enable_eplb=self.enable_eplb,
             eplb_interval_steps=self.eplb_interval_steps,
         )

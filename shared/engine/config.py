@@ -61,5 +61,6 @@ class EngineConfig:
     draft_length: str = "adaptive"  # one of DRAFT_LENGTHS
     expert_parallel: int = 1  # processes a MoE model's experts are split over (shared/engine/expert_parallel.py)
     num_redundant_experts: int = 0  # extra expert slots per MoE layer, for copies of hot experts
+    expert_parallel_address: str | None = None  # HOST:PORT to meet ranks started on other hosts; None: start here
     enable_eplb: bool = False  # rebalance experts over the group while serving (shared/engine/expert_balancer.py)
     eplb_interval_steps: int = 32  # steps between load samples (and rebalancing decisions)

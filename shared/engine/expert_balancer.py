@@ -82,11 +82,8 @@ class ExpertBalancer:
         per_step = interval_load.double() / self.interval_steps
         now, then = (cost.rank_seconds(p.slot_loads(per_step, ranks)).max() for p in (current, new))
         layer.regret_s += max(float(now - then), 0.0) * self.interval_steps
-        experts = layer.block.experts
-        expert_bytes = (
-            experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
-        ) * experts.down_proj.element_size()
-        cost_s = len(plan_moves(current, new, ranks)) * expert_bytes / max(self.group.bytes_per_second, 1.0)
+        moved_bytes = len(plan_moves(current, new, ranks)) * layer.block.experts.expert_bytes
+        cost_s = moved_bytes / max(self.group.bytes_per_second, 1.0)
         return new if layer.regret_s > cost_s else None
 
     def _move(self, layer: LayerBalance, placement: Placement, load: torch.Tensor) -> None:

@@ -115,7 +115,7 @@ class ExpertGroup:
         for request in requests:
             request.wait()
         experts.hold(share, gate_up, down)
-        return len(transfers) * (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+        return len(transfers) * experts.expert_bytes
 
     def probe(self) -> None:
         """Every rank at start: time one broadcast, the first estimate of `bytes_per_second`."""
@@ -144,28 +144,34 @@ class ExpertGroup:
                 follower.wait()
 
     @classmethod
-    def launch(
-        cls, model: str, world_size: int, num_redundant: int, config, dtype: torch.dtype, num_threads: int | None
-    ) -> "ExpertGroup":
-        """Start ranks 1..N-1 on this host and join them as rank 0."""
+    def launch(cls, model: str, model_config, config, dtype: torch.dtype) -> "ExpertGroup":
+        """Join the group as rank 0 (`config`: EngineConfig). Ranks 1..N-1 are started here, on this host,
+        unless `config.expert_parallel_address` is set: then they are started on their own hosts
+        (`python -m shared.engine.expert_parallel MODEL --rank R --world-size N --address HOST:PORT`)."""
         if dist.is_initialized():
             raise RuntimeError("this process is in a torch.distributed group already: one expert group each")
-        address = f"127.0.0.1:{_free_port()}"
-        group = cls(0, world_size, config.hidden_size, config.num_experts_per_tok, dtype)
-        for rank in range(1, world_size):
-            args = [model, "--rank", rank, "--world-size", world_size, "--address", address]
-            args += ["--num-redundant-experts", num_redundant, "--dtype", str(dtype).removeprefix("torch.")]
-            if num_threads:
-                args += ["--num-threads", num_threads]
-            cmd = [sys.executable, "-m", "shared.engine.expert_parallel", *map(str, args)]
-            group.followers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
-        for rank, follower in enumerate(group.followers, 1):  # loading takes as long as it takes
-            if follower.stdout.readline() != READY:
-                group.stop_followers(wait_s=0)
-                raise ExpertGroupError(f"expert-parallel rank {rank} failed to start (exit code {follower.wait()})")
+        world_size = config.expert_parallel
+        group = cls(0, world_size, model_config.hidden_size, model_config.num_experts_per_tok, dtype)
+        address = config.expert_parallel_address or f"127.0.0.1:{free_port()}"
+        if not config.expert_parallel_address:
+            group.start_followers(model, address, config.num_redundant_experts, config.num_threads)
         dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=0, world_size=world_size, timeout=TIMEOUT)
         group.probe()
         return group
+
+    def start_followers(self, model: str, address: str, num_redundant: int, num_threads: int | None) -> None:
+        """Ranks 1..N-1 as child processes; returns once each has loaded its experts."""
+        for rank in range(1, self.world_size):
+            args = [model, "--rank", rank, "--world-size", self.world_size, "--address", address]
+            args += ["--num-redundant-experts", num_redundant, "--dtype", str(self.dtype).removeprefix("torch.")]
+            if num_threads:
+                args += ["--num-threads", num_threads]
+            cmd = [sys.executable, "-m", "shared.engine.expert_parallel", *map(str, args)]
+            self.followers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+        for rank, follower in enumerate(self.followers, 1):  # loading takes as long as it takes
+            if follower.stdout.readline() != READY:
+                self.stop_followers(wait_s=0)
+                raise ExpertGroupError(f"expert-parallel rank {rank} failed to start (exit code {follower.wait()})")
 
     # ---- ranks 1..N-1 -----------------------------------------------------------------------------
     def serve(self, experts: dict[int, Experts], placements: dict[int, Placement]) -> None:
@@ -199,9 +205,7 @@ def distribute_experts(model, checkpoint_path: str, config, dtype: torch.dtype) 
         raise ValueError(f"--expert-parallel {config.expert_parallel}: the model has no experts to split")
     num_experts = model.config.num_experts
     placement = default_placement(num_experts, config.expert_parallel, config.num_redundant_experts)  # checks
-    group = ExpertGroup.launch(
-        checkpoint_path, config.expert_parallel, config.num_redundant_experts, model.config, dtype, config.num_threads
-    )
+    group = ExpertGroup.launch(checkpoint_path, model.config, config, dtype)
     for block in blocks:
         block.distribute(group, placement)
     return group
@@ -237,7 +241,7 @@ def follower_experts(ckpt, group: ExpertGroup, num_redundant: int) -> tuple[dict
     return experts, placements
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

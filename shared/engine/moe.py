@@ -61,6 +61,11 @@ class Experts(nn.Module):
                 raise KeyError(f"expert tensor {proj!r} has no place in the model")
         return f"{proj}#{index}"
 
+    @property
+    def expert_bytes(self) -> int:
+        """The weights of one expert: what moving it between ranks sends."""
+        return (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.down_proj.element_size()
+
     def expected_keys(self) -> set[str]:
         return {f"{proj}#{e}" for proj in ("gate_proj", "up_proj", "down_proj") for e in set(self.slot_experts)}
 

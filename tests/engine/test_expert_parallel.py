@@ -4,6 +4,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ import aiohttp
 import pytest
 import torch
 
+from shared.engine.config import EngineConfig
 from shared.engine.eplb import ExpertCost, balanced_placement, default_placement, imbalance
 from shared.engine.expert_balancer import ExpertBalancer
 from shared.engine.expert_parallel import ExpertGroup, ExpertGroupError, plan_moves
@@ -20,6 +23,7 @@ from tests.engine.helpers import greedy, make_engine, run_all
 from tests.engine.test_reference import PROMPTS, hf_greedy
 from tests.waiting import until
 from xllm.bench.local_system import start_system, stop_system
+from xllm.natsd import free_port
 
 
 # ---- placement ------------------------------------------------------------------------------------
@@ -111,8 +115,24 @@ def test_a_failure_between_collectives_breaks_the_group_and_close_ends_it(moe_ck
 
 def test_a_rank_that_cannot_start_is_a_clear_error(moe_ckpt, tmp_path):
     with pytest.raises(ExpertGroupError, match="rank 1 failed to start"):
-        ExpertGroup.launch(str(tmp_path / "missing"), 2, 0, moe_ckpt.config, torch.float32, 1)
+        ExpertGroup.launch(str(tmp_path / "missing"), moe_ckpt.config, EngineConfig(expert_parallel=2), torch.float32)
     assert not torch.distributed.is_initialized()  # nothing half-joined: the next engine may start a group
+
+
+def test_ranks_started_apart_from_the_engine_join_it_at_its_address(moe_ckpt, tiny_hf_model):
+    """Other hosts' ranks are started by hand (here: on this host, apart from the engine), and meet rank 0
+    at --expert-parallel-address."""
+    address = f"127.0.0.1:{free_port()}"
+    args = [moe_ckpt.path, "--rank", "1", "--world-size", "2", "--address", address, "--num-threads", "1"]
+    follower = subprocess.Popen([sys.executable, "-m", "shared.engine.expert_parallel", *args])
+    engine = make_engine(moe_ckpt, expert_parallel=2, expert_parallel_address=address)
+    try:
+        ids = moe_ckpt.tokenizer.encode(PROMPTS[1])
+        assert run_all(engine, {"a": (ids, greedy(12))})["a"][0][0] == hf_greedy(tiny_hf_model("qwen3_moe"), ids, 12)
+        assert engine.expert_balancer.group.followers == []  # none of its own
+    finally:
+        engine.close()
+    assert follower.wait(timeout=30) == 0  # stopped by rank 0
 
 
 # ---- through `xllm up` ----------------------------------------------------------------------------
