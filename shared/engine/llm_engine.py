@@ -47,6 +47,8 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = default_dtype(config.dtype, self.device)
+        if config.expert_parallel > 1 and self.device.type != "cpu":
+            raise ValueError("--expert-parallel runs on the CPU (gloo) for now: on CUDA it needs NCCL, not built yet")
         ckpt = checkpoint or load_checkpoint(config.model)
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer

@@ -17,6 +17,7 @@ from shared.engine.config import EngineConfig
 from shared.engine.eplb import ExpertCost, balanced_placement, default_placement, imbalance
 from shared.engine.expert_balancer import ExpertBalancer
 from shared.engine.expert_parallel import ExpertGroup, ExpertGroupError, plan_moves
+from shared.engine.llm_engine import LLMEngine
 from shared.engine.loader import load_checkpoint
 from shared.engine.moe import SparseMoeBlock
 from tests.engine.helpers import greedy, make_engine, run_all
@@ -111,6 +112,11 @@ def test_a_failure_between_collectives_breaks_the_group_and_close_ends_it(moe_ck
     finally:
         engine.close()
     assert follower.poll() is not None
+
+
+def test_expert_parallel_on_cuda_is_refused_clearly(moe_ckpt):
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        LLMEngine(EngineConfig(model=moe_ckpt.path, device="cuda", expert_parallel=2), moe_ckpt)
 
 
 def test_a_rank_that_cannot_start_is_a_clear_error(moe_ckpt, tmp_path):
