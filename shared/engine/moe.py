@@ -122,16 +122,17 @@ class SparseMoeBlock(nn.Module):
         self.group = None
         self.placement = default_placement(config.num_experts, 1)
         self.replicas, self.copies = self.placement.routing_table()
-        # Tokens routed to each logical expert since the last `take_load()`: what expert balancing reads. On
-        # the CPU whatever the model's device (the model is built on the meta device first, hence `device`).
-        self.load = torch.zeros(config.num_experts, dtype=torch.int64, device="cpu")
+        # Tokens routed to each logical expert since the last `take_load()`: what expert balancing reads. Kept
+        # on the model's device, so counting costs no device sync per step.
+        self.load: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights /= weights.sum(dim=-1, keepdim=True)
-        self.load += torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cpu()
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)
+        self.load = counts if self.load is None else self.load.add_(counts)
         slots = self.route(expert_ids)
         if self.group is None:
             out = self.experts(x, slots, weights)
@@ -143,9 +144,10 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Logical experts [T, k] -> physical slots: token t takes copy t mod (copies) of each expert."""
-        copies = self.copies.to(expert_ids.device)[expert_ids]
+        if self.replicas.device != expert_ids.device:  # once per placement: the tables are made on the CPU
+            self.replicas, self.copies = self.replicas.to(expert_ids.device), self.copies.to(expert_ids.device)
         position = torch.arange(expert_ids.shape[0], device=expert_ids.device).unsqueeze(1)
-        return self.replicas.to(expert_ids.device)[expert_ids, position % copies]
+        return self.replicas[expert_ids, position % self.copies[expert_ids]]
 
     def distribute(self, group, placement: Placement) -> None:
         """Keep this rank's share of `placement`; run the experts across `group` from now on."""
@@ -159,6 +161,6 @@ class SparseMoeBlock(nn.Module):
         self.replicas, self.copies = placement.routing_table()
 
     def take_load(self) -> torch.Tensor:
-        """The per-expert token counts since the last call, and a fresh count."""
-        load, self.load = self.load, torch.zeros_like(self.load)
-        return load
+        """The per-expert token counts since the last call (on the CPU), and a fresh count."""
+        load, self.load = self.load, None
+        return torch.zeros(self.num_experts, dtype=torch.int64) if load is None else load.cpu()
