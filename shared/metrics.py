@@ -91,6 +91,9 @@ class ExpertBalanceCollector:
         yield CounterMetricFamily(
             "xllm_eplb_move_seconds", "time spent moving expert weights between ranks", stats["eplb_move_seconds"]
         )
+        yield CounterMetricFamily(
+            "xllm_eplb_unpaid_moves", "layer moves after which the layer was not faster", stats["eplb_unpaid_moves"]
+        )
 
 
 def exposition(registry: CollectorRegistry) -> web.Response:

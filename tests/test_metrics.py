@@ -30,12 +30,18 @@ def test_speculation_counters_per_method() -> None:
 
 
 def test_expert_balance_per_layer() -> None:
-    stats = {"eplb_imbalance": {1: 1.5, 3: 1.02}, "eplb_rebalances": 2, "eplb_move_seconds": 0.25}
+    stats = {
+        "eplb_imbalance": {1: 1.5, 3: 1.02},
+        "eplb_rebalances": 2,
+        "eplb_move_seconds": 0.25,
+        "eplb_unpaid_moves": 1,
+    }
     registry = CollectorRegistry()
     registry.register(ExpertBalanceCollector(lambda: stats))
     text = generate_latest(registry).decode()
     assert 'xllm_eplb_imbalance{layer="1"} 1.5' in text and 'xllm_eplb_imbalance{layer="3"} 1.02' in text
     assert "xllm_eplb_rebalances_total 2.0" in text and "xllm_eplb_move_seconds_total 0.25" in text
+    assert "xllm_eplb_unpaid_moves_total 1.0" in text
 
 
 async def test_serve_metrics_over_http() -> None:

@@ -12,6 +12,13 @@ is rebalanced when two things hold:
     never spends more than twice what knowing it would have.
 Moves go one layer per step, between steps: every rank fills a second buffer with its new share, then all
 switch (ExpertGroup.move_experts), so serving never stops for more than one layer's move.
+
+Each move is then checked by its outcome: the layer's measured seconds per routed token across the group
+(its slowest rank and the collectives) over the two intervals after the move against the two before. A
+move that did not make the layer faster doubles what the layer's next move must have paid for; one that
+did halves it again. The cost model sees ranks as independent, and on one host they are not (they share
+memory bandwidth): measured on a decode-heavy load, moves that evened out tokens saved nothing
+(docs/performance.md §6).
 """
 
 import time
@@ -29,6 +36,8 @@ log = structlog.get_logger()
 
 DRIFT = 0.95  # cosine similarity under which a layer's load has drifted from what its placement was made for
 WINDOW = 8  # intervals in the sliding window
+CHECK = 2  # intervals compared before and after a move
+PAID = 0.98  # a move paid when the layer's seconds per token after it are under this share of before
 
 
 @dataclass
@@ -38,6 +47,9 @@ class LayerBalance:
     placed_for: torch.Tensor | None = None  # the window load the current placement was made for
     regret_s: float = 0.0  # since the load drifted: time a balanced placement would have saved
     imbalance: float = 1.0  # max / mean tokens per rank over the window, under the current placement
+    speed: deque = field(default_factory=lambda: deque(maxlen=CHECK))  # seconds per routed token, last intervals
+    cost_factor: float = 1.0  # what a move must have paid for, in units of its measured cost
+    check: tuple[float, int] | None = None  # after a move: (seconds per token before it, intervals to wait)
 
 
 class ExpertBalancer:
@@ -48,7 +60,7 @@ class ExpertBalancer:
         self.interval_steps = interval_steps
         self.layers = [LayerBalance(block) for block in blocks]
         self.queued: deque[tuple[LayerBalance, Placement, torch.Tensor]] = deque()
-        self.steps = self.rebalances = 0
+        self.steps = self.rebalances = self.unpaid = 0
         self.move_seconds = 0.0
 
     def after_step(self) -> None:
@@ -59,6 +71,7 @@ class ExpertBalancer:
             return
         self.group.cost.fit()
         for layer in self.layers:
+            self._check_outcome(layer, self.group.take_wall(layer.block.layer_index))
             interval_load = layer.block.take_load()
             layer.window.append(interval_load)
             load = torch.stack(list(layer.window)).sum(0)
@@ -84,7 +97,21 @@ class ExpertBalancer:
         layer.regret_s += max(float(now - then), 0.0) * self.interval_steps
         moved_bytes = len(plan_moves(current, new, ranks)) * layer.block.experts.expert_bytes
         cost_s = moved_bytes / max(self.group.bytes_per_second, 1.0)
-        return new if layer.regret_s > cost_s else None
+        return new if layer.regret_s > cost_s * layer.cost_factor else None
+
+    def _check_outcome(self, layer: LayerBalance, seconds_per_token: float | None) -> None:
+        if seconds_per_token is None:
+            return
+        layer.speed.append(seconds_per_token)
+        if layer.check is None:
+            return
+        before, wait = layer.check
+        layer.check = (before, wait - 1) if wait > 1 else None
+        if layer.check is None:
+            paid = sum(layer.speed) / len(layer.speed) < PAID * before
+            layer.cost_factor = max(1.0, layer.cost_factor / 2) if paid else layer.cost_factor * 2
+            self.unpaid += not paid
+            log.info("experts_move_checked", layer=layer.block.layer_index, paid=paid, cost_factor=layer.cost_factor)
 
     def _move(self, layer: LayerBalance, placement: Placement, load: torch.Tensor) -> None:
         started = time.perf_counter()
@@ -92,6 +119,8 @@ class ExpertBalancer:
         layer.block.use(placement)
         seconds = time.perf_counter() - started
         layer.placed_for, layer.regret_s = load, 0.0
+        if layer.speed:  # the interval the move falls in is mixed: wait it out, then CHECK full ones
+            layer.check = (sum(layer.speed) / len(layer.speed), CHECK + 1)
         self.rebalances += 1
         self.move_seconds += seconds
         log.info("experts_rebalanced", layer=layer.block.layer_index, moved_bytes=moved, seconds=round(seconds, 4))
@@ -100,6 +129,7 @@ class ExpertBalancer:
         return {
             "eplb_rebalances": self.rebalances,
             "eplb_move_seconds": self.move_seconds,
+            "eplb_unpaid_moves": self.unpaid,
             "eplb_imbalance": {layer.block.layer_index: layer.imbalance for layer in self.layers},
         }
 

@@ -45,6 +45,7 @@ class ExpertGroup:
         self.broken = False  # a collective failed: the ranks may be out of step
         self.bytes_per_second = 0.0  # measured at start (`probe`), then by each move
         self.cost = ExpertCost()  # fitted to rank 0's own expert time per layer and step
+        self.wall: dict[int, tuple[float, int]] = {}  # per layer: seconds in run_experts, routed pairs; see take_wall
 
     # ---- placement --------------------------------------------------------------------------------
     def local_slots(self, placement: Placement) -> list[int]:
@@ -64,6 +65,7 @@ class ExpertGroup:
         collectives (each costs ~0.5 ms over gloo here, more than the data): the header, the tokens with
         their slots and weights packed in one float32 tensor, the sum."""
         try:
+            called = time.perf_counter()
             dist.broadcast(torch.tensor([RUN_EXPERTS, layer, x.shape[0]]), 0)
             dist.broadcast(torch.cat([x.float(), slots.float(), weights], dim=1), 0)
             local = self._local(slots, len(experts.slot_experts))
@@ -72,9 +74,17 @@ class ExpertGroup:
             routed = local[local >= 0]
             self.cost.observe(int(routed.unique().numel()), int(routed.numel()), time.perf_counter() - started)
             dist.reduce(out, 0)
+            seconds, pairs = self.wall.get(layer, (0.0, 0))
+            self.wall[layer] = (seconds + time.perf_counter() - called, pairs + slots.numel())
         except Exception as e:  # gloo's closed peer or timeout; anything else leaves the ranks out of step too
             raise self._broken(e) from e
         return out
+
+    def take_wall(self, layer: int) -> float | None:
+        """Seconds per routed token the layer's experts took across the group (the slowest rank, and the
+        collectives) since the last call; None when it ran no tokens."""
+        seconds, pairs = self.wall.pop(layer, (0.0, 0))
+        return seconds / pairs if pairs else None
 
     def move_experts(self, layer: int, experts: Experts, old: Placement, new: Placement) -> int:
         """Move one layer from `old` to `new` on every rank; returns the bytes that travelled."""

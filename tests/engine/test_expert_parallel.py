@@ -274,6 +274,30 @@ def test_no_rebalance_when_expert_time_is_all_weight_reads():
     assert all(balancer.decide(balancer.layers[0], SKEWED, SKEWED) is None for _ in range(50))
 
 
+def test_a_move_that_did_not_make_the_layer_faster_doubles_what_the_next_must_pay():
+    block = small_block(2, 2)
+    seconds_per_token = iter([1.0, 1.0, 0.99, 1.0, 1.0, 1.0, 0.5, 0.5])  # one per interval
+    group = SimpleNamespace(
+        world_size=2,
+        cost=ExpertCost(),
+        bytes_per_second=1e9,
+        take_wall=lambda layer: next(seconds_per_token),
+        move_experts=lambda *args: 0,
+    )
+    balancer = ExpertBalancer(group, [block], num_redundant=2, enabled=True, interval_steps=1)
+    layer = balancer.layers[0]
+    for _ in range(2):
+        balancer.after_step()
+    balancer._move(layer, balanced_placement(SKEWED, 2, 2), SKEWED)
+    for _ in range(3):  # the interval the move fell in, then two no faster than before
+        balancer.after_step()
+    assert layer.cost_factor == 2 and balancer.unpaid == 1
+    balancer._move(layer, default_placement(8, 2, 2), SKEWED)
+    for _ in range(3):  # now twice as fast
+        balancer.after_step()
+    assert layer.cost_factor == 1 and balancer.unpaid == 1 and balancer.rebalances == 2
+
+
 def test_expert_cost_fit_recovers_per_expert_and_per_token_seconds():
     cost = ExpertCost()
     for experts, tokens in [(1, 4), (2, 64), (8, 16), (4, 300), (6, 2), (3, 128), (8, 512), (5, 40)] * 4:
