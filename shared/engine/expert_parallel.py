@@ -107,23 +107,23 @@ class ExpertGroup:
         down = experts.down_proj.new_empty(len(share), *experts.down_proj.shape[1:])
         for slot, expert in enumerate(share):
             if expert in held:
-                gate_up[slot], down[slot] = (
-                    experts.gate_up_proj[held.index(expert)],
-                    experts.down_proj[held.index(expert)],
-                )
+                j = held.index(expert)
+                gate_up[slot], down[slot] = experts.gate_up_proj[j], experts.down_proj[j]
         requests, transfers = [], plan_moves(old, new, self.world_size)
         for i, (src, dst, expert) in enumerate(transfers):
             if src == self.rank:
                 j = held.index(expert)
-                requests += [
-                    dist.isend(t[j], dst, tag=2 * i + k)
-                    for k, t in enumerate((experts.gate_up_proj, experts.down_proj))
-                ]
+                requests.append(dist.isend(experts.gate_up_proj[j], dst, tag=2 * i))
+                requests.append(dist.isend(experts.down_proj[j], dst, tag=2 * i + 1))
             elif dst == self.rank:
                 slot = share.index(expert)
-                requests += [dist.irecv(t[slot], src, tag=2 * i + k) for k, t in enumerate((gate_up, down))]
+                requests.append(dist.irecv(gate_up[slot], src, tag=2 * i))
+                requests.append(dist.irecv(down[slot], src, tag=2 * i + 1))
         for request in requests:
             request.wait()
+        for slot, expert in enumerate(share):  # a second copy on this rank: from the first
+            if (first := share.index(expert)) != slot:
+                gate_up[slot], down[slot] = gate_up[first], down[first]
         experts.hold(share, gate_up, down)
         return len(transfers) * experts.expert_bytes
 

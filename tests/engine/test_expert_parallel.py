@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from shared.engine.config import EngineConfig
-from shared.engine.eplb import ExpertCost, balanced_placement, default_placement, imbalance
+from shared.engine.eplb import ExpertCost, Placement, balanced_placement, default_placement, imbalance
 from shared.engine.expert_balancer import ExpertBalancer
 from shared.engine.expert_parallel import ExpertGroup, ExpertGroupError, plan_moves
 from shared.engine.llm_engine import LLMEngine
@@ -112,6 +112,28 @@ def test_a_failure_between_collectives_breaks_the_group_and_close_ends_it(moe_ck
     finally:
         engine.close()
     assert follower.poll() is not None
+
+
+def test_a_move_that_puts_two_copies_on_one_rank_fills_both(moe_ckpt, tiny_hf_model):
+    """Packing may put both copies of an expert on one rank (when no other rank has room): the rank
+    receives it once and fills the second slot from the first."""
+    engine = make_engine(moe_ckpt, expert_parallel=2, num_redundant_experts=2)
+    try:
+        new = Placement([5, 5, 0, 1, 2, 3, 4, 6, 7, 0], 8)  # rank 0 held 0-4: expert 5 twice, received
+        for block in (m for m in engine.model.modules() if isinstance(m, SparseMoeBlock)):
+            engine.expert_balancer.group.move_experts(block.layer_index, block.experts, block.placement, new)
+            block.use(new)
+            prefix = f"model.layers.{block.layer_index}.mlp.experts.5"
+            gate_up = torch.cat(
+                [moe_ckpt.weights[f"{prefix}.gate_proj.weight"], moe_ckpt.weights[f"{prefix}.up_proj.weight"]]
+            )
+            for slot in (0, 1):
+                assert torch.equal(block.experts.gate_up_proj[slot], gate_up)
+                assert torch.equal(block.experts.down_proj[slot], moe_ckpt.weights[f"{prefix}.down_proj.weight"])
+        ids = moe_ckpt.tokenizer.encode(PROMPTS[2])
+        assert run_all(engine, {"a": (ids, greedy(16))})["a"][0][0] == hf_greedy(tiny_hf_model("qwen3_moe"), ids, 16)
+    finally:
+        engine.close()
 
 
 def test_expert_parallel_on_cuda_is_refused_clearly(moe_ckpt):
