@@ -73,21 +73,25 @@ def imbalance(rank_loads: torch.Tensor) -> float:
     return float(rank_loads.max()) / mean if mean > 0 else 1.0
 
 
-def default_placement(num_experts: int, num_ranks: int, num_redundant: int = 0) -> Placement:
-    """Experts in order, the redundant slots holding experts 0, 1, ... again."""
+def slots_per_rank(num_experts: int, num_ranks: int, num_redundant: int) -> int:
     total = num_experts + num_redundant
     if total % num_ranks:
         raise ValueError(
             f"{num_experts} experts + {num_redundant} redundant do not split evenly over {num_ranks} ranks"
         )
+    return total // num_ranks
+
+
+def default_placement(num_experts: int, num_ranks: int, num_redundant: int = 0) -> Placement:
+    """Experts in order, the redundant slots holding experts 0, 1, ... again."""
+    total = slots_per_rank(num_experts, num_ranks, num_redundant) * num_ranks
     return Placement([e % num_experts for e in range(total)], num_experts)
 
 
 def balanced_placement(expert_load: torch.Tensor, num_ranks: int, num_redundant: int) -> Placement:
     """A placement for `expert_load` [E] (tokens per logical expert over a window)."""
     num_experts = len(expert_load)
-    total = num_experts + num_redundant
-    default_placement(num_experts, num_ranks, num_redundant)  # checks the split
+    per_rank = slots_per_rank(num_experts, num_ranks, num_redundant)
     load = expert_load.double().tolist()
     copies = [1] * num_experts
     for _ in range(num_redundant):  # at most one copy per rank: a second on the same rank gains nothing
@@ -97,7 +101,6 @@ def balanced_placement(expert_load: torch.Tensor, num_ranks: int, num_redundant:
     pieces = sorted(
         ((load[e] / copies[e], e) for e in range(num_experts) for _ in range(copies[e])), key=lambda p: -p[0]
     )
-    per_rank = total // num_ranks
     rank_load, rank_experts = [0.0] * num_ranks, [[] for _ in range(num_ranks)]
     for weight, expert in pieces:
         open_ranks = [r for r in range(num_ranks) if len(rank_experts[r]) < per_rank]

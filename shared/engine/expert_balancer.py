@@ -143,6 +143,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def start_expert_parallel(model, checkpoint_path: str, config, dtype: torch.dtype) -> ExpertBalancer:
     """The group for this engine (`config`: EngineConfig), rank 0's share of the experts, and its balancer."""
-    group = distribute_experts(model, checkpoint_path, config, dtype)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    group = distribute_experts(blocks, model.config, checkpoint_path, config, dtype)
     return ExpertBalancer(group, blocks, config.num_redundant_experts, config.enable_eplb, config.eplb_interval_steps)

@@ -208,14 +208,14 @@ class ExpertGroup:
             dist.reduce(mine(x, self._local(slots, len(mine.slot_experts)), weights), 0)
 
 
-def distribute_experts(model, checkpoint_path: str, config, dtype: torch.dtype) -> ExpertGroup:
+def distribute_experts(
+    blocks: list[SparseMoeBlock], model_config, checkpoint_path: str, config, dtype: torch.dtype
+) -> ExpertGroup:
     """Start the group for this engine (`config`: EngineConfig) and keep rank 0's share of the experts."""
-    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     if not blocks:
         raise ValueError(f"--expert-parallel {config.expert_parallel}: the model has no experts to split")
-    num_experts = model.config.num_experts
-    placement = default_placement(num_experts, config.expert_parallel, config.num_redundant_experts)  # checks
-    group = ExpertGroup.launch(checkpoint_path, model.config, config, dtype)
+    placement = default_placement(model_config.num_experts, config.expert_parallel, config.num_redundant_experts)
+    group = ExpertGroup.launch(checkpoint_path, model_config, config, dtype)
     for block in blocks:
         block.distribute(group, placement)
     return group
@@ -239,10 +239,11 @@ def follower_experts(ckpt, group: ExpertGroup, num_redundant: int) -> tuple[dict
     """This rank's share of every MoE layer's experts, from the checkpoint (the rest is dropped), and the
     layers' placements."""
     config = ckpt.config
+    placement = default_placement(config.num_experts, group.world_size, num_redundant)
+    share = group.local_slots(placement)
     experts, placements = {}, {}
     for layer in (i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)):
-        placements[layer] = default_placement(config.num_experts, group.world_size, num_redundant)
-        share = group.local_slots(placements[layer])
+        placements[layer] = placement  # replaced, never changed, by a move
         experts[layer] = Experts(share, config.hidden_size, config.moe_intermediate_size).to(group.dtype)
     for name, tensor in ckpt.weights.items():
         match = EXPERT_TENSOR.fullmatch(checkpoint_name(name))

@@ -77,6 +77,7 @@ def read_tensor(tensor: ReaderTensor) -> torch.Tensor:
 
 def load_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     weights = {}
+    llama = config.architecture in ("llama", "mixtral")
     for tensor in reader.tensors:
         if experts := expert_names(tensor):
             for name, w in zip(experts, read_tensor(tensor).unbind(0), strict=True):
@@ -90,7 +91,6 @@ def load_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype) ->
             w = w.reshape(1, -1)
         # llama.cpp's converter reorders llama Q/K rows for its interleaved rotary; undo it to get HF's
         # rotate-half layout back. Qwen files are written without the reordering.
-        llama = config.architecture in ("llama", "mixtral")
         if llama and ".self_attn.q_proj." in name:
             w = unpermute_qk(w, config.num_attention_heads)
         elif llama and ".self_attn.k_proj." in name:
