@@ -1,6 +1,8 @@
 """Chained hashes of full KV blocks: one definition for the engine's prefix cache and the kvcache index.
 
-A block's hash covers its parent's hash and its own token ids, so equal hashes mean equal prefixes.
+A block's hash covers its parent's hash and its own token ids, so equal hashes mean equal prefixes. An
+image's placeholder tokens are keyed by the image's content hash instead (`cache_keys`), so the same image
+after the same text hits the cache, and another image at the same place does not.
 """
 
 import hashlib
@@ -25,3 +27,16 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)
     return hashes
+
+
+def image_key(content_hash: str) -> int:
+    """What an image's placeholder positions are keyed by: negative, so never a token id."""
+    return -1 - int(content_hash[:15], 16)
+
+
+def cache_keys(token_ids: Sequence[int], images: Sequence[tuple[int, int, str]]) -> list[int]:
+    """Token ids as the prefix cache keys them; `images` are (offset, length, content hash) spans."""
+    keys = list(token_ids)
+    for offset, length, content_hash in images:
+        keys[offset : offset + length] = [image_key(content_hash)] * length
+    return keys

@@ -57,6 +57,19 @@ class GenerateRequest(Message):
     # Set by the router for prefill->decode disaggregation: the decode instance that continues.
     decode_instance: str | None = None
     attempt: int = 0
+    images: list[dict[str, Any]] = field(default_factory=list)  # ImageRef as dicts, in prompt order
+
+
+@dataclass
+class ImageRef:
+    """An image of a prompt: the span of placeholder tokens it fills, its content hash, and its pixels as the
+    gateway prepared them (resized and cropped to the model's input size, so bounded: 336x336 RGB is 330 KiB)."""
+
+    offset: int
+    length: int
+    hash: str
+    pixels: bytes  # uint8, row-major [height, width, 3]
+    shape: list[int]
 
 
 @dataclass

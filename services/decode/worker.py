@@ -15,6 +15,7 @@ from shared import subjects
 from shared.bus import respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.kv_handoff import Continuation
+from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, aborted, internal, invalid, unavailable
 from shared.logging import bind_request
@@ -48,16 +49,19 @@ class DecodeWorker(Worker):
             handoff = KvHandoff.decode(msg.data)
             req = GenerateRequest(**handoff.request)
             params = SamplingParams.from_dict(req.params)
-            self.engine.validate(req.prompt_token_ids, params)
+            images = [ImageInput.from_wire(part) for part in req.images]  # a recompute after preemption needs them
+            self.engine.validate(req.prompt_token_ids, params, images)
         except (SchemaError, TypeError, InvalidRequestError) as e:
             return await respond(msg, Ack("", self.instance_id, False, invalid(str(e)).to_wire()))
         with bind_request(req.request_id):
-            self.spawn(self._import(msg, handoff, req, params), req.request_id)
+            self.spawn(self._import(msg, handoff, req, params, images), req.request_id)
 
-    async def _import(self, msg: Msg, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> None:
+    async def _import(
+        self, msg: Msg, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]
+    ) -> None:
         rid = req.request_id
         try:
-            blocks = await self._reserve(handoff, req, params)
+            blocks = await self._reserve(handoff, req, params, images)
         except _Refused as refused:
             return await respond(msg, Ack(rid, self.instance_id, False, refused.error.to_wire()))
         if rid in self.aborted:  # aborted while the blocks were being reserved
@@ -118,7 +122,9 @@ class DecodeWorker(Worker):
         del kv
         await self.engine.call(lambda e: e.runner.write_kv(blocks, held.pop()))
 
-    async def _reserve(self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams) -> list[int]:
+    async def _reserve(
+        self, handoff: KvHandoff, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]
+    ) -> list[int]:
         """Blocks for the prompt's KV, waiting for room (a while) rather than wasting the prefill."""
 
         async def try_once() -> list[int]:
@@ -126,7 +132,9 @@ class DecodeWorker(Worker):
                 raise _Refused(aborted())
             try:
                 blocks = await self.engine.call(
-                    lambda e: e.handoff.reserve_import(req.request_id, req.prompt_token_ids, params, req.priority)
+                    lambda e: e.handoff.reserve_import(
+                        req.request_id, req.prompt_token_ids, params, req.priority, images
+                    )
                 )
             except InvalidRequestError as e:
                 raise _Refused(invalid(e.message, e.param)) from None

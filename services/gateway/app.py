@@ -6,9 +6,10 @@ run it against a real NATS with a scripted router, or with fakes.
 
 import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -49,7 +50,17 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/admin/instances", instances)
+    if model.vision is not None and config.allow_image_urls:
+        app.cleanup_ctx.append(_image_fetcher)
     return app
+
+
+async def _image_fetcher(app: web.Application) -> AsyncIterator[None]:
+    """The HTTP client that downloads image URLs, for the app's lifetime."""
+    gw = app[GATEWAY]
+    async with aiohttp.ClientSession() as gw.http:
+        yield
+    gw.http = None
 
 
 def _generate(kind: str) -> Handler:

@@ -6,6 +6,7 @@ from typing import Any
 import structlog
 
 from services.gateway import protocol
+from services.gateway.multimodal import PreparedImage, place_images
 from services.gateway.protocol import ModelInfo, ParsedRequest
 from shared.errors import invalid
 
@@ -27,15 +28,18 @@ UNSUPPORTED = (
 )
 
 
-def parse_chat(body: dict[str, Any], model: ModelInfo, tokenizer: Any, max_n: int = 16) -> ParsedRequest:
-    """A /v1/chat/completions body -> ParsedRequest (raises ApiError)."""
+def parse_chat(
+    body: dict[str, Any], model: ModelInfo, tokenizer: Any, max_n: int = 16, images: list[PreparedImage] = ()
+) -> ParsedRequest:
+    """A /v1/chat/completions body -> ParsedRequest (raises ApiError). `images`: the body's images, loaded
+    (multimodal.load_images)."""
     protocol.check_model(body, model)
     stream, include_usage = protocol.stream_flags(body)
     protocol.refuse(body, UNSUPPORTED)
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise invalid("tool_choice is not supported by this server", "tool_choice", "unsupported_parameter")
     protocol.check_openai_fields(body)
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), model.vision is not None)
     want_logprobs = protocol.flag(body, "logprobs", False)
     top = body.get("top_logprobs")
     if top is not None and not want_logprobs:
@@ -50,11 +54,12 @@ def parse_chat(body: dict[str, Any], model: ModelInfo, tokenizer: Any, max_n: in
     except Exception as e:  # a Jinja template may reject a conversation (e.g. roles must alternate)
         log.info("chat_template_rejected", error=repr(e))
         raise invalid(f"the model's chat template rejected the messages: {e}", "messages") from None
+    ids, image_refs = place_images(list(ids), list(images), model.vision)
     protocol.fit_context(ids, params, model, "messages", max_name)
-    return ParsedRequest("chat", list(ids), params, stream, include_usage)
+    return ParsedRequest("chat", ids, params, stream, include_usage, images=image_refs)
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any, multimodal: bool) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise invalid("messages must be a non-empty array of {role, content} objects", "messages")
     if not value:
@@ -67,26 +72,33 @@ def _messages(value: Any) -> list[dict[str, str]]:
         role = m.get("role")
         if role not in ROLES:
             raise invalid(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
-        content = _content(m.get("content"), role, f"{where}.content")
+        content = _content(m.get("content"), role, f"{where}.content", multimodal)
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
 
-def _content(content: Any, role: str, where: str) -> str:
-    if isinstance(content, str):
-        return content
+def _content(content: Any, role: str, where: str, multimodal: bool) -> str | list[dict[str, str]]:
+    """A text model's templates take a string; a multimodal model's take a list of parts, an image as
+    {"type": "image"} where the template writes the image token (transformers' convention)."""
     if content is None and role == "assistant":
-        return ""
+        content = ""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if multimodal else content
     if not isinstance(content, list):
-        raise invalid(f"{where} must be a string or an array of text parts", where)
-    texts = []
+        raise invalid(f"{where} must be a string or an array of content parts", where)
+    parts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            msg = f"{where}[{j}]: content part {kind!r} is not supported; only 'text'"
-            raise invalid(msg, f"{where}[{j}]")
-        text = part.get(part["type"])
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "image_url" and multimodal:  # loaded already: see multimodal.load_images
+            parts.append({"type": "image"})
+            continue
+        if kind not in ("text", "refusal"):
+            supported = "'text' and 'image_url'" if multimodal else "'text'"
+            raise invalid(f"{where}[{j}]: content part {kind!r} is not supported; only {supported}", f"{where}[{j}]")
+        text = part.get(kind)
         if not isinstance(text, str):
             raise invalid(f"{where}[{j}].text must be a string", f"{where}[{j}].text")
-        texts.append(text)
-    return "\n".join(texts)  # vLLM's "string" content format
+        parts.append({"type": "text", "text": text})
+    if multimodal:
+        return parts
+    return "\n".join(p["text"] for p in parts)  # vLLM's "string" content format

@@ -33,6 +33,7 @@ from services.gateway.chat import parse_chat
 from services.gateway.completion import parse_completion
 from services.gateway.config import GatewayConfig
 from services.gateway.generation import Generation
+from services.gateway.multimodal import PreparedImage, load_images
 from services.gateway.protocol import ModelInfo, ParsedRequest
 from shared import bus, subjects
 from shared.errors import ApiError, internal, invalid
@@ -206,10 +207,18 @@ class JobRunner:
             return None, internal(f"internal error: {type(e).__name__}").to_wire()
 
     async def _generate(self, line: JobRequest) -> dict:
-        parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line)
+        images = []
+        if line.url == "/v1/chat/completions" and isinstance(line.body, dict):  # data: URLs only: no fetching here
+            images = await load_images(line.body, self.model.name, self.model.vision, self.config.image_limits(), None)
+        parsed = await asyncio.get_running_loop().run_in_executor(None, self._parse, line, images)
         rid = f"{'chatcmpl' if parsed.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         req = GenerateRequest(
-            rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="", priority=OFFLINE_PRIORITY
+            rid,
+            parsed.prompt_token_ids,
+            parsed.params.to_dict(),
+            reply_subject="",
+            priority=OFFLINE_PRIORITY,
+            images=parsed.images,
         )
         n, prompt_len = parsed.params.n, len(parsed.prompt_token_ids)
         col = R.Collector(n, prompt_len)
@@ -232,7 +241,7 @@ class JobRunner:
                         break
         return R.response_body(parsed.kind, rid, int(time.time()), self.model.name, col, self.tokenizer, parsed.echo)
 
-    def _parse(self, line: JobRequest) -> ParsedRequest:
+    def _parse(self, line: JobRequest, images: list[PreparedImage]) -> ParsedRequest:
         """The REST API's parsing of the body a client would POST (decoded from msgpack: the parsers check
         the type of every field they read, so NaN, integer keys or bytes are refused as over HTTP)."""
         parse = PARSERS.get(line.url) if isinstance(line.url, str) else None
@@ -246,7 +255,10 @@ class JobRunner:
             )
         if not isinstance(line.body, dict):
             raise invalid(f"body must be a JSON object, got {type(line.body).__name__}", "body", "invalid_json")
-        parsed = parse(line.body, self.model, self.tokenizer, self.config.max_n)
+        if parse is parse_chat:
+            parsed = parse_chat(line.body, self.model, self.tokenizer, self.config.max_n, images)
+        else:
+            parsed = parse(line.body, self.model, self.tokenizer, self.config.max_n)
         if parsed.stream:
             raise invalid("stream is not supported in batch jobs: results are whole responses", "stream")
         return parsed

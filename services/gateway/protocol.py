@@ -15,6 +15,7 @@ safely as JSON: a NaN, an integer key or bytes is refused with a 400 naming the 
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from services.gateway.multimodal import VisionInfo
 from shared.engine.errors import InvalidRequestError
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, invalid
@@ -49,6 +50,7 @@ class ModelInfo:
     max_model_len: int  # context length, prompt + completion
     vocab_size: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # model's sampling defaults
+    vision: VisionInfo | None = None  # how the model takes images; None: text only
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     echo: str | None = None  # completions with echo=true: the prompt text, put before each choice
+    images: list[dict[str, Any]] = field(default_factory=list)  # ImageRef dicts
 
 
 def check_model(body: dict, model: ModelInfo) -> None:

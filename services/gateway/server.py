@@ -11,22 +11,29 @@ from services.gateway.app import create_app
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.jobs import JobRunner
+from services.gateway.multimodal import VisionInfo
 from services.gateway.protocol import ModelInfo
 from shared.engine.config import ModelConfig
+from shared.images import ImageProcessorConfig
 from shared.instance_view import InstanceView
-from shared.model_files import load_generation_defaults, load_tokenizer
+from shared.model_files import load_generation_defaults, load_tokenizer, resolve_model
 
 log = structlog.get_logger("xllm.gateway")
 
 
 def model_info(config: GatewayConfig, model_config: ModelConfig, generation_defaults: dict | None = None) -> ModelInfo:
     """What the gateway serves: the model as `--model` named it (as vLLM does) and its context,
-    unless the config overrides them."""
+    unless the config overrides them; how it takes images, if it does."""
+    vision = None
+    if model_config.image_tokens:
+        processor = ImageProcessorConfig.from_dir(resolve_model(config.model))
+        vision = VisionInfo(model_config.image_token_id, model_config.image_tokens, processor)
     return ModelInfo(
         name=config.served_model_name or config.model,
         max_model_len=config.max_model_len or model_config.max_position_embeddings,
         vocab_size=model_config.vocab_size,
         generation_defaults=dict(generation_defaults or {}),
+        vision=vision,
     )
 
 
@@ -45,7 +52,7 @@ class GatewayService:
         config, loop = self.config, asyncio.get_running_loop()
         tokenizer, model_config = await loop.run_in_executor(None, load_tokenizer, config.model)
         defaults = await loop.run_in_executor(None, load_generation_defaults, config.model)
-        info = model_info(config, model_config, defaults)
+        info = await loop.run_in_executor(None, model_info, config, model_config, defaults)
         self.view = await InstanceView.open(nc)
         self.backend = Backend(
             nc,

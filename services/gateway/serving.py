@@ -16,6 +16,7 @@ from services.gateway.body import parse_json, read_body
 from services.gateway.chat import parse_chat
 from services.gateway.completion import parse_completion
 from services.gateway.generation import Generation
+from services.gateway.multimodal import load_images
 from services.gateway.protocol import ParsedRequest
 from services.gateway.state import Gateway
 from shared.errors import ApiError
@@ -33,7 +34,9 @@ async def generate(request: web.Request, gw: Gateway, kind: str) -> web.StreamRe
     parsed = await _parse(raw, gw, kind)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     with structlog.contextvars.bound_contextvars(request_id=rid):
-        req = GenerateRequest(rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="")
+        req = GenerateRequest(
+            rid, parsed.prompt_token_ids, parsed.params.to_dict(), reply_subject="", images=parsed.images
+        )
         gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
         log.info(
             "request_accepted",
@@ -59,14 +62,18 @@ async def generate(request: web.Request, gw: Gateway, kind: str) -> web.StreamRe
 
 
 async def _parse(raw: bytes, gw: Gateway, kind: str) -> ParsedRequest:
-    parse = parse_chat if kind == "chat" else parse_completion
+    loop = asyncio.get_running_loop()
+    body = parse_json(raw) if len(raw) <= PARSE_INLINE_BYTES else await loop.run_in_executor(None, parse_json, raw)
+    if kind == "completion":
+        return parse_completion(body, gw.model, gw.tokenizer, gw.config.max_n)
+    images = await load_images(body, gw.model.name, gw.model.vision, gw.config.image_limits(), gw.http)
 
     def work() -> ParsedRequest:
-        return parse(parse_json(raw), gw.model, gw.tokenizer, gw.config.max_n)
+        return parse_chat(body, gw.model, gw.tokenizer, gw.config.max_n, images)
 
     if len(raw) <= PARSE_INLINE_BYTES:
         return work()
-    return await asyncio.get_running_loop().run_in_executor(None, work)
+    return await loop.run_in_executor(None, work)
 
 
 class _Run:

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from services.gateway.backend import Backend
@@ -23,6 +24,7 @@ class Gateway:
     backend: Backend
     view: Any | None  # the process's InstanceView, or anything with `instances() -> list[InstanceInfo]`
     metrics: GatewayMetrics
+    http: aiohttp.ClientSession | None = None  # fetches image URLs; None: they are refused
     inflight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -23,6 +23,7 @@ from services.worker.worker import Worker
 from shared import subjects
 from shared.bus import BusError, request
 from shared.engine.llm_engine import RequestOutput
+from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, unavailable
 from shared.messages import Ack, GenerateRequest, KvHandoff
@@ -47,9 +48,9 @@ class PrefillWorker(Worker):
     def data_plane(self) -> dict:
         return {"host": self.host, "port": self.data_server.port}
 
-    async def run_request(self, req: GenerateRequest, params: SamplingParams) -> None:
+    async def run_request(self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]) -> None:
         if not req.decode_instance:
-            return await super().run_request(req, params)
+            return await super().run_request(req, params, images)
         export = KvExport(req.request_id, self.engine.kv_layout, len(req.prompt_token_ids), self.segments)
         self.data_server.exports[req.request_id] = export
         try:
@@ -57,19 +58,21 @@ class PrefillWorker(Worker):
             if not ack.ok:
                 return await self._refused(req, ack)
             if req.request_id not in self.aborted:  # else aborted while the hand-off was being set up
-                await self._prefill(req, params, export)
+                await self._prefill(req, params, images, export)
         finally:
             export.finish({"error": "the request ended on the prefill worker"})  # unless it had its trailer
             self.data_server.exports.pop(req.request_id, None)
             export.close()
 
-    async def _prefill(self, req: GenerateRequest, params: SamplingParams, export: KvExport) -> None:
+    async def _prefill(
+        self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput], export: KvExport
+    ) -> None:
         """The prompt here, its first tokens straight to the gateway, the rest (the trailer) to the decode
         worker; then wait until it has taken the KV."""
         stream = self.engine.register_stream(req.request_id)
         await self.engine.call(
             lambda e: e.handoff.add_prefill_request(
-                req.request_id, req.prompt_token_ids, params, req.priority, kv_sink=export.stream_layer
+                req.request_id, req.prompt_token_ids, params, req.priority, images, export.stream_layer
             )
         )
         last = await self.stream_outputs(req, stream)

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.block_hash import cache_keys
 from shared.logging import get_logger
 from shared.messages import GenerateRequest, InstanceInfo, KvQuery, KvQueryReply
 
@@ -151,7 +152,9 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
             return {}  # not one full block: nothing can be cached
         self.queries += 1
         try:
-            reply = await self.query(KvQuery(request.request_id, request.prompt_token_ids, block_size))
+            spans = [(image["offset"], image["length"], image["hash"]) for image in request.images]
+            keys = cache_keys(request.prompt_token_ids, spans)  # an image's blocks keyed by its content
+            reply = await self.query(KvQuery(request.request_id, keys, block_size))
             if reply.error:
                 raise RuntimeError(reply.error)
         except Exception as e:

@@ -20,6 +20,7 @@ import structlog
 from shared.engine.expert_parallel import ExpertGroupError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
 from shared.engine.model_runner import KvLayout
+from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 
 log = structlog.get_logger()
@@ -65,9 +66,9 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.close)
 
     # ---- API for the event loop ---------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, images: list[ImageInput] = ()) -> None:
         """InvalidRequestError unless this engine can run the request (reads only fixed limits)."""
-        self.engine.validate(prompt_token_ids, params)
+        self.engine.validate(prompt_token_ids, params, images)
 
     @property
     def kv_layout(self) -> KvLayout:
@@ -80,7 +81,12 @@ class AsyncEngine:
         return self.engine.config.speculative
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        images: list[ImageInput] | None = None,
     ) -> asyncio.Queue:
         """Queue a request its caller validated; its outputs (or the error that refused it) arrive on the
         queue."""
@@ -91,7 +97,7 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, priority)
+                self.engine.add_request(request_id, prompt_token_ids, params, priority, images=images)
             except Exception as e:
                 self._loop.call_soon_threadsafe(self._fail, request_id, e)
 

@@ -29,6 +29,7 @@ from shared import bus, subjects
 from shared.bus import ensure_streams, respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
+from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, internal, invalid, overloaded
 from shared.logging import bind_request
@@ -195,27 +196,29 @@ class Worker:
             return await respond(msg, Ack("", self.instance_id, False, invalid(str(e)).to_wire()))
         with bind_request(req.request_id):
             try:
-                params = self.check(req)
+                params, images = self.check(req)
             except ApiError as e:
                 self.requests_total.labels("invalid" if e.status == 400 else "overloaded").inc()
                 return await respond(msg, Ack(req.request_id, self.instance_id, False, e.to_wire()))
             await respond(msg, Ack(req.request_id, self.instance_id))
-            self.spawn(self.run_request(req, params), req.request_id)
+            self.spawn(self.run_request(req, params, images), req.request_id)
 
-    def check(self, req: GenerateRequest) -> SamplingParams:
-        """The request's sampling parameters, once it is known this worker can run it (else ApiError)."""
+    def check(self, req: GenerateRequest) -> tuple[SamplingParams, list[ImageInput]]:
+        """The request's sampling parameters and images, once it is known this worker can run it (else
+        ApiError)."""
         try:
             params = SamplingParams.from_dict(req.params)
-            self.engine.validate(req.prompt_token_ids, params)
+            images = [ImageInput.from_wire(part) for part in req.images]
+            self.engine.validate(req.prompt_token_ids, params, images)
         except InvalidRequestError as e:
             raise invalid(e.message, e.param) from None
         if self.engine.num_requests >= self.config.max_num_seqs + self.config.max_queued:
             raise overloaded("worker queue is full")
-        return params
+        return params, images
 
-    async def run_request(self, req: GenerateRequest, params: SamplingParams) -> None:
+    async def run_request(self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]) -> None:
         """Colocated: prefill and decode here, streaming to the gateway."""
-        stream = self.engine.add_request(req.request_id, req.prompt_token_ids, params, req.priority)
+        stream = self.engine.add_request(req.request_id, req.prompt_token_ids, params, req.priority, images)
         await self.stream_outputs(req, stream)
 
     async def stream_outputs(

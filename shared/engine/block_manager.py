@@ -57,7 +57,7 @@ class BlockManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         parent = None
         for i in range(max_blocks):
-            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            tokens = seq.key_tokens(i * self.block_size, (i + 1) * self.block_size)
             h = hash_block(parent, tokens)
             self.prefix_queries += 1
             block_id = self.hash_to_block.get(h)
@@ -95,7 +95,7 @@ class BlockManager:
             if block.hash is not None:  # a prefix-cache hit, or shared with the sequence it forked from
                 parent = block.hash
                 continue
-            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            tokens = seq.key_tokens(i * bs, (i + 1) * bs)
             h = hash_block(parent, tokens)
             if h not in self.hash_to_block:  # else computed twice (two equal prompts in one step): keep first
                 if not stored:

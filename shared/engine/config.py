@@ -8,7 +8,7 @@ DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; o
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe"
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe" (a LLaVA's text model's)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,6 +35,10 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
     mlp_only_layers: list[int] = field(default_factory=list)
     decoder_sparse_step: int = 1
+    # Vision-language models (LLaVA): an image enters the prompt as `image_tokens` copies of `image_token_id`,
+    # whose embeddings the vision encoder's output replaces (0: a text-only model).
+    image_token_id: int | None = None
+    image_tokens: int = 0
 
     def is_moe_layer(self, index: int) -> bool:
         return (

@@ -15,6 +15,7 @@ import torch
 
 from shared.engine.errors import InvalidRequestError
 from shared.engine.model_runner import ModelRunner
+from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Request, Sequence, SequenceStatus
@@ -52,13 +53,14 @@ class Handoff:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        images: list[ImageInput] | None = None,
         kv_sink: KvSink | None = None,
     ) -> None:
         """Compute the prompt's KV and sample each sequence's first token, then hold the request (one
         whose every sequence finished on its first token is simply finished). `kv_sink(runner, layer,
         block_ids)` is called after each layer of the prompt's last step, so the KV can leave while
         later layers compute."""
-        self.engine.add_request(request_id, prompt_token_ids, params, priority)
+        self.engine.add_request(request_id, prompt_token_ids, params, priority, images=images)
         self.prefills[request_id] = self.engine.requests[request_id]
         if kv_sink is not None:
             self.sinks[request_id] = kv_sink
@@ -124,14 +126,19 @@ class Handoff:
 
     # ---- decode role --------------------------------------------------------------------------
     def reserve_import(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        images: list[ImageInput] | None = None,
     ) -> list[int] | None:
         """Blocks for the prompt's KV, to be written by the caller (ModelRunner.write_kv) before
         `commit_import`. None when there is no room."""
         engine = self.engine
         if request_id in engine.requests or request_id in self.importing:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        seq = engine.new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic())
+        seq = engine.new_seq(request_id, prompt_token_ids, params, 0, priority, time.monotonic(), images)
         if not engine.block_manager.allocate(seq, seq.num_tokens):
             engine.block_manager.free(seq)
             return None
@@ -162,7 +169,9 @@ class Handoff:
         for cont in continuations:
             seq = carrier
             if cont is not continuations[0]:
-                seq = engine.new_seq(request_id, prompt, carrier.params, cont.index, carrier.priority, carrier.arrival)
+                seq = engine.new_seq(
+                    request_id, prompt, carrier.params, cont.index, carrier.priority, carrier.arrival, carrier.images
+                )
                 if engine.fork_blocks(carrier, seq):  # else it recomputes its prompt
                     self.imported.add(seq)
             seq.num_forks = 0

@@ -18,6 +18,7 @@ from shared.engine.kv_handoff import Handoff
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner, split_rows
+from shared.engine.multimodal import ImageInput, build_image_encoder
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
@@ -67,7 +68,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.handoff.imported.__contains__
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype)
+        self.image_encoder = build_image_encoder(ckpt, self.device, self.dtype)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.image_encoder)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.speculator = None
@@ -91,11 +93,15 @@ class LLMEngine:
             self.expert_balancer = None
 
     # ---- requests -----------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, images: list[ImageInput] = ()) -> None:
         """Raise InvalidRequestError for a request this engine cannot run (`params` checked themselves when
         they were made); reads only limits fixed at start."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
+        if images and self.image_encoder is None:
+            raise InvalidRequestError(f"model {self.model_config.name!r} does not take images", "messages")
+        if self.image_encoder is not None:
+            self.image_encoder.check(prompt_token_ids, list(images))
         vocab = self.model_config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
@@ -124,13 +130,13 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival: float | None = None,
+        images: list[ImageInput] | None = None,
     ) -> None:
         """Queue a request its caller has validated (`validate`: the worker for the bus, `LLM` in-process)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        seq = self.new_seq(
-            request_id, prompt_token_ids, params, 0, priority, time.monotonic() if arrival is None else arrival
-        )
+        arrival = time.monotonic() if arrival is None else arrival
+        seq = self.new_seq(request_id, prompt_token_ids, params, 0, priority, arrival, images)
         self.requests[request_id] = Request(request_id, [seq], params.n)
         self.scheduler.add(seq)
 
@@ -160,10 +166,17 @@ class LLMEngine:
         return True
 
     def new_seq(
-        self, request_id: str, prompt: list[int], params: SamplingParams, index: int, priority: int, arrival: float
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        index: int,
+        priority: int,
+        arrival: float,
+        images: list[ImageInput] | None = None,
     ) -> Sequence:
         """A sequence with its sampler's generator and its stop checker, not queued yet."""
-        seq = Sequence(request_id, prompt, params, index, priority, arrival)
+        seq = Sequence(request_id, prompt, params, index, priority, arrival, images)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
         seq.stop_checker = StopChecker(seq, self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -265,7 +278,9 @@ class LLMEngine:
                 continue
             request = self.requests[seq.request_id]
             for index in range(1, seq.num_forks + 1):
-                child = self.new_seq(seq.request_id, seq.token_ids, seq.params, index, seq.priority, seq.arrival)
+                child = self.new_seq(
+                    seq.request_id, seq.token_ids, seq.params, index, seq.priority, seq.arrival, seq.images
+                )
                 child.num_cached_tokens = seq.num_cached_tokens
                 request.seqs.append(child)
                 if not self.handoff.prefill_only(seq):  # else it only samples here: the decode worker forks
@@ -301,4 +316,5 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             **(self.speculator.stats() if self.speculator else {}),
             **(self.expert_balancer.stats() if self.expert_balancer else {}),
+            **(self.image_encoder.stats() if self.image_encoder else {}),
         }

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from shared.engine.config import ModelConfig
 from shared.engine.gguf_loader import load_gguf
-from shared.model_files import hf_tokenizer_and_config, resolve_model, sampling_defaults
+from shared.model_files import hf_tokenizer_and_config, llava_text_config, resolve_model, sampling_defaults
 from shared.tokenizer import Tokenizer, read_json
 
 
@@ -24,6 +24,8 @@ class Checkpoint:
     tokenizer: Tokenizer
     generation_defaults: dict = field(default_factory=dict)
     path: str = ""
+    vision_config: dict | None = None  # a LLaVA's config.json: its vision tower and projector
+    vision_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # theirs, as the checkpoint names them
 
 
 def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Checkpoint:
@@ -34,11 +36,34 @@ def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Ch
     raw, generation = read_json(path / "config.json"), read_json(path / "generation_config.json")
     tokenizer, config = hf_tokenizer_and_config(path, raw, generation)
     weights = load_safetensors(path, dtype)
+    vision_config, vision_weights = None, {}
+    if raw.get("model_type") == "llava":
+        vision_config = raw
+        weights, vision_weights = split_llava(weights)
+        raw = llava_text_config(raw)
     if "tie_word_embeddings" not in raw:  # unstated: tied exactly when the file has no lm_head
         config.tie_word_embeddings = "lm_head.weight" not in weights
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some checkpoints save the tied copy too
-    return Checkpoint(config, weights, tokenizer, sampling_defaults(generation), str(path))
+    defaults = sampling_defaults(generation)
+    return Checkpoint(config, weights, tokenizer, defaults, str(path), vision_config, vision_weights)
+
+
+def split_llava(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A LLaVA checkpoint's tensors -> (the language model's under a causal LM's names, the rest). Saved files
+    spell `language_model.model.*` and `language_model.lm_head.*`; transformers 5 in memory `model.language_model.*`
+    and `lm_head.*`."""
+    text, vision = {}, {}
+    for name, tensor in weights.items():
+        bare = name.removeprefix("model.")
+        if bare.startswith("language_model."):
+            bare = bare.removeprefix("language_model.")
+            text[bare if bare.startswith(("model.", "lm_head.")) else f"model.{bare}"] = tensor
+        elif name.startswith("lm_head."):
+            text[name] = tensor
+        else:
+            vision[name] = tensor
+    return text, vision
 
 
 def load_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:

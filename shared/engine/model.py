@@ -97,8 +97,12 @@ class Model(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         after_layer: Callable[[int], None] | None = None,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        if images is not None:  # (rows, embeddings): an image's placeholders take the vision encoder's output
+            rows, embeds = images
+            x[rows] = embeds.to(x.dtype)
         rope = self.rotary(positions)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, meta)
@@ -126,9 +130,10 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         after_layer: Callable[[int], None] | None = None,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, meta, after_layer)
+        return self.model(input_ids, positions, meta, after_layer, images)
 
     @classmethod
     def build(

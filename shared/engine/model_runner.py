@@ -12,6 +12,7 @@ from shared.engine import cpu_kernels
 from shared.engine.attention import AttentionMetadata
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
+from shared.engine.multimodal import ImageEncoder, image_rows
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
 
@@ -19,8 +20,17 @@ KvLayout = tuple[tuple[int, ...], torch.dtype]  # (layers, block_size, kv_heads,
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        image_encoder: ImageEncoder | None = None,
+    ):
         self.model = model
+        self.image_encoder = image_encoder
         self.block_size = block_size
         self.device = device
         cfg = model.config
@@ -55,9 +65,12 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Sequence] = []
+        image_chunks = []  # (seq, start, end, first row) of the chunks of prompts with images
         for s in decodes + chunks:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
+            if seq.images and start < seq.num_prompt_tokens:
+                image_chunks.append((seq, start, end, len(input_ids)))
             input_ids += seq.token_ids[start : end - s.num_draft_tokens] + seq.spec_token_ids[: s.num_draft_tokens]
             positions += range(start, end)
             slots += self._slots(seq.block_table, start, end)
@@ -77,7 +90,8 @@ class ModelRunner:
                 meta.decode_mask = None if mask.all() else mask.view(len(decodes), 1, 1, -1).to(self.device)
         if chunks:
             self._chunk_metadata(chunks, len(decodes), meta)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, after_layer)
+        images = image_rows(self.image_encoder, image_chunks, self.device) if image_chunks else None
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, after_layer, images)
         if not logits_rows:
             return torch.empty(0), []
         return self.model.compute_logits(hidden[self._tensor(logits_rows)]), sampling

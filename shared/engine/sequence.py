@@ -7,6 +7,8 @@ from itertools import count
 
 import torch
 
+from shared.block_hash import cache_keys
+from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 
 
@@ -27,6 +29,7 @@ class Sequence:
         index: int = 0,
         priority: int = 0,
         arrival: float = 0.0,
+        images: list[ImageInput] | None = None,
     ):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
@@ -47,6 +50,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # set by the engine for seeded requests
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
+        self.images = images or []  # the prompt's images, by their placeholder spans
+        # the prompt as the prefix cache keys it (None: as it is, no images)
+        self.prompt_keys = cache_keys(prompt_token_ids, [i.span for i in self.images]) if self.images else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -62,6 +68,12 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def key_tokens(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) as the prefix cache keys them: an image's placeholders by its content hash."""
+        if self.prompt_keys is None or start >= self.num_prompt_tokens:
+            return self.token_ids[start:end]
+        return self.prompt_keys[start:end] + self.token_ids[max(start, self.num_prompt_tokens) : end]
 
     @property
     def is_finished(self) -> bool:

@@ -198,3 +198,11 @@ def _write_tokenizer(kind: str, out: Path, tokenizer: Tokenizer) -> None:
         (out / "chat_template.jinja").write_text(THINKING_CHATML)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A tiny random LLaVA folder (tests/engine/llava_model.py)."""
+    from tests.engine.llava_model import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), smollm2_tokenizer)
