@@ -70,6 +70,29 @@ class ImageRef:
     hash: str
     pixels: bytes  # uint8, row-major [height, width, 3]
     shape: list[int]
+    # Set by the router when an encoder computed the image's embeddings: where to read them (EncodedImage).
+    embedding: dict[str, Any] | None = None
+
+
+@dataclass
+class EncodeRequest(Message):
+    """Router -> encoder: embeddings for these images (ImageRef dicts; offsets unused)."""
+
+    kind: ClassVar[str] = "encode"
+    request_id: str
+    images: list[dict[str, Any]]
+
+
+@dataclass
+class EncodeReply(Message):
+    """Encoder -> router: per image, in order, where its embeddings are (services/encoder/transfer.py:
+    {"hash", "name" (shared memory), "host", "port" (TCP), "shape", "dtype"}), or the error."""
+
+    kind: ClassVar[str] = "encode_reply"
+    request_id: str
+    instance_id: str
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ Request plane (core NATS):
   xllm.abort                      gateway -> every worker (broadcast): abort one request by id
   <gateway inbox>.<request_id>    worker -> gateway: the request's output chunks (its reply_subject)
   xllm.kvcache.query              router -> kvcache service: longest cached prefix per instance
+  xllm.encoder.<instance>.encode  router -> one encoder: image embeddings (EncodeRequest -> EncodeReply)
 Control plane:
   KV bucket  xllm_instances       instance registry, one key per instance, per-key TTL = liveness
   JetStream  XLLM_KV_EVENTS       subjects xllm.kv.events.<instance>: block stored / removed events
@@ -38,6 +39,10 @@ def worker_generate(instance_id: str) -> str:
 
 def worker_kv(instance_id: str) -> str:
     return f"xllm.worker.{instance_id}.kv"
+
+
+def encoder_encode(instance_id: str) -> str:
+    return f"xllm.encoder.{instance_id}.encode"
 
 
 def kv_events(instance_id: str) -> str:

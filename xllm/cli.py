@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = ("gateway", "router", "kvcache", "prefill", "decode", "colocated")
+SERVICES = ("gateway", "router", "kvcache", "encoder", "prefill", "decode", "colocated")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from services.router.epd import ENCODE_MODES
 from shared.config import opt
 from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS
 from shared.logging import LOG_LEVELS
@@ -40,6 +41,12 @@ class UpConfig:
     )
     prefill: int = opt(1, "prefill workers (disaggregated mode)", min=1)
     decode: int = opt(1, "decode workers (disaggregated) or colocated workers", min=1)
+    encoder: int = opt(0, "multimodal encoder services (EPD: images encoded apart from the prefill)", min=0)
+    encode: str = opt(
+        "auto",
+        "where images are encoded: per request by measured cost (auto), encoder (always), worker (never)",
+        choices=ENCODE_MODES,
+    )
     nats: str | None = opt(None, "use this NATS instead of starting one")
     state_dir: str = opt("./state", "where the embedded NATS keeps its JetStream data, and logs go")
     api_key: str | None = opt(None, "require this bearer token on /v1/*")
@@ -94,7 +101,13 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         num_speculative_tokens=config.num_speculative_tokens,
         draft_length=config.draft_length,
     )
-    services = [Service(name, [*py, f"services.{name}", *common]) for name in ("kvcache", "router")]
+    services = [
+        Service("kvcache", [*py, "services.kvcache", *common]),
+        Service("router", [*py, "services.router", *common, *flags(encode=config.encode)]),
+    ]
+    for i in range(config.encoder):
+        own = flags(model=config.model, num_threads=threads, instance_id=f"encoder-{i}-{os.getpid()}")
+        services.append(Service(f"encoder-{i}", [*py, "services.encoder", *common, *own]))
     for i, role in enumerate(roles):
         name = f"{role}-{i}"
         own = flags(instance_id=f"{name}-{os.getpid()}") + (speculation if role != "prefill" else [])
@@ -210,7 +223,7 @@ def up(config: UpConfig) -> int:
         for service in supervisor.services:
             supervisor.start(service)
         url = f"http://{config.host}:{config.port}"
-        workers = config.decode if config.mode == "colocated" else config.prefill + config.decode
+        workers = config.encoder + (config.decode if config.mode == "colocated" else config.prefill + config.decode)
         if not wait_ready(url, supervisor, workers, config.ready_timeout_s, config.api_key) and not stop["now"]:
             log.error("not_healthy_in_time", url=url, logs=str(log_dir))
             return 1

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from services.router.epd import ENCODE_MODES
 from services.router.policy import MODES
 from shared.config import check_nats_url, opt
 from shared.logging import LOG_LEVELS
@@ -34,6 +35,13 @@ class RouterConfig:
     max_inflight: int = opt(
         1024, "requests being routed at once; more get 429 at once", min=1, env="XLLM_ROUTER_MAX_INFLIGHT"
     )
+    encode: str = opt(
+        "auto",
+        "images: on an encoder instance (always), on the prefill/colocated worker (never), "
+        "or per request from measured encode times and load (auto)",
+        choices=ENCODE_MODES,
+    )
+    encode_timeout_s: float = opt(30.0, "seconds an encoder has to return a request's embeddings", min=0.01)
     kv_query_timeout_s: float = opt(0.05, "prefix-aware: seconds to wait for the kvcache service", min=0.001)
     prefix_weight: float = opt(4.0, "prefix-aware: load units a fully cached prompt is worth", min=0.0)
     metrics_port: int | None = opt(None, "serve Prometheus /metrics on this port (0: any)", min=0, max=65535)

@@ -76,6 +76,11 @@ class AsyncEngine:
         return self.engine.runner.kv_layout
 
     @property
+    def hidden_size(self) -> int:
+        """The model's hidden size (what an image's embeddings must have), fixed at start."""
+        return self.engine.model_config.hidden_size
+
+    @property
     def speculative(self) -> str:
         """The speculative decoding method ("none" when off), fixed at start."""
         return self.engine.config.speculative

@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.encoder.transfer import read_embeddings
 from services.worker.async_engine import AsyncEngine, EngineDeadError, EngineLostError, RequestAborted
 from services.worker.config import WorkerConfig
 from shared import bus, subjects
@@ -173,7 +174,7 @@ class Worker:
             "preemptions": stats["preemptions"],
             "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
             "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
-            **{key: value for key, value in stats.items() if key.startswith("spec_")},
+            **{key: value for key, value in stats.items() if key.startswith(("spec_", "image"))},
             **{key: stats[key] for key in ("eplb_rebalances", "eplb_move_seconds") if key in stats},
         }
 
@@ -201,7 +202,7 @@ class Worker:
                 self.requests_total.labels("invalid" if e.status == 400 else "overloaded").inc()
                 return await respond(msg, Ack(req.request_id, self.instance_id, False, e.to_wire()))
             await respond(msg, Ack(req.request_id, self.instance_id))
-            self.spawn(self.run_request(req, params, images), req.request_id)
+            self.spawn(self._admit(req, params, images), req.request_id)
 
     def check(self, req: GenerateRequest) -> tuple[SamplingParams, list[ImageInput]]:
         """The request's sampling parameters and images, once it is known this worker can run it (else
@@ -215,6 +216,16 @@ class Worker:
         if self.engine.num_requests >= self.config.max_num_seqs + self.config.max_queued:
             raise overloaded("worker queue is full")
         return params, images
+
+    async def _admit(self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]) -> None:
+        """Read the embeddings an encoder computed for the request's images (EPD), then run it. An image whose
+        embeddings cannot be read is encoded here, from its pixels."""
+        for image, part in zip(images, req.images):
+            if part.get("embedding"):
+                embeds = await read_embeddings(part["embedding"], self.host)
+                if embeds is not None and tuple(embeds.shape) == (image.length, self.engine.hidden_size):
+                    image.embeds = embeds
+        await self.run_request(req, params, images)
 
     async def run_request(self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]) -> None:
         """Colocated: prefill and decode here, streaming to the gateway."""

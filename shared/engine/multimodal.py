@@ -158,7 +158,7 @@ def image_rows(
     for _, start, end, base, image in reached:
         lo, hi = max(start, image.offset), min(end, image.offset + image.length)
         rows.append(torch.arange(base + lo - start, base + hi - start))
-        embeds.append(image.embeds[lo - image.offset : hi - image.offset])
+        embeds.append(image.embeds[lo - image.offset : hi - image.offset].to(device))  # an encoder's are on the CPU
         if hi == image.offset + image.length:
             image.embeds = None
     return torch.cat(rows).to(device), torch.cat(embeds)

@@ -2,6 +2,9 @@
 greedy text of a chat completion with images equals transformers' for the same pictures and prompt; the
 same picture again is served from the prefix cache; bad images are refused with a 400 naming the part."""
 
+import os
+import signal
+
 import aiohttp
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from shared.model_files import smollm2_gguf
 from shared.tokenizer import Tokenizer
 from tests.engine.llava_model import build_tiny_llava, data_url, hf_greedy_with_images, random_image
+from tests.waiting import until
 from xllm.bench.local_system import start_system, stop_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,11 +25,18 @@ def tiny_llava_dir(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), Tokenizer.from_gguf(smollm2_gguf()))
 
 
-@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
+LAYOUTS = {  # colocated EPD, EP -> D, and E -> P -> D with the images always on the encoder
+    "colocated": ["--mode", "colocated"],
+    "disaggregated": ["--mode", "disaggregated"],
+    "epd": ["--mode", "disaggregated", "--encoder", "1", "--encode", "always"],
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
 def llava_system(request, tiny_llava_dir, tmp_path_factory):
-    mode = request.param
-    args = ["--model", str(tiny_llava_dir), "--mode", mode, "--kv-cache-fraction", "0.02", "--worker-threads", "1"]
-    system = start_system(tmp_path_factory.mktemp(f"llava-{mode}"), *args)
+    args = ["--model", str(tiny_llava_dir), *LAYOUTS[request.param], "--kv-cache-fraction", "0.02"]
+    system = start_system(tmp_path_factory.mktemp(f"llava-{request.param}"), *args, "--worker-threads", "1")
+    system.layout = request.param
     try:
         yield system
     finally:
@@ -72,6 +83,27 @@ async def test_images_through_the_api_equal_transformers_and_hit_the_cache(llava
         status, other = await post(s, llava_system.url, {**body, "messages": messages([pictures[0], random_image(24)])})
         assert status == 200, other
         assert other["choices"][0]["message"]["content"] != first["choices"][0]["message"]["content"]
+
+    def encoded() -> dict[str, int]:  # by role, as the heartbeats after these requests report it
+        return {i["role"]: i["counters"].get("images_encoded", 0) for i in llava_system.instances()}
+
+    # Each image encoded once (the repeat hit the cache); with an encoder, all of them there.
+    want = {"encoder": 3, "prefill": 0, "decode": 0} if llava_system.layout == "epd" else None
+    await until(lambda: encoded() == want if want else max(encoded().values()) == 3, 30, f"encoded {encoded()}")
+
+
+async def test_a_killed_encoder_costs_time_not_requests(llava_system, tiny_llava_dir):
+    """Without its encoder, the prefill worker encodes the images itself; the output is the same."""
+    if llava_system.layout != "epd":
+        pytest.skip("needs an encoder")
+    encoder = next(i for i in llava_system.instances() if i["role"] == "encoder")
+    os.kill(encoder["pid"], signal.SIGKILL)
+    pictures = [random_image(31)]
+    body = {"model": str(tiny_llava_dir), "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        status, reply = await post(s, llava_system.url, {**body, "messages": messages(pictures)})
+    assert status == 200, reply
+    assert reply["choices"][0]["message"]["content"] == expected_text(tiny_llava_dir, pictures, 16)
 
 
 async def test_bad_images_are_refused_naming_the_part(llava_system, tiny_llava_dir):
