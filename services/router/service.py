@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
 from services.router.config import RouterConfig
-from services.router.epd import rank_encoders, use_encoder
+from services.router.encoders import Encoders
 from services.router.policy import (
     DISAGGREGATED,
     PATH_ROLES,
@@ -55,8 +55,6 @@ from shared.logging import bind_request, get_logger
 from shared.messages import (
     AbortRequest,
     Ack,
-    EncodeReply,
-    EncodeRequest,
     GenerateRequest,
     InstanceInfo,
     KvQuery,
@@ -94,8 +92,8 @@ class RouterService:
         self.retries = 0  # forwards after the first one of a request
         self.failures: Counter[str] = Counter()  # requests that failed, by reason
         self.attempt_errors: Counter[str] = Counter()  # forwards that did not take, by reason
-        self.encodes: Counter[str] = Counter()  # requests with images, by where they were encoded
         self._suspects: dict[str, float] = {}  # instance id -> monotonic time it stops being suspect
+        self.encoders = Encoders(config.encode, config.encode_timeout_s, self._suspect, self._suspects_last)
         self._tasks: set[asyncio.Task] = set()
         self._sub: Any = None
         self._own_view: InstanceView | None = None
@@ -123,7 +121,7 @@ class RouterService:
             "retries": self.retries,
             "failures": dict(self.failures),
             "attempt_errors": dict(self.attempt_errors),
-            "encodes": dict(self.encodes),
+            "encodes": dict(self.encoders.counts),
             "instances": len(self.instances),
             "inflight": len(self._tasks),
         }
@@ -131,7 +129,7 @@ class RouterService:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self, nc: Client) -> None:
-        self.nc = nc
+        self.nc = self.encoders.nc = nc
         if self.view is None:
             self.view = self._own_view = await InstanceView.open(self.nc)
         self.view.on_gone.append(self._forget)
@@ -155,6 +153,7 @@ class RouterService:
         """An instance left the registry: its bookkeeping goes too (memory stays bounded)."""
         self.recent.retain(i.instance_id for i in self.instances)
         self._suspects.pop(instance_id, None)
+        self.encoders.forget(instance_id)
 
     # -- request handling ---------------------------------------------------------------------------
 
@@ -213,7 +212,8 @@ class RouterService:
             ranked = self._suspects_last(await self.policy.rank(pool, req))
             entry = [i.instance_id for i in ranked if i.role == roles[0] and i.instance_id not in tried]
             if req.images and not tried:
-                await self._encode(req, next((i for i in ranked if i.role == roles[0]), None))
+                encoders = [i for i in self.instances if i.role == "encoder" and i.state == READY]
+                await self.encoders.encode(req, encoders, next((i for i in ranked if i.role == roles[0]), None))
             decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
             for iid in entry[: self.config.max_attempts - len(refusals)]:
                 req.attempt, req.decode_instance = first_attempt + len(refusals), decode
@@ -258,7 +258,7 @@ class RouterService:
                 refusal = Refusal("rejected", retry=False, error=err)
         self.attempt_errors[refusal.reason] += 1
         if refusal.reason in ("no_responders", "timeout"):
-            self._suspects[iid] = time.monotonic() + self.config.suspect_s
+            self._suspect(iid)
         log.warning(
             "forward_refused",
             instance=iid,
@@ -268,34 +268,8 @@ class RouterService:
         )
         return refusal
 
-    async def _encode(self, req: GenerateRequest, worker: InstanceInfo | None) -> None:
-        """EPD: have an encoder compute the images' embeddings when that is predicted to be faster than the
-        worker doing it (services/router/epd.py); the worker encodes any image left without them."""
-        ready = [i for i in self.instances if i.role == "encoder" and i.state == READY]
-        encoders = self._suspects_last(rank_encoders(ready, req.images))
-        if not use_encoder(self.config.encode, len(req.images), encoders[0] if encoders else None, worker):
-            self.encodes["worker"] += 1
-            return
-        for encoder in encoders[:2]:
-            try:
-                reply = await bus.request(
-                    self.nc,
-                    subjects.encoder_encode(encoder.instance_id),
-                    EncodeRequest(req.request_id, req.images),
-                    EncodeReply,
-                    timeout=self.config.encode_timeout_s,
-                )
-            except (bus.NoResponders, bus.RequestTimeout, SchemaError) as e:
-                self._suspects[encoder.instance_id] = time.monotonic() + self.config.suspect_s
-                log.warning("encode_failed", encoder=encoder.instance_id, error=type(e).__name__)
-                continue
-            if reply.error is None and len(reply.embeddings) == len(req.images):
-                for image, handle in zip(req.images, reply.embeddings):
-                    image["embedding"] = handle
-                self.encodes["encoder"] += 1
-                return
-            log.warning("encode_refused", encoder=encoder.instance_id, error=reply.error)
-        self.encodes["fallback"] += 1  # the worker encodes them: slower, never lost
+    def _suspect(self, iid: str) -> None:
+        self._suspects[iid] = time.monotonic() + self.config.suspect_s
 
     def _suspects_last(self, ranked: list[InstanceInfo]) -> list[InstanceInfo]:
         """Instances that recently did not answer go last: tried only if nothing better is left."""

@@ -18,7 +18,16 @@ from shared import subjects
 from shared.config import load_config
 from shared.errors import invalid
 from shared.instance_view import InstanceView
-from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, RouteReply, StreamChunk
+from shared.messages import (
+    AbortRequest,
+    Ack,
+    EncodeReply,
+    EncodeRequest,
+    GenerateRequest,
+    InstanceInfo,
+    RouteReply,
+    StreamChunk,
+)
 from shared.registry import Heartbeater, InstanceRegistry
 from tests.waiting import until
 
@@ -362,3 +371,51 @@ async def test_python_m_services_router_serves_and_stops_on_sigterm(nc, nats_ser
             await proc.wait()
         await sub.unsubscribe()
         await beats.stop(remove=True)
+
+
+# ---- EPD: images encoded by an encoder instance -----------------------------------------------------
+def image_request() -> GenerateRequest:
+    req = make_request()
+    req.images = [{"offset": 0, "length": 3, "hash": "ab" * 32, "pixels": b"\0" * 12, "shape": [2, 2, 3]}]
+    return req
+
+
+async def fake_encoder(cluster: Cluster, name: str, answer: bool) -> tuple[str, asyncio.Event]:
+    """An encoder instance that answers with a handle, or takes the request and never answers."""
+    iid = await cluster.add(name, role="encoder", behaviour="absent")
+    asked = asyncio.Event()
+
+    async def on_encode(msg) -> None:
+        asked.set()
+        if answer:
+            request = EncodeRequest.decode(msg.data)
+            handles = [{"hash": image["hash"], "name": "seg", "host": "h"} for image in request.images]
+            await msg.respond(EncodeReply(request.request_id, iid, handles).encode())
+
+    cluster._subs.append(await cluster.nc.subscribe(subjects.encoder_encode(iid), cb=on_encode))
+    return iid, asked
+
+
+async def test_images_go_to_an_encoder_first_and_its_handles_on_to_the_worker(cluster: Cluster) -> None:
+    await fake_encoder(cluster, "enc", answer=True)
+    await cluster.add("w")
+    router = await cluster.start_router(encode="always")
+    reply, _ = await cluster.send(image_request())
+    assert reply.instances == [cluster.id("w")]
+    (req,) = cluster.workers["w"].received
+    assert req.images[0]["embedding"] == {"hash": "ab" * 32, "name": "seg", "host": "h"}
+    assert router.stats()["encodes"] == {"encoder": 1}
+
+
+async def test_an_encoder_that_dies_mid_request_leaves_the_images_to_the_worker(cluster: Cluster) -> None:
+    """The router stops waiting when the encoder leaves the registry, long before its timeout."""
+    iid, asked = await fake_encoder(cluster, "enc", answer=False)
+    await cluster.add("w")
+    router = await cluster.start_router(encode="always", encode_timeout_s=120.0)
+    sending = asyncio.create_task(cluster.send(image_request()))
+    await asyncio.wait_for(asked.wait(), 10)
+    await cluster.registry.remove(iid)  # what its TTL does once it stops heartbeating
+    reply, _ = await asyncio.wait_for(sending, 10)
+    assert reply.instances == [cluster.id("w")]
+    assert "embedding" not in cluster.workers["w"].received[0].images[0]
+    assert router.stats()["encodes"] == {"fallback": 1}
