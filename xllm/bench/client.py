@@ -76,7 +76,11 @@ def build_payload(req: BenchRequest, target: Target, stream: bool = True) -> dic
     body: dict[str, Any] = {"model": target.model, "max_tokens": req.max_tokens}
     if target.endpoint == "chat":
         messages = [{"role": "system", "content": req.system}] if req.system else []
-        body["messages"] = [*messages, {"role": "user", "content": req.prompt}]
+        content: str | list = req.prompt
+        if req.images:
+            images = [{"type": "image_url", "image_url": {"url": url}} for url in req.images]
+            content = [*images, {"type": "text", "text": req.prompt}]
+        body["messages"] = [*messages, {"role": "user", "content": content}]
     else:
         body["prompt"] = f"{req.system}\n\n{req.prompt}" if req.system else req.prompt
     body["temperature"] = target.temperature

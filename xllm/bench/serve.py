@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in L*(1 +- R)")
     w.add_argument("--prefix-groups", type=int, default=4, help="shared-prefix: groups G")
     w.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: shared prompt tokens")
+    w.add_argument("--images-per-request", type=int, default=0, help="images in each request (chat endpoint)")
+    w.add_argument("--image-repeat", type=float, default=0.0, help="share of images from a small repeating pool")
+    w.add_argument("--image-size", type=int, default=336, help="image side, pixels")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--nats", help="offline workload: NATS URL of the xllm deployment")
     w.add_argument("--job-timeout", type=float, default=3600.0, help="offline: time limit for the job, s")
@@ -112,6 +115,10 @@ def check(args: argparse.Namespace, points: list[LoadPoint]) -> None:
         bad_conc = p.max_concurrency is not None and p.max_concurrency < 1
         if p.request_rate <= 0 or p.burstiness <= 0 or bad_conc:
             raise UsageError("request rates and burstiness must be > 0, concurrency >= 1")
+    if args.images_per_request < 0 or not 0 <= args.image_repeat <= 1 or args.image_size < 1:
+        raise UsageError("--images-per-request must be >= 0, --image-repeat in [0, 1], --image-size >= 1")
+    if args.images_per_request and args.endpoint != "chat":
+        raise UsageError("images need the chat endpoint")
     if args.workload == "offline" and not args.nats:
         raise UsageError("--workload offline needs --nats URL")
 
@@ -138,7 +145,15 @@ async def _run(args: argparse.Namespace) -> int:
     if args.workload == "offline" and len(points) > 1:
         raise UsageError("the offline workload has no arrivals to sweep")
     spec = WorkloadSpec(
-        args.workload, args.input_len, args.output_len, args.range_ratio, args.prefix_groups, args.prefix_len
+        args.workload,
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        args.prefix_groups,
+        args.prefix_len,
+        images_per_request=args.images_per_request,
+        image_repeat=args.image_repeat,
+        image_size=args.image_size,
     )
     model = await resolve_model(args)
     target = Target(

@@ -9,10 +9,11 @@ shared system prompt once per run, so the first request of a group misses the ca
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from xllm.bench.images import request_images
 from xllm.bench.words import WORDS
 
 SALT_WORDS = 6  # 456**6 ~ 9e15 different salts: enough to never collide within a run
@@ -26,6 +27,7 @@ class BenchRequest:
     input_len: int  # intended prompt tokens, approximate (words); usage gives the real count
     system: str | None = None  # shared-prefix workload: the group's shared system prompt
     group: int | None = None
+    images: list[str] = field(default_factory=list)  # data: URLs sent before the text (chat endpoint)
 
 
 @dataclass
@@ -38,6 +40,9 @@ class WorkloadSpec:
     prefix_len: int = 512  # shared-prefix: tokens in each group's shared system prompt
     chat_sigma_in: float = 0.9  # chat: lognormal spread of input lengths (long tail, like ShareGPT)
     chat_sigma_out: float = 0.6  # chat: lognormal spread of output lengths
+    images_per_request: int = 0  # any workload: images in each request (a multimodal model's)
+    image_repeat: float = 0.0  # share of those images drawn from a small pool that repeats
+    image_size: int = 336  # pixels a side
 
 
 def random_words(n: int, rng: np.random.Generator) -> list[str]:
@@ -66,9 +71,20 @@ def lognormal_lengths(mean: int, sigma: float, n: int, rng: np.random.Generator)
 
 
 def generate(spec: WorkloadSpec, n: int, seed: int, salt_rng: random.Random | None = None) -> list[BenchRequest]:
-    """n requests of the given workload. The offline workload uses the synthetic lengths."""
-    rng = np.random.default_rng(seed)
+    """n requests of the given workload, with `spec.images_per_request` images each."""
     salt_rng = salt_rng or random.SystemRandom()
+    requests = _generate(spec, n, seed, salt_rng)
+    if spec.images_per_request:
+        rng = np.random.default_rng([seed, 1])
+        urls = request_images(n, spec.images_per_request, spec.image_repeat, spec.image_size, rng, salt_rng)
+        for request, images in zip(requests, urls):
+            request.images = images
+    return requests
+
+
+def _generate(spec: WorkloadSpec, n: int, seed: int, salt_rng: random.Random) -> list[BenchRequest]:
+    """The offline workload uses the synthetic lengths."""
+    rng = np.random.default_rng(seed)
     if spec.kind in ("synthetic", "offline"):
         ins = uniform_lengths(spec.input_len, spec.range_ratio, n, rng)
         outs = uniform_lengths(spec.output_len, spec.range_ratio, n, rng)

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from xllm.bench import serve
-from xllm.bench.client import Target
+from xllm.bench.client import Target, build_payload
 from xllm.bench.metrics import latency_stats, summarize
 from xllm.bench.runner import LoadPoint, run_load
 from xllm.bench.workloads import BenchRequest, WorkloadSpec, generate
@@ -270,3 +270,17 @@ def test_code_edit_prompts_hold_the_code_the_answer_repeats():
     assert [r.prompt.split("\n", 1)[1] for r in a] == [r.prompt.split("\n", 1)[1] for r in b]  # seeded after the salt
     assert all(r.prompt.count("def ") == 3 and "renamed to" in r.prompt and r.max_tokens == 50 for r in a)
     assert len({r.prompt for r in a}) == 5
+
+
+def test_multimodal_workload_repeats_a_share_of_its_images_and_salts_the_rest():
+    spec = WorkloadSpec("synthetic", input_len=8, output_len=4, images_per_request=2, image_repeat=0.5, image_size=32)
+    a, b = generate(spec, 40, seed=2), generate(spec, 40, seed=2)
+    urls = [u for r in a for u in r.images]
+    assert all(len(r.images) == 2 and u.startswith("data:image/png;base64,") for r in a for u in r.images)
+    pool = set(urls) & {u for r in b for u in r.images}  # seeded: the same in both runs; the rest is fresh
+    assert 0 < len(pool) <= 8
+    assert 25 <= sum(u in pool for u in urls) <= 55  # about half of the 80
+    body = build_payload(a[0], Target("http://x", "m"))
+    content = body["messages"][0]["content"]
+    assert [p["type"] for p in content] == ["image_url", "image_url", "text"]
+    assert serve.main(["--model", "m", "--images-per-request", "1", "--endpoint", "completions"]) == 2
