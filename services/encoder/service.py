@@ -29,6 +29,7 @@ from shared.engine.loader import load_checkpoint
 from shared.engine.multimodal import ImageEncoder, build_image_encoder
 from shared.engine.system import default_dtype
 from shared.errors import ApiError, internal, invalid
+from shared.images import content_hash
 from shared.logging import bind_request
 from shared.messages import EncodeReply, EncodeRequest, InstanceInfo, SchemaError
 from shared.registry import Heartbeater, InstanceRegistry
@@ -142,23 +143,25 @@ class EncoderService:
 
     async def _embed(self, image: dict) -> dict:
         """The image's handle: held already, being encoded for another request, or queued for the next batch."""
-        content_hash = image.get("hash")
-        if not isinstance(content_hash, str):
+        image_hash = image.get("hash")
+        if not isinstance(image_hash, str):
             raise invalid("an image lacks its content hash", "images")
-        if (handle := self.held.handle(content_hash)) is not None:
+        if (handle := self.held.handle(image_hash)) is not None:
             self.cache_hits += 1
             return handle
-        if content_hash not in self.pending:
+        if image_hash not in self.pending:
             try:
                 pixels = np.frombuffer(image["pixels"], dtype=np.uint8).reshape(image["shape"])
             except (KeyError, TypeError, ValueError) as e:
                 raise invalid(f"malformed image: {e}", "images") from None
             if pixels.shape != self.encoder.pixel_shape:
                 raise invalid(f"an image is {pixels.shape}; this model takes {self.encoder.pixel_shape}", "images")
-            self.pending[content_hash] = asyncio.get_running_loop().create_future()
-            self.queue.append((content_hash, pixels))
+            if content_hash(pixels) != image_hash:  # the cache is keyed by it: a wrong one would poison it
+                raise invalid("an image's content hash does not match its pixels", "images")
+            self.pending[image_hash] = asyncio.get_running_loop().create_future()
+            self.queue.append((image_hash, pixels))
             self.wake.set()
-        return await asyncio.shield(self.pending[content_hash])
+        return await asyncio.shield(self.pending[image_hash])
 
     async def _encode_batches(self) -> None:
         while True:
@@ -170,14 +173,14 @@ class EncoderService:
                 self.encoding = len(batch)
                 try:
                     embeds = await asyncio.to_thread(self.encoder.run, [pixels for _, pixels in batch])
-                    results = [self.held.put(content_hash, rows) for (content_hash, _), rows in zip(batch, embeds)]
+                    results = [self.held.put(image_hash, rows) for (image_hash, _), rows in zip(batch, embeds)]
                 except Exception as e:  # every waiter learns it; the service goes on
                     log.exception("encode_batch_failed", images=len(batch))
                     results = [internal(f"encoding failed: {type(e).__name__}: {e}") for _ in batch]
                 finally:
                     self.encoding = 0
-                for (content_hash, _), result in zip(batch, results):
-                    future = self.pending.pop(content_hash)
+                for (image_hash, _), result in zip(batch, results):
+                    future = self.pending.pop(image_hash)
                     if isinstance(result, ApiError):
                         future.set_exception(result)
                     else:

@@ -16,7 +16,7 @@ import torch
 from shared.engine.errors import InvalidRequestError
 from shared.engine.loader import Checkpoint
 from shared.engine.vision import LlavaVisionEncoder
-from shared.images import ImageProcessorConfig, normalize
+from shared.images import ImageProcessorConfig, content_hash, normalize
 
 
 @dataclass(eq=False)
@@ -73,7 +73,7 @@ class ImageEncoder:
             where = f"images[{i}]"
             if image.length != self.tokens_per_image:
                 raise InvalidRequestError(
-                    f"{where} spans {image.length} tokens; an image takes {self.tokens_per_image}"
+                    f"{where} spans {image.length} tokens; an image takes {self.tokens_per_image}", "images"
                 )
             if image.offset < covered or image.offset + image.length > len(prompt_token_ids):
                 raise InvalidRequestError(f"{where} overlaps another image or runs past the prompt", "images")
@@ -82,6 +82,8 @@ class ImageEncoder:
                 raise InvalidRequestError(f"{where} is not over image placeholder tokens", "images")
             if image.pixels.shape != shape:
                 raise InvalidRequestError(f"{where} is {image.pixels.shape}; this model takes {shape}", "images")
+            if content_hash(image.pixels) != image.hash:  # the caches trust it: a wrong one would poison them
+                raise InvalidRequestError(f"{where}'s content hash does not match its pixels", "images")
             covered = image.offset + image.length
         if prompt_token_ids.count(self.image_token_id) != len(images) * self.tokens_per_image:
             raise InvalidRequestError("the prompt's image placeholder tokens do not match its images", "images")
@@ -106,10 +108,11 @@ class ImageEncoder:
         if not todo:
             return
         embeds = self.run([group[0].pixels for group in todo.values()])
-        for (content_hash, group), rows in zip(todo.items(), embeds):
+        for (image_hash, group), rows in zip(todo.items(), embeds):
+            rows = rows.clone()  # its own memory: a view would keep the whole batch's alive in the cache
             for image in group:
                 image.embeds = rows
-            self._remember(content_hash, rows)
+            self._remember(image_hash, rows)
 
     def run(self, crops: list[np.ndarray]) -> torch.Tensor:
         """Prepared crops -> their embeddings, [n, tokens_per_image, hidden]."""
@@ -122,11 +125,11 @@ class ImageEncoder:
         self.encode_seconds += time.perf_counter() - started
         return embeds
 
-    def _remember(self, content_hash: str, rows: torch.Tensor) -> None:
+    def _remember(self, image_hash: str, rows: torch.Tensor) -> None:
         size = rows.numel() * rows.element_size()
         if size > self.cache_bytes:
             return
-        self.cache[content_hash] = rows
+        self.cache[image_hash] = rows
         self.cached_bytes += size
         while self.cached_bytes > self.cache_bytes:
             _, old = self.cache.popitem(last=False)

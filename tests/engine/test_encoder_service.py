@@ -78,6 +78,9 @@ async def test_bad_images_are_refused_and_the_service_goes_on(encoder, nc):
     wrong_size = {**image_ref(6), "pixels": bytes(8 * 8 * 3), "shape": [8, 8, 3]}
     reply = await encode(nc, [wrong_size])
     assert reply.error is not None and reply.error["status"] == 400
+    forged = {**image_ref(6), "hash": "0" * 64}
+    reply = await encode(nc, [forged])
+    assert reply.error is not None and "hash" in reply.error["message"]
     assert (await encode(nc, [image_ref(6)])).error is None
 
 

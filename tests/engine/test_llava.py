@@ -111,6 +111,9 @@ def test_engine_refuses_images_that_do_not_fit_the_prompt(llava, tiny_model_dir)
     small = ImageInput(images[0].offset, images[0].length, images[0].hash, np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(InvalidRequestError, match="takes"):
         engine.validate(ids, params, [small])
+    forged = ImageInput(images[0].offset, images[0].length, "0" * 64, images[0].pixels)
+    with pytest.raises(InvalidRequestError, match="hash"):
+        engine.validate(ids, params, [forged])  # it would serve another image's cached embeddings
     text_engine = make_engine(load_checkpoint(str(tiny_model_dir("llama"))))
     with pytest.raises(InvalidRequestError, match="does not take images"):
         text_engine.validate([1, 2, 3], params, images)
