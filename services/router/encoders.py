@@ -9,6 +9,7 @@ from collections.abc import Callable
 from nats.aio.client import Client
 
 from services.router.epd import rank_encoders, use_encoder
+from services.router.policy import RecentForwards
 from shared import bus, subjects
 from shared.logging import get_logger
 from shared.messages import EncodeReply, EncodeRequest, GenerateRequest, InstanceInfo, SchemaError
@@ -27,11 +28,13 @@ class Encoders:
         timeout_s: float,
         suspect: Callable[[str], None],
         suspects_last: Callable[[list[InstanceInfo]], list[InstanceInfo]],
+        recent: RecentForwards,
     ):
-        """`suspect(iid)` marks an instance that did not answer; `suspects_last` orders such ones last."""
+        """`suspect(iid)` marks an instance that did not answer; `suspects_last` orders such ones last;
+        `recent` counts what this router sent each instance lately (encoders and workers alike)."""
         self.nc: Client | None = None  # set when the router starts
         self.mode, self.timeout_s = mode, timeout_s
-        self.suspect, self.suspects_last = suspect, suspects_last
+        self.suspect, self.suspects_last, self.recent = suspect, suspects_last, recent
         self.counts: Counter[str] = Counter()  # requests with images, by where they were encoded
         self._watches: dict[str, list[asyncio.Event]] = {}  # set when that encoder leaves the registry
 
@@ -43,10 +46,14 @@ class Encoders:
     async def encode(self, req: GenerateRequest, encoders: list[InstanceInfo], worker: InstanceInfo | None) -> None:
         """Put an encoder's embedding handles on `req.images`, or leave the images to the worker."""
         ranked = self.suspects_last(rank_encoders(encoders, req.images))
-        if not use_encoder(self.mode, len(req.images), ranked[0] if ranked else None, worker):
+        first = ranked[0] if ranked else None
+        recent_encoder = self.recent.count(first.instance_id) if first else 0
+        recent_worker = self.recent.count(worker.instance_id) if worker else 0
+        if not use_encoder(self.mode, len(req.images), first, worker, recent_encoder, recent_worker):
             self.counts["worker"] += 1
             return
         for encoder in ranked[:2]:
+            self.recent.record(encoder.instance_id)
             try:
                 reply = await self._ask(encoder.instance_id, EncodeRequest(req.request_id, req.images))
             except (bus.NoResponders, bus.RequestTimeout, SchemaError, EncoderGone) as e:

@@ -2,8 +2,11 @@
 prefills the request (EP -> D, or EPD colocated), decided per request from measured costs:
 
 - an encoder costs its queue plus these images, at its measured seconds per image, plus a hop;
-- the worker costs these images at its own seconds per image, paid by every sequence it is running too,
-  since they all wait while its step encodes.
+- the worker costs these images at its own seconds per image, paid by every request it holds too
+  (running or waiting), since they all wait while its step encodes.
+
+Queues are the last heartbeat's plus what this router sent since (`recent_*`: heartbeats lag a second,
+and a burst would otherwise all look free).
 
 Whichever predicts less wins (`auto`); `always` and `never` fix the choice. Unmeasured costs borrow the
 other side's figure (same model, likely the same kind of machine); with none at all the encoder is tried, which
@@ -27,7 +30,14 @@ def seconds_per_image(info: InstanceInfo | None) -> float | None:
     return info.counters.get("image_encode_seconds", 0.0) / images if images else None
 
 
-def use_encoder(mode: str, num_images: int, encoder: InstanceInfo | None, worker: InstanceInfo | None) -> bool:
+def use_encoder(
+    mode: str,
+    num_images: int,
+    encoder: InstanceInfo | None,
+    worker: InstanceInfo | None,
+    recent_encoder: int = 0,
+    recent_worker: int = 0,
+) -> bool:
     if encoder is None or mode == "never":
         return False
     if mode == "always":
@@ -37,8 +47,9 @@ def use_encoder(mode: str, num_images: int, encoder: InstanceInfo | None, worker
         return True
     t_encoder = t_worker if t_encoder is None else t_encoder
     t_worker = t_encoder if t_worker is None else t_worker
-    encoder_cost = (encoder.waiting + encoder.running + num_images) * t_encoder + HOP_S
-    worker_cost = num_images * t_worker * (1 + (worker.running if worker else 0))
+    encoder_cost = (encoder.waiting + encoder.running + recent_encoder + num_images) * t_encoder + HOP_S
+    held = worker.running + worker.waiting if worker else 0
+    worker_cost = num_images * t_worker * (1 + held + recent_worker)
     return encoder_cost < worker_cost
 
 

@@ -93,7 +93,9 @@ class RouterService:
         self.failures: Counter[str] = Counter()  # requests that failed, by reason
         self.attempt_errors: Counter[str] = Counter()  # forwards that did not take, by reason
         self._suspects: dict[str, float] = {}  # instance id -> monotonic time it stops being suspect
-        self.encoders = Encoders(config.encode, config.encode_timeout_s, self._suspect, self._suspects_last)
+        self.encoders = Encoders(
+            config.encode, config.encode_timeout_s, self._suspect, self._suspects_last, self.recent
+        )
         self._tasks: set[asyncio.Task] = set()
         self._sub: Any = None
         self._own_view: InstanceView | None = None

@@ -52,3 +52,15 @@ def test_the_same_image_goes_to_the_same_encoder():
     assert len(first) > 1  # images spread over the encoders
     picks = {rank_encoders(encoders[::-1], [{"hash": "ab" * 32}])[0].instance_id for _ in range(3)}
     assert picks == {rank_encoders(encoders, [{"hash": "ab" * 32}])[0].instance_id}  # order-independent
+
+
+def test_requests_waiting_on_the_worker_count_like_running_ones():
+    encoder = instance("e", "encoder", images=10, seconds=1.0)
+    assert use_encoder("auto", 1, encoder, instance("w", "prefill", waiting=2, images=10, seconds=1.0))
+    assert not use_encoder("auto", 1, encoder, instance("w", "prefill", images=10, seconds=1.0))
+
+
+def test_what_the_router_sent_since_the_last_heartbeat_counts_too():
+    encoder, worker = instance("e", "encoder", images=10, seconds=1.0), instance("w", "prefill", images=10, seconds=1.0)
+    assert use_encoder("auto", 1, encoder, worker, recent_worker=2)
+    assert not use_encoder("auto", 1, encoder, worker, recent_encoder=5, recent_worker=2)
