@@ -101,7 +101,7 @@ class EncoderService:
 
     def counters(self) -> dict[str, float]:
         stats = self.encoder.stats() if self.encoder else {"images_encoded": 0, "image_encode_seconds": 0.0}
-        return {**stats, "image_cache_hits": self.cache_hits}
+        return {**stats, "image_cache_hits": self.cache_hits, "busy_seconds": stats["image_encode_seconds"]}
 
     def info(self) -> InstanceInfo:
         return InstanceInfo(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from nats.aio.client import Client
 
-from services.router.epd import rank_encoders, use_encoder
+from services.router.epd import Side, Utilization, rank_encoders, use_encoder
 from services.router.policy import RecentForwards
 from shared import bus, subjects
 from shared.logging import get_logger
@@ -37,19 +37,23 @@ class Encoders:
         self.suspect, self.suspects_last, self.recent = suspect, suspects_last, recent
         self.counts: Counter[str] = Counter()  # requests with images, by where they were encoded
         self._watches: dict[str, list[asyncio.Event]] = {}  # set when that encoder leaves the registry
+        self.utilization = Utilization()
 
     def forget(self, instance_id: str) -> None:
         """The instance left the registry: whoever waits on it as an encoder stops waiting."""
+        self.utilization.forget(instance_id)
         for gone in self._watches.pop(instance_id, []):
             gone.set()
+
+    def _side(self, info: InstanceInfo | None) -> Side:
+        if info is None:
+            return Side(None)
+        return Side(info, self.recent.count(info.instance_id), self.utilization.of(info))
 
     async def encode(self, req: GenerateRequest, encoders: list[InstanceInfo], worker: InstanceInfo | None) -> None:
         """Put an encoder's embedding handles on `req.images`, or leave the images to the worker."""
         ranked = self.suspects_last(rank_encoders(encoders, req.images))
-        first = ranked[0] if ranked else None
-        recent_encoder = self.recent.count(first.instance_id) if first else 0
-        recent_worker = self.recent.count(worker.instance_id) if worker else 0
-        if not use_encoder(self.mode, len(req.images), first, worker, recent_encoder, recent_worker):
+        if not use_encoder(self.mode, len(req.images), self._side(ranked[0] if ranked else None), self._side(worker)):
             self.counts["worker"] += 1
             return
         for encoder in ranked[:2]:

@@ -172,6 +172,7 @@ class Worker:
             "prefix_queries": stats["prefix_queries"],
             "prefix_hits": stats["prefix_hits"],
             "preemptions": stats["preemptions"],
+            "busy_seconds": stats["busy_seconds"],
             "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
             "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
             **{key: value for key, value in stats.items() if key.startswith(("spec_", "image"))},

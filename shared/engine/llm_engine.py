@@ -72,6 +72,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.image_encoder)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.busy_seconds = 0.0  # in steps: over wall time, how busy the engine is
         self.speculator = None
         if config.speculative != "none" and config.draft_length == "fixed":
             self.speculator = Speculator(config.speculative, config.num_speculative_tokens)
@@ -208,6 +209,7 @@ class LLMEngine:
         self.handoff.hold(outputs)  # prefill role: those requests stop here, their KV kept for the hand-off
         if self.expert_balancer:
             self.expert_balancer.after_step()
+        self.busy_seconds += time.perf_counter() - started
         return outputs
 
     def _sample(
@@ -314,6 +316,7 @@ class LLMEngine:
             "prefix_queries": bm.prefix_queries,
             "prefix_hits": bm.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
+            "busy_seconds": self.busy_seconds,
             **(self.speculator.stats() if self.speculator else {}),
             **(self.expert_balancer.stats() if self.expert_balancer else {}),
             **(self.image_encoder.stats() if self.image_encoder else {}),

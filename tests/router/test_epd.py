@@ -1,12 +1,25 @@
-"""Where images are encoded (services/router/epd.py): the cost comparison and the encoder's order."""
+"""Where images are encoded (services/router/epd.py): the cost comparison, utilization from heartbeats, and
+the encoders' order."""
 
-from services.router.epd import HOP_S, rank_encoders, seconds_per_image, use_encoder
+import pytest
+
+from services.router.epd import HOP_S, MAX_UTILIZATION, Side, Utilization, rank_encoders, seconds_per_image, use_encoder
 from shared.messages import InstanceInfo
 
 
-def instance(iid: str, role: str, running: int = 0, waiting: int = 0, images: int = 0, seconds: float = 0.0):
+def instance(iid: str, role: str, running=0, waiting=0, images=0, seconds=0.0, busy=None, at=0.0) -> InstanceInfo:
     counters = {"images_encoded": images, "image_encode_seconds": seconds}
-    return InstanceInfo(iid, role, "m", 1, "h", running=running, waiting=waiting, counters=counters)
+    if busy is not None:
+        counters["busy_seconds"] = busy
+    return InstanceInfo(iid, role, "m", 1, "h", running=running, waiting=waiting, counters=counters, updated_at=at)
+
+
+def encoder(**kw) -> Side:
+    return Side(instance("e", "encoder", images=10, seconds=1.0), **kw)  # 0.1 s an image
+
+
+def worker(running=0, waiting=0, **kw) -> Side:
+    return Side(instance("w", "prefill", running, waiting, images=10, seconds=1.0), **kw)
 
 
 def test_measured_seconds_per_image():
@@ -16,34 +29,40 @@ def test_measured_seconds_per_image():
 
 
 def test_fixed_modes_and_no_encoder():
-    encoder, worker = instance("e", "encoder"), instance("w", "prefill")
-    assert use_encoder("always", 1, encoder, worker)
-    assert not use_encoder("never", 1, encoder, worker)
-    assert not use_encoder("always", 1, None, worker)
-    assert use_encoder("auto", 1, encoder, worker)  # nothing measured yet: the encoder is tried
+    fresh_encoder, fresh_worker = Side(instance("e", "encoder")), Side(instance("w", "prefill"))
+    assert use_encoder("always", 1, fresh_encoder, fresh_worker)
+    assert not use_encoder("never", 1, fresh_encoder, fresh_worker)
+    assert not use_encoder("always", 1, Side(None), fresh_worker)
+    assert use_encoder("auto", 1, fresh_encoder, fresh_worker)  # nothing measured yet: the encoder is tried
 
 
-def test_a_busy_worker_sends_images_to_the_encoder():
-    encoder = instance("e", "encoder", images=10, seconds=1.0)  # 0.1 s an image
-    idle = instance("w", "prefill", images=10, seconds=1.0)
-    busy = instance("w", "prefill", running=8, images=10, seconds=1.0)
-    assert not use_encoder("auto", 2, encoder, idle)  # same speed, no one waiting: the hop is not worth it
-    assert use_encoder("auto", 2, encoder, busy)  # 8 sequences would wait 0.2 s each
+def test_an_idle_worker_keeps_its_images_and_a_loaded_one_sends_them_away():
+    assert not use_encoder("auto", 2, encoder(), worker())  # same speed, nobody waiting: the hop is not worth it
+    assert use_encoder("auto", 2, encoder(), worker(running=1))  # its sequence would wait 0.2 s
+    assert use_encoder("auto", 2, encoder(), worker(recent=1))  # sent since its heartbeat: the same
+    assert use_encoder("auto", 1, encoder(), worker(utilization=0.5))  # 0.2 s there against 0.1 s + hop
 
 
-def test_a_queued_encoder_loses_to_an_idle_worker():
-    queued = instance("e", "encoder", waiting=30, images=10, seconds=1.0)
-    worker = instance("w", "colocated", running=2, images=10, seconds=1.0)
-    assert not use_encoder("auto", 1, queued, worker)  # 31 images ahead vs 1 image x 3 sequences
-    assert use_encoder("auto", 1, instance("e", "encoder", images=10, seconds=1.0), worker)
+def test_a_busy_encoder_loses_to_an_idle_worker():
+    assert not use_encoder("auto", 1, encoder(recent=3), worker())
+    assert not use_encoder("auto", 1, encoder(utilization=0.9), worker(running=2))  # 1 s against 0.3 s
 
 
 def test_an_unmeasured_side_borrows_the_other_ones_figure():
-    encoder = instance("e", "encoder", images=10, seconds=1.0)
-    worker = instance("w", "prefill", running=3)
-    assert use_encoder("auto", 1, encoder, worker)  # 0.1 + hop < 0.1 x 4
-    slow_hop_only = instance("e", "encoder", images=1, seconds=HOP_S)
-    assert not use_encoder("auto", 1, slow_hop_only, instance("w", "prefill"))
+    assert use_encoder("auto", 1, encoder(), Side(instance("w", "prefill", running=3)))  # 0.1 + hop < 0.1 x 4
+    hop_only = Side(instance("e", "encoder", images=1, seconds=HOP_S))
+    assert not use_encoder("auto", 1, hop_only, Side(instance("w", "prefill")))
+
+
+def test_utilization_is_busy_seconds_over_the_time_between_heartbeats():
+    u = Utilization()
+    assert u.of(instance("w", "prefill", busy=10.0, at=100.0)) == 0.0  # one heartbeat: nothing to compare
+    assert u.of(instance("w", "prefill", busy=10.6, at=101.0)) == pytest.approx(0.6)
+    assert u.of(instance("w", "prefill", busy=10.6, at=101.0)) == pytest.approx(0.6)  # the same heartbeat again
+    assert u.of(instance("w", "prefill", busy=12.6, at=102.0)) == MAX_UTILIZATION  # capped
+    assert u.of(instance("x", "prefill")) == 0.0  # reports no busy time
+    u.forget("w")
+    assert u.of(instance("w", "prefill", busy=20.0, at=110.0)) == 0.0
 
 
 def test_the_same_image_goes_to_the_same_encoder():
@@ -52,15 +71,3 @@ def test_the_same_image_goes_to_the_same_encoder():
     assert len(first) > 1  # images spread over the encoders
     picks = {rank_encoders(encoders[::-1], [{"hash": "ab" * 32}])[0].instance_id for _ in range(3)}
     assert picks == {rank_encoders(encoders, [{"hash": "ab" * 32}])[0].instance_id}  # order-independent
-
-
-def test_requests_waiting_on_the_worker_count_like_running_ones():
-    encoder = instance("e", "encoder", images=10, seconds=1.0)
-    assert use_encoder("auto", 1, encoder, instance("w", "prefill", waiting=2, images=10, seconds=1.0))
-    assert not use_encoder("auto", 1, encoder, instance("w", "prefill", images=10, seconds=1.0))
-
-
-def test_what_the_router_sent_since_the_last_heartbeat_counts_too():
-    encoder, worker = instance("e", "encoder", images=10, seconds=1.0), instance("w", "prefill", images=10, seconds=1.0)
-    assert use_encoder("auto", 1, encoder, worker, recent_worker=2)
-    assert not use_encoder("auto", 1, encoder, worker, recent_encoder=5, recent_worker=2)
