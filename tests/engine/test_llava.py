@@ -117,3 +117,34 @@ def test_engine_refuses_images_that_do_not_fit_the_prompt(llava, tiny_model_dir)
     text_engine = make_engine(load_checkpoint(str(tiny_model_dir("llama"))))
     with pytest.raises(InvalidRequestError, match="does not take images"):
         text_engine.validate([1, 2, 3], params, images)
+
+
+def test_a_hub_llava_config_that_spells_only_what_differs_from_llama():
+    """llava-1.5-7b-hf's config.json: a partial text_config (transformers' LlamaConfig fills the rest)."""
+    from shared.model_files import config_from_hf
+
+    raw = {
+        "model_type": "llava",
+        "image_token_index": 32000,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14, "hidden_size": 1024},
+        "text_config": {
+            "model_type": "llama",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-05,
+            "vocab_size": 32064,
+        },
+    }
+    config = config_from_hf(raw)
+    assert (config.architecture, config.hidden_size, config.num_hidden_layers, config.vocab_size) == (
+        "llama",
+        4096,
+        32,
+        32064,
+    )
+    assert (config.image_token_id, config.image_tokens) == (32000, 576)
+    full = config_from_hf({**raw, "vision_feature_select_strategy": "full"})
+    assert full.image_tokens == 577
+    with pytest.raises(ValueError, match="vision tower"):
+        config_from_hf({**raw, "vision_config": {"model_type": "qwen2_vl"}})
