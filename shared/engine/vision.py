@@ -10,14 +10,13 @@ SigLIP's pooling head are never used, and their tensors are skipped on load.
 """
 
 import re
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.model_files import llava_text_config
+from shared.llava_config import VisionConfig, llava_image_tokens, llava_text_config
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -26,19 +25,6 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
-# a tower's model_type -> what its config.json may leave out (transformers' config class defaults)
-TOWERS = {
-    "clip_vision_model": dict(patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-}
-TOWER_DEFAULTS = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_channels=3,
-    image_size=224,
-)
 UNUSED_LAYER = re.compile(r"vision_tower\.encoder\.layers\.(\d+)\.")
 
 
@@ -46,39 +32,6 @@ def activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
-
-
-@dataclass
-class VisionConfig:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_channels: int
-    image_size: int
-    patch_size: int
-    hidden_act: str
-    layer_norm_eps: float
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "VisionConfig":
-        kind = raw.get("model_type", "clip_vision_model")
-        if kind not in TOWERS:
-            raise ValueError(f"vision tower {kind!r} is not supported (supported: {', '.join(TOWERS)})")
-        fields = {**TOWER_DEFAULTS, **TOWERS[kind], "model_type": kind}
-        fields.update({k: raw[k] for k in fields if raw.get(k) is not None and k != "model_type"})
-        if not isinstance(fields["image_size"], int) or not isinstance(fields["patch_size"], int):
-            raise ValueError("only square images and patches are supported (image_size and patch_size ints)")
-        return cls(**fields)
-
-    @property
-    def class_token(self) -> bool:
-        return self.model_type == "clip_vision_model"
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 class VisionEmbeddings(nn.Module):
@@ -203,6 +156,7 @@ class LlavaVisionEncoder(nn.Module):
             raise ValueError(f"vision_feature_layer {layers} is out of range for a tower of {total} layers")
         self.feature_layers = [i if i >= 0 else total + 1 + i for i in layers]  # indices into the hidden states
         self.strategy = raw_config.get("vision_feature_select_strategy", "default")
+        self.image_tokens = llava_image_tokens(raw_config)
         if self.strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.strategy!r} is not supported (default, full)")
         self.image_token_id = raw_config.get("image_token_index", raw_config.get("image_token_id"))
@@ -217,7 +171,7 @@ class LlavaVisionEncoder(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.config.num_patches + self.config.class_token - (self.strategy == "default")
+        return self.image_tokens
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         states = self.vision_tower(pixel_values, self.feature_layers)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from shared.engine.vision import LlavaVisionEncoder
 from shared.images import ImageProcessorConfig, content_hash, normalize, prepare
-from shared.model_files import llava_image_tokens
+from shared.llava_config import llava_image_tokens
 
 CLIP_PROCESSOR = {  # llava-1.5's preprocessor_config.json, at a small size
     "image_processor_type": "CLIPImageProcessor",
