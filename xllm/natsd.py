@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 10.0
+MAX_PAYLOAD = 8 << 20  # bytes a message may have on the embedded server
 STOP_TIMEOUT_S = 5.0
 
 
@@ -205,7 +206,11 @@ class NatsServer:
         data.mkdir(parents=True, exist_ok=True)
         if not self._fixed_port:
             self.port = free_port(self.host)
-        args = [binary, "-a", self.host, "-p", str(self.port), "--server_name", self.name]
+        # No flag sets max_payload: a one-line config file does. 8 MB (NATS's own advice for the ceiling)
+        # leaves room for a request's images, prepared pixels travelling with it (1 MB is the default).
+        conf = root / "nats.conf"
+        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+        args = [binary, "-c", str(conf), "-a", self.host, "-p", str(self.port), "--server_name", self.name]
         if self.jetstream:
             args += ["-js", "-sd", str(data)]
         self.log_path = data / "nats-server.log"

@@ -13,6 +13,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import structlog
 
 from shared import bus, subjects
@@ -122,6 +123,16 @@ class Backend:
         except SchemaError as e:
             await self.release(attempt, abort=True)
             raise ApiError(502, f"bad reply from the router: {e}", "server_error") from None
+        except nats.errors.MaxPayloadError:  # its images, prepared, do not fit one message of this bus
+            await self.release(attempt, abort=False)
+            raise ApiError(
+                413,
+                f"the request is too large for the message bus (its limit is {self.nc.max_payload} bytes a message: "
+                "fewer or smaller images)",
+                "invalid_request_error",
+                "messages",
+                "request_too_large",
+            ) from None
         except Exception as e:  # connection closed / draining: nothing was sent
             await self.release(attempt, abort=False)
             log.warning("publish_failed", error=repr(e))

@@ -109,6 +109,28 @@ async def test_bad_images_are_refused_naming_the_part(vision_client, router, bod
     assert router.requests == []
 
 
+async def test_images_too_large_for_the_bus_get_a_413(nc, router):
+    """Prepared pixels travel in the request: past the bus's max_payload the gateway refuses it clearly."""
+    big = ImageProcessorConfig.from_dict(
+        {"size": {"shortest_edge": 1024}, "crop_size": {"height": 1024, "width": 1024}}
+    )
+    model = ModelInfo(MODEL.name, 1 << 14, 301, vision=VisionInfo(IMAGE_TOKEN, 5, big))
+    config = GatewayConfig(first_token_timeout_s=5.0, inter_token_timeout_s=5.0)
+    backend = Backend(nc, config.retry_after_s)
+    await backend.start()
+    client = TestClient(TestServer(create_app(config, FakeVisionTokenizer(), model, backend)))
+    await client.start_server()
+    try:
+        smooth = [data_url(Image.new("RGB", (64, 64), (i * 40, 0, 0))) for i in range(3)]  # 3 MiB each, prepared
+        async with client.post("/v1/chat/completions", json=chat(*smooth)) as r:
+            error = (await r.json())["error"]
+            assert r.status == 413 and "message bus" in error["message"], error
+        assert router.requests == []
+    finally:
+        await client.close()
+        await backend.close()
+
+
 async def test_a_text_only_model_refuses_images(make_client, router):
     client = await make_client()
     async with client.post("/v1/chat/completions", json=chat(data_url(picture(4)))) as r:

@@ -10,7 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from xllm.natsd import NatsServer, NatsServerError, find_nats_server
+from xllm.natsd import MAX_PAYLOAD, NatsServer, NatsServerError, find_nats_server
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +55,7 @@ async def test_sync_start_jetstream_and_stop(tmp_path) -> None:
         await js.add_stream(name="T", subjects=["t.>"])
         ack = await js.publish("t.x", b"hello")
         assert (await js.get_msg("T", ack.seq)).data == b"hello"
+        assert nc.max_payload == MAX_PAYLOAD == 8 << 20  # a request's images fit, not only the default 1 MB
         await nc.close()
         assert (tmp_path / "nats" / "jetstream").is_dir()  # state lives under <state_dir>/nats
     finally:
