@@ -25,7 +25,7 @@ from services.encoder.config import EncoderConfig
 from services.encoder.transfer import EmbeddingServer, HeldEmbeddings
 from shared import subjects
 from shared.bus import respond
-from shared.engine.loader import load_checkpoint
+from shared.engine.loader import load_vision
 from shared.engine.multimodal import ImageEncoder, build_image_encoder
 from shared.engine.system import default_dtype
 from shared.errors import ApiError, internal, invalid
@@ -79,11 +79,8 @@ class EncoderService:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         device = torch.device(self.config.device)
-        checkpoint = load_checkpoint(self.config.model)
-        encoder = build_image_encoder(checkpoint, device, default_dtype(self.config.dtype, device))
-        if encoder is None:
-            raise ValueError(f"model {self.config.model!r} takes no images: an encoder has nothing to do")
-        return encoder
+        dtype = default_dtype(self.config.dtype, device)
+        return build_image_encoder(*load_vision(self.config.model, dtype), device, dtype)
 
     async def stop(self) -> None:
         if self._heartbeater is not None:

@@ -68,7 +68,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.handoff.imported.__contains__
         )
-        self.image_encoder = build_image_encoder(ckpt, self.device, self.dtype)
+        self.image_encoder = None  # a LLaVA's vision tower and projector
+        if ckpt.vision_config is not None:
+            vision = ckpt.vision_config, ckpt.vision_weights, ckpt.path
+            self.image_encoder = build_image_encoder(*vision, self.device, self.dtype)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.image_encoder)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}

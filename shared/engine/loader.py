@@ -5,6 +5,7 @@ the model loads them with a plain state-dict copy. Finding the model, its tokeni
 shared/model_files.py's (no torch there). Nothing is ever downloaded.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,25 +51,39 @@ def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Ch
     return Checkpoint(config, weights, tokenizer, defaults, str(path), vision_config, vision_weights)
 
 
+def load_vision(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """Only a LLaVA's vision tower and projector: (config.json, their tensors, the folder). What an encoder
+    service loads: the language model's tensors are never read."""
+    path = resolve_model(name_or_path)
+    raw = read_json(path / "config.json") if path.is_dir() else {}
+    if raw.get("model_type") != "llava":
+        raise ValueError(f"model {name_or_path!r} takes no images (not a LLaVA folder): nothing to encode")
+    return raw, load_safetensors(path, dtype, keep=lambda name: not _language_model(name)), str(path)
+
+
+def _language_model(name: str) -> bool:
+    return name.removeprefix("model.").startswith("language_model.") or name.startswith("lm_head.")
+
+
 def split_llava(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A LLaVA checkpoint's tensors -> (the language model's under a causal LM's names, the rest). Saved files
     spell `language_model.model.*` and `language_model.lm_head.*`; transformers 5 in memory `model.language_model.*`
     and `lm_head.*`."""
     text, vision = {}, {}
     for name, tensor in weights.items():
-        bare = name.removeprefix("model.")
-        if bare.startswith("language_model."):
-            bare = bare.removeprefix("language_model.")
-            text[bare if bare.startswith(("model.", "lm_head.")) else f"model.{bare}"] = tensor
-        elif name.startswith("lm_head."):
-            text[name] = tensor
-        else:
+        if not _language_model(name):
             vision[name] = tensor
+            continue
+        bare = name.removeprefix("model.").removeprefix("language_model.")
+        text[bare if bare.startswith(("model.", "lm_head.")) else f"model.{bare}"] = tensor
     return text, vision
 
 
-def load_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, one tensor in memory at a time."""
+def load_safetensors(
+    path: Path, dtype: torch.dtype, keep: Callable[[str], bool] = lambda name: True
+) -> dict[str, torch.Tensor]:
+    """The tensors `keep` names (all by default) of a (possibly sharded) safetensors checkpoint, one tensor in
+    memory at a time."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -80,7 +95,7 @@ def load_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     for file in files:
         with safe_open(path / file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer
+                if name.endswith("rotary_emb.inv_freq") or not keep(name):  # old checkpoints saved that buffer
                     continue
                 tensor = f.get_tensor(name)
                 weights[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor

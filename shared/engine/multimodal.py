@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from shared.engine.errors import InvalidRequestError
-from shared.engine.loader import Checkpoint
 from shared.engine.vision import LlavaVisionEncoder
 from shared.images import ImageProcessorConfig, content_hash, normalize
 
@@ -167,11 +166,10 @@ def image_rows(
     return torch.cat(rows).to(device), torch.cat(embeds)
 
 
-def build_image_encoder(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> ImageEncoder | None:
-    """A LLaVA checkpoint's vision tower and projector, with its folder's image preprocessing; None for a
-    text-only model."""
-    if checkpoint.vision_config is None:
-        return None
-    encoder = LlavaVisionEncoder.build(checkpoint.vision_config, checkpoint.vision_weights, device, dtype)
-    processor = ImageProcessorConfig.from_dir(checkpoint.path)
-    return ImageEncoder(encoder, processor, checkpoint.config.image_token_id)
+def build_image_encoder(
+    config: dict, weights: dict[str, torch.Tensor], path: str, device: torch.device, dtype: torch.dtype
+) -> ImageEncoder:
+    """A LLaVA's vision tower and projector (its config.json and their tensors), with its folder's image
+    preprocessing."""
+    encoder = LlavaVisionEncoder.build(config, weights, device, dtype)
+    return ImageEncoder(encoder, ImageProcessorConfig.from_dir(path), encoder.image_token_id)

@@ -46,7 +46,9 @@ def reference(tiny_llava_dir):
     """The engine's own image encoder for the same model: what a worker computes itself."""
     from shared.engine.multimodal import build_image_encoder
 
-    return build_image_encoder(load_checkpoint(str(tiny_llava_dir)), torch.device("cpu"), torch.float32)
+    ckpt = load_checkpoint(str(tiny_llava_dir))
+    vision = ckpt.vision_config, ckpt.vision_weights, ckpt.path
+    return build_image_encoder(*vision, torch.device("cpu"), torch.float32)
 
 
 async def test_embeddings_read_by_shared_memory_and_tcp_equal_the_engines(encoder, nc, reference):
@@ -97,3 +99,13 @@ async def test_an_evicted_image_reads_as_gone(nats_server, nc, tiny_llava_dir):
         assert await read_embeddings({**old, "host": "127.0.0.1"}, "another-host") is None
     finally:
         await service.stop()
+
+
+def test_an_encoder_reads_only_the_vision_tensors(tiny_llava_dir, tiny_model_dir):
+    from shared.engine.loader import load_vision
+
+    raw, weights, _ = load_vision(str(tiny_llava_dir))
+    assert raw["model_type"] == "llava" and any(n.startswith("multi_modal_projector.") for n in weights)
+    assert not [n for n in weights if "language_model" in n or n.startswith("lm_head")]
+    with pytest.raises(ValueError, match="takes no images"):
+        load_vision(str(tiny_model_dir("llama")))
