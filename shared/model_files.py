@@ -93,6 +93,15 @@ def load_tokenizer(name_or_path: str) -> tuple[Tokenizer, ModelConfig]:
     return hf_tokenizer_and_config(path, raw, generation)
 
 
+def takes_images(name_or_path: str) -> bool:
+    """Whether the model is a vision-language one (a LLaVA folder); False for one that cannot be found."""
+    try:
+        path = resolve_model(name_or_path)
+    except FileNotFoundError:
+        return False
+    return path.is_dir() and read_json(path / "config.json").get("model_type") == "llava"
+
+
 def load_generation_defaults(name_or_path: str) -> dict:
     """The model's sampling defaults (generation_config.json of a Hugging Face folder; a GGUF has none)."""
     path = resolve_model(name_or_path)

@@ -24,6 +24,7 @@ from services.router.epd import ENCODE_MODES
 from shared.config import opt
 from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS
 from shared.logging import LOG_LEVELS
+from shared.model_files import takes_images
 from xllm.natsd import NatsServer, NatsServerError
 
 log = structlog.get_logger()
@@ -65,6 +66,10 @@ class UpConfig:
     enable_eplb: bool = opt(False, "rebalance experts while serving (with --expert-parallel)")
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
+
+    def validate(self) -> None:
+        if self.encoder and not takes_images(self.model):
+            raise ValueError(f"--encoder needs a model that takes images (a LLaVA folder); {self.model!r} does not")
 
 
 @dataclass
