@@ -22,6 +22,9 @@ class WorkerConfig:
     max_num_seqs: int = opt(64, "sequences running at once", min=1)
     max_num_batched_tokens: int = opt(2048, "tokens per engine step (chunked prefill budget)", min=16)
     max_model_len: int | None = opt(None, "context length (default: the model's)", min=2)
+    max_encoder_tokens: int | None = opt(
+        None, "image tokens encoded in one step, which stalls it (default: --max-num-batched-tokens)", min=1
+    )
     enable_prefix_caching: bool = opt(True, "reuse KV of shared prompt prefixes")
     num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)", min=1)
     speculative: str = opt(
@@ -62,6 +65,7 @@ class WorkerConfig:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            max_encoder_tokens=self.max_encoder_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads,
             speculative=self.speculative if speculate else "none",

@@ -57,6 +57,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None = the model's context length
+    max_encoder_tokens: int | None = None  # image tokens encoded a step (None: max_num_batched_tokens)
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0

@@ -65,13 +65,18 @@ class LLMEngine:
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, on_kv_event)
         self.handoff = Handoff(self)  # prefill -> decode: held prefills, KV imports
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.handoff.imported.__contains__
-        )
         self.image_encoder = None  # a LLaVA's vision tower and projector
         if ckpt.vision_config is not None:
             vision = ckpt.vision_config, ckpt.vision_weights, ckpt.path
             self.image_encoder = build_image_encoder(*vision, self.device, self.dtype)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.handoff.imported.__contains__,
+            config.max_encoder_tokens,
+            self.image_encoder.needs_encoding if self.image_encoder else lambda image: False,
+        )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.image_encoder)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}

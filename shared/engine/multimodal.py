@@ -92,6 +92,10 @@ class ImageEncoder:
         height, width = self.processor.output_size
         return height, width, 3
 
+    def needs_encoding(self, image: ImageInput) -> bool:
+        """Whether reaching the image would cost an encoding (its embeddings neither with it nor cached)."""
+        return image.embeds is None and image.hash not in self.cache
+
     def encode(self, images: list[ImageInput]) -> None:
         """Give each image its embeddings: from the cache, else encoded here, all in one batch."""
         todo: dict[str, list[ImageInput]] = {}

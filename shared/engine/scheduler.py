@@ -1,4 +1,6 @@
-"""Who runs this step: continuous batching under a token budget, chunked prefill, preemption.
+"""Who runs this step: continuous batching under a token budget, chunked prefill, preemption, and a
+budget of image tokens to encode (an image is encoded whole when a chunk first reaches it, which stalls the
+step: a chunk that would reach one image too many stops just before it).
 
 Each step gives every running sequence the tokens it still needs (one for a decode, a chunk for a
 prefill in progress), then admits waiting sequences while the budget and `max_num_seqs` allow.
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.engine.block_manager import BlockManager
+from shared.engine.multimodal import ImageInput
 from shared.engine.sequence import Sequence, SequenceStatus
 
 
@@ -33,8 +36,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         imported: Callable[[Sequence], bool] = lambda seq: False,
+        max_encoder_tokens: int | None = None,
+        needs_encoding: Callable[[ImageInput], bool] = lambda image: image.embeds is None,
     ):
         self.block_manager = block_manager
+        self.max_encoder_tokens = max_encoder_tokens or max_num_batched_tokens  # image tokens encoded a step
+        self.needs_encoding = needs_encoding
         self.imported = imported  # whether a sequence's KV was written from outside (a prefill worker's)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -54,12 +61,15 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
+        self._encoding = 0  # image tokens this step encodes
         scheduled: list[ScheduledSeq] = []
         preempted = False
         for seq in sorted(self.running, key=Sequence.sort_key):
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if num_new == 0:
+                continue
             num_drafts = self._fit_drafts(seq, num_new, budget)
             num_new += num_drafts
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
@@ -76,8 +86,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table:
                 self.block_manager.allocate_prefix(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+            num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if num_new == 0 or not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 # Hold no cached blocks while waiting, but keep KV imported from a prefill worker (it
                 # would be recomputed) unless nothing runs that could free blocks for it.
                 if not self.imported(seq) or not self.running:
@@ -89,6 +99,20 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return scheduled
+
+    def _fit_images(self, seq: Sequence, num_new: int) -> int:
+        """The chunk cut just before the first image it would have to encode past this step's encoder budget
+        (the step's first image always fits: an image is encoded whole); counts what it encodes."""
+        start = seq.num_computed_tokens
+        for image in seq.images:  # in prompt order
+            if image.offset >= start + num_new:
+                break
+            if image.offset + image.length <= start or not self.needs_encoding(image):
+                continue  # passed, or its embeddings are at hand (an image under way keeps them)
+            if self._encoding and self._encoding + image.length > self.max_encoder_tokens:
+                return image.offset - start
+            self._encoding += image.length
+        return num_new
 
     def _fit_drafts(self, seq: Sequence, num_new: int, budget: int) -> int:
         """Keep as many of a decode's draft tokens as the budget and the free blocks allow, leaving a block

@@ -50,7 +50,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # set by the engine for seeded requests
         self.stop_checker = None  # set by the engine: detokenizes and checks stop strings
-        self.images = images or []  # the prompt's images, by their placeholder spans
+        self.images = sorted(images or [], key=lambda image: image.offset)  # the prompt's, by placeholder span
         # the prompt as the prefix cache keys it (None: as it is, no images)
         self.prompt_keys = cache_keys(prompt_token_ids, [i.span for i in self.images]) if self.images else None
 

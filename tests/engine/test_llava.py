@@ -148,3 +148,26 @@ def test_a_hub_llava_config_that_spells_only_what_differs_from_llama():
     assert full.image_tokens == 577
     with pytest.raises(ValueError, match="vision tower"):
         config_from_hf({**raw, "vision_config": {"model_type": "qwen2_vl"}})
+
+
+def encoded_per_step(engine, ids, images, n: int) -> tuple[list[int], list[int]]:
+    """Images encoded at each step of one request, and its tokens."""
+    engine.validate(ids, greedy(n), images)
+    engine.add_request("r", ids, greedy(n), images=images)
+    per_step, tokens = [], []
+    while engine.has_unfinished_requests():
+        before = engine.image_encoder.images_encoded
+        for out in engine.step():
+            tokens += out.outputs[0].token_ids
+        per_step.append(engine.image_encoder.images_encoded - before)
+    return per_step, tokens
+
+
+def test_an_encoder_budget_spreads_a_prompts_images_over_steps_and_keeps_the_output(llava):
+    ids, images, _ = chat_prompt(llava, "Compare these.", [12, 13])
+    unbounded, expected = encoded_per_step(make_engine(llava), ids, images, 8)
+    assert unbounded[0] == 2  # both in the first step
+    ids, images, _ = chat_prompt(llava, "Compare these.", [12, 13])
+    per_step, tokens = encoded_per_step(make_engine(llava, max_encoder_tokens=16), ids, images, 8)
+    assert per_step[:2] == [1, 1] and sum(per_step) == 2  # one image (16 tokens) a step
+    assert tokens == expected
