@@ -210,7 +210,7 @@ class NatsServer:
         # leaves room for a request's images, prepared pixels travelling with it (1 MB is the default).
         conf = root / "nats.conf"
         conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-        args = [binary, "-c", str(conf), "-a", self.host, "-p", str(self.port), "--server_name", self.name]
+        args = [binary, "-a", self.host, "-p", str(self.port), "--server_name", self.name, "-c", str(conf)]
         if self.jetstream:
             args += ["-js", "-sd", str(data)]
         self.log_path = data / "nats-server.log"
