@@ -27,6 +27,7 @@ from services.router.config import RouterConfig
 from services.worker.config import WorkerConfig
 from shared.config import ENV_PREFIX, load_config
 from xllm import cli
+from xllm.natsd import MAX_PAYLOAD
 from xllm.up import UpConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +221,11 @@ def test_nats_runs_jetstream_on_a_volume(compose):
     assert any(isinstance(m, str) and m.split(":")[1] == store for m in nats.get("volumes", [])), (
         f"the JetStream store {store} must be a volume"
     )
+    # Its config file is the repo's deploy/nats.conf, which allows the messages the embedded NATS allows.
+    conf = command[command.index("-c") + 1]
+    source = next(m.split(":")[0] for m in nats["volumes"] if isinstance(m, str) and m.split(":")[1] == conf)
+    text = (ROOT / source).read_text()
+    assert re.search(r"^max_payload: 8MB$", text, re.M) and MAX_PAYLOAD == 8 << 20
 
 
 # ---- the services' commands ------------------------------------------------------------------------
