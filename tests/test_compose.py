@@ -360,3 +360,13 @@ def test_k8s_example_runs_the_same_topology_with_valid_commands(monkeypatch, cap
             assert config.host == "0.0.0.0" and probe == config.port, name
         if service in ("prefill", "decode"):
             assert config.num_threads and probe == config.metrics_port, name
+
+
+def test_k8s_nats_allows_the_messages_compose_and_xllm_up_allow():
+    with (ROOT / "deploy" / "k8s" / "xllm.yaml").open() as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
+    assert config["data"]["xllm.conf"].strip() == "max_payload: 8MB"
+    nats = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    assert nats["containers"][0]["args"][:2] == ["-c", "/etc/nats/xllm.conf"]
+    assert {"name": "config", "configMap": {"name": "nats-config"}} in nats["volumes"]
