@@ -13,13 +13,11 @@ images were encoded, how long an image took there and how many the encoder's cac
 
 import argparse
 import asyncio
-import json
 import random
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from xllm.bench.client import Target
 from xllm.bench.local_system import System, start_system, stop_system
@@ -34,38 +32,21 @@ LAYOUTS = {
 
 
 def build_model(out: Path) -> Path:
-    import transformers as tf
-
     from shared.model_files import smollm2_gguf
     from shared.tokenizer import Tokenizer
-    from tests.engine.llava_model import PROCESSOR, build_tiny_llava
+    from tests.engine.llava_model import build_tiny_llava
 
-    build_tiny_llava(out, Tokenizer.from_gguf(smollm2_gguf()))  # tokenizer, template and files to overwrite
-    config = json.loads((out / "config.json").read_text())
-    vision = tf.CLIPVisionConfig(
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        image_size=224,
-        patch_size=16,
-    )
-    text = tf.LlamaConfig(
+    vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, patch_size=16)
+    text = dict(
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=30,
         num_attention_heads=9,
         num_key_value_heads=3,
-        vocab_size=config["text_config"]["vocab_size"],
         max_position_embeddings=2048,
         tie_word_embeddings=True,
     )
-    llava = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=config["image_token_index"])
-    torch.manual_seed(0)
-    tf.LlavaForConditionalGeneration(llava).save_pretrained(out)
-    size = {"shortest_edge": 224}, {"height": 224, "width": 224}
-    (out / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "size": size[0], "crop_size": size[1]}))
-    return out
+    return build_tiny_llava(out, Tokenizer.from_gguf(smollm2_gguf()), vision, text, image_size=224)
 
 
 def instance_figures(system: System) -> dict:

@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from services.worker.shm import DTYPES, attach_if_there, destroy, tensor_view
+from shared.engine.multimodal import ImageInput
 
 log = structlog.get_logger()
 
@@ -119,6 +120,16 @@ async def read_embeddings(handle: dict, local_host: str, timeout_s: float = 10.0
     except (OSError, KeyError, TypeError, ValueError, TimeoutError) as e:
         log.warning("embedding_read_failed", error=f"{type(e).__name__}: {e}", encoder=handle.get("host"))
         return None
+
+
+async def attach_embeddings(images: list[ImageInput], parts: list[dict], local_host: str, hidden_size: int) -> None:
+    """Give each image (ImageInput) whose request part (ImageRef) carries an encoder's handle those embeddings,
+    when they can be read and have the right shape; the engine encodes the others itself."""
+    for image, part in zip(images, parts):
+        if part.get("embedding"):
+            embeds = await read_embeddings(part["embedding"], local_host)
+            if embeds is not None and tuple(embeds.shape) == (image.length, hidden_size):
+                image.embeds = embeds
 
 
 async def _fetch(handle: dict, shape: tuple, dtype: str) -> torch.Tensor | None:

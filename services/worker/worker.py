@@ -21,12 +21,14 @@ from typing import ClassVar
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.encoder.transfer import read_embeddings
+from services.encoder.transfer import attach_embeddings
 from services.worker.async_engine import AsyncEngine, EngineDeadError, EngineLostError, RequestAborted
 from services.worker.config import WorkerConfig
-from shared import bus, subjects
+from services.worker.kv_events import publish_kv_events
+from services.worker.telemetry import heartbeat_counters, watch_engine
+from shared import subjects
 from shared.bus import ensure_streams, respond
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
@@ -34,25 +36,15 @@ from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
 from shared.errors import ApiError, internal, invalid, overloaded
 from shared.logging import bind_request
-from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, KvEvent, SchemaError, StreamChunk
-from shared.metrics import LATENCY_BUCKETS, ExpertBalanceCollector, SpeculationCollector
+from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, SchemaError, StreamChunk
+from shared.metrics import LATENCY_BUCKETS
 from shared.registry import Heartbeater, InstanceRegistry
-from shared.retry import retry
 from shared.service import main
 
 log = structlog.get_logger()
 
 ABORTS_KEPT = 10_000  # aborted request ids remembered: a request or hand-off may arrive after its abort
 DRAIN_S = 30.0  # at stop, how long requests in flight get to finish
-ENGINE_GAUGES = {
-    "running": "sequences running",
-    "waiting": "sequences waiting",
-    "free_blocks": "free KV blocks",
-    "total_blocks": "KV blocks in all",
-    "prefix_hits": "prompt blocks found in the prefix cache",
-    "prefix_queries": "prompt blocks looked up in the prefix cache",
-    "preemptions": "sequences preempted",
-}
 
 
 class Worker:
@@ -66,7 +58,6 @@ class Worker:
         self.engine: AsyncEngine | None = None
         self.tasks: set[asyncio.Task] = set()
         self.aborted: OrderedDict[str, None] = OrderedDict()  # the last ABORTS_KEPT aborted request ids
-        self.kv_seq = 0
         self.metrics = CollectorRegistry()
         self.requests_total = Counter(
             "xllm_worker_requests_total", "requests by outcome", ["outcome"], registry=self.metrics
@@ -93,16 +84,9 @@ class Worker:
         await ensure_streams(js)
         events: asyncio.Queue = asyncio.Queue()
         self.engine = await self._load_engine(events)
-        for key, help_text in ENGINE_GAUGES.items():
-            Gauge(f"xllm_worker_{key}", help_text, registry=self.metrics).set_function(
-                lambda k=key: self.engine.stats[k]
-            )
-        if self.engine.speculative != "none":
-            self.metrics.register(SpeculationCollector(self.engine.speculative, lambda: self.engine.stats))
-        if "eplb_imbalance" in self.engine.stats:
-            self.metrics.register(ExpertBalanceCollector(lambda: self.engine.stats))
+        watch_engine(self.metrics, lambda: self.engine.stats, self.engine.speculative)
         await self.start_data_plane()
-        self._publisher = asyncio.create_task(self._publish_kv_events(js, events))
+        self._publisher = asyncio.create_task(publish_kv_events(js, self.instance_id, events))
         self._subs = [
             await nc.subscribe(subjects.worker_generate(self.instance_id), cb=self.on_generate),
             await nc.subscribe(subjects.ABORT, cb=self.on_abort),
@@ -162,22 +146,9 @@ class Worker:
             total_blocks=stats["total_blocks"],
             block_size=self.config.block_size,
             data_plane=self.data_plane(),
-            counters=self.counters(),
+            counters=heartbeat_counters(stats, self.metrics),
             updated_at=time.time(),
         )
-
-    def counters(self) -> dict[str, float]:
-        stats, sample = self.engine.stats, self.metrics.get_sample_value
-        return {
-            "prefix_queries": stats["prefix_queries"],
-            "prefix_hits": stats["prefix_hits"],
-            "preemptions": stats["preemptions"],
-            "busy_seconds": stats["busy_seconds"],
-            "kv_transfer_bytes": sample("xllm_kv_transfer_bytes_total"),
-            "kv_transfer_seconds": sample("xllm_kv_transfer_seconds_sum"),
-            **{key: value for key, value in stats.items() if key.startswith(("spec_", "image"))},
-            **{key: stats[key] for key in ("eplb_rebalances", "eplb_move_seconds") if key in stats},
-        }
 
     # ---- role hooks (overridden by prefill / decode) --------------------------------------------
     async def start_data_plane(self) -> None: ...
@@ -221,11 +192,7 @@ class Worker:
     async def _admit(self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]) -> None:
         """Read the embeddings an encoder computed for the request's images (EPD), then run it. An image whose
         embeddings cannot be read is encoded here, from its pixels."""
-        for image, part in zip(images, req.images):
-            if part.get("embedding"):
-                embeds = await read_embeddings(part["embedding"], self.host)
-                if embeds is not None and tuple(embeds.shape) == (image.length, self.engine.hidden_size):
-                    image.embeds = embeds
+        await attach_embeddings(images, req.images, self.host, self.engine.hidden_size)
         await self.run_request(req, params, images)
 
     async def run_request(self, req: GenerateRequest, params: SamplingParams, images: list[ImageInput]) -> None:
@@ -306,22 +273,6 @@ class Worker:
         task = asyncio.create_task(run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    # ---- prefix-cache events ------------------------------------------------------------------
-    async def _publish_kv_events(self, js, events: asyncio.Queue) -> None:
-        subject = subjects.kv_events(self.instance_id)
-        await self._publish_kv(js, subject, KvEvent(self.instance_id, 0, "cleared"))
-        while True:
-            event, hashes, parent = await events.get()
-            await self._publish_kv(js, subject, KvEvent(self.instance_id, 0, event, hashes, parent))
-
-    async def _publish_kv(self, js, subject: str, event: KvEvent) -> None:
-        """Publish in order, riding out a NATS outage: a lost event would cost the index this instance's
-        entries (it sees the gap). The msg id drops a retry whose first try landed."""
-        self.kv_seq += 1
-        event.seq = self.kv_seq
-        msg_id = f"{self.instance_id}:{event.seq}"
-        await retry(lambda: bus.publish(js, subject, event, msg_id=msg_id), "kv_event_publish")
 
 
 def run_worker(worker_cls: type[Worker], argv: Sequence[str] | None, prog: str) -> int:

@@ -18,7 +18,7 @@ from shared.engine.kv_handoff import Handoff
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner, split_rows
-from shared.engine.multimodal import ImageInput, build_image_encoder
+from shared.engine.multimodal import ImageInput, image_encoder_of
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
@@ -26,6 +26,7 @@ from shared.engine.sequence import Request, Sequence
 from shared.engine.speculative import Speculator
 from shared.engine.stop_checker import StopChecker
 from shared.engine.system import default_dtype, kv_cache_bytes
+from shared.engine.validation import validate_request
 from shared.messages import SeqOutput
 
 
@@ -65,10 +66,7 @@ class LLMEngine:
         num_blocks = max(2, kv_cache_bytes(config, self.device) // block_bytes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, on_kv_event)
         self.handoff = Handoff(self)  # prefill -> decode: held prefills, KV imports
-        self.image_encoder = None  # a LLaVA's vision tower and projector
-        if ckpt.vision_config is not None:
-            vision = ckpt.vision_config, ckpt.vision_weights, ckpt.path
-            self.image_encoder = build_image_encoder(*vision, self.device, self.dtype)
+        self.image_encoder = image_encoder_of(ckpt, self.device, self.dtype)  # a LLaVA's tower and projector
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -81,19 +79,7 @@ class LLMEngine:
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.busy_seconds = 0.0  # in steps: over wall time, how busy the engine is
-        self.speculator = None
-        if config.speculative != "none" and config.draft_length == "fixed":
-            self.speculator = Speculator(config.speculative, config.num_speculative_tokens)
-        elif config.speculative != "none":
-            max_tokens = min(
-                config.max_num_batched_tokens,
-                num_blocks * config.block_size,
-                self.max_model_len,
-                config.max_num_seqs * (config.num_speculative_tokens + 1),
-            )
-            self.speculator = Speculator.calibrated(
-                config.speculative, config.num_speculative_tokens, max_tokens, self.runner, self.block_manager
-            )
+        self.speculator = Speculator.from_config(config, self.max_model_len, self.runner, self.block_manager)
 
     def close(self) -> None:
         """Release what outlives the object: an expert-parallel group's processes."""
@@ -103,34 +89,8 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, images: list[ImageInput] = ()) -> None:
-        """Raise InvalidRequestError for a request this engine cannot run (`params` checked themselves when
-        they were made); reads only limits fixed at start."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if images and self.image_encoder is None:
-            raise InvalidRequestError(f"model {self.model_config.name!r} does not take images", "messages")
-        if self.image_encoder is not None:
-            self.image_encoder.check(prompt_token_ids, list(images))
-        vocab = self.model_config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        max_tokens = params.max_tokens or 1
-        if len(prompt_token_ids) + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the request "
-                f"has {len(prompt_token_ids)} prompt tokens and asks for {max_tokens} more",
-                "max_tokens",
-            )
-        if params.n > self.config.max_num_seqs:
-            raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs}", "n")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            if any(not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab})", name)
-        need = -(-(len(prompt_token_ids) + max_tokens) // self.config.block_size)
-        if need > self.block_manager.num_blocks:
-            raise InvalidRequestError(
-                f"the request needs {need} KV blocks; the cache has {self.block_manager.num_blocks}", "max_tokens"
-            )
+        """InvalidRequestError unless this engine can run the request (shared/engine/validation.py)."""
+        validate_request(self, prompt_token_ids, params, images)
 
     def add_request(
         self,

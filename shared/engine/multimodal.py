@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from shared.engine.errors import InvalidRequestError
+from shared.engine.loader import Checkpoint
 from shared.engine.vision import LlavaVisionEncoder
 from shared.images import ImageProcessorConfig, content_hash, normalize
 
@@ -177,3 +178,10 @@ def build_image_encoder(
     preprocessing."""
     encoder = LlavaVisionEncoder.build(config, weights, device, dtype)
     return ImageEncoder(encoder, ImageProcessorConfig.from_dir(path), encoder.image_token_id)
+
+
+def image_encoder_of(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> ImageEncoder | None:
+    """A checkpoint's image encoder; None for a text-only model."""
+    if checkpoint.vision_config is None:
+        return None
+    return build_image_encoder(checkpoint.vision_config, checkpoint.vision_weights, checkpoint.path, device, dtype)

@@ -40,33 +40,34 @@ PROCESSOR = {
 }
 
 
-def build_tiny_llava(out: Path, text_tokenizer: Tokenizer) -> Path:
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=14)
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+
+
+def build_tiny_llava(
+    out: Path,
+    text_tokenizer: Tokenizer,
+    vision: dict = TINY_VISION,
+    text: dict = TINY_TEXT,
+    image_size: int = IMAGE_SIZE,
+) -> Path:
+    """The folder; `vision` / `text` are CLIPVisionConfig / LlamaConfig fields (a benchmark sizes them up)."""
     import transformers as tf
 
     tok = HFTokenizer.from_str(text_tokenizer.tokenizer.to_str())
     tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
     image_token_id = tok.token_to_id(IMAGE_TOKEN)
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=14,
-        projection_dim=32,
-    )
-    text = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        vocab_size=tok.get_vocab_size(with_added_tokens=True),
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    vision = tf.CLIPVisionConfig(**vision, image_size=image_size)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    text = tf.LlamaConfig(**text, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id)
     torch.manual_seed(11)
     model = tf.LlavaForConditionalGeneration(config).eval()
@@ -89,7 +90,8 @@ def build_tiny_llava(out: Path, text_tokenizer: Tokenizer) -> Path:
         "chat_template": LLAVA_CHAT,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
+    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    (out / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, **sizes}, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return out
 

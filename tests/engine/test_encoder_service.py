@@ -44,11 +44,9 @@ async def encode(nc, images: list[dict], instance: str = "encoder-test") -> Enco
 @pytest.fixture(scope="module")
 def reference(tiny_llava_dir):
     """The engine's own image encoder for the same model: what a worker computes itself."""
-    from shared.engine.multimodal import build_image_encoder
+    from shared.engine.multimodal import image_encoder_of
 
-    ckpt = load_checkpoint(str(tiny_llava_dir))
-    vision = ckpt.vision_config, ckpt.vision_weights, ckpt.path
-    return build_image_encoder(*vision, torch.device("cpu"), torch.float32)
+    return image_encoder_of(load_checkpoint(str(tiny_llava_dir)), torch.device("cpu"), torch.float32)
 
 
 async def test_embeddings_read_by_shared_memory_and_tcp_equal_the_engines(encoder, nc, reference):

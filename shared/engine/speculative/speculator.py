@@ -3,6 +3,7 @@
 import time
 
 from shared.engine.block_manager import BlockManager
+from shared.engine.config import EngineConfig
 from shared.engine.model_runner import ModelRunner
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
@@ -28,6 +29,24 @@ class Speculator:
         self.drafted = 0  # draft tokens scored
         self.accepted = 0  # of those, emitted
         self.verifications = 0  # sequence-steps that scored drafts
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig, max_model_len: int, runner: ModelRunner, block_manager: BlockManager
+    ) -> "Speculator | None":
+        """The speculator an engine's config asks for: none, one drafting all that is proposed, or one whose
+        draft lengths adapt, calibrated on the most tokens a step of this engine can hold."""
+        if config.speculative == "none":
+            return None
+        if config.draft_length == "fixed":
+            return cls(config.speculative, config.num_speculative_tokens)
+        max_tokens = min(
+            config.max_num_batched_tokens,
+            block_manager.num_blocks * config.block_size,
+            max_model_len,
+            config.max_num_seqs * (config.num_speculative_tokens + 1),
+        )
+        return cls.calibrated(config.speculative, config.num_speculative_tokens, max_tokens, runner, block_manager)
 
     @classmethod
     def calibrated(
