@@ -44,6 +44,7 @@ class ApiError(Exception):
             "type": self.type,
             "param": self.param,
             "code": self.code,
+            "retry_after": self.retry_after,
         }
 
     @classmethod
@@ -61,7 +62,7 @@ class ApiError(Exception):
             wire["message"],
             kind or _default_type(status),
             **fields,
-            retry_after=retry_after if status in RETRIABLE else None,
+            retry_after=_seconds(wire.get("retry_after"), retry_after) if status in RETRIABLE else None,
         )
 
 
@@ -88,6 +89,11 @@ def internal(message: str) -> ApiError:
 def aborted() -> ApiError:
     """499 (nginx's "client closed request"): the client went away, so the request was dropped."""
     return ApiError(499, "the request was aborted", "server_error", None, "aborted")
+
+
+def _seconds(sent: Any, default: int | None) -> int | None:
+    """The Retry-After the sender set (a whole number of seconds), else `default`."""
+    return sent if isinstance(sent, int) and not isinstance(sent, bool) and sent >= 0 else default
 
 
 def _default_type(status: int) -> str:

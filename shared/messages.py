@@ -150,6 +150,10 @@ class InstanceInfo(Message):
     # cumulative: prefix_queries, prefix_hits (blocks), preemptions, kv_transfer_bytes, kv_transfer_seconds
     counters: dict[str, float] = field(default_factory=dict)
     updated_at: float = 0.0
+    # Step-cost model (shared/cost_model.py: step, seq, token, attention seconds), {} until fitted, and the load
+    # it prices: decode_seqs, decode_context_tokens, prefill_tokens, prefill_seconds, max_batched_tokens.
+    cost: dict[str, float] = field(default_factory=dict)
+    load: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

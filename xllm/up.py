@@ -40,6 +40,15 @@ class UpConfig:
     mode: str = opt(
         "disaggregated", "disaggregated (prefill -> decode) or colocated", choices=("disaggregated", "colocated")
     )
+    router_mode: str = opt(
+        "auto",
+        "disaggregated mode: per request, prefill -> decode or whole on a decode worker, by predicted cost (auto), "
+        "or always prefill -> decode (disaggregated)",
+        choices=("auto", "disaggregated"),
+    )
+    slo_ttft_ms: float | None = opt(None, "time-to-first-token target (router paths and admission; gateway)", min=1)
+    slo_tpot_ms: float | None = opt(None, "time-per-output-token target (the same)", min=0.1)
+    cost_profile: str | None = opt(None, "step costs `xllm profile` saved, for every worker's first predictions")
     prefill: int = opt(1, "prefill workers (disaggregated mode)", min=1)
     decode: int = opt(1, "decode workers (disaggregated) or colocated workers", min=1)
     encoder: int = opt(0, "multimodal encoder services (EPD: images encoded apart from the prefill)", min=0)
@@ -86,8 +95,9 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     py = [sys.executable, "-m"]
     common = flags(nats=nats_url, log_level=config.log_level)
     roles = ["prefill"] * config.prefill + ["decode"] * config.decode
+    router_mode = config.router_mode
     if config.mode == "colocated":
-        roles = ["colocated"] * config.decode
+        roles, router_mode = ["colocated"] * config.decode, "auto"
     # Every worker may use every core: on 2 cores, 2 threads per worker beat 1 each for prefill +
     # decode, bursty and steady alike (prefill and decode phases rarely peak together).
     threads = config.worker_threads or (os.cpu_count() or 1)
@@ -101,6 +111,8 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     )
     if config.enable_eplb:
         worker_args.append("--enable-eplb")
+    slo = flags(**given(slo_ttft_ms=config.slo_ttft_ms, slo_tpot_ms=config.slo_tpot_ms))
+    worker_args += flags(**given(cost_profile=config.cost_profile))
     speculation = flags(
         speculative=config.speculative,
         num_speculative_tokens=config.num_speculative_tokens,
@@ -108,7 +120,7 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     )
     services = [
         Service("kvcache", [*py, "services.kvcache", *common]),
-        Service("router", [*py, "services.router", *common, *flags(encode=config.encode)]),
+        Service("router", [*py, "services.router", *common, *flags(encode=config.encode, mode=router_mode), *slo]),
     ]
     for i in range(config.encoder):
         own = flags(model=config.model, num_threads=threads, instance_id=f"encoder-{i}-{os.getpid()}")
@@ -119,8 +131,13 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         services.append(Service(name, [*py, f"services.{role}", *common, *worker_args, *own]))
     gateway = flags(model=config.model, host=config.host, port=config.port)
     env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}  # not on the command line
-    services.append(Service("gateway", [*py, "services.gateway", *common, *gateway], env))
+    services.append(Service("gateway", [*py, "services.gateway", *common, *gateway, *slo], env))
     return services
+
+
+def given(**values: object) -> dict[str, object]:
+    """The keyword arguments that are not None."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def flags(**values: object) -> list[str]:

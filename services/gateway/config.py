@@ -34,6 +34,8 @@ class GatewayConfig:
     max_images: int = opt(8, "images per request", min=1)
     image_fetch_timeout_s: float = opt(10.0, "seconds to download an http(s) image URL", min=0.01)
     allow_image_urls: bool = opt(True, "fetch http(s) image URLs (else only data: URLs are taken)")
+    slo_ttft_ms: float | None = opt(None, "time-to-first-token target: completed requests count as met or not", min=1)
+    slo_tpot_ms: float | None = opt(None, "time-per-output-token target, counted the same way", min=0.1)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
 
     def image_limits(self) -> ImageLimits:

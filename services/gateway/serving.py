@@ -83,6 +83,7 @@ class _Run:
         self.request, self.gw, self.parsed, self.rid, self.arrival = request, gw, parsed, rid, arrival
         self.created = int(time.time())
         self.col = R.Collector(parsed.params.n, len(parsed.prompt_token_ids), keep=not parsed.stream)
+        self.first_output: float | None = None
         self.last_output: float | None = None
 
     def restart(self) -> None:
@@ -192,6 +193,7 @@ class _Run:
         now = time.monotonic()
         m = self.gw.metrics
         if self.last_output is None:
+            self.first_output = now
             m.ttft.observe(now - self.arrival)
         else:
             m.inter_token.observe(now - self.last_output)
@@ -201,5 +203,9 @@ class _Run:
     def _done(self) -> None:
         m = self.gw.metrics
         m.e2e.observe(time.monotonic() - self.arrival)
+        if self.first_output is not None:
+            per_choice = self.col.completion_tokens / self.parsed.params.n
+            tpot = (self.last_output - self.first_output) / max(1.0, per_choice - 1)
+            m.record_slo(self.first_output - self.arrival, tpot, self.gw.config.slo_ttft_ms, self.gw.config.slo_tpot_ms)
         m.cached_tokens.inc(self.col.cached_tokens)
         log.info("request_finished", completion_tokens=self.col.completion_tokens, cached_tokens=self.col.cached_tokens)

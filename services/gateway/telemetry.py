@@ -23,6 +23,18 @@ class GatewayMetrics:
     generation_tokens: Counter
     cached_tokens: Counter
     running: Gauge
+    slo: Counter  # labels: outcome
+
+    def record_slo(self, ttft_s: float, tpot_s: float, ttft_ms: float | None, tpot_ms: float | None) -> None:
+        """A completed request against the SLO targets (ms), when any is set: met, or which it missed."""
+        if ttft_ms is None and tpot_ms is None:
+            return
+        missed = [
+            name
+            for name, value, target in (("ttft", ttft_s, ttft_ms), ("tpot", tpot_s, tpot_ms))
+            if target is not None and value * 1000 > target
+        ]
+        self.slo.labels("missed_" + "_".join(missed) if missed else "met").inc()
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "GatewayMetrics":
@@ -50,6 +62,12 @@ class GatewayMetrics:
                 registry=r,
             ),
             running=Gauge("xllm_gateway_running_requests", "generation requests in flight in the gateway", registry=r),
+            slo=Counter(
+                "xllm_gateway_slo_requests_total",
+                "completed requests against --slo-ttft-ms / --slo-tpot-ms: met (goodput), or the targets missed",
+                ["outcome"],
+                registry=r,
+            ),
         )
 
 

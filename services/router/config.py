@@ -17,7 +17,7 @@ class RouterConfig:
     nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
     mode: str = opt(
         "auto",
-        "serving path; auto = prefill->decode when both roles are up, else colocated",
+        "serving path; auto = per request, prefill->decode or whole on one instance, from predicted costs",
         choices=MODES,
         env="XLLM_ROUTER_MODE",
     )
@@ -34,6 +34,13 @@ class RouterConfig:
     )
     max_inflight: int = opt(
         1024, "requests being routed at once; more get 429 at once", min=1, env="XLLM_ROUTER_MAX_INFLIGHT"
+    )
+    slo_ttft_ms: float | None = opt(
+        None, "time-to-first-token target: paths are chosen to meet it, and online requests that cannot get 429", min=1
+    )
+    slo_tpot_ms: float | None = opt(None, "time-per-output-token target the chosen path must keep", min=0.1)
+    slo_reject_factor: float = opt(
+        1.0, "refuse an online request (429) only when its predicted TTFT passes the target x this", min=1.0
     )
     encode: str = opt(
         "auto",

@@ -1,7 +1,7 @@
 """Which instances a request may go to, and in what order: the router's pluggable ranking.
 
     path = choose_path(config.mode, instances)          # "colocated" | "disaggregated" | None
-    ranked = await policy.rank(candidates, request)      # best first
+    ranked = await policy.rank(candidates, request)      # best first (= order(.., cached_tokens(..)))
 
 A policy only orders the candidates it is given; the service has already dropped instances that are
 not "ready", of the wrong role, or over the waiting cap. Scores are "load units" (about one queued
@@ -51,36 +51,53 @@ def choose_path(mode: str, instances: Iterable[InstanceInfo]) -> str | None:
 
 
 class Policy(Protocol):
-    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+    async def cached_tokens(self, instances: list[InstanceInfo], request: GenerateRequest) -> dict[str, int]:
+        """Per instance id, how many of the prompt's tokens it holds in its prefix cache (as far as known)."""
+        ...
+
+    def order(
+        self, instances: list[InstanceInfo], request: GenerateRequest, cached: dict[str, int]
+    ) -> list[InstanceInfo]:
         """All of `instances`, best first."""
+        ...
+
+    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+        """`order` with what `cached_tokens` finds."""
         ...
 
 
 class RecentForwards:
-    """Per instance, how many requests this router sent it in the last `window_s` seconds."""
+    """Per instance, what this router sent it in the last `window_s` seconds: how many requests, and the
+    prompt tokens and predicted prefill seconds they carry (work its heartbeat does not show yet)."""
 
     def __init__(self, window_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.window_s = window_s
         self.clock = clock
-        self._times: dict[str, deque[float]] = {}
+        self._sent: dict[str, deque[tuple[float, int, float]]] = {}  # (time, tokens, seconds)
 
-    def record(self, instance_id: str) -> None:
-        self._times.setdefault(instance_id, deque()).append(self.clock())
+    def record(self, instance_id: str, tokens: int = 0, seconds: float = 0.0) -> None:
+        self._sent.setdefault(instance_id, deque()).append((self.clock(), tokens, seconds))
+
+    def _window(self, instance_id: str) -> deque[tuple[float, int, float]]:
+        sent = self._sent.get(instance_id, deque())
+        horizon = self.clock() - self.window_s
+        while sent and sent[0][0] < horizon:
+            sent.popleft()
+        return sent
 
     def count(self, instance_id: str) -> int:
-        times = self._times.get(instance_id)
-        if not times:
-            return 0
-        horizon = self.clock() - self.window_s
-        while times and times[0] < horizon:
-            times.popleft()
-        return len(times)
+        return len(self._window(instance_id))
+
+    def work(self, instance_id: str) -> tuple[int, float]:
+        """Prompt tokens and predicted prefill seconds sent to the instance within the window."""
+        sent = self._window(instance_id)
+        return sum(tokens for _, tokens, _ in sent), sum(seconds for _, _, seconds in sent)
 
     def retain(self, instance_ids: Iterable[str]) -> None:
         """Forget instances that left the registry (keeps memory bounded)."""
         keep = set(instance_ids)
-        for iid in [i for i in self._times if i not in keep]:
-            del self._times[iid]
+        for iid in [i for i in self._sent if i not in keep]:
+            del self._sent[iid]
 
 
 @dataclass
@@ -110,8 +127,16 @@ class LeastLoadedPolicy:
     def score(self, info: InstanceInfo) -> float:
         return load_score(info, self.recent.count(info.instance_id), self.weights)
 
-    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+    async def cached_tokens(self, instances: list[InstanceInfo], request: GenerateRequest) -> dict[str, int]:
+        return {}
+
+    def order(
+        self, instances: list[InstanceInfo], request: GenerateRequest, cached: dict[str, int]
+    ) -> list[InstanceInfo]:
         return sorted(instances, key=lambda i: (self.score(i), self.rng.random()))
+
+    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
+        return self.order(instances, request, await self.cached_tokens(instances, request))
 
 
 KvQueryFn = Callable[[KvQuery], Awaitable[KvQueryReply]]
@@ -139,12 +164,15 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
         self.queries = 0
         self.fallbacks = 0  # queries that failed: ranked by load alone
 
-    async def rank(self, instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
-        cached = await self._cached_share(instances, request)
-        bonus = {iid: self.prefix_weight * share for iid, share in cached.items()}
+    def order(
+        self, instances: list[InstanceInfo], request: GenerateRequest, cached: dict[str, int]
+    ) -> list[InstanceInfo]:
+        block_size = instances[0].block_size if instances else 0
+        full = len(request.prompt_token_ids) // block_size * block_size if block_size > 0 else 0  # cacheable
+        bonus = {iid: self.prefix_weight * tokens / full for iid, tokens in cached.items() if full}
         return sorted(instances, key=lambda i: (self.score(i) - bonus.get(i.instance_id, 0.0), self.rng.random()))
 
-    async def _cached_share(self, instances: list[InstanceInfo], request: GenerateRequest) -> dict[str, float]:
+    async def cached_tokens(self, instances: list[InstanceInfo], request: GenerateRequest) -> dict[str, int]:
         if not instances:
             return {}
         block_size = instances[0].block_size
@@ -161,6 +189,4 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
             self.fallbacks += 1
             log.warning("kv_query_failed", error=f"{type(e).__name__}: {e}", fallback="least-loaded")
             return {}
-        if reply.num_blocks <= 0:
-            return {}
-        return {iid: min(n, reply.num_blocks) / reply.num_blocks for iid, n in reply.matches.items()}
+        return {iid: min(n, reply.num_blocks) * block_size for iid, n in reply.matches.items()}

@@ -35,10 +35,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
+from services.router.adaptive import Slo, prefill_seconds, slo_refusal
+from services.router.adaptive import plan as choose
 from services.router.config import RouterConfig
 from services.router.encoders import Encoders
 from services.router.policy import (
-    DISAGGREGATED,
     PATH_ROLES,
     READY,
     LeastLoadedPolicy,
@@ -92,6 +93,9 @@ class RouterService:
         self.retries = 0  # forwards after the first one of a request
         self.failures: Counter[str] = Counter()  # requests that failed, by reason
         self.attempt_errors: Counter[str] = Counter()  # forwards that did not take, by reason
+        self.paths: Counter[str] = Counter()  # requests by the path they took (or "refused" by the TTFT target)
+        ms = (config.slo_ttft_ms, config.slo_tpot_ms)
+        self.slo = Slo(*(None if v is None else v / 1000 for v in ms), config.slo_reject_factor)
         self._suspects: dict[str, float] = {}  # instance id -> monotonic time it stops being suspect
         self.encoders = Encoders(
             config.encode, config.encode_timeout_s, self._suspect, self._suspects_last, self.recent
@@ -124,6 +128,7 @@ class RouterService:
             "failures": dict(self.failures),
             "attempt_errors": dict(self.attempt_errors),
             "encodes": dict(self.encoders.counts),
+            "paths": dict(self.paths),
             "instances": len(self.instances),
             "inflight": len(self._tasks),
         }
@@ -211,21 +216,29 @@ class RouterService:
                         "overloaded",
                         overloaded(f"every {role} instance has {cap} or more waiting requests; retry later"),
                     )
-            ranked = self._suspects_last(await self.policy.rank(pool, req))
-            entry = [i.instance_id for i in ranked if i.role == roles[0] and i.instance_id not in tried]
+            cached = await self.policy.cached_tokens(pool, req)
+            ranked = self._suspects_last(self.policy.order(pool, req, cached))
+            n = len(req.prompt_token_ids)
+            plan = choose(path, ranked, n, cached, self.recent.work, self.slo, req.priority, self.config.mode == "auto")
+            if plan.retry_after_s is not None and not tried:
+                self.paths["refused"] += 1
+                return self._fail(req, "slo", slo_refusal(plan, self.slo))
+            entry = [i for i in plan.entry if i.instance_id not in tried]
             if req.images and not tried:
                 encoders = [i for i in self.instances if i.role == "encoder" and i.state == READY]
-                await self.encoders.encode(req, encoders, next((i for i in ranked if i.role == roles[0]), None))
-            decode = next(i.instance_id for i in ranked if i.role == "decode") if path == DISAGGREGATED else None
-            for iid in entry[: self.config.max_attempts - len(refusals)]:
+                await self.encoders.encode(req, encoders, entry[0] if entry else None)
+            decode = plan.decode.instance_id if plan.decode else None
+            for info in entry[: self.config.max_attempts - len(refusals)]:
+                iid = info.instance_id
                 req.attempt, req.decode_instance = first_attempt + len(refusals), decode
                 if refusals:
                     self.retries += 1
-                refusal = await self._forward(iid, req)
+                refusal = await self._forward(iid, req, prefill_seconds(info, n, cached.get(iid, 0)))
                 if refusal is None:
                     self.routed += 1
+                    self.paths[plan.path] += 1
                     taken = [iid, decode] if decode else [iid]
-                    log.info("routed", instances=taken, attempt=req.attempt, priority=req.priority)
+                    log.info("routed", instances=taken, attempt=req.attempt, priority=req.priority, path=plan.path)
                     return RouteReply(req.request_id, instances=taken)
                 if not refusal.retry:
                     return self._fail(req, "rejected", refusal.error)
@@ -238,9 +251,9 @@ class RouterService:
             return self._fail(req, "overloaded", overloaded(f"every instance tried is overloaded ({tried_reasons})"))
         return self._fail(req, "unavailable", unavailable(f"no instance took the request ({tried_reasons})"))
 
-    async def _forward(self, iid: str, req: GenerateRequest) -> Refusal | None:
-        """Send `req` to one instance; None when it took it."""
-        self.recent.record(iid)
+    async def _forward(self, iid: str, req: GenerateRequest, prefill_s: float = 0.0) -> Refusal | None:
+        """Send `req` to one instance, whose prefill of it is predicted to take `prefill_s`; None when it took it."""
+        self.recent.record(iid, len(req.prompt_token_ids), prefill_s)
         try:
             ack = await bus.request(self.nc, subjects.worker_generate(iid), req, Ack, timeout=self.config.ack_timeout_s)
         except bus.NoResponders:

@@ -46,6 +46,9 @@ class WorkerConfig:
     )
     enable_eplb: bool = opt(False, "rebalance experts over the group while serving, when the load drifts and it pays")
     eplb_interval_steps: int = opt(32, "engine steps between expert-load samples and rebalancing decisions", min=1)
+    cost_profile: str | None = opt(
+        None, "step costs `xllm profile` measured: the router predicts with them before this worker has run"
+    )
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
@@ -76,4 +79,5 @@ class WorkerConfig:
             expert_parallel_address=self.expert_parallel_address,
             enable_eplb=self.enable_eplb,
             eplb_interval_steps=self.eplb_interval_steps,
+            cost_profile=self.cost_profile,
         )

@@ -148,6 +148,8 @@ class Worker:
             data_plane=self.data_plane(),
             counters=heartbeat_counters(stats, self.metrics),
             updated_at=time.time(),
+            cost=stats["cost"],
+            load={**asdict(stats["load"]), "max_batched_tokens": self.config.max_num_batched_tokens},
         )
 
     # ---- role hooks (overridden by prefill / decode) --------------------------------------------

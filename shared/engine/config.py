@@ -69,3 +69,4 @@ class EngineConfig:
     expert_parallel_address: str | None = None  # HOST:PORT to meet ranks started on other hosts; None: start here
     enable_eplb: bool = False  # rebalance experts over the group while serving (shared/engine/expert_balancer.py)
     eplb_interval_steps: int = 32  # steps between load samples (and rebalancing decisions)
+    cost_profile: str | None = None  # a file `xllm profile` wrote: seeds the step-cost fit (shared/cost_model.py)

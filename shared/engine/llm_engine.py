@@ -6,7 +6,7 @@ prefill -> decode hand-off is `self.handoff` (kv_handoff.py).
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,7 @@ from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
 from shared.engine.expert_balancer import start_expert_parallel
 from shared.engine.kv_handoff import Handoff
+from shared.engine.load import Load, step_costs, step_sample
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
 from shared.engine.model_runner import ModelRunner, split_rows
@@ -79,6 +80,7 @@ class LLMEngine:
         self.eos_token_ids = list(ckpt.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.busy_seconds = 0.0  # in steps: over wall time, how busy the engine is
+        self.costs, self.load = step_costs(config.cost_profile), Load()  # what steps cost; the work queued
         self.speculator = Speculator.from_config(config, self.max_model_len, self.runner, self.block_manager)
 
     def close(self) -> None:
@@ -160,7 +162,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        started = time.perf_counter()
+        started, sample = time.perf_counter(), step_sample(batch)
         logits, sampling = self.runner.run(batch, self.handoff.layer_hook(batch))
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens - s.num_draft_tokens
@@ -177,7 +179,10 @@ class LLMEngine:
         self.handoff.hold(outputs)  # prefill role: those requests stop here, their KV kept for the hand-off
         if self.expert_balancer:
             self.expert_balancer.after_step()
-        self.busy_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.busy_seconds += seconds
+        self.costs.observe(replace(sample, seconds=seconds))
+        self.load = Load.of(self.scheduler, self.costs.model)
         return outputs
 
     def _sample(
@@ -285,6 +290,8 @@ class LLMEngine:
             "prefix_hits": bm.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
             "busy_seconds": self.busy_seconds,
+            "cost": self.costs.model.to_dict() if self.costs.model else {},
+            "load": self.load,
             **(self.speculator.stats() if self.speculator else {}),
             **(self.expert_balancer.stats() if self.expert_balancer else {}),
             **(self.image_encoder.stats() if self.image_encoder else {}),

@@ -14,7 +14,7 @@ def test_encoders_are_planned_with_the_model_and_the_router_gets_the_encode_mode
     services = {s.name: s.argv for s in plan(config, "nats://x:4222")}
     encoders = [argv for name, argv in services.items() if name.startswith("encoder-")]
     assert len(encoders) == 2 and all("services.encoder" in a and str(tmp_path) in a for a in encoders)
-    assert services["router"][-2:] == ["--encode", "always"]
+    assert services["router"][-4:-2] == ["--encode", "always"]
 
 
 def test_an_encoder_for_a_model_that_takes_no_images_is_refused_at_once(capsys):
