@@ -28,10 +28,10 @@ def test_each_step_is_a_sample_and_the_load_counts_prompts_left_and_decodes(ckpt
     load = engine.stats()["load"]
     assert (load.decode_seqs, load.decode_context_tokens) == (1, 41)  # r0 decodes, holding 40 + 1 tokens
     assert load.prefill_tokens == 16 + 40  # the rest of r1, all of r2
-    engine.step()  # r0's decode (1 token after 41), the rest of r1 (16 after 24), all of r2
+    engine.step()  # r0's decode (its 41st token), the rest of r1 (16 after 24), all of r2
     sample = engine.costs.recent[-1]
     assert (sample.seqs, sample.tokens) == (3, 1 + 16 + 40)
-    assert sample.attention == 1 * 42 + 16 * 40 + 40 * 40
+    assert sample.attention == 1 * 41 + 16 * 40 + 40 * 40
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.stats()["load"].prefill_tokens == 0 and engine.stats()["load"].decode_seqs == 0
