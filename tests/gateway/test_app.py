@@ -15,6 +15,7 @@ from services.gateway.app import GATEWAY
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.server import GatewayService
+from services.gateway.telemetry import GatewayMetrics
 from shared.engine.config import ModelConfig
 from shared.messages import InstanceInfo, SeqOutput
 from shared.registry import InstanceRegistry
@@ -243,6 +244,17 @@ async def test_router_errors_become_http_statuses(client, router, code, kind) ->
     await assert_serves(client)
 
 
+async def test_a_refusal_by_the_ttft_target_keeps_the_routers_retry_after(client, router) -> None:
+    async def refuse(r: ScriptedRouter, req) -> None:
+        error = {"message": "past the target", "type": "overloaded", "status": 429, "code": "slo_unattainable"}
+        await r.send(req, finished=True, error={**error, "retry_after": 7}, instance="")
+
+    router.script = refuse
+    async with client.post("/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 429 and resp.headers["Retry-After"] == "7"
+        assert (await resp.json())["error"]["code"] == "slo_unattainable"
+
+
 async def test_error_after_first_output_is_an_sse_event(client, router) -> None:
     async def fail_midway(r: ScriptedRouter, req) -> None:
         await r.send(req, [SeqOutput(0, [10], "H")])
@@ -399,6 +411,24 @@ async def test_metrics(client, router) -> None:
     assert f"xllm_gateway_prompt_tokens_total {prompt}" in text
     assert "xllm_gateway_generation_tokens_total 11" in text
     assert "xllm_gateway_running_requests 0" in text
+    assert "xllm_gateway_slo_requests_total{" not in text  # no targets set: nothing counted
+
+
+async def test_slo_outcomes_are_counted_against_the_targets(make_client, router) -> None:
+    client = await make_client(slo_ttft_ms=60_000, slo_tpot_ms=60_000)
+    await assert_serves(client)
+    async with client.get("/metrics") as resp:
+        assert 'xllm_gateway_slo_requests_total{outcome="met"} 1.0' in await resp.text()
+    metrics = GatewayMetrics.create()
+    metrics.record_slo(0.2, 0.05, ttft_ms=500, tpot_ms=None)
+    metrics.record_slo(0.7, 0.05, ttft_ms=500, tpot_ms=40)
+    metrics.record_slo(0.7, 0.01, ttft_ms=500, tpot_ms=40)
+    metrics.record_slo(0.7, 0.01, ttft_ms=None, tpot_ms=None)  # no targets: not counted
+    counts = {
+        o: metrics.registry.get_sample_value("xllm_gateway_slo_requests_total", {"outcome": o})
+        for o in ("met", "missed_ttft", "missed_ttft_tpot")
+    }
+    assert counts == {"met": 1, "missed_ttft": 1, "missed_ttft_tpot": 1}
 
 
 # --- the official openai client ---------------------------------------------------------------------
