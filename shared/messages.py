@@ -154,6 +154,7 @@ class InstanceInfo(Message):
     # it prices: decode_seqs, decode_context_tokens, prefill_tokens, prefill_seconds, max_batched_tokens.
     cost: dict[str, float] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
+    roles: list[str] = field(default_factory=list)  # a mixed worker: the roles it can be switched to ([]: fixed)
 
 
 @dataclass
@@ -258,6 +259,15 @@ class Ack(Message):
     instance_id: str
     ok: bool = True
     error: dict[str, Any] | None = None  # ApiError.to_wire(), as in StreamChunk.error
+
+
+@dataclass
+class RoleChange(Message):
+    """Router -> mixed worker: act as `role` from now on (answered with an Ack)."""
+
+    kind: ClassVar[str] = "role_change"
+    instance_id: str
+    role: str
 
 
 @dataclass

@@ -41,6 +41,11 @@ def worker_kv(instance_id: str) -> str:
     return f"xllm.worker.{instance_id}.kv"
 
 
+def worker_role(instance_id: str) -> str:
+    """A mixed worker's role switch (RoleChange -> Ack)."""
+    return f"xllm.worker.{instance_id}.role"
+
+
 def encoder_encode(instance_id: str) -> str:
     return f"xllm.encoder.{instance_id}.encode"
 

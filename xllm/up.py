@@ -38,7 +38,10 @@ class UpConfig:
     port: int = opt(8000, "gateway HTTP port", min=0, max=65535)
     model: str = opt("smollm2", "GGUF file, Hugging Face folder, or a known short name")
     mode: str = opt(
-        "disaggregated", "disaggregated (prefill -> decode) or colocated", choices=("disaggregated", "colocated")
+        "disaggregated",
+        "disaggregated (prefill -> decode), mixed (the same, each worker switched between prefill and decode by the "
+        "router as the load asks: needs --slo-ttft-ms / --slo-tpot-ms), or colocated",
+        choices=("disaggregated", "mixed", "colocated"),
     )
     router_mode: str = opt(
         "auto",
@@ -49,7 +52,7 @@ class UpConfig:
     slo_ttft_ms: float | None = opt(None, "time-to-first-token target (router paths and admission; gateway)", min=1)
     slo_tpot_ms: float | None = opt(None, "time-per-output-token target (the same)", min=0.1)
     cost_profile: str | None = opt(None, "step costs `xllm profile` saved, for every worker's first predictions")
-    prefill: int = opt(1, "prefill workers (disaggregated mode)", min=1)
+    prefill: int = opt(1, "prefill workers (disaggregated mode; mixed: how many start as prefill)", min=1)
     decode: int = opt(1, "decode workers (disaggregated) or colocated workers", min=1)
     encoder: int = opt(0, "multimodal encoder services (EPD: images encoded apart from the prefill)", min=0)
     encode: str = opt(
@@ -77,6 +80,11 @@ class UpConfig:
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
     def validate(self) -> None:
+        if self.mode == "mixed" and self.slo_ttft_ms is None and self.slo_tpot_ms is None:
+            raise ValueError(
+                "--mode mixed switches workers between roles to meet SLO targets: give --slo-ttft-ms "
+                "and/or --slo-tpot-ms"
+            )
         if self.encoder and not takes_images(self.model):
             raise ValueError(f"--encoder needs a model that takes images (a LLaVA folder); {self.model!r} does not")
 
@@ -96,6 +104,9 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     common = flags(nats=nats_url, log_level=config.log_level)
     roles = ["prefill"] * config.prefill + ["decode"] * config.decode
     router_mode = config.router_mode
+    initial = [flags(initial_role=role) if config.mode == "mixed" else [] for role in roles]
+    if config.mode == "mixed":
+        roles = ["mixed"] * len(roles)
     if config.mode == "colocated":
         roles, router_mode = ["colocated"] * config.decode, "auto"
     # Every worker may use every core: on 2 cores, 2 threads per worker beat 1 each for prefill +
@@ -127,7 +138,7 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         services.append(Service(f"encoder-{i}", [*py, "services.encoder", *common, *own]))
     for i, role in enumerate(roles):
         name = f"{role}-{i}"
-        own = flags(instance_id=f"{name}-{os.getpid()}") + (speculation if role != "prefill" else [])
+        own = flags(instance_id=f"{name}-{os.getpid()}") + initial[i] + (speculation if role != "prefill" else [])
         services.append(Service(name, [*py, f"services.{role}", *common, *worker_args, *own]))
     gateway = flags(model=config.model, host=config.host, port=config.port)
     env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}  # not on the command line

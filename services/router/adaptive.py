@@ -39,6 +39,10 @@ class Slo:
     tpot_s: float | None = None
     reject_factor: float = 1.0  # refuse an online request whose predicted TTFT exceeds ttft_s x this
 
+    @classmethod
+    def from_ms(cls, ttft_ms: float | None, tpot_ms: float | None, reject_factor: float = 1.0) -> "Slo":
+        return cls(*(None if ms is None else ms / 1000 for ms in (ttft_ms, tpot_ms)), reject_factor)
+
 
 @dataclass
 class Estimate:

@@ -190,3 +190,10 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
             log.warning("kv_query_failed", error=f"{type(e).__name__}: {e}", fallback="least-loaded")
             return {}
         return {iid: min(n, reply.num_blocks) * block_size for iid, n in reply.matches.items()}
+
+
+def make_policy(name: str, query: KvQueryFn, recent: RecentForwards, prefix_weight: float) -> Policy:
+    """The policy `--policy` names: "prefix-aware" (asking the kvcache service with `query`) or "least-loaded"."""
+    if name == "prefix-aware":
+        return PrefixAwarePolicy(query, recent, LoadWeights(), prefix_weight)
+    return LeastLoadedPolicy(recent)

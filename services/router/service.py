@@ -42,13 +42,12 @@ from services.router.encoders import Encoders
 from services.router.policy import (
     PATH_ROLES,
     READY,
-    LeastLoadedPolicy,
-    LoadWeights,
     Policy,
-    PrefixAwarePolicy,
     RecentForwards,
     choose_path,
+    make_policy,
 )
+from services.router.roles import RoleSwitcher
 from shared import bus, subjects
 from shared.errors import ApiError, invalid, overloaded, unavailable
 from shared.instance_view import InstanceView
@@ -88,14 +87,14 @@ class RouterService:
         self.config = config
         self.view = view
         self.recent = RecentForwards(config.recent_window_s)
-        self.policy = policy or self._make_policy()
+        self.policy = policy or make_policy(config.policy, self._query_kv, self.recent, config.prefix_weight)
         self.routed = 0  # requests an instance took
         self.retries = 0  # forwards after the first one of a request
         self.failures: Counter[str] = Counter()  # requests that failed, by reason
         self.attempt_errors: Counter[str] = Counter()  # forwards that did not take, by reason
         self.paths: Counter[str] = Counter()  # requests by the path they took (or "refused" by the TTFT target)
-        ms = (config.slo_ttft_ms, config.slo_tpot_ms)
-        self.slo = Slo(*(None if v is None else v / 1000 for v in ms), config.slo_reject_factor)
+        self.slo = Slo.from_ms(config.slo_ttft_ms, config.slo_tpot_ms, config.slo_reject_factor)
+        self.switcher = RoleSwitcher(self.slo)  # mixed instances between the prefill and decode pools
         self._suspects: dict[str, float] = {}  # instance id -> monotonic time it stops being suspect
         self.encoders = Encoders(
             config.encode, config.encode_timeout_s, self._suspect, self._suspects_last, self.recent
@@ -106,16 +105,9 @@ class RouterService:
         self.metrics = CollectorRegistry()
         self.metrics.register(StatsCollector("xllm_router", self.stats))
 
-    def _make_policy(self) -> Policy:
-        if self.config.policy == "prefix-aware":
-
-            async def query(q: KvQuery) -> KvQueryReply:
-                return await bus.request(
-                    self.nc, subjects.KVCACHE_QUERY, q, KvQueryReply, timeout=self.config.kv_query_timeout_s
-                )
-
-            return PrefixAwarePolicy(query, self.recent, LoadWeights(), self.config.prefix_weight)
-        return LeastLoadedPolicy(self.recent)
+    async def _query_kv(self, q: KvQuery) -> KvQueryReply:
+        timeout = self.config.kv_query_timeout_s
+        return await bus.request(self.nc, subjects.KVCACHE_QUERY, q, KvQueryReply, timeout=timeout)
 
     @property
     def instances(self) -> list[InstanceInfo]:
@@ -129,6 +121,7 @@ class RouterService:
             "attempt_errors": dict(self.attempt_errors),
             "encodes": dict(self.encoders.counts),
             "paths": dict(self.paths),
+            "role_switches": dict(self.switcher.switches),
             "instances": len(self.instances),
             "inflight": len(self._tasks),
         }
@@ -161,14 +154,22 @@ class RouterService:
         self.recent.retain(i.instance_id for i in self.instances)
         self._suspects.pop(instance_id, None)
         self.encoders.forget(instance_id)
+        self.switcher.forget(instance_id)
 
     # -- request handling ---------------------------------------------------------------------------
 
     async def _on_message(self, msg: Msg) -> None:
         # nats-py runs a subscription's callbacks one at a time: route each request in its own task.
-        task = asyncio.create_task(self._handle(msg, overflow=len(self._tasks) >= self.config.max_inflight))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        overflow = len(self._tasks) >= self.config.max_inflight
+        for work in (self._handle(msg, overflow), *self._switch()):
+            task = asyncio.create_task(work)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _switch(self) -> list:
+        """The role switch of a mixed instance to make now, if the pools call for one (services/router/roles.py)."""
+        switch = self.switcher.look(self.instances)
+        return [self.switcher.apply(self.nc, switch)] if switch else []
 
     async def _handle(self, msg: Msg, overflow: bool = False) -> None:
         try:

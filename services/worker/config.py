@@ -9,7 +9,7 @@ from shared.logging import LOG_LEVELS
 
 @dataclass
 class WorkerConfig:
-    """An engine worker (colocated, prefill or decode role)."""
+    """An engine worker (colocated, prefill, decode or mixed role)."""
 
     nats: str = opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
     model: str = opt("smollm2", "GGUF file, Hugging Face folder, or a known short name")
@@ -48,6 +48,9 @@ class WorkerConfig:
     eplb_interval_steps: int = opt(32, "engine steps between expert-load samples and rebalancing decisions", min=1)
     cost_profile: str | None = opt(
         None, "step costs `xllm profile` measured: the router predicts with them before this worker has run"
+    )
+    initial_role: str = opt(
+        "decode", "mixed workers: the role it acts as until a router switches it", choices=("prefill", "decode")
     )
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
