@@ -1,12 +1,15 @@
 """What an engine step costs, in seconds, fitted to measured steps: the model the router predicts TTFT and TPOT
 with (xLLM's: TTFT quadratic in the prompt length, TPOT linear in batch and batch x context).
 
-    step_seconds = c_step + c_seq * sequences + c_token * tokens + c_attention * sum(new tokens x context)
+    step_seconds = c_step + c_seq * sequences + c_token * tokens
+                   + c_attention * sum over prompt chunks of (new tokens x context) + c_context * decode context
 
 A prefill of n tokens alone is then c_step + c_seq + c_token * n + c_attention * n^2; a decode step of B
-sequences holding L tokens in all is c_step + (c_seq + c_token) * B + c_attention * L. Every coefficient is
-kept >= 0 (the best non-negative fit over subsets of the features), weighted by relative error so short
-decode steps count as much as long prefills.
+sequences holding L tokens in all is c_step + (c_seq + c_token) * B + c_context * L. Attention is priced
+apart for the two because it is not the same work: a prompt chunk's is compute (every new token against
+every earlier one), a decode's is reading the KV it holds. Every coefficient is kept >= 0 (the best
+non-negative fit over subsets of the features), weighted by relative error so short decode steps count as
+much as long prefills.
 
 `StepCosts` fits online: samples from `xllm profile` (a saved file) as the prior, plus the engine's latest
 steps. Torch-free: the router uses the same model on the coefficients workers report in their heartbeats.
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = ("step", "seq", "token", "attention")
+FEATURES = ("step", "seq", "token", "attention", "context")
 MIN_SAMPLES = 16  # steps seen before a fit is trusted
 REFIT_EVERY = 32  # steps between refits
 WINDOW = 512  # recent steps the online fit keeps
@@ -29,15 +32,17 @@ WINDOW = 512  # recent steps the online fit keeps
 
 @dataclass
 class StepSample:
-    """One engine step: sequences scheduled, tokens scored, sum of new tokens x context, and its seconds."""
+    """One engine step: sequences scheduled, tokens scored, sum of new tokens x context over its prompt chunks,
+    the tokens its decodes hold, and its seconds."""
 
     seqs: int
     tokens: int
     attention: int
+    context: int
     seconds: float
 
     def features(self) -> list[float]:
-        return [1.0, float(self.seqs), float(self.tokens), float(self.attention)]
+        return [1.0, float(self.seqs), float(self.tokens), float(self.attention), float(self.context)]
 
 
 @dataclass
@@ -48,9 +53,13 @@ class CostModel:
     seq: float = 0.0
     token: float = 0.0
     attention: float = 0.0
+    context: float = 0.0
 
-    def step_seconds(self, seqs: int, tokens: int, attention: int) -> float:
-        return self.step + self.seq * seqs + self.token * tokens + self.attention * attention
+    def step_seconds(self, seqs: int, tokens: int, attention: int, context: int = 0) -> float:
+        return self.step + self.seq * seqs + self.token * tokens + self.attention * attention + self.context * context
+
+    def predict(self, sample: StepSample) -> float:
+        return self.step_seconds(sample.seqs, sample.tokens, sample.attention, sample.context)
 
     def prefill_work(self, tokens: int, context: int = 0) -> float:
         """Seconds a prompt chunk of `tokens` after `context` cached ones adds to the steps it rides in."""
@@ -58,7 +67,7 @@ class CostModel:
 
     def decode_step(self, seqs: int, context_tokens: int) -> float:
         """Seconds of a step decoding `seqs` sequences that hold `context_tokens` tokens in all."""
-        return self.step_seconds(seqs, seqs, context_tokens) if seqs else 0.0
+        return self.step_seconds(seqs, seqs, 0, context_tokens) if seqs else 0.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -98,7 +107,7 @@ def fit(samples: list[StepSample]) -> CostModel | None:
 
 def relative_errors(model: CostModel, samples: list[StepSample]) -> list[float]:
     """|predicted - measured| / measured, per sample."""
-    return [abs(model.step_seconds(s.seqs, s.tokens, s.attention) - s.seconds) / s.seconds for s in samples]
+    return [abs(model.predict(s) - s.seconds) / s.seconds for s in samples]
 
 
 class StepCosts:

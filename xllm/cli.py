@@ -4,6 +4,7 @@ xllm up [...]                 start everything locally (the README's serve comma
 xllm serve SERVICE [...]      run one service against an existing NATS (what compose runs)
 xllm generate --prompt TEXT   in-process generation; prints the completion only
 xllm bench engine | serve     benchmarks
+xllm profile [...]            measure this engine's step costs here, for the router (--cost-profile FILE)
 xllm submit jobs.jsonl        an offline batch job over NATS
 """
 
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = ("gateway", "router", "kvcache", "encoder", "prefill", "decode", "colocated")
+SERVICES = ("gateway", "router", "kvcache", "encoder", "prefill", "decode", "mixed", "colocated")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return generate(rest)
     if command == "bench":
         return bench(rest)
+    if command == "profile":
+        from xllm.profile import main as profile
+
+        return profile(rest)
     if command == "submit":
         from xllm.submit import main as submit
 

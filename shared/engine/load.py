@@ -12,8 +12,13 @@ from shared.engine.scheduler import ScheduledSeq, Scheduler
 
 def step_sample(batch: list[ScheduledSeq]) -> StepSample:
     """The step's features, before its tokens count as computed; seconds filled in when it is done."""
-    attention = sum(s.num_new_tokens * (s.seq.num_computed_tokens + s.num_new_tokens) for s in batch)
-    return StepSample(len(batch), sum(s.num_new_tokens for s in batch), attention, 0.0)
+    attention = context = 0
+    for s in batch:
+        if s.num_new_tokens == 1:  # a decode: it reads the KV it holds
+            context += s.seq.num_computed_tokens + 1
+        else:  # a prompt chunk, or a decode with draft tokens to verify
+            attention += s.num_new_tokens * (s.seq.num_computed_tokens + s.num_new_tokens)
+    return StepSample(len(batch), sum(s.num_new_tokens for s in batch), attention, context, 0.0)
 
 
 @dataclass

@@ -6,15 +6,24 @@ Each step gives every running sequence the tokens it still needs (one for a deco
 prefill in progress), then admits waiting sequences while the budget and `max_num_seqs` allow.
 When blocks run out, the lowest-priority, latest-arrived running sequence is preempted: its blocks
 are freed and it goes back to waiting, to be recomputed (the prefix cache usually makes that cheap).
+
+Online work (priority 0) comes first, and offline work (offline jobs) fills the capacity it leaves: an online
+sequence at the head of the queue takes the place (the slot, the blocks) of running offline ones at the next
+step, which go back to waiting and resume later; and beside online work, offline sequences get only what
+keeps the step within OFFLINE_SLOWDOWN of the online work's own time, by the engine's step-cost model
+(`OfflineMeter`), so an offline flood barely moves online TPOT. Alone, offline work takes every step.
 """
 
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shared.cost_model import CostModel
 from shared.engine.block_manager import BlockManager
 from shared.engine.multimodal import ImageInput
 from shared.engine.sequence import Sequence, SequenceStatus
+
+OFFLINE_SLOWDOWN = 0.1  # beside online work, offline sequences may make a step this much slower (cost model)
 
 
 @dataclass
@@ -38,6 +47,8 @@ class Scheduler:
         imported: Callable[[Sequence], bool] = lambda seq: False,
         max_encoder_tokens: int | None = None,
         needs_encoding: Callable[[ImageInput], bool] = lambda image: image.embeds is None,
+        step_cost: Callable[[], CostModel | None] = lambda: None,
+        offline_slowdown: float = OFFLINE_SLOWDOWN,
     ):
         self.block_manager = block_manager
         self.max_encoder_tokens = max_encoder_tokens or max_num_batched_tokens  # image tokens encoded a step
@@ -48,6 +59,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_offline_preemptions = 0  # of those, offline sequences that made room for online ones
+        self.step_cost = step_cost  # the engine's current step-cost model (None before it has one)
+        self.offline_slowdown = offline_slowdown
 
     def add(self, seq: Sequence) -> None:
         """Queue in (priority, arrival) order: an online request passes queued offline ones."""
@@ -60,45 +74,76 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.max_num_batched_tokens
-        self._encoding = 0  # image tokens this step encodes
+        """Online work first: running online sequences, then waiting online ones (in place of running offline ones
+        if need be), then offline sequences, held to what the step can take beside the online work."""
+        self._budget, self._encoding, self._preempted = self.max_num_batched_tokens, 0, False
+        self._make_room_for_online()
+        self._meter = OfflineMeter.for_step(self, self.step_cost())
         scheduled: list[ScheduledSeq] = []
-        preempted = False
-        for seq in sorted(self.running, key=Sequence.sort_key):
-            if seq.status != SequenceStatus.RUNNING or budget == 0:
-                continue
-            num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
-            if num_new == 0:
-                continue
-            num_drafts = self._fit_drafts(seq, num_new, budget)
-            num_new += num_drafts
-            while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
-                victim = max(self.running, key=Sequence.sort_key)
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status == SequenceStatus.RUNNING:
-                scheduled.append(ScheduledSeq(seq, num_new, num_drafts))
-                budget -= num_new
-        # Admit new work only when nothing had to be preempted, or we would thrash.
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        running = sorted(self.running, key=Sequence.sort_key)
+        online = [seq for seq in running if seq.priority <= 0]
+        for seq in online:
+            self._continue(seq, scheduled)
+        self._admit(scheduled, online_only=True)
+        for seq in running[len(online) :]:
+            self._continue(seq, scheduled)
+        self._admit(scheduled, online_only=False)
+        return scheduled
+
+    def _continue(self, seq: Sequence, scheduled: list[ScheduledSeq]) -> None:
+        """A running sequence's next tokens (a decode, or a chunk of its prompt), preempting others for blocks."""
+        if seq.status != SequenceStatus.RUNNING or self._budget == 0:
+            return
+        num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, self._budget))
+        if num_new == 0 or not self._meter.fits(seq, num_new):
+            return
+        num_drafts = self._fit_drafts(seq, num_new, self._budget)
+        num_new += num_drafts
+        while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+            victim = max(self.running, key=Sequence.sort_key)
+            self._preempt(victim)
+            self._preempted = True
+            if victim is seq:
+                return
+        scheduled.append(ScheduledSeq(seq, num_new, num_drafts))
+        self._meter.add(seq, num_new)
+        self._budget -= num_new
+
+    def _admit(self, scheduled: list[ScheduledSeq], online_only: bool) -> None:
+        """Waiting sequences, in order, while the budget, the blocks and `max_num_seqs` allow; none when something
+        had to be preempted this step, or we would thrash."""
+        while self.waiting and not self._preempted and self._budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if online_only and seq.priority > 0:
+                return
             if not seq.block_table:
                 self.block_manager.allocate_prefix(seq)
-            num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
-            if num_new == 0 or not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+            num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, self._budget))
+            fits = num_new > 0 and self._meter.fits(seq, num_new)
+            if not fits or not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 # Hold no cached blocks while waiting, but keep KV imported from a prefill worker (it
                 # would be recomputed) unless nothing runs that could free blocks for it.
                 if not self.imported(seq) or not self.running:
                     self.block_manager.free(seq)
-                break
+                return
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-        return scheduled
+            self._meter.add(seq, num_new)
+            self._budget -= num_new
+
+    def _make_room_for_online(self) -> None:
+        """An online sequence at the head of the queue takes the place of running offline ones, latest first: they
+        go back to waiting and resume later (recomputed, mostly from the prefix cache)."""
+        head = self.waiting[0] if self.waiting else None
+        if head is None or head.priority > 0:
+            return
+        offline = sorted((seq for seq in self.running if seq.priority > 0), key=Sequence.sort_key)
+        need = self.block_manager.blocks_needed(head, min(head.num_tokens, self.max_num_batched_tokens))
+        while offline and (len(self.running) >= self.max_num_seqs or self.block_manager.num_free_blocks < need):
+            self._preempt(offline.pop())
+            self.num_offline_preemptions += 1
 
     def _fit_images(self, seq: Sequence, num_new: int) -> int:
         """The chunk cut just before the first image it would have to encode past this step's encoder budget
@@ -144,3 +189,38 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+class OfflineMeter:
+    """How much offline work a step may take beside its online work: as much as keeps the step's predicted time
+    within (1 + slowdown) x that of its online work alone. Without online work, or without a cost model yet,
+    offline sequences take whatever is left, as any sequence does."""
+
+    def __init__(self, model: CostModel | None, slowdown: float):
+        self.model, self.slowdown = model, slowdown
+        self.online = [0, 0, 0, 0]  # sequences, tokens, attention, context (shared/cost_model.py)
+        self.total = [0, 0, 0, 0]
+
+    @classmethod
+    def for_step(cls, scheduler: "Scheduler", model: CostModel | None) -> "OfflineMeter":
+        has_online = any(seq.priority <= 0 for seq in (*scheduler.running, *scheduler.waiting))
+        return cls(model if has_online else None, scheduler.offline_slowdown)
+
+    @staticmethod
+    def _features(seq: Sequence, num_new: int) -> list[int]:
+        if num_new == 1:
+            return [1, 1, 0, seq.num_computed_tokens + 1]
+        return [1, num_new, num_new * (seq.num_computed_tokens + num_new), 0]
+
+    def fits(self, seq: Sequence, num_new: int) -> bool:
+        if self.model is None or seq.priority <= 0:
+            return True
+        with_it = [a + b for a, b in zip(self.total, self._features(seq, num_new))]
+        online = self.model.step_seconds(*self.online) if self.online[0] else 0.0
+        return self.model.step_seconds(*with_it) <= (1 + self.slowdown) * online
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        features = self._features(seq, num_new)
+        self.total = [a + b for a, b in zip(self.total, features)]
+        if seq.priority <= 0:
+            self.online = [a + b for a, b in zip(self.online, features)]

@@ -23,7 +23,7 @@ def test_each_step_is_a_sample_and_the_load_counts_prompts_left_and_decodes(ckpt
         engine.add_request(f"r{i}", list(range(10 + 100 * i, 50 + 100 * i)), params(4))  # 40 tokens, none shared
     engine.step()  # r0's whole prompt (40) and 24 tokens of r1's
     sample = engine.costs.recent[-1]
-    assert (sample.seqs, sample.tokens, sample.attention) == (2, 64, 40 * 40 + 24 * 24)
+    assert (sample.seqs, sample.tokens, sample.attention, sample.context) == (2, 64, 40 * 40 + 24 * 24, 0)
     assert sample.seconds > 0
     load = engine.stats()["load"]
     assert (load.decode_seqs, load.decode_context_tokens) == (1, 41)  # r0 decodes, holding 40 + 1 tokens
@@ -31,7 +31,7 @@ def test_each_step_is_a_sample_and_the_load_counts_prompts_left_and_decodes(ckpt
     engine.step()  # r0's decode (its 41st token), the rest of r1 (16 after 24), all of r2
     sample = engine.costs.recent[-1]
     assert (sample.seqs, sample.tokens) == (3, 1 + 16 + 40)
-    assert sample.attention == 1 * 41 + 16 * 40 + 40 * 40
+    assert (sample.attention, sample.context) == (16 * 40 + 40 * 40, 41)
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.stats()["load"].prefill_tokens == 0 and engine.stats()["load"].decode_seqs == 0
@@ -44,7 +44,7 @@ def test_the_fit_is_reported_once_it_has_seen_enough_steps(ckpt):
         engine.add_request(f"r{i}", list(range(10, 10 + 8 * (i + 1))), params(20))
     while engine.has_unfinished_requests():
         engine.step()
-    assert set(engine.stats()["cost"]) == {"step", "seq", "token", "attention"}
+    assert set(engine.stats()["cost"]) == {"step", "seq", "token", "attention", "context"}
     assert engine.stats()["load"].prefill_seconds == 0.0
 
 

@@ -8,7 +8,7 @@ from shared.cost_model import CostModel
 from shared.messages import InstanceInfo
 
 # ~ the default model on this machine: 30 ms a step, 0.5 ms a prompt token, quadratic attention.
-COST = CostModel(step=0.03, seq=0.0005, token=0.0005, attention=1e-7).to_dict()
+COST = CostModel(step=0.03, seq=0.0005, token=0.0005, attention=1e-7, context=1e-7).to_dict()
 
 
 def instance(iid: str, role: str, cost: dict | None = COST, **load) -> InstanceInfo:

@@ -9,7 +9,7 @@ from tests.router.fakes import Cluster
 
 pytestmark = pytest.mark.integration
 
-COST = CostModel(step=0.03, seq=0.0005, token=0.0005, attention=1e-7).to_dict()
+COST = CostModel(step=0.03, seq=0.0005, token=0.0005, attention=1e-7, context=1e-7).to_dict()
 BACKLOG = {"prefill_tokens": 8000, "prefill_seconds": 5.0, "max_batched_tokens": 2048}
 
 

@@ -5,7 +5,7 @@ from services.router.roles import RoleSwitcher
 from shared.cost_model import CostModel
 from shared.messages import InstanceInfo
 
-COST = CostModel(step=0.03, seq=0.001, token=0.0005, attention=1e-7).to_dict()
+COST = CostModel(step=0.03, seq=0.001, token=0.0005, attention=1e-7, context=1e-7).to_dict()
 SLO = Slo(ttft_s=2.0, tpot_s=0.1)
 
 
