@@ -40,7 +40,9 @@ async def test_bench_serve_against_xllm_up(xllm_server_url, tmp_path):
     s = doc["runs"][0]["summary"]
     assert s["completed"] == 4 and s["failed"] == 0
     assert s["total_output_tokens"] == 4 * 8  # ignore_eos: every request gives max_tokens
-    assert s["usage_missing"] == 0 and s["usage_mismatch"] == 0
+    assert s["usage_missing"] == 0
+    # The test system speculates: an accepted draft streams several tokens in one chunk, never fewer than one.
+    assert all(0 < r["chunks"] <= r["output_tokens"] for r in doc["runs"][0]["requests"])
     assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p50"] > 0
     png = tmp_path / "smoke-latency-cdf.png"
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 0
