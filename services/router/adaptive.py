@@ -145,7 +145,7 @@ def plan(
         decode = next((i for i in ranked if i.role == "decode"), None)
         wholes = [i for i in ranked if i.role in ("colocated", "decode")]
         split, whole = on(prefills[0] if prefills else None), on(wholes[0] if wholes else None)
-        if adaptive and prefer_whole(split, whole, slo):
+        if adaptive and wholes and (not prefills or prefer_whole(split, whole, slo)):
             return _admitted(Plan(COLOCATED, wholes, None, whole), slo, priority)
         return _admitted(Plan(DISAGGREGATED, prefills, decode, split), slo, priority)
     entry = [i for i in ranked if i.role == "colocated"]

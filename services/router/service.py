@@ -4,23 +4,23 @@
     router  --GenerateRequest--> xllm.worker.<id>.generate   --> Ack (ok, or refused with an error)
     router  --RouteReply-------> the gateway's reply inbox, when it sent a NATS request
 
-Per request: choose the path (colocated, or prefill -> decode with `decode_instance` set), drop
-instances that are not ready or over the waiting cap, rank the rest with the policy, then forward to
-the best one. No responder, no ack within `ack_timeout_s`, or an overloaded refusal (429 / 503):
-try the next one, up to `max_attempts` (when every instance it knew failed, it looks once more at the
-live registry view: a worker may have registered meanwhile). Any other refusal (say a 400) is the
-request's fault and is passed on as it is. A request nobody takes gets a finished StreamChunk with the error on its
-reply subject, so it never hangs.
+Per request: choose the path (colocated, or prefill -> decode with `decode_instance` set), drop instances that
+are not ready or over the waiting cap, rank the rest with the policy, plan (services/router/adaptive.py: split or
+whole, or 429 by the TTFT target), then forward to the best one. No responder, no ack within `ack_timeout_s`,
+or an overloaded refusal (429 / 503): try the next one, up to `max_attempts` (when every instance it knew
+failed, it looks once more at the live registry view: a worker may have registered meanwhile). Any other
+refusal (say a 400) is the request's fault and is passed on as it is. A request nobody takes gets a finished
+StreamChunk with the error on its reply subject, so it never hangs. Mixed instances are switched between the
+prefill and decode pools as the load asks (services/router/roles.py).
 
 Priority (0 online, 1 offline) passes through unchanged: the engine orders by it. The router only
 holds offline requests to a stricter waiting cap (`max_waiting_offline`), so an offline flood is
 refused (429, the job runner retries) before it fills the queues online requests need.
 
-After an ack timeout the router broadcasts an abort for the request before trying elsewhere: a
-worker that took it late must not stream a second answer to the same reply subject.
-
-The instances come from the process's live registry view (shared/instance_view.py), so routing costs
-no registry round trip; an instance that stops heartbeating leaves it within the TTL (~5 s).
+After an ack timeout the router broadcasts an abort for the request before trying elsewhere: a worker that
+took it late must not stream a second answer to the same reply subject. The instances come from the process's
+live registry view (shared/instance_view.py): routing costs no registry round trip, and an instance that stops
+heartbeating leaves it within the TTL (~5 s).
 """
 
 from __future__ import annotations
@@ -160,16 +160,13 @@ class RouterService:
 
     async def _on_message(self, msg: Msg) -> None:
         # nats-py runs a subscription's callbacks one at a time: route each request in its own task.
-        overflow = len(self._tasks) >= self.config.max_inflight
-        for work in (self._handle(msg, overflow), *self._switch()):
+        # And if the pools call for it now, a mixed instance switched between them (services/router/roles.py).
+        switch = self.switcher.look(self.instances)
+        handle = self._handle(msg, overflow=len(self._tasks) >= self.config.max_inflight)
+        for work in (handle, self.switcher.apply(self.nc, switch)) if switch else (handle,):
             task = asyncio.create_task(work)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def _switch(self) -> list:
-        """The role switch of a mixed instance to make now, if the pools call for one (services/router/roles.py)."""
-        switch = self.switcher.look(self.instances)
-        return [self.switcher.apply(self.nc, switch)] if switch else []
 
     async def _handle(self, msg: Msg, overflow: bool = False) -> None:
         try:
@@ -210,8 +207,9 @@ class RouterService:
             # Offline requests (priority > 0) meet a stricter cap, so online bursts keep some headroom.
             cap = self.config.max_waiting_per_instance if req.priority <= 0 else self.config.max_waiting_offline
             pool = [i for i in self.instances if i.state == READY and i.role in roles and i.waiting < cap]
-            for role in roles:
-                if not any(i.role == role for i in pool):
+            adaptive = self.config.mode == "auto"
+            for role in roles:  # (adaptive, a split without prefill instances can still go whole on a decode one)
+                if not any(i.role == role for i in pool) and not (adaptive and role == "prefill"):
                     return self._fail(
                         req,
                         "overloaded",
@@ -220,7 +218,7 @@ class RouterService:
             cached = await self.policy.cached_tokens(pool, req)
             ranked = self._suspects_last(self.policy.order(pool, req, cached))
             n = len(req.prompt_token_ids)
-            plan = choose(path, ranked, n, cached, self.recent.work, self.slo, req.priority, self.config.mode == "auto")
+            plan = choose(path, ranked, n, cached, self.recent.work, self.slo, req.priority, adaptive)
             if plan.retry_after_s is not None and not tried:
                 self.paths["refused"] += 1
                 return self._fail(req, "slo", slo_refusal(plan, self.slo))
@@ -234,7 +232,8 @@ class RouterService:
                 req.attempt, req.decode_instance = first_attempt + len(refusals), decode
                 if refusals:
                     self.retries += 1
-                refusal = await self._forward(iid, req, prefill_seconds(info, n, cached.get(iid, 0)))
+                new = n - cached.get(iid, 0)
+                refusal = await self._forward(iid, req, new, prefill_seconds(info, n, cached.get(iid, 0)))
                 if refusal is None:
                     self.routed += 1
                     self.paths[plan.path] += 1
@@ -252,9 +251,10 @@ class RouterService:
             return self._fail(req, "overloaded", overloaded(f"every instance tried is overloaded ({tried_reasons})"))
         return self._fail(req, "unavailable", unavailable(f"no instance took the request ({tried_reasons})"))
 
-    async def _forward(self, iid: str, req: GenerateRequest, prefill_s: float = 0.0) -> Refusal | None:
-        """Send `req` to one instance, whose prefill of it is predicted to take `prefill_s`; None when it took it."""
-        self.recent.record(iid, len(req.prompt_token_ids), prefill_s)
+    async def _forward(self, iid: str, req: GenerateRequest, new: int = 0, prefill_s: float = 0.0) -> Refusal | None:
+        """Send `req` to one instance, where `new` prompt tokens are to compute, predicted to take `prefill_s`; None
+        when it took it."""
+        self.recent.record(iid, new, prefill_s)
         try:
             ack = await bus.request(self.nc, subjects.worker_generate(iid), req, Ack, timeout=self.config.ack_timeout_s)
         except bus.NoResponders:

@@ -52,6 +52,9 @@ class WorkerConfig:
     initial_role: str = opt(
         "decode", "mixed workers: the role it acts as until a router switches it", choices=("prefill", "decode")
     )
+    offline_slowdown: float = opt(
+        0.1, "beside online work, offline (job) sequences may make an engine step this much slower", min=0.0
+    )
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
@@ -83,4 +86,5 @@ class WorkerConfig:
             enable_eplb=self.enable_eplb,
             eplb_interval_steps=self.eplb_interval_steps,
             cost_profile=self.cost_profile,
+            offline_slowdown=self.offline_slowdown,
         )

@@ -70,3 +70,4 @@ class EngineConfig:
     enable_eplb: bool = False  # rebalance experts over the group while serving (shared/engine/expert_balancer.py)
     eplb_interval_steps: int = 32  # steps between load samples (and rebalancing decisions)
     cost_profile: str | None = None  # a file `xllm profile` wrote: seeds the step-cost fit (shared/cost_model.py)
+    offline_slowdown: float = 0.1  # beside online work, offline sequences may make a step this much slower

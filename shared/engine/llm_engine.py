@@ -76,6 +76,7 @@ class LLMEngine:
             config.max_encoder_tokens,
             self.image_encoder.needs_encoding if self.image_encoder else lambda image: False,
             lambda: self.costs.model,
+            config.offline_slowdown,
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.image_encoder)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)

@@ -10,7 +10,7 @@ are freed and it goes back to waiting, to be recomputed (the prefix cache usuall
 Online work (priority 0) comes first, and offline work (offline jobs) fills the capacity it leaves: an online
 sequence at the head of the queue takes the place (the slot, the blocks) of running offline ones at the next
 step, which go back to waiting and resume later; and beside online work, offline sequences get only what
-keeps the step within OFFLINE_SLOWDOWN of the online work's own time, by the engine's step-cost model
+keeps the step within `offline_slowdown` (a tenth) of the online work's own time, by the engine's step-cost model
 (`OfflineMeter`), so an offline flood barely moves online TPOT. Alone, offline work takes every step.
 """
 
@@ -22,8 +22,6 @@ from shared.cost_model import CostModel
 from shared.engine.block_manager import BlockManager
 from shared.engine.multimodal import ImageInput
 from shared.engine.sequence import Sequence, SequenceStatus
-
-OFFLINE_SLOWDOWN = 0.1  # beside online work, offline sequences may make a step this much slower (cost model)
 
 
 @dataclass
@@ -48,7 +46,7 @@ class Scheduler:
         max_encoder_tokens: int | None = None,
         needs_encoding: Callable[[ImageInput], bool] = lambda image: image.embeds is None,
         step_cost: Callable[[], CostModel | None] = lambda: None,
-        offline_slowdown: float = OFFLINE_SLOWDOWN,
+        offline_slowdown: float = 0.1,
     ):
         self.block_manager = block_manager
         self.max_encoder_tokens = max_encoder_tokens or max_num_batched_tokens  # image tokens encoded a step

@@ -122,3 +122,10 @@ def test_what_this_router_just_sent_counts_as_queued():
     chosen = plan(DISAGGREGATED, [p, d], 512, {}, lambda iid: recent.get(iid, (0, 0.0)), Slo())
     assert chosen.path == COLOCATED
     assert hopeless(None, Slo(ttft_s=0.1), 0) is None
+
+
+def test_with_every_prefill_instance_full_the_prompt_goes_whole_to_a_decode_instance():
+    d = instance("d", "decode", cost=None)  # even before any model: a split is impossible
+    chosen = choose([d])
+    assert (chosen.path, chosen.entry, chosen.decode) == (COLOCATED, [d], None)
+    assert choose([d], adaptive=False).entry == []  # the fixed split has nowhere to start

@@ -47,3 +47,15 @@ async def test_a_request_that_cannot_meet_the_ttft_target_gets_429_with_retry_af
 
     reply, _ = await cluster.send(priority=1)  # offline: no target, it queues
     assert reply.error is None
+
+
+async def test_when_the_prefill_instances_are_at_their_waiting_cap_the_prompt_goes_whole(cluster: Cluster) -> None:
+    await cluster.add("p", "prefill", waiting=70)  # past the default cap of 64
+    d = await cluster.add("d", "decode")
+    adaptive = await cluster.start_router()
+    reply, _ = await cluster.send()
+    assert reply.error is None and reply.instances == [d]
+    await adaptive.stop()
+    fixed = await cluster.start_router(mode="disaggregated")
+    reply, _ = await cluster.send()
+    assert reply.error["status"] == 429 and fixed.failures["overloaded"] == 1
