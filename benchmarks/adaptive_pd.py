@@ -10,6 +10,8 @@ started in turn (one at a time: they would share the two cores otherwise):
   adaptive      the same two workers; the router chooses split or whole per request (auto)
   adaptive+slo  adaptive, with the SLO targets given to the router too: paths chosen to meet them, and
                 online requests that cannot meet the TTFT target refused (429) instead of queued
+With --cost-profile every worker starts from those measured step costs (`xllm profile`); without it they fit
+from their own steps only, and predict nothing for their first 8.
 The same seeded `xllm bench serve` workload (chat, lengths spread +-90 %, gamma-bursty arrivals, EOS
 ignored) goes to each; each system first serves a short warm-up so that its workers have fitted their
 step-cost models. Goodput is requests per second that met both targets; the ratio is against the best
@@ -58,6 +60,8 @@ def run_system(name: str, args: argparse.Namespace, root: Path) -> dict:
     state = root / name
     state.mkdir()
     extra = SYSTEMS[name] + ["--worker-threads", "2"]
+    if args.cost_profile:
+        extra += ["--cost-profile", args.cost_profile]
     if name == "adaptive+slo":
         extra += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
     system = start_system(state, *extra)
@@ -82,6 +86,7 @@ def main() -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=2000)
     p.add_argument("--slo-tpot-ms", type=float, default=150)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cost-profile", help="an `xllm profile` file for every worker (else they fit from scratch)")
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="adaptive-pd-") as tmp:

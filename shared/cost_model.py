@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURES = ("step", "seq", "token", "attention", "context")
-MIN_SAMPLES = 16  # steps seen before a fit is trusted
+MIN_SAMPLES = 8  # steps seen before a fit is trusted (a prefill instance batches many prompts a step)
 REFIT_EVERY = 32  # steps between refits
 WINDOW = 512  # recent steps the online fit keeps
 

@@ -175,7 +175,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def instances(request: web.Request) -> web.Response:
-    """Live instances for operators: id, role, pid, host, state, load and counters."""
+    """Live instances for operators: id, role, pid, host, state, load, counters and the step-cost model."""
     return _json(
         [
             {
@@ -191,8 +191,11 @@ async def instances(request: web.Request) -> web.Response:
                     "waiting": i.waiting,
                     "free_blocks": i.free_blocks,
                     "total_blocks": i.total_blocks,
+                    **i.load,
                 },
                 "counters": i.counters,
+                "cost": i.cost,
+                "roles": i.roles,
             }
             for i in request.app[GATEWAY].instances()
         ]

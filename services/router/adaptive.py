@@ -15,7 +15,7 @@ Split is kept unless whole is cheaper by MARGIN (so a tie keeps prefill and deco
 a choice that meets them beats one that does not, and whole is refused when its steps would exceed the TPOT
 target. An online request whose best predicted TTFT is past the TTFT target x `reject_factor` gets 429
 with Retry-After; offline requests wait instead. An instance that has not fitted its model yet (fewer than
-16 steps) predicts nothing: then the fixed rule holds (split whenever both roles are up), and nothing is
+8 steps) predicts nothing: then the fixed rule holds (split whenever both roles are up), and nothing is
 refused.
 """
 
