@@ -5,6 +5,7 @@ xllm serve SERVICE [...]      run one service against an existing NATS (what com
 xllm generate --prompt TEXT   in-process generation; prints the completion only
 xllm bench engine | serve     benchmarks
 xllm profile [...]            measure this engine's step costs here, for the router (--cost-profile FILE)
+xllm simulate --profile FILE  simulate a cluster of N instances under a policy, priced by a profile
 xllm submit jobs.jsonl        an offline batch job over NATS
 """
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from xllm.profile import main as profile
 
         return profile(rest)
+    if command == "simulate":
+        from xllm.simulate.cli import main as simulate
+
+        return simulate(rest)
     if command == "submit":
         from xllm.submit import main as submit
 

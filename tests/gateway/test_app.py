@@ -379,7 +379,9 @@ async def test_health_needs_a_full_path_to_a_worker(make_client, view, status) -
 
 
 async def test_admin_instances(make_client) -> None:
-    client = await make_client(view=FakeView(inst("p", "prefill"), inst("d", "decode")))
+    mixed = inst("p", "prefill")
+    mixed.roles, mixed.cost, mixed.load = ["prefill", "decode"], {"step": 0.03}, {"prefill_tokens": 512}
+    client = await make_client(view=FakeView(mixed, inst("d", "decode")))
     async with client.get("/admin/instances") as resp:
         body = await resp.json()
     assert body[0] == {
@@ -390,8 +392,10 @@ async def test_admin_instances(make_client) -> None:
         "host": "host1",
         "state": "ready",
         "updated_at": 0.0,
-        "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4},
+        "load": {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4, "prefill_tokens": 512},
         "counters": {},
+        "cost": {"step": 0.03},
+        "roles": ["prefill", "decode"],
     }
     assert [i["role"] for i in body] == ["prefill", "decode"]
 
