@@ -58,7 +58,7 @@ def paths(system) -> dict[str, int]:
 
 def run_system(name: str, args: argparse.Namespace, root: Path) -> dict:
     state = root / name
-    state.mkdir()
+    state.mkdir(exist_ok=True)
     extra = SYSTEMS[name] + ["--worker-threads", "2"]
     if args.cost_profile:
         extra += ["--cost-profile", args.cost_profile]
@@ -87,11 +87,14 @@ def main() -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cost-profile", help="an `xllm profile` file for every worker (else they fit from scratch)")
+    p.add_argument("--result-dir", help="keep the `xllm bench serve` JSON files here (for simulator_check.py)")
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="adaptive-pd-") as tmp:
+        root = Path(args.result_dir or tmp)
+        root.mkdir(parents=True, exist_ok=True)
         for name in args.systems.split(","):
-            results[name] = run_system(name, args, Path(tmp))
+            results[name] = run_system(name, args, root)
             s = results[name]
             print(f"{name}: goodput {s['goodput']['request_goodput']:.3f} req/s", flush=True)
     best = max((results[n]["goodput"]["request_goodput"] for n in STATIC if n in results), default=0.0)

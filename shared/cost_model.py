@@ -119,6 +119,14 @@ class StepCosts:
         self.model = fit(self.prior)
         self._since_fit = 0
 
+    def seed(self, samples: list[StepSample]) -> None:
+        """Samples that stay in every fit, as a profile's do: the engine's calibration (shared/engine/calibrate.py),
+        whose steps these were, so the recent window starts empty again."""
+        self.prior += samples
+        self.recent.clear()
+        self.model = fit(self.prior) or self.model
+        self._since_fit = 0
+
     def observe(self, sample: StepSample) -> None:
         self.recent.append(sample)
         self._since_fit += 1

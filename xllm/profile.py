@@ -28,12 +28,12 @@ from datetime import UTC, datetime
 import torch
 
 from shared.cost_model import CostModel, StepSample, fit, relative_errors, save_profile
+from shared.engine.calibrate import measure
 from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine
 from shared.engine.loader import load_checkpoint
 from shared.engine.model_runner import ModelRunner
-from shared.engine.sampling_params import SamplingParams
 from shared.engine.system import DTYPES, default_dtype
 
 PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -90,21 +90,9 @@ class Profiler:
         self.engine, self.rng = engine, random.Random(seed)
         self.samples: list[StepSample] = []
         self.shapes: dict[tuple, list[StepSample]] = {}  # ("prefill", n) / ("decode", B, C) -> its exact steps
-        self._ids = itertools.count()
 
     def run(self, batch: int, prompt_len: int, max_tokens: int, keep: bool = True) -> list[StepSample]:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
-        vocab = self.engine.model_config.vocab_size
-        for _ in range(batch):
-            prompt = [self.rng.randrange(vocab) for _ in range(prompt_len)]
-            self.engine.validate(prompt, params)
-            self.engine.add_request(f"profile-{next(self._ids)}", prompt, params)
-        recent, steps = self.engine.costs.recent, []
-        while self.engine.has_unfinished_requests():
-            last = recent[-1] if recent else None
-            self.engine.step()
-            if recent and recent[-1] is not last:  # read now: the deque drops old samples
-                steps.append(recent[-1])
+        steps = measure(self.engine, batch, prompt_len, max_tokens, self.rng)
         if keep:
             self.samples += steps
         return steps

@@ -60,10 +60,15 @@ class Estimate:
 
 
 def estimate(
-    info: InstanceInfo, prompt_tokens: int, cached_tokens: int = 0, recent_tokens: int = 0, recent_s: float = 0.0
+    info: InstanceInfo,
+    prompt_tokens: int,
+    cached_tokens: int = 0,
+    recent_tokens: int = 0,
+    recent_s: float = 0.0,
+    model: CostModel | None = None,
 ) -> Estimate | None:
-    """The prompt on `info`, or None when the instance reports no fitted cost model yet."""
-    model = CostModel.from_dict(info.cost)
+    """The prompt on `info`, priced by `model` (default: the instance's own); None when there is no model yet."""
+    model = model or CostModel.from_dict(info.cost)
     if model is None:
         return None
     load = info.load
@@ -134,17 +139,20 @@ def plan(
     """The route for a prompt over `ranked` (the policy's order), on `path` (choose_path's); with `adaptive`,
     a split may become whole on a decode-capable instance. `recent(iid)`: tokens and seconds sent it lately."""
 
-    def on(info: InstanceInfo | None) -> Estimate | None:
+    def on(info: InstanceInfo | None, model: CostModel | None = None) -> Estimate | None:
         if info is None:
             return None
         cached_here = cached.get(info.instance_id, 0)
-        return estimate(info, prompt_tokens, cached_here, *recent(info.instance_id))
+        return estimate(info, prompt_tokens, cached_here, *recent(info.instance_id), model=model)
 
     if path == DISAGGREGATED:
         prefills = [i for i in ranked if i.role == "prefill"]
+        # Both options priced by one model (the prefill instance's): instances of one deployment run the same
+        # model on the same kind of machine, so their fits differ by measurement noise, which must not decide.
+        model = CostModel.from_dict(prefills[0].cost) if prefills else None
         decode = next((i for i in ranked if i.role == "decode"), None)
         wholes = [i for i in ranked if i.role in ("colocated", "decode")]
-        split, whole = on(prefills[0] if prefills else None), on(wholes[0] if wholes else None)
+        split, whole = on(prefills[0] if prefills else None), on(wholes[0] if wholes else None, model)
         if adaptive and wholes and (not prefills or prefer_whole(split, whole, slo)):
             return _admitted(Plan(COLOCATED, wholes, None, whole), slo, priority)
         return _admitted(Plan(DISAGGREGATED, prefills, decode, split), slo, priority)

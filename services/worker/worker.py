@@ -30,6 +30,7 @@ from services.worker.kv_events import publish_kv_events
 from services.worker.telemetry import heartbeat_counters, watch_engine
 from shared import subjects
 from shared.bus import ensure_streams, respond
+from shared.engine.calibrate import calibrate
 from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
 from shared.engine.multimodal import ImageInput
@@ -106,6 +107,8 @@ class Worker:
             None,
             lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
         )
+        if not self.config.cost_profile:  # measure itself, so the router can predict its steps (calibrate.py)
+            await asyncio.to_thread(calibrate, engine)
         async_engine = AsyncEngine(engine)
         async_engine.on_lost = self._leave
         await async_engine.start()

@@ -129,3 +129,9 @@ def test_with_every_prefill_instance_full_the_prompt_goes_whole_to_a_decode_inst
     chosen = choose([d])
     assert (chosen.path, chosen.entry, chosen.decode) == (COLOCATED, [d], None)
     assert choose([d], adaptive=False).entry == []  # the fixed split has nowhere to start
+
+
+def test_both_options_are_priced_by_one_model_so_fit_noise_does_not_decide():
+    cheaper = CostModel(step=0.02, seq=0.0003, token=0.0003, attention=6e-8, context=6e-8).to_dict()
+    p, d = instance("p", "prefill"), instance("d", "decode", cost=cheaper)  # idle, fitted apart
+    assert choose([p, d]).path == DISAGGREGATED
