@@ -28,7 +28,8 @@ from services.router.roles import RoleSwitcher, Switch
 from services.router.service import Refusal, RouterService
 from shared.cost_model import CostModel
 from shared.messages import GenerateRequest, InstanceInfo, RouteReply
-from xllm.simulate.instance import Seq, SimInstance
+from xllm.simulate.instance import SimInstance
+from xllm.simulate.steps import Seq
 from xllm.simulate.trace import TraceRequest
 
 POLICIES = ("colocated", "split", "adaptive")
