@@ -49,7 +49,7 @@ def wait_busy(system, timeout: float = 60.0) -> None:
     """Until the worker runs job requests (the job has reached it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(i["running"] >= 4 for i in system.instances()):
+        if any(i["load"]["running"] >= 4 for i in system.instances()):
             return
         time.sleep(0.2)
     raise RuntimeError("the offline job never reached the worker")
