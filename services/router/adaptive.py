@@ -11,12 +11,14 @@ router sent it since (which the heartbeat does not show yet):
   the cost of that choice is TTFT + decodes x that work (the delay imposed on everyone, as EPD's choice
   counts it); split costs its TTFT, and the prompt's KV moving while the prefill instance computes it.
 
-Split is kept unless whole is cheaper by MARGIN (so a tie keeps prefill and decode apart). With SLOs,
+Both options are priced by the prefill instance's model (instances of one deployment differ by fit noise, not
+by hardware), and split is kept unless whole is cheaper by MARGIN (so a tie keeps prefill and decode apart).
+With SLOs,
 a choice that meets them beats one that does not, and whole is refused when its steps would exceed the TPOT
 target. An online request whose best predicted TTFT is past the TTFT target x `reject_factor` gets 429
-with Retry-After; offline requests wait instead. An instance that has not fitted its model yet (fewer than
-8 steps) predicts nothing: then the fixed rule holds (split whenever both roles are up), and nothing is
-refused.
+with Retry-After; offline requests wait instead. An instance without a model yet (workers measure themselves
+before serving, so only a worker of another version) predicts nothing: then the fixed rule holds (split
+whenever both roles are up), and nothing is refused.
 """
 
 import math
@@ -97,10 +99,8 @@ def meets(e: Estimate, slo: Slo, whole: bool) -> bool:
 
 def prefer_whole(split: Estimate | None, whole: Estimate | None, slo: Slo) -> bool:
     """Whether the prompt goes whole on `whole`'s instance rather than split via `split`'s prefill instance."""
-    if whole is None:
-        return False
-    if split is None:
-        return False  # nothing known of the prefill side: the fixed rule
+    if whole is None or split is None:
+        return False  # nothing known of one side: the fixed rule
     split_ok, whole_ok = meets(split, slo, False), meets(whole, slo, True)
     if split_ok != whole_ok:
         return whole_ok
