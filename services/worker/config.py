@@ -55,6 +55,9 @@ class WorkerConfig:
     offline_slowdown: float = opt(
         0.1, "beside online work, offline (job) sequences may make an engine step this much slower", min=0.0
     )
+    offline_step_ms: float = opt(
+        200.0, "alone, offline sequences make engine steps of at most this, which an online arrival waits", min=1.0
+    )
     max_queued: int = opt(256, "requests waiting beyond the running ones before refusing (429)", min=0)
     data_host: str = opt("", "address other workers reach this one's KV data plane at (default: hostname)")
     data_port: int = opt(0, "TCP port of the KV data plane (0: any free port)", min=0, max=65535)
@@ -87,4 +90,5 @@ class WorkerConfig:
             eplb_interval_steps=self.eplb_interval_steps,
             cost_profile=self.cost_profile,
             offline_slowdown=self.offline_slowdown,
+            offline_step_ms=self.offline_step_ms,
         )

@@ -71,3 +71,4 @@ class EngineConfig:
     eplb_interval_steps: int = 32  # steps between load samples (and rebalancing decisions)
     cost_profile: str | None = None  # a file `xllm profile` wrote: seeds the step-cost fit (shared/cost_model.py)
     offline_slowdown: float = 0.1  # beside online work, offline sequences may make a step this much slower
+    offline_step_ms: float = 200.0  # alone, offline work makes steps of at most this (an online arrival's wait)

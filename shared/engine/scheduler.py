@@ -9,9 +9,10 @@ are freed and it goes back to waiting, to be recomputed (the prefix cache usuall
 
 Online work (priority 0) comes first, and offline work (offline jobs) fills the capacity it leaves: an online
 sequence at the head of the queue takes the place (the slot, the blocks) of running offline ones at the next
-step, which go back to waiting and resume later; and beside online work, offline sequences get only what
-keeps the step within `offline_slowdown` (a tenth) of the online work's own time, by the engine's step-cost model
-(`OfflineMeter`), so an offline flood barely moves online TPOT. Alone, offline work takes every step.
+step, which go back to waiting and resume later; beside online work, offline sequences get only what keeps the
+step within `offline_slowdown` (a tenth) of the online work's own time, by the engine's step-cost model, so an
+offline flood barely moves online TPOT; and alone, offline work makes steps of at most `offline_step_s`, so an
+online arrival waits at most that long to take its place (`OfflineMeter`).
 """
 
 from collections import deque
@@ -47,6 +48,7 @@ class Scheduler:
         needs_encoding: Callable[[ImageInput], bool] = lambda image: image.embeds is None,
         step_cost: Callable[[], CostModel | None] = lambda: None,
         offline_slowdown: float = 0.1,
+        offline_step_s: float = 0.2,
     ):
         self.block_manager = block_manager
         self.max_encoder_tokens = max_encoder_tokens or max_num_batched_tokens  # image tokens encoded a step
@@ -59,7 +61,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_offline_preemptions = 0  # of those, offline sequences that made room for online ones
         self.step_cost = step_cost  # the engine's current step-cost model (None before it has one)
-        self.offline_slowdown = offline_slowdown
+        self.offline_slowdown, self.offline_step_s = offline_slowdown, offline_step_s
 
     def add(self, seq: Sequence) -> None:
         """Queue in (priority, arrival) order: an online request passes queued offline ones."""
@@ -93,7 +95,8 @@ class Scheduler:
         if seq.status != SequenceStatus.RUNNING or self._budget == 0:
             return
         num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, self._budget))
-        if num_new == 0 or not self._meter.fits(seq, num_new):
+        num_new = self._meter.allowed(seq, num_new) if num_new else 0
+        if num_new == 0:
             return
         num_drafts = self._fit_drafts(seq, num_new, self._budget)
         num_new += num_drafts
@@ -117,8 +120,8 @@ class Scheduler:
             if not seq.block_table:
                 self.block_manager.allocate_prefix(seq)
             num_new = self._fit_images(seq, min(seq.num_tokens - seq.num_computed_tokens, self._budget))
-            fits = num_new > 0 and self._meter.fits(seq, num_new)
-            if not fits or not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+            num_new = self._meter.allowed(seq, num_new) if num_new else 0
+            if num_new == 0 or not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 # Hold no cached blocks while waiting, but keep KV imported from a prefill worker (it
                 # would be recomputed) unless nothing runs that could free blocks for it.
                 if not self.imported(seq) or not self.running:
@@ -190,19 +193,20 @@ class Scheduler:
 
 
 class OfflineMeter:
-    """How much offline work a step may take beside its online work: as much as keeps the step's predicted time
-    within (1 + slowdown) x that of its online work alone. Without online work, or without a cost model yet,
-    offline sequences take whatever is left, as any sequence does."""
+    """How much offline work a step may take. Beside online work: as much as keeps the step's predicted time
+    within (1 + slowdown) x that of its online work alone. With no online work in it: as much as keeps the step
+    within `max_step_s`, so that an online arrival waits at most that long for the step in progress (it takes
+    the offline work's place at the next one). A prompt chunk is cut to fit. Without a cost model yet, offline
+    sequences take whatever is left, as any sequence does."""
 
-    def __init__(self, model: CostModel | None, slowdown: float):
-        self.model, self.slowdown = model, slowdown
+    def __init__(self, model: CostModel | None, slowdown: float, max_step_s: float):
+        self.model, self.slowdown, self.max_step_s = model, slowdown, max_step_s
         self.online = [0, 0, 0, 0]  # sequences, tokens, attention, context (shared/cost_model.py)
         self.total = [0, 0, 0, 0]
 
     @classmethod
     def for_step(cls, scheduler: "Scheduler", model: CostModel | None) -> "OfflineMeter":
-        has_online = any(seq.priority <= 0 for seq in (*scheduler.running, *scheduler.waiting))
-        return cls(model if has_online else None, scheduler.offline_slowdown)
+        return cls(model, scheduler.offline_slowdown, scheduler.offline_step_s)
 
     @staticmethod
     def _features(seq: Sequence, num_new: int) -> list[int]:
@@ -210,12 +214,23 @@ class OfflineMeter:
             return [1, 1, 0, seq.num_computed_tokens + 1]
         return [1, num_new, num_new * (seq.num_computed_tokens + num_new), 0]
 
-    def fits(self, seq: Sequence, num_new: int) -> bool:
+    def allowed(self, seq: Sequence, num_new: int) -> int:
+        """The most of the `num_new` tokens `seq` may compute in this step."""
         if self.model is None or seq.priority <= 0:
-            return True
-        with_it = [a + b for a, b in zip(self.total, self._features(seq, num_new))]
-        online = self.model.step_seconds(*self.online) if self.online[0] else 0.0
-        return self.model.step_seconds(*with_it) <= (1 + self.slowdown) * online
+            return num_new
+        limit = (1 + self.slowdown) * self.model.step_seconds(*self.online) if self.online[0] else self.max_step_s
+
+        def fits(n: int) -> bool:
+            with_it = [a + b for a, b in zip(self.total, self._features(seq, n))]
+            return self.model.step_seconds(*with_it) <= limit
+
+        if fits(num_new):
+            return num_new
+        low, high = 0, num_new - 1  # the largest n that fits, by bisection (the cost grows with n)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low or (0 if self.total[0] else 1)  # an empty step takes one token: offline work always moves
 
     def add(self, seq: Sequence, num_new: int) -> None:
         features = self._features(seq, num_new)

@@ -96,3 +96,16 @@ def test_offline_sequences_take_the_whole_step_without_online_work_or_a_cost_mod
     for i in range(5):
         unmeasured.start(decoding(f"job-{i}", unmeasured.block_manager, 1, arrival=1 + i))
     assert len(unmeasured.schedule()) == 6
+
+
+def test_alone_offline_work_makes_short_steps_so_an_online_arrival_soon_takes_its_place():
+    model = CostModel(step=0.010, seq=0.0, token=0.001, attention=0.0, context=0.0)  # 1 ms a token
+    scheduler = colocated(model=model)
+    scheduler.offline_step_s = 0.05
+    scheduler.add(Sequence("job", list(range(200)), SamplingParams(), priority=1))
+    (chunk,) = scheduler.schedule()
+    assert chunk.num_new_tokens == 40  # 10 ms + 40 x 1 ms = the 50 ms a step may take (the budget is 64)
+    other = colocated(model=model)  # not even one token fits: an empty step still takes one
+    other.offline_step_s = 0.001
+    other.add(Sequence("job", list(range(200)), SamplingParams(), priority=1))
+    assert [s.num_new_tokens for s in other.schedule()] == [1]
