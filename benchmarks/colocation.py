@@ -57,7 +57,7 @@ def wait_busy(system, timeout: float = 60.0) -> None:
 
 def run_phase(name: str, slowdown: str | None, args: argparse.Namespace, root: Path) -> dict:
     state = root / name.replace(" ", "-").replace(",", "")
-    state.mkdir()
+    state.mkdir(parents=True, exist_ok=True)
     env_before = os.environ.get("XLLM_OFFLINE_SLOWDOWN")
     if slowdown is not None:
         os.environ["XLLM_OFFLINE_SLOWDOWN"] = slowdown  # xllm up's workers read XLLM_<FLAG>
@@ -113,11 +113,13 @@ def main() -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000)
     p.add_argument("--slo-tpot-ms", type=float, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-dir", help="keep the `xllm bench serve` JSON files here (for simulator_check.py)")
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="colocation-") as tmp:
+        root = Path(args.result_dir or tmp)
         for name, slowdown in PHASES.items():
-            results[name] = run_phase(name, slowdown, args, Path(tmp))
+            results[name] = run_phase(name, slowdown, args, root)
             print(f"{name}: attainment {results[name]['goodput']['attainment']:.0%}", flush=True)
     print(
         f"\nonline: {args.num_prompts} requests, 128/64 tokens, Poisson {args.rate} req/s; SLO TTFT "
