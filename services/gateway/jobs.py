@@ -20,7 +20,7 @@ within its dedupe window by two runners that raced on one job.
 import asyncio
 import time
 import uuid
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from typing import Any
 
 import nats.errors
@@ -283,10 +283,11 @@ class JobRunner:
         outcomes: dict[str, bool] = {}
         if not count:
             return outcomes, False
-        async for item in iter_results(self.js, job_id, limit=count):
-            if isinstance(item, JobDone):
-                return outcomes, True
-            outcomes.setdefault(item.custom_id, item.error is None)
+        async with aclosing(iter_results(self.js, job_id, limit=count)) as items:  # unsubscribed when we return
+            async for item in items:
+                if isinstance(item, JobDone):
+                    return outcomes, True
+                outcomes.setdefault(item.custom_id, item.error is None)
         return outcomes, False
 
 

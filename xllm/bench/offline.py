@@ -9,6 +9,7 @@ the job's completion curve; the run's duration is submit -> JobDone. The streams
 
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import asdict
 
 from nats.errors import NoRespondersError
@@ -93,12 +94,13 @@ async def _follow(
         raise OfflineError(f"no JetStream stream takes {JOBS_SUBMIT}: is the xllm job service up?") from e
     results: dict[str, RequestResult] = {}
     try:
-        async for item in iter_results(js, job.job_id, timeout=timeout_s):
-            if isinstance(item, JobDone):
-                return results, item
-            if item.custom_id in by_id and item.custom_id not in results:  # redeliveries count once
-                results[item.custom_id] = to_result(item, by_id[item.custom_id], time.perf_counter() - t0)
-                bar.update(results[item.custom_id].ok)
+        async with aclosing(iter_results(js, job.job_id, timeout=timeout_s)) as items:  # closed before nc is
+            async for item in items:
+                if isinstance(item, JobDone):
+                    return results, item
+                if item.custom_id in by_id and item.custom_id not in results:  # redeliveries count once
+                    results[item.custom_id] = to_result(item, by_id[item.custom_id], time.perf_counter() - t0)
+                    bar.update(results[item.custom_id].ok)
     except TimeoutError:
         pass
     except NotFoundError as e:
