@@ -89,9 +89,18 @@ class RecentForwards:
         return len(self._window(instance_id))
 
     def work(self, instance_id: str) -> tuple[int, float]:
-        """Prompt tokens and predicted prefill seconds sent to the instance within the window."""
+        """Prompt tokens and predicted prefill seconds sent to the instance within the window and not yet done, as
+        a queue the instance drains in real time (a prompt sent half a second ago that takes a tenth is done)."""
         sent = self._window(instance_id)
-        return sum(tokens for _, tokens, _ in sent), sum(seconds for _, _, seconds in sent)
+        tokens = sum(t for _, t, _ in sent)
+        seconds = sum(s for _, _, s in sent)
+        backlog, last = 0.0, None
+        for at, _, s in sent:
+            backlog = s + (max(0.0, backlog - (at - last)) if last is not None else 0.0)
+            last = at
+        if last is not None:
+            backlog = max(0.0, backlog - (self.clock() - last))
+        return (round(tokens * backlog / seconds) if seconds > 0 else tokens), backlog if seconds > 0 else 0.0
 
     def retain(self, instance_ids: Iterable[str]) -> None:
         """Forget instances that left the registry (keeps memory bounded)."""

@@ -168,3 +168,17 @@ async def test_prefix_aware_skips_the_query_for_prompts_under_one_block() -> Non
     policy = PrefixAwarePolicy(query, rng=random.Random(0))
     assert await ids(policy, [inst("a"), inst("b", running=1)], request(15)) == ["a", "b"]
     assert queries == []
+
+
+def test_recent_work_drains_as_the_instance_would_work_through_it():
+    now = [0.0]
+    recent = RecentForwards(window_s=10.0, clock=lambda: now[0])
+    recent.record("a", tokens=100, seconds=0.4)
+    recent.record("a", tokens=100, seconds=0.4)  # at once: 0.8 s queued
+    assert recent.work("a") == (200, pytest.approx(0.8))
+    now[0] = 0.6
+    assert recent.work("a") == (50, pytest.approx(0.2))  # three quarters done
+    now[0] = 1.0
+    recent.record("a", tokens=100, seconds=0.4)  # the first two are done: only this one is ahead
+    assert recent.work("a") == (100, pytest.approx(0.4))
+    assert recent.work("b") == (0, 0.0)
