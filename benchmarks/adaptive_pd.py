@@ -19,13 +19,10 @@ static system (colocated or split) of this run.
 """
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from xllm.bench.local_system import REPO, start_system, stop_system
+from xllm.bench.local_system import bench_serve, start_system, stop_system
 
 SYSTEMS = {
     "colocated": ["--mode", "colocated", "--decode", "2"],
@@ -37,17 +34,16 @@ STATIC = ("colocated", "split")
 
 
 def bench(url: str, args: argparse.Namespace, out: Path, name: str, num_prompts: int, seed: int) -> dict:
-    """One `xllm bench serve` run; its summary."""
-    argv = [
-        *(sys.executable, "-m", "xllm.cli", "bench", "serve", "--base-url", url),
+    """One `xllm bench serve` run of the workload; its summary."""
+    return bench_serve(
+        url,
+        out,
+        name,
         *("--input-len", str(args.input_len), "--output-len", str(args.output_len), "--range-ratio", "0.9"),
         *("--request-rate", str(args.rate), "--burstiness", str(args.burstiness), "--ignore-eos"),
-        *("--num-prompts", str(num_prompts), "--seed", str(seed), "--warmup", "1", "--no-plots", "--no-progress"),
+        *("--num-prompts", str(num_prompts), "--seed", str(seed), "--warmup", "1"),
         *("--goodput", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}"),
-        *("--result-dir", str(out), "--result-name", name),
-    ]
-    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / f"{name}.json").read_text())["runs"][0]["summary"]
+    )
 
 
 def paths(system) -> dict[str, int]:

@@ -15,34 +15,28 @@ For the job it reports the requests done while the online phase ran and the job'
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from xllm.bench.local_system import REPO, start_system, stop_system
+from xllm.bench.local_system import REPO, bench_serve, bench_serve_argv, start_system, stop_system
 
 PHASES = {"online alone": None, "with offline job": "0.1", "job, unmetered": "1000"}
 
 
-def bench_argv(url: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "xllm.cli", "bench", "serve", "--base-url", url, "--no-plots", "--no-progress", *args]
-
-
 def online(url: str, args: argparse.Namespace, out: Path, name: str) -> tuple[dict, float, float]:
     """The online run's summary, and when it started and ended (time.time())."""
-    argv = bench_argv(
+    started = time.time()
+    summary = bench_serve(
         url,
+        out,
+        name,
         *("--input-len", "128", "--output-len", "64", "--ignore-eos", "--seed", str(args.seed)),
         *("--request-rate", str(args.rate), "--num-prompts", str(args.num_prompts), "--warmup", "1"),
         *("--goodput", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}"),
-        *("--result-dir", str(out), "--result-name", name),
     )
-    started = time.time()
-    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / f"{name}.json").read_text())["runs"][0]["summary"], started, time.time()
+    return summary, started, time.time()
 
 
 def wait_busy(system, timeout: float = 60.0) -> None:
@@ -58,30 +52,19 @@ def wait_busy(system, timeout: float = 60.0) -> None:
 def run_phase(name: str, slowdown: str | None, args: argparse.Namespace, root: Path) -> dict:
     state = root / name.replace(" ", "-").replace(",", "")
     state.mkdir(parents=True, exist_ok=True)
-    env_before = os.environ.get("XLLM_OFFLINE_SLOWDOWN")
-    if slowdown is not None:
-        os.environ["XLLM_OFFLINE_SLOWDOWN"] = slowdown  # xllm up's workers read XLLM_<FLAG>
-    try:
-        system = start_system(state, "--mode", "colocated", "--decode", "1", "--worker-threads", "2")
-    finally:
-        os.environ.pop("XLLM_OFFLINE_SLOWDOWN", None)
-        if env_before is not None:
-            os.environ["XLLM_OFFLINE_SLOWDOWN"] = env_before
+    env = {"XLLM_OFFLINE_SLOWDOWN": slowdown} if slowdown is not None else {}  # xllm up's workers read XLLM_<FLAG>
+    system = start_system(state, "--mode", "colocated", "--decode", "1", "--worker-threads", "2", env=env)
     job = None
     try:
-        warm = bench_argv(system.url, "--num-prompts", "8", "--input-len", "64", "--output-len", "16", "--ignore-eos")
-        subprocess.run(
-            [*warm, "--result-dir", str(state), "--result-name", "warmup"],
-            cwd=REPO,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )  # the worker fits its cost model
+        warmup = ("--num-prompts", "8", "--input-len", "64", "--output-len", "16", "--ignore-eos")
+        bench_serve(system.url, state, "warmup", *warmup)  # the worker fits its cost model
         if slowdown is not None:
-            job_argv = bench_argv(
+            job_argv = bench_serve_argv(
                 system.url,
+                state,
+                "job",
                 *("--workload", "offline", "--nats", system.nats_url, "--num-prompts", str(args.job_requests)),
                 *("--input-len", "256", "--output-len", "128", "--ignore-eos", "--seed", "7", "--warmup", "0"),
-                *("--result-dir", str(state), "--result-name", "job"),
             )
             job_started = time.time()
             job = subprocess.Popen(job_argv, cwd=REPO, stdout=subprocess.DEVNULL)

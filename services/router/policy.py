@@ -92,15 +92,15 @@ class RecentForwards:
         """Prompt tokens and predicted prefill seconds sent to the instance within the window and not yet done, as
         a queue the instance drains in real time (a prompt sent half a second ago that takes a tenth is done)."""
         sent = self._window(instance_id)
-        tokens = sum(t for _, t, _ in sent)
-        seconds = sum(s for _, _, s in sent)
-        backlog, last = 0.0, None
+        tokens, seconds = sum(t for _, t, _ in sent), sum(s for _, _, s in sent)
+        if seconds <= 0:  # nothing priced (no cost model): all of it counts
+            return tokens, 0.0
+        backlog, last = 0.0, sent[0][0]
         for at, _, s in sent:
-            backlog = s + (max(0.0, backlog - (at - last)) if last is not None else 0.0)
+            backlog = max(0.0, backlog - (at - last)) + s
             last = at
-        if last is not None:
-            backlog = max(0.0, backlog - (self.clock() - last))
-        return (round(tokens * backlog / seconds) if seconds > 0 else tokens), backlog if seconds > 0 else 0.0
+        backlog = max(0.0, backlog - (self.clock() - last))
+        return round(tokens * backlog / seconds), backlog
 
     def retain(self, instance_ids: Iterable[str]) -> None:
         """Forget instances that left the registry (keeps memory bounded)."""

@@ -62,12 +62,17 @@ class RoleSwitcher:
         self.switches: Counter[str] = Counter()  # switches made, by the role switched to
         self._looked_at = -float("inf")
 
+    def due(self) -> bool:
+        """Whether a look now would look at all (targets set, `interval_s` since the last): the router asks first,
+        so that most requests do not copy the instance list for nothing."""
+        no_targets = self.slo.ttft_s is None and self.slo.tpot_s is None
+        return not no_targets and self.clock() - self._looked_at >= self.interval_s
+
     def look(self, instances: list[InstanceInfo]) -> Switch | None:
         """The switch to make now, if any (and remember it was made)."""
-        now = self.clock()
-        if (self.slo.ttft_s is None and self.slo.tpot_s is None) or now - self._looked_at < self.interval_s:
+        if not self.due():
             return None
-        self._looked_at = now
+        now = self._looked_at = self.clock()
         switch = self._decide([i for i in instances if i.state == "ready"], now)
         if switch is not None:
             self.switched_at[switch.instance_id] = now

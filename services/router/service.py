@@ -161,7 +161,7 @@ class RouterService:
     async def _on_message(self, msg: Msg) -> None:
         # nats-py runs a subscription's callbacks one at a time: route each request in its own task.
         # And if the pools call for it now, a mixed instance switched between them (services/router/roles.py).
-        switch = self.switcher.look(self.instances)
+        switch = self.switcher.look(self.instances) if self.switcher.due() else None
         handle = self._handle(msg, overflow=len(self._tasks) >= self.config.max_inflight)
         for work in (handle, self.switcher.apply(self.nc, switch)) if switch else (handle,):
             task = asyncio.create_task(work)

@@ -31,7 +31,8 @@ class System:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
+def start_system(state_dir: Path, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> System:
+    """`xllm up ARGS` with its state and logs in `state_dir`; `env`: variables its processes get besides ours."""
     port = free_port()
     launcher_log = open(state_dir / "launcher.log", "wb")  # noqa: SIM115 -- the child keeps it
     argv = [sys.executable, "-m", "xllm.cli", "up", "--port", str(port), "--state-dir", str(state_dir), *args]
@@ -41,7 +42,7 @@ def start_system(state_dir: Path, *args: str, timeout: float = 300) -> System:
         stdout=launcher_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     try:
         return _wait_up(proc, state_dir, port, timeout)
@@ -72,3 +73,17 @@ def stop_system(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def bench_serve_argv(url: str, out: Path, name: str, *args: str) -> list[str]:
+    """`xllm bench serve ARGS` against `url`, writing `out/name.json` (no plots, no progress bar)."""
+    return [
+        *(sys.executable, "-m", "xllm.cli", "bench", "serve", "--base-url", url, "--no-plots", "--no-progress"),
+        *("--result-dir", str(out), "--result-name", name, *args),
+    ]
+
+
+def bench_serve(url: str, out: Path, name: str, *args: str) -> dict:
+    """Run `bench_serve_argv`; the summary of its load point."""
+    subprocess.run(bench_serve_argv(url, out, name, *args), cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / f"{name}.json").read_text())["runs"][0]["summary"]
