@@ -11,8 +11,8 @@ from shared.retry import retry
 
 
 async def publish_kv_events(js: JetStreamContext, instance_id: str, events: asyncio.Queue) -> None:
-    """First "cleared" (a restarted worker holds nothing), then each (event, hashes, parent) the engine
-    queues, until cancelled."""
+    """First "cleared" (a restarted worker holds nothing), then each (event, hashes, parent, tier) the
+    engine queues, until cancelled."""
     subject, seq = subjects.kv_events(instance_id), 0
 
     async def publish(event: KvEvent) -> None:
@@ -24,5 +24,5 @@ async def publish_kv_events(js: JetStreamContext, instance_id: str, events: asyn
 
     await publish(KvEvent(instance_id, 0, "cleared"))
     while True:
-        kind, hashes, parent = await events.get()
-        await publish(KvEvent(instance_id, 0, kind, hashes, parent))
+        kind, hashes, parent, tier = await events.get()
+        await publish(KvEvent(instance_id, 0, kind, hashes, parent, tier))

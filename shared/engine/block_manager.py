@@ -3,13 +3,17 @@
 A block whose ref count drops to zero keeps its hash and contents: it stays findable by later
 requests with the same prefix until a new allocation needs it (least recently freed first).
 Stored/removed blocks are reported through `on_event` so a global index can follow them.
+
+With a second tier (`tier`, shared/engine/kv_tier.py), an evicted block goes down to it when that is cheaper
+than recomputing it, and a prompt's prefix continues there where the pool's cached blocks end.
 """
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from shared.block_hash import hash_block
+from shared.engine.kv_tier import HostKvTier
 from shared.engine.sequence import Sequence
 
 
@@ -19,9 +23,10 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: list[int] = field(default_factory=list)  # kept to check hash collisions
+    start: int = 0  # position of its first token in the sequence (what recomputing it would cost)
 
 
-KvEventHook = Callable[[str, list[int], int | None], None]  # (event, block hashes, parent hash)
+KvEventHook = Callable[[str, list[int], int | None, str], None]  # (event, block hashes, parent hash, tier)
 
 
 class BlockManager:
@@ -37,6 +42,7 @@ class BlockManager:
         self.on_event = on_event
         self.prefix_queries = 0  # prompt blocks looked up
         self.prefix_hits = 0  # of those, found in the cache
+        self.tier: HostKvTier | None = None  # the second tier, when there is one
 
     @property
     def num_blocks(self) -> int:
@@ -54,22 +60,51 @@ class BlockManager:
         which must be computed to get logits)."""
         if not self.enable_prefix_caching or seq.block_table:
             return
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        parent = None
-        for i in range(max_blocks):
-            tokens = seq.key_tokens(i * self.block_size, (i + 1) * self.block_size)
-            h = hash_block(parent, tokens)
+        chain = self._chain(seq, (seq.num_tokens - 1) // self.block_size)
+        if self.tier is not None:  # what goes down while its blocks come up must not push them out
+            chain = list(chain)
+            self.tier.claim([h for h, _, _ in chain])
+        for i, (h, tokens, parent) in enumerate(chain):
             self.prefix_queries += 1
-            block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self._cached(h, tokens, parent, i * self.block_size)
+            if block_id is None:
                 break
             self.prefix_hits += 1
-            self._ref(block_id)
             seq.block_table.append(block_id)
-            parent = h
+        if self.tier is not None:
+            self.tier.release()
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         if seq.num_output_tokens == 0:  # a recompute after preemption is not a cache hit to report
             seq.num_cached_tokens = seq.num_computed_tokens
+
+    def _chain(self, seq: Sequence, num_blocks: int) -> Iterator[tuple[int, list[int], int | None]]:
+        """(hash, tokens, parent hash) of the sequence's first full blocks."""
+        parent = None
+        for i in range(num_blocks):
+            tokens = seq.key_tokens(i * self.block_size, (i + 1) * self.block_size)
+            h = hash_block(parent, tokens)
+            yield h, tokens, parent
+            parent = h
+
+    def _cached(self, block_hash: int, tokens: list[int], parent: int | None, start: int) -> int | None:
+        """The pool's block of this hash and these tokens, referenced; else the tier's, brought up into a free block."""
+        block_id = self.hash_to_block.get(block_hash)
+        if block_id is not None:
+            if self.blocks[block_id].token_ids != tokens:
+                return None
+            self._ref(block_id)
+            return block_id
+        if self.tier is None or not self.tier.holds(block_hash) or not self.num_free_blocks:
+            return None
+        block_id = self._take_free()  # may send another block down first: the tier is asked after
+        if not self.tier.load(block_hash, tokens, block_id):
+            self.blocks[block_id].ref_count = 0
+            self.free_ids.appendleft(block_id)
+            return None
+        self._register(self.blocks[block_id], block_hash, tokens, start)
+        if self.on_event:
+            self.on_event("stored", [block_hash], parent, "device")
+        return block_id
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Make the block table cover `num_tokens` tokens; False (nothing taken) if blocks run out."""
@@ -100,14 +135,13 @@ class BlockManager:
             if h not in self.hash_to_block:  # else computed twice (two equal prompts in one step): keep first
                 if not stored:
                     first_parent = parent
-                block.hash, block.token_ids = h, tokens
-                self.hash_to_block[h] = block.block_id
+                self._register(block, h, tokens, i * bs)
                 stored.append(h)
             parent = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
         seq.last_block_hash = parent
         if stored and self.on_event:
-            self.on_event("stored", stored, first_parent)
+            self.on_event("stored", stored, first_parent, "device")
 
     def fork(self, parent: Sequence, child: Sequence) -> int | None:
         """Share the parent's full blocks with a child; returns a fresh block for the partial last
@@ -145,6 +179,10 @@ class BlockManager:
             self.free_ids.append(block_id)
         del seq.block_table[keep:]
 
+    def _register(self, block: Block, block_hash: int, tokens: list[int], start: int) -> None:
+        block.hash, block.token_ids, block.start = block_hash, tokens, start
+        self.hash_to_block[block_hash] = block.block_id
+
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
@@ -162,8 +200,16 @@ class BlockManager:
 
     def _evict(self, block_id: int) -> None:
         block = self.blocks[block_id]
-        if block.hash is not None:
-            del self.hash_to_block[block.hash]
-            if self.on_event:
-                self.on_event("removed", [block.hash], None)
-            block.hash, block.token_ids = None, []
+        if block.hash is None:
+            return
+        tier = self.tier
+        if tier is not None and not tier.holds(block.hash) and tier.worth_keeping(block.start):
+            dropped = tier.store(block_id, block.hash, block.token_ids)
+            if dropped is not None and self.on_event:
+                if dropped:
+                    self.on_event("removed", dropped, None, "host")
+                self.on_event("stored", [block.hash], None, "host")
+        del self.hash_to_block[block.hash]
+        if self.on_event:
+            self.on_event("removed", [block.hash], None, "device")
+        block.hash, block.token_ids = None, []

@@ -59,6 +59,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's context length
     max_encoder_tokens: int | None = None  # image tokens encoded a step (None: max_num_batched_tokens)
     enable_prefix_caching: bool = True
+    kv_host_memory: int | None = None  # bytes of a second KV tier evicted blocks go down to (shared/engine/kv_tier.py)
+    kv_host_path: str | None = None  # directory of its file on a CPU host (None: the system's temporary directory)
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0
     speculative: str = "none"  # one of SPECULATIVE_METHODS

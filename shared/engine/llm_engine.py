@@ -15,6 +15,7 @@ from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
 from shared.engine.expert_balancer import start_expert_parallel
 from shared.engine.kv_handoff import Handoff
+from shared.engine.kv_tier import host_tier
 from shared.engine.load import Load, step_costs, step_sample
 from shared.engine.loader import Checkpoint, load_checkpoint
 from shared.engine.model import CausalLM
@@ -83,6 +84,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.busy_seconds = 0.0  # in steps: over wall time, how busy the engine is
         self.costs, self.load = step_costs(config.cost_profile), Load()  # what steps cost; the work queued
+        self.block_manager.tier = host_tier(config, self.runner, self.costs)  # evicted blocks go down to it
         self.speculator = Speculator.from_config(config, self.max_model_len, self.runner, self.block_manager)
 
     def close(self) -> None:
@@ -295,6 +297,7 @@ class LLMEngine:
             "cost": self.costs.model.to_dict() if self.costs.model else {},
             "load": self.load,
             **(self.speculator.stats() if self.speculator else {}),
+            **(bm.tier.stats() if bm.tier else {}),
             **(self.expert_balancer.stats() if self.expert_balancer else {}),
             **(self.image_encoder.stats() if self.image_encoder else {}),
         }

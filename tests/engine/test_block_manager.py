@@ -37,7 +37,7 @@ def test_prefix_hit_shares_blocks_but_never_the_last_token():
     bm = BlockManager(16, 4, on_event=lambda *e: events.append(e))
     first = seq_of(list(range(10)))
     computed(bm, first)
-    assert events == [("stored", block_hashes(list(range(10)), 4), None)]
+    assert events == [("stored", block_hashes(list(range(10)), 4), None, "device")]
     second = seq_of(list(range(8)) + [99, 98, 97])
     bm.allocate_prefix(second)
     assert second.block_table == first.block_table[:2]
@@ -114,4 +114,4 @@ def test_each_full_block_is_hashed_once_and_a_growing_sequence_stores_only_new_b
     computed(bm, twin_a)
     assert len(calls) == 5
     hashes = block_hashes(list(range(9)) + [20, 21, 22], 4)
-    assert events == [("stored", hashes[:2], None), ("stored", hashes[2:], hashes[1])]
+    assert events == [("stored", hashes[:2], None, "device"), ("stored", hashes[2:], hashes[1], "device")]
