@@ -68,6 +68,8 @@ class UpConfig:
     )
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache", min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
+    kv_cache_memory: int | None = opt(None, "bytes of each worker's KV cache (instead of --kv-cache-fraction)", min=1)
+    kv_host_memory: int | None = opt(None, "bytes of each worker's second KV tier (evicted prefix blocks)", min=1)
     speculative: str = opt("none", "speculative decoding on decode and colocated workers", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = opt(5, "the most draft tokens a sequence scores per step", min=1, max=32)
     draft_length: str = opt(
@@ -123,7 +125,13 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     if config.enable_eplb:
         worker_args.append("--enable-eplb")
     slo = flags(**given(slo_ttft_ms=config.slo_ttft_ms, slo_tpot_ms=config.slo_tpot_ms))
-    worker_args += flags(**given(cost_profile=config.cost_profile))
+    worker_args += flags(
+        **given(
+            cost_profile=config.cost_profile,
+            kv_cache_memory=config.kv_cache_memory,
+            kv_host_memory=config.kv_host_memory,
+        )
+    )
     speculation = flags(
         speculative=config.speculative,
         num_speculative_tokens=config.num_speculative_tokens,

@@ -11,7 +11,8 @@ request each): lower is better.
   requests this router sent it in the last `RecentForwards.window_s` seconds, which the heartbeat
   does not show yet; without them a burst would all land on one instance between two heartbeats.
 - `PrefixAwarePolicy`: the same load, minus a bonus for the share of the prompt an instance already
-  holds in its prefix cache (asked of the kvcache service; any failure falls back to load alone).
+  holds in its prefix cache (asked of the kvcache service; any failure falls back to load alone). A block
+  held in an instance's second KV tier counts for what it saves: recomputing it less bringing it up.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.block_hash import cache_keys
+from shared.cost_model import CostModel
 from shared.logging import get_logger
 from shared.messages import GenerateRequest, InstanceInfo, KvQuery, KvQueryReply
 
@@ -198,7 +200,25 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
             self.fallbacks += 1
             log.warning("kv_query_failed", error=f"{type(e).__name__}: {e}", fallback="least-loaded")
             return {}
-        return {iid: min(n, reply.num_blocks) * block_size for iid, n in reply.matches.items()}
+        by_id = {i.instance_id: i for i in instances}
+        return {
+            iid: round(held_blocks(by_id[iid], reply.tiers.get(iid, {"device": n})) * block_size)
+            for iid, n in reply.matches.items()
+            if iid in by_id
+        }
+
+
+def held_blocks(info: InstanceInfo, tiers: dict[str, int]) -> float:
+    """The blocks of a prompt's prefix an instance holds, per tier (device first), counted as pool blocks: one in
+    its second tier is worth 1 - (seconds to bring it up) / (seconds to recompute it), by what the instance
+    measured (worth 1 until it has)."""
+    device, host = tiers.get("device", 0), sum(n for tier, n in tiers.items() if tier != "device")
+    model, fetch = CostModel.from_dict(info.cost), info.counters.get("kv_fetch_seconds_per_block")
+    if not host or model is None or fetch is None:
+        return device + host
+    size = info.block_size
+    recompute = sum(model.prefill_work(size, j * size) for j in range(device, device + host))
+    return device + host * max(0.0, 1.0 - host * fetch / recompute) if recompute > 0 else device
 
 
 def make_policy(name: str, query: KvQueryFn, recent: RecentForwards, prefix_weight: float) -> Policy:

@@ -26,6 +26,13 @@ class WorkerConfig:
         None, "image tokens encoded in one step, which stalls it (default: --max-num-batched-tokens)", min=1
     )
     enable_prefix_caching: bool = opt(True, "reuse KV of shared prompt prefixes")
+    kv_host_memory: int | None = opt(
+        None,
+        "bytes of a second KV tier that evicted prefix blocks go down to when moving them costs less than "
+        "recomputing them (pinned host memory on CUDA, a memory-mapped file on a CPU host)",
+        min=1,
+    )
+    kv_host_path: str | None = opt(None, "directory of the second KV tier's file on a CPU host (default: temp dir)")
     num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)", min=1)
     speculative: str = opt(
         "none",
@@ -79,6 +86,8 @@ class WorkerConfig:
             max_model_len=self.max_model_len,
             max_encoder_tokens=self.max_encoder_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
+            kv_host_memory=self.kv_host_memory,
+            kv_host_path=self.kv_host_path,
             num_threads=self.num_threads,
             speculative=self.speculative if speculate else "none",
             num_speculative_tokens=self.num_speculative_tokens,

@@ -123,6 +123,7 @@ class HostKvTier:
             "kv_swap_out_seconds": self.out_seconds,
             "kv_swap_in_seconds": self.in_seconds,
             "kv_swap_seconds_per_block": self.out_per_block + self.in_per_block,
+            "kv_fetch_seconds_per_block": self.in_per_block,
         }
 
     def _measure(self, rounds: int = 3) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from services.router.policy import (
     PrefixAwarePolicy,
     RecentForwards,
     choose_path,
+    held_blocks,
     load_score,
 )
 from shared.messages import GenerateRequest, InstanceInfo, KvQuery, KvQueryReply
@@ -124,12 +125,12 @@ async def test_ties_are_broken_at_random_but_every_instance_is_kept() -> None:
 # -- prefix-aware ---------------------------------------------------------------------------------------
 
 
-def kv_reply(matches: dict[str, int], num_blocks: int = 2, error: str | None = None):
+def kv_reply(matches: dict[str, int], num_blocks: int = 2, error: str | None = None, tiers: dict | None = None):
     queries: list[KvQuery] = []
 
     async def query(q: KvQuery) -> KvQueryReply:
         queries.append(q)
-        return KvQueryReply(q.request_id, matches=matches, num_blocks=num_blocks, error=error)
+        return KvQueryReply(q.request_id, matches=matches, tiers=tiers or {}, num_blocks=num_blocks, error=error)
 
     return query, queries
 
@@ -182,3 +183,24 @@ def test_recent_work_drains_as_the_instance_would_work_through_it():
     recent.record("a", tokens=100, seconds=0.4)  # the first two are done: only this one is ahead
     assert recent.work("a") == (100, pytest.approx(0.4))
     assert recent.work("b") == (0, 0.0)
+
+
+def test_a_second_tier_block_counts_for_what_bringing_it_up_saves() -> None:
+    cost = {"step": 0.0, "seq": 0.0, "token": 0.001, "attention": 0.0, "context": 0.0}  # 16 ms to recompute a block
+    measured = inst("a", cost=cost, counters={"kv_fetch_seconds_per_block": 0.004})
+    assert held_blocks(measured, {"device": 2, "host": 4}) == pytest.approx(2 + 4 * 0.75)
+    slow = inst("a", cost=cost, counters={"kv_fetch_seconds_per_block": 0.032})
+    assert held_blocks(slow, {"device": 2, "host": 4}) == 2  # slower to bring up than to recompute: worth nothing
+    assert held_blocks(inst("a"), {"device": 2, "host": 4}) == 6  # nothing measured yet: as good as the pool's
+
+
+async def test_prefix_aware_prefers_a_pool_hit_to_an_equal_second_tier_hit() -> None:
+    cost = {"step": 0.0, "seq": 0.0, "token": 0.001, "attention": 0.0, "context": 0.0}
+    tiered = {"kv_fetch_seconds_per_block": 0.008}
+    query, _ = kv_reply({"a": 2, "b": 2}, tiers={"a": {"host": 2}, "b": {"device": 2}})
+    policy = PrefixAwarePolicy(query, rng=random.Random(0))
+    instances = [inst("a", cost=cost, counters=tiered), inst("b", cost=cost, counters=tiered, running=3)]
+    assert await policy.cached_tokens(instances, request(40)) == {"a": 16, "b": 32}
+    assert await ids(policy, instances) == ["a", "b"]  # bonuses 2 and 4 load units: 0 - 2 < 3 - 4
+    instances[1].running = 1
+    assert await ids(policy, instances) == ["b", "a"]  # 1 - 4 < 0 - 2
