@@ -40,8 +40,8 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
         self.on_event = on_event
-        self.prefix_queries = 0  # prompt blocks looked up
-        self.prefix_hits = 0  # of those, found in the cache
+        self.prefix_queries = 0  # full prompt blocks looked up (once a sequence)
+        self.prefix_hits = 0  # of those, found in the cache (or the tier)
         self.tier: HostKvTier | None = None  # the second tier, when there is one
 
     @property
@@ -65,17 +65,19 @@ class BlockManager:
             chain = list(chain)
             self.tier.claim([h for h, _, _ in chain])
         for i, (h, tokens, parent) in enumerate(chain):
-            self.prefix_queries += 1
             block_id = self._cached(h, tokens, parent, i * self.block_size)
             if block_id is None:
                 break
-            self.prefix_hits += 1
             seq.block_table.append(block_id)
         if self.tier is not None:
             self.tier.release()
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         if seq.num_output_tokens == 0:  # a recompute after preemption is not a cache hit to report
             seq.num_cached_tokens = seq.num_computed_tokens
+        if not seq.prefix_counted:  # once a sequence: an admission retried until blocks free up is one lookup
+            seq.prefix_counted = True
+            self.prefix_queries += (seq.num_tokens - 1) // self.block_size
+            self.prefix_hits += len(seq.block_table)
 
     def _chain(self, seq: Sequence, num_blocks: int) -> Iterator[tuple[int, list[int], int | None]]:
         """(hash, tokens, parent hash) of the sequence's first full blocks."""

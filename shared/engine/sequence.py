@@ -43,6 +43,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of the prompt, served from the prefix cache at admission
+        self.prefix_counted = False  # its prompt's lookup is in the prefix cache's hit rate
         self.num_hashed_blocks = 0  # leading full blocks already registered in the prefix cache
         self.last_block_hash: int | None = None  # the hash of the last of those
         self.num_forks = params.n - 1 if index == 0 else 0  # siblings still to be forked off
