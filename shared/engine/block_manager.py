@@ -74,10 +74,16 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         if seq.num_output_tokens == 0:  # a recompute after preemption is not a cache hit to report
             seq.num_cached_tokens = seq.num_computed_tokens
-        if not seq.prefix_counted:  # once a sequence: an admission retried until blocks free up is one lookup
-            seq.prefix_counted = True
-            self.prefix_queries += (seq.num_tokens - 1) // self.block_size
-            self.prefix_hits += len(seq.block_table)
+
+    def count_lookup(self, seq: Sequence) -> None:
+        """Add an admitted sequence's prompt lookup to the hit rate, once: every full block its prompt could take
+        from the cache and those it did (an admission retried while it waits for room counts when it gets in; a
+        preempted sequence coming back does not count again)."""
+        if seq.prefix_counted or not self.enable_prefix_caching:
+            return
+        seq.prefix_counted = True
+        self.prefix_queries += (seq.num_prompt_tokens - 1) // self.block_size
+        self.prefix_hits += seq.num_cached_tokens // self.block_size
 
     def _chain(self, seq: Sequence, num_blocks: int) -> Iterator[tuple[int, list[int], int | None]]:
         """(hash, tokens, parent hash) of the sequence's first full blocks."""

@@ -128,6 +128,7 @@ class Scheduler:
                     self.block_manager.free(seq)
                 return
             self.waiting.popleft()
+            self.block_manager.count_lookup(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
