@@ -50,6 +50,7 @@ RUN python -m shared.engine.cpu_kernels \
 
 # ---- the image: the venv and the compiled kernels, no compiler --------------------------------------
 FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title=xllm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
