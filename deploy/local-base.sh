@@ -8,12 +8,14 @@
 #
 # xllm-base:bookworm        Debian bookworm (debootstrap --variant=minbase) with python3, venv and pip,
 #                           straight from the Debian mirror: the final image's base.
-# xllm-base:bookworm-build  that, plus what the Dockerfile's builder stage needs and cannot fetch here:
-#                           a C++ compiler and Python's headers (for the engine's kernels); the CPU torch
-#                           wheel from pip's find-links folder (PIP_FIND_LINKS, default /opt/wheels), in
-#                           /wheels, where PyTorch's own index is unreachable; and pip's CA bundle
-#                           (PIP_CERT) where a TLS proxy stands between this machine and PyPI. Only the
-#                           builder stage sees it: nothing of it reaches the final image but the venv.
+# xllm-base:bookworm-build  that, plus what the Dockerfile's builder stage needs beyond a python:3.11-slim:
+#                           a C++ compiler and Python's headers (Debian keeps them in python3-dev), for
+#                           the engine's kernels; the CPU torch wheel from pip's find-links folder
+#                           (PIP_FIND_LINKS, default /opt/wheels) in /wheels, for where PyTorch's own index
+#                           is unreachable (without it, "--find-links /wheels" finds nothing and pip takes
+#                           PyPI's torch, the CUDA build); and pip's CA bundle (PIP_CERT) where a TLS proxy
+#                           stands between this machine and PyPI. Only the builder stage sees this image:
+#                           nothing of it reaches the final image but the venv.
 set -eu
 
 BASE=${1:-xllm-base:bookworm}
