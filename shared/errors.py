@@ -76,6 +76,9 @@ def overloaded(message: str, code: str | None = "overloaded") -> ApiError:
     return ApiError(429, message, "overloaded", None, code)
 
 
+DECODE_UNREACHABLE = "decode_unreachable"  # a prefill worker could not hand a prompt's KV to its decode worker
+
+
 def unavailable(message: str, code: str | None = None) -> ApiError:
     """503: this instance (or every one tried) cannot serve it now; another may."""
     return ApiError(503, message, "server_error", None, code)

@@ -58,6 +58,9 @@ class GenerateRequest(Message):
     decode_instance: str | None = None
     attempt: int = 0
     images: list[dict[str, Any]] = field(default_factory=list)  # ImageRef as dicts, in prompt order
+    # Set by the gateway on a resubmission: instances an earlier attempt could not reach (a decode worker the
+    # prefill could not hand off to), which the registry may still list until their entries lapse.
+    avoid: list[str] = field(default_factory=list)
 
 
 @dataclass

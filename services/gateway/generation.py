@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from services.gateway.backend import Attempt, Backend, Lost
-from shared.errors import ApiError
+from shared.errors import DECODE_UNREACHABLE, ApiError
 from shared.messages import GenerateRequest, SchemaError, StreamChunk
 
 log = structlog.get_logger("xllm.gateway")
@@ -103,6 +103,8 @@ class Generation:
                 if not (err and err.retriable and chunk.instance_id):  # a worker's "I cannot go on"
                     return self._accept(chunk)
                 why, cause = f"instance {chunk.instance_id}: {err.message}", "worker_error"
+                if err.code == DECODE_UNREACHABLE and len(self.attempt.instances) == 2:  # [prefill, decode]
+                    self.req.avoid.append(self.attempt.instances[1])  # the router may still list it: say so
             last = await self._fail_over(why, cause)
             if last is not None:
                 return self._accept(last)

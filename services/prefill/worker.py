@@ -25,7 +25,7 @@ from shared.bus import BusError, request
 from shared.engine.llm_engine import RequestOutput
 from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
-from shared.errors import ApiError, unavailable
+from shared.errors import DECODE_UNREACHABLE, ApiError, unavailable
 from shared.messages import Ack, GenerateRequest, KvHandoff
 
 log = structlog.get_logger()
@@ -121,7 +121,8 @@ class PrefillWorker(Worker):
 
 
 def _failed(req: GenerateRequest, message: str) -> Ack:
-    return Ack(req.request_id, req.decode_instance, False, unavailable(message).to_wire())
+    """The decode worker did not take the hand-off: the code tells the gateway to have the router avoid it."""
+    return Ack(req.request_id, req.decode_instance, False, unavailable(message, DECODE_UNREACHABLE).to_wire())
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:

@@ -202,6 +202,8 @@ class RouterService:
                 req, "no_instances", unavailable(f"no ready instances to serve mode {self.config.mode!r}")
             )
         roles = PATH_ROLES[path]
+        for iid in req.avoid:  # an earlier attempt could not reach it: rank it last, for every request, a while
+            self._suspect(iid)
         first_attempt, refusals, tried = req.attempt, [], set()
         for _ in range(2):  # a second pass for instances that registered while the first one failed
             # Offline requests (priority > 0) meet a stricter cap, so online bursts keep some headroom.

@@ -184,6 +184,25 @@ async def test_worker_503_before_output_resubmits_then_exhausts(make_client, rou
         assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "Hello world"
 
 
+async def test_a_decode_the_prefill_could_not_reach_is_named_on_the_resubmission(make_client, router, nc) -> None:
+    """The registry may list a decode worker that died until its entry lapses; the router hears of it from the
+    gateway's next attempt (a plain 503 names nobody)."""
+    client = await make_client()
+    router.instances = ["p", "d"]
+    unreachable = {**UNAVAILABLE, "message": "decode worker d unreachable", "code": "decode_unreachable"}
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        if req.attempt < 2:
+            await send(nc, req, instance="p", error=unreachable if req.attempt == 0 else UNAVAILABLE)
+            return
+        await send(nc, req, "Hello", "stop", instance="p")
+
+    router.script = script
+    async with client.post("/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "Hello"
+    assert [r.avoid for r in router.requests] == [[], ["d"], ["d"]]
+
+
 async def test_503_after_max_submissions_when_instances_keep_leaving(make_client, router, registry, nc) -> None:
     reg, _, _ = registry
     client = await make_client(view=reg, watch=True)  # max_submissions: 3 by default

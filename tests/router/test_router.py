@@ -62,6 +62,21 @@ async def test_disaggregated_path_sets_the_decode_instance(cluster: Cluster) -> 
     assert cluster.workers["c1"].received == [] and chunks == []
 
 
+async def test_a_decode_instance_an_attempt_could_not_reach_is_ranked_last_for_every_request(cluster: Cluster) -> None:
+    """A prefill worker could not hand off to d1 (SIGKILLed: its registry entry stays until the TTL); the
+    gateway's resubmission names it, and the router plans around it, for later requests too."""
+    p1 = await cluster.add("p1", "prefill")
+    d1 = await cluster.add("d1", "decode")
+    d2 = await cluster.add("d2", "decode", running=4)
+    await cluster.start_router()
+    assert (await cluster.send())[0].instances == [p1, d1]  # the least loaded
+
+    retry = make_request()
+    retry.avoid, retry.attempt = [d1], 1
+    assert (await cluster.send(retry))[0].instances == [p1, d2]
+    assert (await cluster.send())[0].instances == [p1, d2]  # a new request, without `avoid`
+
+
 async def test_colocated_mode_ignores_prefill_and_decode(cluster: Cluster) -> None:
     await cluster.add("p1", "prefill")
     await cluster.add("d1", "decode")
