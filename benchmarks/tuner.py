@@ -60,7 +60,7 @@ def main() -> int:
     code = tune(
         [
             *("--tpot-slo-ms", str(args.tpot_slo_ms), "--memory", str(args.memory), "--model", args.model),
-            *("--num-threads", str(args.threads), "--requests", str(args.requests), "--output", str(out)),
+            *("--num-threads", str(args.threads), "--output", str(out)),
             *("--max-num-seqs", "64", "--max-num-batched-tokens", "2048", *shape),
         ]
     )

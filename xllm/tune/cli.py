@@ -149,7 +149,7 @@ def profile(engine: LLMEngine, work: Workload, limits: Limits, quick: bool, seed
     runs = [(b, context) for b in batches] + ([] if quick else [(8, min(3 * context, longest))])
     for b, c in runs:
         b = min(b, limits.max_num_seqs)
-        profiler.decode(b, c, -(-b * c // limits.max_num_batched_tokens) + 4)
+        profiler.decode(b, c, -(-b * c // limits.max_num_batched_tokens) + (4 if quick else 12))
     return profiler
 
 
@@ -158,34 +158,29 @@ def scaled(cost: CostModel, factor: float) -> CostModel:
 
 
 def verify(engine, cost, memory, work, limits, args, samples) -> tuple[list[tuple[Prediction, Measured]], CostModel]:
-    """Real runs: the choice, re-chosen after each run that is off the prediction; the next batch up when the
-    choice holds and the TPOT target binds. Each run's steps join the fit."""
+    """Real runs: the choice; after each, the model refitted with the run's steps and scaled to the TPOT measured
+    there when it is still off by more than CLOSE, and the choice made again; when it stays and the TPOT target
+    binds, the next batch up (the model may be cautious)."""
     runs: list[tuple[Prediction, Measured]] = []
-    choice = choose(cost, memory, work, limits)
-    prediction = choice.best
+    prediction = choose(cost, memory, work, limits).best
     while prediction is not None and len(runs) < (1 if args.quick else args.runs):
         b = prediction.max_num_seqs
-        point = Point(
-            b,
-            prediction.max_num_batched_tokens,
-            prediction.kv_device // (memory.kv_per_token * memory.block_size),
-            args.tpot_slo_ms,
-        )
-        requests = args.requests or (4 if args.quick else max(16, 2 * b))
+        blocks_held = prediction.kv_device // (memory.kv_per_token * memory.block_size)
+        point = Point(b, prediction.max_num_batched_tokens, blocks_held, args.tpot_slo_ms)
+        requests = args.requests or (4 if args.quick else max(8, 2 * b))
         measured = run_point(engine, point, work.prompt_len, work.output_len, requests, args.seed + len(runs))
         runs.append((prediction, measured))
         samples += measured.steps
-        error = measured.tpot_s / prediction.tpot_s - 1
-        done = {pr.max_num_seqs for pr, _ in runs}
-        if abs(error) > CLOSE:
-            cost = fit(samples) or cost
-            again = choose(cost, memory, work, limits).best
-            if again.max_num_seqs == b:  # the refit does not move it: scale it to what was measured here
-                again_cost = scaled(cost, 1 + error)
-                again, cost = choose(again_cost, memory, work, limits).best, again_cost
-            prediction = again if again.max_num_seqs not in done else None
-        elif choice.binds == "tpot" and measured.tpot_s <= work.tpot_slo_s and b + 1 not in done:
-            prediction = predict(cost, memory, work, b + max(1, b // 8), limits)
+        cost = fit(samples) or cost
+        at = predict(cost, memory, work, b, limits)
+        if at is not None and abs(measured.tpot_s / at.tpot_s - 1) > CLOSE:
+            cost = scaled(cost, measured.tpot_s / at.tpot_s)
+        choice, done = choose(cost, memory, work, limits), {m.point.max_num_seqs for _, m in runs}
+        up = b + max(1, b // 8)
+        if choice.best.max_num_seqs not in done:
+            prediction = choice.best
+        elif choice.binds == "tpot" and measured.tpot_s <= work.tpot_slo_s and up not in done:
+            prediction = predict(cost, memory, work, up, limits)
         else:
             prediction = None
     return runs, cost
