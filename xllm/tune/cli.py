@@ -160,17 +160,25 @@ def scaled(cost: CostModel, factor: float) -> CostModel:
 def verify(engine, cost, memory, work, limits, args, samples) -> tuple[list[tuple[Prediction, Measured]], CostModel]:
     """Real runs: the choice; after each, the model refitted with the run's steps and scaled to the TPOT measured
     there when it is still off by more than CLOSE, and the choice made again; when it stays and the TPOT target
-    binds, the next batch up (the model may be cautious)."""
+    binds, the next batch up (the model may be cautious). The last run tries the best batch so far with the largest
+    static token budget instead of the one adapted to the target: the model prices a prompt the same in small
+    chunks or one, so only a measurement tells the two apart (a burst of prompts prefilled in one step while
+    nothing decodes costs no TPOT)."""
     runs: list[tuple[Prediction, Measured]] = []
-    prediction = choose(cost, memory, work, limits).best
-    while prediction is not None and len(runs) < (1 if args.quick else args.runs):
-        b = prediction.max_num_seqs
+    prediction, limit = choose(cost, memory, work, limits).best, 1 if args.quick else args.runs
+
+    def run(prediction: Prediction, slo_ms: float | None) -> Measured:
         blocks_held = prediction.kv_device // (memory.kv_per_token * memory.block_size)
-        point = Point(b, prediction.max_num_batched_tokens, blocks_held, args.tpot_slo_ms)
-        requests = args.requests or (4 if args.quick else max(8, 2 * b))
+        point = Point(prediction.max_num_seqs, prediction.max_num_batched_tokens, blocks_held, slo_ms)
+        requests = args.requests or (4 if args.quick else max(8, 2 * prediction.max_num_seqs))
         measured = run_point(engine, point, work.prompt_len, work.output_len, requests, args.seed + len(runs))
         runs.append((prediction, measured))
-        samples += measured.steps
+        samples.extend(measured.steps)
+        return measured
+
+    while prediction is not None and len(runs) < max(1, limit - 1):
+        b = prediction.max_num_seqs
+        measured = run(prediction, args.tpot_slo_ms)
         cost = fit(samples) or cost
         at = predict(cost, memory, work, b, limits)
         if at is not None and abs(measured.tpot_s / at.tpot_s - 1) > CLOSE:
@@ -183,7 +191,19 @@ def verify(engine, cost, memory, work, limits, args, samples) -> tuple[list[tupl
             prediction = predict(cost, memory, work, up, limits)
         else:
             prediction = None
+    best = best_run(runs, work)
+    static = Limits(limits.max_num_seqs, limits.max_num_batched_tokens, limits.max_num_batched_tokens)
+    if best is not None and len(runs) < limit:
+        wide = predict(cost, memory, work, best[1].point.max_num_seqs, static)
+        if wide is not None and wide.max_num_batched_tokens > best[1].point.max_num_batched_tokens:
+            run(wide, None)
     return runs, cost
+
+
+def best_run(runs: list[tuple[Prediction, Measured]], work: Workload) -> tuple[Prediction, Measured] | None:
+    """The run of highest throughput within the target and without preemptions."""
+    within = [(pr, m) for pr, m in runs if m.tpot_s <= work.tpot_slo_s and not m.preemptions]
+    return max(within, key=lambda run: run[1].throughput) if within else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = sorted(relative_errors(cost, samples))
     print_choice(args, engine, memory, work, cost, choice, len(samples), profiled, errors[len(errors) // 2])
     runs, cost = verify(engine, cost, memory, work, limits, args, samples)
-    final = final_choice(cost, memory, work, limits, runs)
-    print_runs(runs, final, work)
+    final, step_slo_ms = final_choice(cost, memory, work, limits, runs)
+    print_runs(runs, final, work, step_slo_ms)
     up = {
         "model": args.model,
         "mode": "colocated",
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_batched_tokens": final.max_num_batched_tokens,
         "kv_cache_memory": final.kv_device,
         "kv_host_memory": final.kv_host or None,
-        "step_slo_ms": args.tpot_slo_ms,
+        "step_slo_ms": step_slo_ms,
         "worker_threads": torch.get_num_threads(),
     }
     meta = {
@@ -233,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "max_num_seqs": m.point.max_num_seqs,
             "max_num_batched_tokens": m.point.max_num_batched_tokens,
+            "step_slo_ms": m.point.step_slo_ms,
             "predicted_tpot_ms": pr.tpot_s * 1e3,
             "tpot_ms": m.tpot_s * 1e3,
             "predicted_tokens_per_s": pr.throughput,
@@ -252,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def final_choice(cost, memory, work, limits, runs) -> Prediction:
-    """The best measured run within the target and without preemptions, else the (refitted) model's choice."""
-    within = [(pr, m) for pr, m in runs if m.tpot_s <= work.tpot_slo_s and not m.preemptions]
-    if not within:
-        return choose(cost, memory, work, limits).best
-    return max(within, key=lambda run: run[1].throughput)[0]
+def final_choice(cost, memory, work, limits, runs) -> tuple[Prediction, float | None]:
+    """The best run's configuration and TPOT target for its budget (None: static), else the refitted model's."""
+    best = best_run(runs, work)
+    if best is None:
+        return choose(cost, memory, work, limits).best, work.tpot_slo_s * 1e3
+    return best[0], best[1].point.step_slo_ms

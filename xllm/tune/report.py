@@ -48,18 +48,22 @@ def print_choice(
     print(f"model's choice: B={best}, T={choice.best.max_num_batched_tokens}; binds: {choice.explanation}")
 
 
-def print_runs(runs: list[tuple[Prediction, Measured]], final: Prediction, work: Workload) -> None:
+def print_runs(
+    runs: list[tuple[Prediction, Measured]], final: Prediction, work: Workload, step_slo_ms: float | None
+) -> None:
     print("verified by real runs (predicted -> measured):")
     for pr, m in runs:
         within = "within" if m.tpot_s <= work.tpot_slo_s else "OVER"
         print(
-            f"  B={m.point.max_num_seqs:<4} T={m.point.max_num_batched_tokens:<5} TPOT {pr.tpot_s * 1e3:.1f} -> "
+            f"  B={m.point.max_num_seqs:<4} T={m.point.max_num_batched_tokens:<5}"
+            f"{' adapted' if m.point.step_slo_ms else ' static '} TPOT {pr.tpot_s * 1e3:.1f} -> "
             f"{m.tpot_s * 1e3:.1f} ms ({within} target)   {pr.throughput:.1f} -> {m.throughput:.1f} tok/s   "
             f"{m.preemptions} preemptions, {m.seconds:.1f} s"
         )
     print(
-        f"chosen: max_num_seqs {final.max_num_seqs}, max_num_batched_tokens {final.max_num_batched_tokens} "
-        f"(adapted online under step_slo_ms {work.tpot_slo_s * 1e3:g}); memory: KV pool {final.kv_device / MIB:.0f} "
+        f"chosen: max_num_seqs {final.max_num_seqs}, max_num_batched_tokens {final.max_num_batched_tokens}"
+        + (f" (adapted online under step_slo_ms {step_slo_ms:g})" if step_slo_ms else " (static)")
+        + f"; memory: KV pool {final.kv_device / MIB:.0f} "
         f"MiB, second tier {final.kv_host / MIB:.0f} MiB, activations {final.activations / MIB:.0f} MiB"
         + (f", prefix hit {final.prefix_hit:.0%}" if final.prefix_hit else "")
     )
