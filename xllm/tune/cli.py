@@ -158,14 +158,13 @@ def scaled(cost: CostModel, factor: float) -> CostModel:
 
 
 def verify(engine, cost, memory, work, limits, args, samples) -> tuple[list[tuple[Prediction, Measured]], CostModel]:
-    """Real runs: the choice; after each, the model refitted with the run's steps and scaled to the TPOT measured
-    there when it is still off by more than CLOSE, and the choice made again; when it stays and the TPOT target
-    binds, the next batch up (the model may be cautious). The last run tries the best batch so far with the largest
-    static token budget instead of the one adapted to the target: the model prices a prompt the same in small
-    chunks or one, so only a measurement tells the two apart (a burst of prompts prefilled in one step while
-    nothing decodes costs no TPOT)."""
+    """Real runs. First the model's choice, with its budget adapted online to the target, then the same batch with
+    the largest static budget: the model prices a prompt the same in small chunks or in one, so only a measurement
+    tells the two apart (a burst of prompts prefilled in one step while nothing decodes costs no TPOT). Then, in
+    the form that measured better, the model is refitted with the runs' steps, scaled to the TPOT measured there
+    when still off by more than CLOSE, and asked again, until it names a batch already run or the runs are spent."""
     runs: list[tuple[Prediction, Measured]] = []
-    prediction, limit = choose(cost, memory, work, limits).best, 1 if args.quick else args.runs
+    static = Limits(limits.max_num_seqs, limits.max_num_batched_tokens, limits.max_num_batched_tokens)
 
     def run(prediction: Prediction, slo_ms: float | None) -> Measured:
         blocks_held = prediction.kv_device // (memory.kv_per_token * memory.block_size)
@@ -176,27 +175,24 @@ def verify(engine, cost, memory, work, limits, args, samples) -> tuple[list[tupl
         samples.extend(measured.steps)
         return measured
 
-    while prediction is not None and len(runs) < max(1, limit - 1):
-        b = prediction.max_num_seqs
-        measured = run(prediction, args.tpot_slo_ms)
+    first = choose(cost, memory, work, limits).best
+    run(first, args.tpot_slo_ms)
+    if args.quick or args.runs < 2:
+        return runs, cost
+    wide = predict(cost, memory, work, first.max_num_seqs, static)
+    if wide is not None and wide.max_num_batched_tokens > first.max_num_batched_tokens:
+        run(wide, None)
+    while len(runs) < args.runs:
+        form = best_run(runs, work) or min(runs, key=lambda r: r[1].tpot_s)
+        slo_ms, form_limits = (args.tpot_slo_ms, limits) if form[1].point.step_slo_ms else (None, static)
         cost = fit(samples) or cost
-        at = predict(cost, memory, work, b, limits)
-        if at is not None and abs(measured.tpot_s / at.tpot_s - 1) > CLOSE:
-            cost = scaled(cost, measured.tpot_s / at.tpot_s)
-        choice, done = choose(cost, memory, work, limits), {m.point.max_num_seqs for _, m in runs}
-        up = b + max(1, b // 8)
-        if choice.best.max_num_seqs not in done:
-            prediction = choice.best
-        elif choice.binds == "tpot" and measured.tpot_s <= work.tpot_slo_s and up not in done:
-            prediction = predict(cost, memory, work, up, limits)
-        else:
-            prediction = None
-    best = best_run(runs, work)
-    static = Limits(limits.max_num_seqs, limits.max_num_batched_tokens, limits.max_num_batched_tokens)
-    if best is not None and len(runs) < limit:
-        wide = predict(cost, memory, work, best[1].point.max_num_seqs, static)
-        if wide is not None and wide.max_num_batched_tokens > best[1].point.max_num_batched_tokens:
-            run(wide, None)
+        at = predict(cost, memory, work, form[1].point.max_num_seqs, form_limits)
+        if at is not None and abs(form[1].tpot_s / at.tpot_s - 1) > CLOSE:
+            cost = scaled(cost, form[1].tpot_s / at.tpot_s)
+        again = choose(cost, memory, work, form_limits).best
+        if any(m.point.max_num_seqs == again.max_num_seqs and m.point.step_slo_ms == slo_ms for _, m in runs):
+            break
+        run(again, slo_ms)
     return runs, cost
 
 
