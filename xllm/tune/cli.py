@@ -6,10 +6,10 @@ machine, from a fitted model and a few real runs, and write them as a file `xllm
 2. Choose by the model (xllm/tune/model.py): the largest batch whose predicted TPOT meets --tpot-slo-ms, whose
    running sequences' KV fits in --memory beside the weights and activations, and whose prefill the token
    budget carries; the budget is the largest that keeps a step with a prompt chunk within the target.
-3. Verify: run the workload at the choice (xllm/tune/measure.py). If the measured TPOT is off the prediction,
-   refit with the run's steps (scaling the model by the error where the refit does not move it) and choose again;
-   when the choice holds and the TPOT target is what binds, try the next batch up too, since the model may be
-   cautious. The final choice is the best measured run within the target.
+3. Verify (xllm/tune/measure.py): run the workload at the choice with its budget adapted online to the target,
+   then at the same batch with the largest static budget (the model cannot tell the two apart); then, in the
+   form that measured better, refit with the runs' steps, scale the model to the TPOT measured there if it is
+   still off, and run the batch it names now. The final choice is the best run within the target.
 
 Run it with the device, dtype and threads the workers will have; it prints predicted against measured numbers
 and the constraint that binds.
