@@ -75,3 +75,30 @@ def test_the_scheduler_chunks_a_prompt_to_the_adapted_budget():
 
 def test_the_scheduler_without_a_target_schedules_as_before():
     assert scheduled_tokens(COSTLY, None) == (1504, 2048)
+
+
+def test_an_engine_under_a_target_chunks_prompts_to_its_cost_model_and_generates_the_same(tiny_model_dir):
+    from shared.engine.config import EngineConfig
+    from shared.engine.llm_engine import LLMEngine
+    from shared.engine.loader import load_checkpoint
+
+    ckpt = load_checkpoint(str(tiny_model_dir("llama")))
+    prompts = [[(7 * i + j) % 200 + 5 for j in range(150)] for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6, ignore_eos=True)
+    outputs, budgets = [], []
+    for target_ms in (None, 30.0):
+        config = EngineConfig(num_threads=1, kv_cache_memory=8 << 20, step_slo_ms=target_ms, min_num_batched_tokens=16)
+        engine = LLMEngine(config, ckpt)
+        engine.costs.model = COSTLY  # prompt tokens priced high: 30 ms leaves room for a few dozen beside decodes
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        tokens, seen = {}, []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+            seen.append(engine.scheduler.last_budget)
+        outputs.append(tokens)
+        budgets.append(seen)
+    assert set(budgets[0]) == {2048}
+    assert max(budgets[1]) < 2048 and min(budgets[1]) >= 16
+    assert outputs[0] == outputs[1]
