@@ -21,7 +21,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -29,6 +29,7 @@ T = TypeVar("T")
 ENV_PREFIX = "XLLM_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_NONE = object()  # no default given beside the dataclass's
 
 
 def opt(
@@ -57,11 +58,19 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
-def load_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
-    """Parse `argv` (default: sys.argv[1:]) and the environment into a validated `cls` instance."""
+def load_config(
+    cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None, defaults: Mapping[str, Any] | None = None
+) -> T:
+    """Parse `argv` (default: sys.argv[1:]) and the environment into a validated `cls` instance. `defaults`
+    (field name -> value, say from a file `xllm tune` wrote) replace the dataclass's defaults: a flag or an env
+    var still wins over them."""
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip() or None)
     hints = typing.get_type_hints(cls)
-    specs = [_Spec(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(defaults or ()) - set(fields))
+    if unknown:
+        parser.error(f"unknown settings {', '.join(unknown)}")
+    specs = [_Spec(f, hints[f.name], (defaults or {}).get(f.name, _NONE)) for f in fields.values()]
     for spec in specs:
         spec.add_to(parser)
     ns = parser.parse_args(argv)
@@ -85,8 +94,8 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | Non
 class _Spec:
     """How one dataclass field maps to a flag and an env var."""
 
-    def __init__(self, field: dataclasses.Field, hint: Any):
-        self.field = field
+    def __init__(self, field: dataclasses.Field, hint: Any, given: Any = _NONE):
+        self.field, self.given = field, given
         self.meta = field.metadata
         self.flag = "--" + field.name.replace("_", "-")
         self.env = self.meta.get("env") or env_name(field.name)
@@ -94,6 +103,8 @@ class _Spec:
         self.convert = _converter(self.base, self.optional, self.seq)
 
     def default(self) -> Any:
+        if self.given is not _NONE:
+            return self.seq(self.given) if self.seq and self.given is not None else self.given
         if self.field.default is not dataclasses.MISSING:
             return self.field.default
         if self.field.default_factory is not dataclasses.MISSING:
@@ -108,7 +119,11 @@ class _Spec:
                 default = self.convert(raw)
             except (argparse.ArgumentTypeError, ValueError) as e:
                 parser.error(f"{self.env}={raw!r}: {e}")
-        no_default = self.field.default is dataclasses.MISSING and self.field.default_factory is dataclasses.MISSING
+        no_default = (
+            self.given is _NONE
+            and self.field.default is dataclasses.MISSING
+            and self.field.default_factory is dataclasses.MISSING
+        )
         required = no_default and raw is None
         help_text = self.meta.get("help", "") or ""
         help_text += f" [env {self.env}; default: %(default)s]"

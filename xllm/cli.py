@@ -5,6 +5,7 @@ xllm serve SERVICE [...]      run one service against an existing NATS (what com
 xllm generate --prompt TEXT   in-process generation; prints the completion only
 xllm bench engine | serve     benchmarks
 xllm profile [...]            measure this engine's step costs here, for the router (--cost-profile FILE)
+xllm tune --tpot-slo-ms MS    choose max_num_seqs, the token budget and the memory split here (xllm up --config FILE)
 xllm simulate --profile FILE  simulate a cluster of N instances under a policy, priced by a profile
 xllm submit jobs.jsonl        an offline batch job over NATS
 """
@@ -25,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "up":
         from shared.config import load_config
         from shared.logging import configure_logging
+        from xllm.tune.config import up_defaults
         from xllm.up import UpConfig, up
 
-        config = load_config(UpConfig, rest, prog="xllm up")
+        config = load_config(UpConfig, rest, prog="xllm up", defaults=up_defaults(rest))
         configure_logging("xllm-up", config.log_level)
         return up(config)
     if command == "serve":
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from xllm.profile import main as profile
 
         return profile(rest)
+    if command == "tune":
+        from xllm.tune.cli import main as tune
+
+        return tune(rest)
     if command == "simulate":
         from xllm.simulate.cli import main as simulate
 

@@ -68,6 +68,15 @@ class UpConfig:
     )
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache", min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
+    max_num_batched_tokens: int | None = opt(None, "tokens a worker's engine step computes at most", min=16)
+    step_slo_ms: float | None = opt(
+        None,
+        "decode and colocated workers fit each step's token budget to this TPOT target by their measured step costs",
+        min=0.1,
+    )
+    config: str | None = opt(
+        None, "a file `xllm tune` wrote: its settings become the defaults (a flag or XLLM_* variable still wins)"
+    )
     kv_cache_memory: int | None = opt(None, "bytes of each worker's KV cache (instead of --kv-cache-fraction)", min=1)
     kv_host_memory: int | None = opt(None, "bytes of each worker's second KV tier (evicted prefix blocks)", min=1)
     speculative: str = opt("none", "speculative decoding on decode and colocated workers", choices=SPECULATIVE_METHODS)
@@ -130,8 +139,10 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
             cost_profile=config.cost_profile,
             kv_cache_memory=config.kv_cache_memory,
             kv_host_memory=config.kv_host_memory,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
     )
+    step_slo = flags(**given(step_slo_ms=config.step_slo_ms))  # not for prefill workers: they run no decodes
     speculation = flags(
         speculative=config.speculative,
         num_speculative_tokens=config.num_speculative_tokens,
@@ -146,7 +157,11 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         services.append(Service(f"encoder-{i}", [*py, "services.encoder", *common, *own]))
     for i, role in enumerate(roles):
         name = f"{role}-{i}"
-        own = flags(instance_id=f"{name}-{os.getpid()}") + initial[i] + (speculation if role != "prefill" else [])
+        own = (
+            flags(instance_id=f"{name}-{os.getpid()}")
+            + initial[i]
+            + (speculation + step_slo if role != "prefill" else [])
+        )
         services.append(Service(name, [*py, f"services.{role}", *common, *worker_args, *own]))
     gateway = flags(model=config.model, host=config.host, port=config.port)
     env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}  # not on the command line

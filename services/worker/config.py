@@ -21,6 +21,13 @@ class WorkerConfig:
     block_size: int = opt(16, "tokens per KV block", min=1)
     max_num_seqs: int = opt(64, "sequences running at once", min=1)
     max_num_batched_tokens: int = opt(2048, "tokens per engine step (chunked prefill budget)", min=16)
+    step_slo_ms: float | None = opt(
+        None,
+        "TPOT target: each engine step's token budget is the most the measured step-cost model predicts keeps "
+        "the step within it beside the running decodes (at most --max-num-batched-tokens)",
+        min=0.1,
+    )
+    min_num_batched_tokens: int = opt(64, "with --step-slo-ms: the floor of the adapted token budget", min=1)
     max_model_len: int | None = opt(None, "context length (default: the model's)", min=2)
     max_encoder_tokens: int | None = opt(
         None, "image tokens encoded in one step, which stalls it (default: --max-num-batched-tokens)", min=1
@@ -83,6 +90,8 @@ class WorkerConfig:
             kv_cache_fraction=self.kv_cache_fraction,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            step_slo_ms=self.step_slo_ms,
+            min_num_batched_tokens=self.min_num_batched_tokens,
             max_model_len=self.max_model_len,
             max_encoder_tokens=self.max_encoder_tokens,
             enable_prefix_caching=self.enable_prefix_caching,

@@ -56,6 +56,8 @@ class EngineConfig:
     kv_cache_fraction: float = 0.25
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    step_slo_ms: float | None = None  # TPOT target: the step token budget adapts to it (engine/step_budget.py)
+    min_num_batched_tokens: int = 64  # the adapted budget's floor
     max_model_len: int | None = None  # None = the model's context length
     max_encoder_tokens: int | None = None  # image tokens encoded a step (None: max_num_batched_tokens)
     enable_prefix_caching: bool = True

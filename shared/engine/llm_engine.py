@@ -78,6 +78,7 @@ class LLMEngine:
             self.image_encoder.needs_encoding if self.image_encoder else lambda image: False,
             lambda: self.costs.model,  # offline work beside online work is priced by it (scheduler.OfflineMeter)
             *(config.offline_slowdown, config.offline_step_ms / 1000),
+            *(config.step_slo_ms and config.step_slo_ms / 1000, config.min_num_batched_tokens),
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.image_encoder)
         self.eos_token_ids = list(ckpt.config.eos_token_ids)

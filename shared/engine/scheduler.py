@@ -23,6 +23,7 @@ from shared.cost_model import CostModel
 from shared.engine.block_manager import BlockManager
 from shared.engine.multimodal import ImageInput
 from shared.engine.sequence import Sequence, SequenceStatus
+from shared.engine.step_budget import token_budget
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Scheduler:
         step_cost: Callable[[], CostModel | None] = lambda: None,
         offline_slowdown: float = 0.1,
         offline_step_s: float = 0.2,
+        step_target_s: float | None = None,
+        min_num_batched_tokens: int = 64,
     ):
         self.block_manager = block_manager
         self.max_encoder_tokens = max_encoder_tokens or max_num_batched_tokens  # image tokens encoded a step
@@ -62,6 +65,9 @@ class Scheduler:
         self.num_offline_preemptions = 0  # of those, offline sequences that made room for online ones
         self.step_cost = step_cost  # the engine's current step-cost model (None before it has one)
         self.offline_slowdown, self.offline_step_s = offline_slowdown, offline_step_s
+        # With a TPOT target each step's budget is what the cost model says fits beside the decodes (step_budget.py).
+        self.step_target_s, self.min_num_batched_tokens = step_target_s, min_num_batched_tokens
+        self.last_budget = max_num_batched_tokens
 
     def add(self, seq: Sequence) -> None:
         """Queue in (priority, arrival) order: an online request passes queued offline ones."""
@@ -76,7 +82,10 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         """Online work first: running online sequences, then waiting online ones (in place of running offline ones
         if need be), then offline sequences, held to what the step can take beside the online work."""
-        self._budget, self._encoding, self._preempted = self.max_num_batched_tokens, 0, False
+        self.last_budget = token_budget(
+            self.step_cost(), self.running, self.step_target_s, self.min_num_batched_tokens, self.max_num_batched_tokens
+        )
+        self._budget, self._encoding, self._preempted = self.last_budget, 0, False
         self._make_room_for_online()
         self._meter = OfflineMeter.for_step(self, self.step_cost())
         scheduled: list[ScheduledSeq] = []
