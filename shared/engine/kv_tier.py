@@ -149,9 +149,15 @@ def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     numel = 1
     for n in shape:
         numel *= n
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
     fd, path = tempfile.mkstemp(prefix="xllm-kv-", dir=directory)
     try:
-        os.ftruncate(fd, numel * torch.empty(0, dtype=dtype).element_size())
+        # The disk space is reserved now, not page by page as blocks are first written: a full disk is an error
+        # here rather than a SIGBUS in the middle of a step.
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise OSError(e.errno, f"--kv-host-memory: cannot reserve {nbytes} bytes in {path}: {e.strerror}") from e
         data = torch.from_file(path, shared=True, size=numel, dtype=dtype)  # the mapping outlives the name
     finally:
         os.close(fd)

@@ -1,6 +1,9 @@
 """The second KV tier: blocks go down instead of being dropped and come back up unchanged, none lost or held
 twice, swap or recompute as the cost model says, and the engine's output identical with the tier on."""
 
+import errno
+import os
+
 import pytest
 import torch
 
@@ -109,6 +112,17 @@ def test_blocks_go_down_only_when_that_is_cheaper_than_recomputing_them(recomput
 
 
 # ---- in the engine -----------------------------------------------------------------------------------
+def test_a_tier_the_disk_cannot_hold_is_refused_at_start_and_leaves_no_file(tmp_path, monkeypatch):
+    def disk_full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    k_cache = torch.zeros(2, 4, 4, 1, 8)
+    with pytest.raises(OSError, match=r"--kv-host-memory: cannot reserve 2048 bytes .* No space left on device"):
+        HostKvTier(4, k_cache, k_cache.clone(), directory=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def ckpt(tiny_model_dir):
     return load_checkpoint(str(tiny_model_dir("llama")))
