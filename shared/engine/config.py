@@ -52,6 +52,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # fp32 on CPU (no native bf16 here); bf16 on CUDA
     block_size: int = 16
+    quantization: str = "auto"  # weights in block formats (shared/engine/quant.py): auto keeps a GGUF's own
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
     kv_cache_fraction: float = 0.25
     max_num_seqs: int = 64

@@ -1,4 +1,5 @@
-"""The engine's C++ CPU kernels (csrc/cpu_kernels.cpp), compiled on first use for this machine's CPU.
+"""The engine's C++ CPU kernels (csrc/cpu_kernels.cpp, and csrc/quant_kernels.cpp for weights kept in GGUF's
+block formats), compiled on first use for this machine's CPU.
 
 torch's JIT extension builder caches the build (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR) and
 locks it, so worker processes starting together build it once. Without a C++ compiler, or with
@@ -18,11 +19,22 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
 
 
 @cache
 def load() -> ModuleType | None:
     """The compiled module, or None where it cannot be built or is switched off."""
+    return _build("xllm_cpu_kernels", SOURCE)
+
+
+@cache
+def load_quant() -> ModuleType | None:
+    """The block-format matmul kernels (csrc/quant_kernels.cpp), or None as for `load`."""
+    return _build("xllm_quant_kernels", QUANT_SOURCE)
+
+
+def _build(name: str, source: Path) -> ModuleType | None:
     if os.environ.get("XLLM_CPU_KERNELS", "1") == "0":
         return None
     from torch.utils.cpp_extension import load as load_extension
@@ -31,8 +43,8 @@ def load() -> ModuleType | None:
     capability = torch.backends.cpu.get_cpu_capability().lower()
     try:
         return load_extension(
-            f"xllm_cpu_kernels_{capability}",
-            [str(SOURCE)],
+            f"{name}_{capability}",
+            [str(source)],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
@@ -47,4 +59,4 @@ def usable(tensor: torch.Tensor) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if load() is not None else f"could not build {SOURCE}")
+    sys.exit(0 if load() is not None and load_quant() is not None else f"could not build {SOURCE} or {QUANT_SOURCE}")

@@ -2,7 +2,8 @@
 and tokenizer come from the file's metadata (shared/model_files.py).
 
 Every tensor type the `gguf` package dequantizes is readable (Q4_0, Q4_1, Q8_0, K-quants, F16, BF16,
-F32...). Tensors are dequantized one at a time, so peak memory stays near the size of the result.
+F32...). Tensors are dequantized one at a time, so peak memory stays near the size of the result; with
+`keep_blocks`, a 2-D tensor in a format the engine's kernels run (shared/engine/quant.py) stays in it.
 """
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from shared.engine.config import ModelConfig
+from shared.engine.quant import QuantizedWeight, from_gguf
 from shared.model_files import config_from_gguf
 from shared.tokenizer import Tokenizer
 
@@ -39,11 +41,13 @@ _LAYER_NAMES = {
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict, Tokenizer]:
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, keep_blocks: bool = False
+) -> tuple[ModelConfig, dict, Tokenizer]:
     reader = GGUFReader(path)
     tokenizer = Tokenizer.from_gguf(reader)
     config = config_from_gguf(reader, tokenizer, Path(path).stem)
-    return config, load_weights(reader, config, dtype), tokenizer
+    return config, load_weights(reader, config, dtype, keep_blocks), tokenizer
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -75,7 +79,9 @@ def read_tensor(tensor: ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy: data is a mmap
 
 
-def load_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_weights(
+    reader: GGUFReader, config: ModelConfig, dtype: torch.dtype, keep_blocks: bool = False
+) -> dict[str, torch.Tensor | QuantizedWeight]:
     weights = {}
     llama = config.architecture in ("llama", "mixtral")
     for tensor in reader.tensors:
@@ -86,17 +92,25 @@ def load_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype) ->
         name = hf_name(tensor.name)
         if name is None:
             continue
+        if keep_blocks and (blocks := from_gguf(tensor.data, tensor.tensor_type)) is not None:
+            weights[name] = blocks.with_data(unpermute_rows(blocks.data, name, config)) if llama else blocks
+            continue
         w = read_tensor(tensor)
         if name.endswith("shared_expert_gate.weight"):  # llama.cpp keeps it as a vector
             w = w.reshape(1, -1)
-        # llama.cpp's converter reorders llama Q/K rows for its interleaved rotary; undo it to get HF's
-        # rotate-half layout back. Qwen files are written without the reordering.
-        if llama and ".self_attn.q_proj." in name:
-            w = unpermute_qk(w, config.num_attention_heads)
-        elif llama and ".self_attn.k_proj." in name:
-            w = unpermute_qk(w, config.num_key_value_heads)
-        weights[name] = w.to(dtype)
+        weights[name] = (unpermute_rows(w, name, config) if llama else w).to(dtype)
     return weights
+
+
+def unpermute_rows(w: torch.Tensor, name: str, config: ModelConfig) -> torch.Tensor:
+    """llama.cpp's converter reorders llama Q/K rows for its interleaved rotary; undo it to get HF's
+    rotate-half layout back (rows only, so blocks along the input dimension move whole). Qwen files are
+    written without the reordering."""
+    if ".self_attn.q_proj." in name:
+        return unpermute_qk(w, config.num_attention_heads)
+    if ".self_attn.k_proj." in name:
+        return unpermute_qk(w, config.num_key_value_heads)
+    return w
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

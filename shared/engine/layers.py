@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from shared.engine import ops
+from shared.engine.quant import QuantizedWeight
 
 # checkpoint module name -> (our packed module, shard index)
 PACKED = {
@@ -18,9 +19,29 @@ PACKED = {
 
 class Linear(nn.Linear):
     packed: torch.Tensor | None = None  # the weight prepacked for oneDNN (CausalLM.prepack_weights)
+    quantized: QuantizedWeight | None = None  # the weight in a block format, in place of `weight`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return ops.quantized_linear(x, self.quantized, self.bias)
         return ops.linear(x, self.weight, self.bias, self.packed)
+
+
+class Embedding(nn.Embedding):
+    quantized: QuantizedWeight | None = None  # the table in a block format (rows dequantized as looked up)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) if self.quantized is None else self.quantized.rows(input_ids)
+
+
+def keep_quantized(module: Linear | Embedding, weight: QuantizedWeight) -> None:
+    """Run `module` on `weight`'s blocks from now on; its fp parameter's memory is given back."""
+    if weight.shape != tuple(module.weight.shape):
+        raise ValueError(f"a {weight.shape} weight for {type(module).__name__} {tuple(module.weight.shape)}")
+    module.quantized = weight
+    module.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    if isinstance(module, Linear):
+        module.packed = None
 
 
 class PackedLinear(Linear):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from shared.engine import quant
 from shared.engine.block_manager import BlockManager, KvEventHook
 from shared.engine.config import EngineConfig
 from shared.engine.errors import InvalidRequestError
@@ -53,14 +54,17 @@ class LLMEngine:
         self.dtype = default_dtype(config.dtype, self.device)
         if config.expert_parallel > 1 and self.device.type != "cpu":
             raise ValueError("--expert-parallel runs on the CPU (gloo) for now: on CUDA it needs NCCL, not built yet")
-        ckpt = checkpoint or load_checkpoint(config.model)
+        keep_blocks, quantize = quant.plan(config.quantization, self.device, self.dtype)
+        ckpt = checkpoint or load_checkpoint(config.model, keep_blocks=keep_blocks)
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.generation_defaults = ckpt.generation_defaults
         self.max_model_len = min(
             config.max_model_len or ckpt.config.max_position_embeddings, ckpt.config.max_position_embeddings
         )
-        self.model = model = CausalLM.build(ckpt.config, ckpt.weights, self.max_model_len, self.device, self.dtype)
+        self.model = model = CausalLM.build(
+            ckpt.config, ckpt.weights, self.max_model_len, self.device, self.dtype, keep_blocks, quantize
+        )
         self.expert_balancer = None  # expert parallelism: the group and its load balancing
         if config.expert_parallel > 1:
             self.expert_balancer = start_expert_parallel(model, ckpt.path or config.model, config, self.dtype)

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from shared.engine.config import ModelConfig
 from shared.engine.gguf_loader import load_gguf
+from shared.engine.quant import QuantizedWeight
 from shared.llava_config import llava_text_config
 from shared.model_files import hf_tokenizer_and_config, resolve_model, sampling_defaults
 from shared.tokenizer import Tokenizer, read_json
@@ -22,7 +23,7 @@ from shared.tokenizer import Tokenizer, read_json
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names, requested dtype, CPU; no lm_head.weight when tied
+    weights: dict[str, torch.Tensor | QuantizedWeight]  # HF names, requested dtype, CPU; no lm_head.weight when tied
     tokenizer: Tokenizer
     generation_defaults: dict = field(default_factory=dict)
     path: str = ""
@@ -30,10 +31,11 @@ class Checkpoint:
     vision_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # theirs, as the checkpoint names them
 
 
-def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(name_or_path: str, dtype: torch.dtype = torch.float32, keep_blocks: bool = False) -> Checkpoint:
+    """`keep_blocks`: a GGUF's tensors in the block formats the kernels run stay in them (QuantizedWeight)."""
     path = resolve_model(name_or_path)
     if path.suffix == ".gguf":
-        config, weights, tokenizer = load_gguf(path, dtype)
+        config, weights, tokenizer = load_gguf(path, dtype, keep_blocks)
         return Checkpoint(config, weights, tokenizer, {}, str(path))
     raw, generation = read_json(path / "config.json"), read_json(path / "generation_config.json")
     tokenizer, config = hf_tokenizer_and_config(path, raw, generation)

@@ -16,8 +16,9 @@ from torch import nn
 from shared.engine import ops
 from shared.engine.attention import AttentionMetadata, paged_attention
 from shared.engine.config import ModelConfig
-from shared.engine.layers import MLP, PACKED, Linear, PackedLinear, RMSNorm
+from shared.engine.layers import MLP, PACKED, Embedding, Linear, PackedLinear, RMSNorm, keep_quantized
 from shared.engine.moe import EXPERT_TENSOR, Experts, SparseMoeBlock, checkpoint_name
+from shared.engine.quant import BLOCK, QuantizedWeight, quantize_weight
 from shared.engine.rotary import RotaryEmbedding
 
 
@@ -86,7 +87,7 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
@@ -123,6 +124,7 @@ class CausalLM(nn.Module):
         """Share lm_head with the embedding when the config says so (again after `to_empty`)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.quantized = self.model.embed_tokens.quantized
 
     def forward(
         self,
@@ -143,15 +145,21 @@ class CausalLM(nn.Module):
         max_positions: int,
         device: torch.device,
         dtype: torch.dtype,
+        keep_blocks: bool = False,
+        quantize: str | None = None,
     ) -> "CausalLM":
         """The model on `device` in `dtype`, weights loaded. Built and cast on the meta device, so no
-        memory is allocated twice (nor in fp32 first)."""
+        memory is allocated twice (nor in fp32 first). With `keep_blocks`, projections that come in a block
+        format (QuantizedWeight) stay in it; `quantize` names a block format fp projections are quantized into."""
         with torch.device("meta"):
             model = cls(config, max_positions).to(dtype)
         model = model.to_empty(device=device)
         model.tie_weights()
         model.model.rotary = RotaryEmbedding(config, max_positions).to(device)  # its tables were on meta
-        model.load_weights(weights)
+        model.load_weights(weights, keep_blocks)
+        if quantize:
+            model.quantize(quantize)
+        model.tie_weights()
         model.prepack_weights()
         return model.eval()
 
@@ -162,28 +170,39 @@ class CausalLM(nn.Module):
         """On CPU, keep a oneDNN-packed copy of every linear weight for steps of more than a few rows (~25%
         faster at 32 rows here). It doubles the weights' memory, so only for models whose linear weights
         fit in `max_bytes`; call it after loading the weights."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m.quantized is None]
         if sum(m.weight.numel() * m.weight.element_size() for m in linears) <= max_bytes:
             for module in linears:
                 module.packed = ops.prepack_weight(module.weight)
 
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedWeight], keep_blocks: bool = False) -> None:
         """Checkpoint names are our names, except the packed projections (see PACKED) and the experts' own
         tensors (shared/engine/moe.py)."""
-        params = dict(self.named_parameters())
-        modules = dict(self.named_modules())
+        params, modules, expected = dict(self.named_parameters()), dict(self.named_modules()), self.expected_keys()
         loaded: set[str] = set()
+        blocks: dict[str, dict[int, QuantizedWeight]] = {}  # packed module -> its shards in a block format
         for name, tensor in weights.items():
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             name = checkpoint_name(name)
+            module_path, _, kind = name.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            if isinstance(tensor, QuantizedWeight) and keep_blocks:
+                if leaf in PACKED and kind == "weight":
+                    blocks.setdefault(f"{parent}.{PACKED[leaf][0]}", {})[PACKED[leaf][1]] = tensor
+                    loaded.add(f"{parent}.{PACKED[leaf][0]}.weight#{PACKED[leaf][1]}")
+                    continue
+                if isinstance(modules.get(module_path), Linear | Embedding) and kind == "weight":
+                    keep_quantized(modules[module_path], tensor)
+                    loaded.add(name)
+                    continue
+            if isinstance(tensor, QuantizedWeight):  # experts, or blocks not kept: fp as ever
+                tensor = tensor.dequantize()
             if expert := EXPERT_TENSOR.fullmatch(name):
                 key = modules[expert["experts"]].load_expert(int(expert["index"]), expert["proj"], tensor)
                 loaded.add(f"{expert['experts']}.{key}")
                 continue
-            module_path, _, kind = name.rpartition(".")
-            parent, _, leaf = module_path.rpartition(".")
             if leaf in PACKED:
                 packed_name, index = PACKED[leaf]
                 packed = modules[f"{parent}.{packed_name}"]
@@ -194,8 +213,35 @@ class CausalLM(nn.Module):
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
             params[name].copy_(tensor)
             loaded.add(name)
-        if missing := self.expected_keys() - loaded:
+        if missing := expected - loaded:
             raise KeyError(f"checkpoint lacks {sorted(missing)[:5]}")
+        for path, shards in blocks.items():
+            self._load_packed_blocks(modules[path], shards)
+
+    def _load_packed_blocks(self, packed: PackedLinear, shards: dict[int, QuantizedWeight]) -> None:
+        """Shards all in one block format: one weight of their rows in order. Otherwise they are dequantized
+        (a file may store q/k/v in different formats)."""
+        parts = [shards.get(i) for i in range(len(packed.shard_sizes))]
+        if None not in parts and len({part.format for part in parts}) == 1:
+            keep_quantized(packed, parts[0].with_data(torch.cat([part.data for part in parts])))
+            return
+        for index, part in enumerate(parts):
+            if part is not None:
+                packed.shard(packed.weight, index).copy_(part.dequantize())
+
+    def quantize(self, format: str) -> None:
+        """Every fp projection and the embedding into `format` (those whose input is a whole number of blocks).
+        With 4-bit formats the output projection (and the embedding tied to it) takes 8 bits, as llama.cpp's
+        quantizer does: the logits are what sampling reads."""
+        tied = self.config.tie_word_embeddings
+        head = "model.embed_tokens" if tied else "lm_head"
+        for name, module in self.named_modules():
+            if not isinstance(module, Linear | Embedding) or module.quantized is not None:
+                continue
+            if tied and name == "lm_head":
+                continue  # it follows the embedding (tie_weights)
+            if module.weight.shape[1] % BLOCK == 0:
+                keep_quantized(module, quantize_weight(module.weight, "q8_0" if name == head else format))
 
     def expected_keys(self) -> set[str]:
         """What a checkpoint must supply: every parameter (a tied one once), a packed one shard by shard,

@@ -4,11 +4,13 @@ rounding; tests/engine/test_cpu_kernels.py holds them to it.
 """
 
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
 
 from shared.engine import cpu_kernels
+from shared.engine.quant import KERNEL_FORMATS, QuantizedWeight
 
 # oneDNN keeps a compiled primitive for every matmul shape it has run, 1024 by default. Prefill steps come
 # in every token count, so that cache grew a prefill worker by ~0.8 GB in a 10-minute soak; 64 keeps its
@@ -18,6 +20,12 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 # Up to this many rows the kernel (each weight row read once for all rows) is the fastest form here; above
 # it oneDNN's matmul on a prepacked weight (benchmarks/matmul_forms.py).
 SMALL_BATCH_ROWS = 8
+
+# Up to this many rows a block-format weight runs in the integer kernel, which reads ~4.5 bits a weight but
+# computes no faster per row than fp32; above it the weight is dequantized into a buffer kept per thread
+# (fresh memory costs a page fault per 4 KiB here) and oneDNN's fp32 matmul runs (docs/performance.md §12).
+QUANTIZED_KERNEL_ROWS = 16
+_dequantized = threading.local()
 
 
 def linear(
@@ -32,6 +40,22 @@ def linear(
     if packed is not None:  # the op torch's own CPU compiler (inductor) emits for a prepacked linear
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for a weight in a block format (only where quant.kernels_run)."""
+    if x.shape[0] <= QUANTIZED_KERNEL_ROWS:
+        y = cpu_kernels.load_quant().quantized_linear(x.contiguous(), weight.data, KERNEL_FORMATS[weight.format])
+    else:
+        y = F.linear(x, weight.dequantize(out=_dequantize_buffer(weight.shape)))
+    return y if bias is None else y + bias
+
+
+def _dequantize_buffer(shape: tuple[int, int]) -> torch.Tensor:
+    buffer = getattr(_dequantized, "buffer", None)
+    if buffer is None or buffer.numel() < shape[0] * shape[1]:
+        buffer = _dequantized.buffer = torch.empty(shape[0] * shape[1])
+    return buffer[: shape[0] * shape[1]].view(shape)
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
