@@ -78,6 +78,7 @@ def generate(argv: list[str]) -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    add_quantization_flag(parser)
     add_speculative_flags(parser)
     args = parser.parse_args(argv)
 
@@ -95,6 +96,7 @@ def generate(argv: list[str]) -> int:
                 model=args.model,
                 device=args.device,
                 num_threads=args.threads,
+                quantization=args.quantization,
                 kv_cache_memory=256 << 20,
                 speculative=args.speculative,
                 num_speculative_tokens=args.num_speculative_tokens,
@@ -107,6 +109,12 @@ def generate(argv: list[str]) -> int:
         return 2
     print(completion.outputs[0].text)
     return 0
+
+
+def add_quantization_flag(parser: argparse.ArgumentParser) -> None:
+    from shared.engine.config import QUANTIZATION_HELP, QUANTIZATIONS
+
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
 
 
 def add_speculative_flags(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import structlog
 
 from services.router.epd import ENCODE_MODES
 from shared.config import opt
-from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS
+from shared.engine.config import DRAFT_LENGTHS, QUANTIZATION_HELP, QUANTIZATIONS, SPECULATIVE_METHODS
 from shared.logging import LOG_LEVELS
 from shared.model_files import takes_images
 from xllm.natsd import NatsServer, NatsServerError
@@ -66,6 +66,7 @@ class UpConfig:
     worker_threads: int | None = opt(
         None, "torch threads per worker (default: all cores, see docs/performance.md)", min=1
     )
+    quantization: str = opt("auto", QUANTIZATION_HELP, choices=QUANTIZATIONS)
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for each worker's KV cache", min=0.001, max=0.9)
     max_num_seqs: int = opt(64, "sequences a worker runs at once", min=1)
     max_num_batched_tokens: int | None = opt(None, "tokens a worker's engine step computes at most", min=16)
@@ -126,6 +127,7 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
     worker_args = flags(
         model=config.model,
         num_threads=threads,
+        quantization=config.quantization,
         kv_cache_fraction=config.kv_cache_fraction,
         max_num_seqs=config.max_num_seqs,
         expert_parallel=config.expert_parallel,

@@ -3,7 +3,13 @@
 from dataclasses import dataclass
 
 from shared.config import opt
-from shared.engine.config import DRAFT_LENGTHS, SPECULATIVE_METHODS, EngineConfig
+from shared.engine.config import (
+    DRAFT_LENGTHS,
+    QUANTIZATION_HELP,
+    QUANTIZATIONS,
+    SPECULATIVE_METHODS,
+    EngineConfig,
+)
 from shared.logging import LOG_LEVELS
 
 
@@ -16,6 +22,7 @@ class WorkerConfig:
     instance_id: str | None = opt(None, "id in the registry (default: <role>-<host>-<pid>)")
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1...)")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+    quantization: str = opt("auto", QUANTIZATION_HELP, choices=QUANTIZATIONS)
     kv_cache_memory: int | None = opt(None, "KV cache bytes (default: a fraction of free memory)", min=1)
     kv_cache_fraction: float = opt(0.1, "fraction of free memory for the KV cache", min=0.001, max=0.95)
     block_size: int = opt(16, "tokens per KV block", min=1)
@@ -85,6 +92,7 @@ class WorkerConfig:
             model=self.model,
             device=self.device,
             dtype=self.dtype,
+            quantization=self.quantization,
             block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory,
             kv_cache_fraction=self.kv_cache_fraction,

@@ -1,7 +1,8 @@
 """Paged attention over a flat KV slot pool, in batched ops (no loop over tokens).
 
-One step's tokens come flattened: first the single-token decodes, then the multi-token chunks
-(prefill chunks, or k+1 tokens being verified for speculative decoding). The decodes run in the C++
+One step's tokens come flattened: first the decode queries (one per decoding sequence, or with weights in
+block formats one per token a sequence verifies for speculative decoding: see ModelRunner), then the
+multi-token chunks (prefill chunks, or the k+1 tokens being verified otherwise). The decodes run in the C++
 kernel that reads KV blocks in place where it applies (fp32 on CPU), else like the chunks: one
 scaled_dot_product_attention call over keys gathered from the pool through the block tables.
 """
@@ -17,7 +18,7 @@ from shared.engine import cpu_kernels
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot each new token's K/V is written to
-    num_decode_tokens: int  # tokens [0, num_decode_tokens) are one-token decodes, one per sequence
+    num_decode_tokens: int  # tokens [0, num_decode_tokens) are decode queries, each with its own context
     decode_blocks: torch.Tensor | None = None  # [Bd, nb] block table of each decode, padded
     decode_context_lens: torch.Tensor | None = None  # [Bd] keys each decode sees, its own included
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, nb * block_size] True where a key is visible

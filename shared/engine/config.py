@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 
 SPECULATIVE_METHODS = ("none", "ngram", "suffix")  # how draft tokens are proposed (shared/engine/speculative)
 DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; or always all that is proposed
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0")  # weights in block formats (shared/engine/quant.py)
+QUANTIZATION_HELP = (
+    "weights in block formats run by integer CPU kernels: auto keeps a GGUF's own (Q8_0, Q4_0, Q4_1), "
+    "q8_0 and q4_0 quantize the projections at load, none runs them in fp"
+)
 
 
 @dataclass
@@ -52,7 +57,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # fp32 on CPU (no native bf16 here); bf16 on CUDA
     block_size: int = 16
-    quantization: str = "auto"  # weights in block formats (shared/engine/quant.py): auto keeps a GGUF's own
+    quantization: str = "auto"  # one of QUANTIZATIONS
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
     kv_cache_fraction: float = 0.25
     max_num_seqs: int = 64

@@ -23,7 +23,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
-            return ops.quantized_linear(x, self.quantized, self.bias)
+            return ops.quantized_linear(x, self.quantized, self.bias, self.packed)
         return ops.linear(x, self.weight, self.bias, self.packed)
 
 
@@ -40,8 +40,6 @@ def keep_quantized(module: Linear | Embedding, weight: QuantizedWeight) -> None:
         raise ValueError(f"a {weight.shape} weight for {type(module).__name__} {tuple(module.weight.shape)}")
     module.quantized = weight
     module.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-    if isinstance(module, Linear):
-        module.packed = None
 
 
 class PackedLinear(Linear):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from shared.engine import cpu_kernels
+from shared.engine import cpu_kernels, ops
 from shared.engine.attention import AttentionMetadata
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
@@ -33,6 +33,10 @@ class ModelRunner:
         self.image_encoder = image_encoder
         self.block_size = block_size
         self.device = device
+        # With weights in block formats, a sequence verifying draft tokens runs each as a decode query: the
+        # kernels' activation rounding turns any float difference into a possibly different greedy token, and
+        # a generated token must get the same bits whether it was drafted or decoded (ops.prompt_rows).
+        self.verify_as_decodes = any(getattr(m, "quantized", None) is not None for m in model.modules())
         cfg = model.config
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: masked-out keys still get multiplied by 0, and 0 * NaN garbage is NaN
@@ -58,12 +62,14 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward one step; returns logits of the sequences that sample (1 + their draft tokens rows each),
         and those sequences. `after_layer(i)` runs once layer i's KV is in the cache."""
-        decodes = [s for s in batch if s.num_new_tokens == 1]
-        chunks = [s for s in batch if s.num_new_tokens > 1]
+        as_decodes = [s.num_new_tokens == 1 or (self.verify_as_decodes and s.num_draft_tokens > 0) for s in batch]
+        decodes = [s for s, decode in zip(batch, as_decodes) if decode]
+        chunks = [s for s, decode in zip(batch, as_decodes) if not decode]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
+        is_prompt: list[bool] = []
         sampling: list[Sequence] = []
         image_chunks = []  # (seq, start, end, first row) of the chunks of prompts with images
         for s in decodes + chunks:
@@ -73,28 +79,35 @@ class ModelRunner:
                 image_chunks.append((seq, start, end, len(input_ids)))
             input_ids += seq.token_ids[start : end - s.num_draft_tokens] + seq.spec_token_ids[: s.num_draft_tokens]
             positions += range(start, end)
+            is_prompt += [p < seq.num_prompt_tokens for p in range(start, end)]
             slots += self._slots(seq.block_table, start, end)
             if s.samples:  # the last token's logits, and each draft token's
                 logits_rows += range(len(input_ids) - 1 - s.num_draft_tokens, len(input_ids))
                 sampling.append(seq)
         if not input_ids:
             return torch.empty(0), []
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(decodes))
-        if decodes:
-            meta.decode_blocks, ctx_lens = self._block_tables(decodes)
+        # each decode row a query over its sequence's keys up to its own
+        queries = [
+            (s.seq.block_table, s.seq.num_computed_tokens + i + 1) for s in decodes for i in range(s.num_new_tokens)
+        ]
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(queries))
+        if queries:
+            meta.decode_blocks, ctx_lens = self._block_tables(queries)
             meta.decode_context_lens = ctx_lens.to(self.device)
             if not cpu_kernels.usable(self.k_cache):  # only the torch path (gather + SDPA) needs a mask
                 keys = torch.arange(meta.decode_blocks.shape[1] * self.block_size)
                 mask = keys < ctx_lens.unsqueeze(1)
                 # no mask at all when every key is visible (one decode on full blocks): SDPA's fast path
-                meta.decode_mask = None if mask.all() else mask.view(len(decodes), 1, 1, -1).to(self.device)
+                meta.decode_mask = None if mask.all() else mask.view(len(queries), 1, 1, -1).to(self.device)
         if chunks:
-            self._chunk_metadata(chunks, len(decodes), meta)
+            self._chunk_metadata(chunks, len(queries), meta)
         images = image_rows(self.image_encoder, image_chunks, self.device) if image_chunks else None
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, after_layer, images)
+        with ops.prompt_rows(is_prompt):
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, after_layer, images)
         if not logits_rows:
             return torch.empty(0), []
-        return self.model.compute_logits(hidden[self._tensor(logits_rows)]), sampling
+        with ops.prompt_rows([is_prompt[i] for i in logits_rows]):
+            return self.model.compute_logits(hidden[self._tensor(logits_rows)]), sampling
 
     def _chunk_metadata(self, chunks: list[ScheduledSeq], offset: int, meta: AttentionMetadata) -> None:
         q_lens = torch.tensor([s.num_new_tokens for s in chunks])
@@ -103,7 +116,9 @@ class ModelRunner:
         q_pos = torch.arange(int(q_lens.max()))
         valid = q_pos < q_lens.unsqueeze(1)
         token_index = torch.where(valid, q_offsets.unsqueeze(1) + q_pos, 0)
-        blocks, _ = self._block_tables(chunks)
+        blocks, _ = self._block_tables(
+            [(s.seq.block_table, s.seq.num_computed_tokens + s.num_new_tokens) for s in chunks]
+        )
         k_pos = torch.arange(blocks.shape[1] * self.block_size)
         # key j is visible to query i of a chunk starting at `start` iff j <= start + i
         mask = k_pos.view(1, 1, -1) <= (starts.view(-1, 1, 1) + q_pos.view(1, -1, 1))
@@ -112,11 +127,11 @@ class ModelRunner:
         meta.chunk_blocks = blocks
         meta.chunk_mask = mask.unsqueeze(1).to(self.device)
 
-    def _block_tables(self, group: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables covering each sequence's context after this step (padded), and its length."""
-        ctx_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in group]
+    def _block_tables(self, queries: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (block table, context length): the blocks covering the context (padded), and the length."""
+        ctx_lens = [n for _, n in queries]
         num_blocks = -(-max(ctx_lens) // self.block_size)
-        tables = [s.seq.block_table[: -(-n // self.block_size)] for s, n in zip(group, ctx_lens)]
+        tables = [table[: -(-n // self.block_size)] for table, n in queries]
         padded = [t + [0] * (num_blocks - len(t)) for t in tables]
         return self._tensor(padded), torch.tensor(ctx_lens)
 

@@ -5,6 +5,8 @@ rounding; tests/engine/test_cpu_kernels.py holds them to it.
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +23,32 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 # it oneDNN's matmul on a prepacked weight (benchmarks/matmul_forms.py).
 SMALL_BATCH_ROWS = 8
 
-# Up to this many rows a block-format weight runs in the integer kernel, which reads ~4.5 bits a weight but
-# computes no faster per row than fp32; above it the weight is dequantized into a buffer kept per thread
-# (fresh memory costs a page fault per 4 KiB here) and oneDNN's fp32 matmul runs (docs/performance.md §12).
-QUANTIZED_KERNEL_ROWS = 16
+# A block-format weight runs a step's generated tokens in the integer kernel (it reads ~4.5 bits a weight) and
+# its prompt tokens on its prepacked fp32 copy (CausalLM.prepack_weights; many rows, where the kernel computes
+# no faster per row than fp32). Each form gives a row the same bits however many rows share its step, and the
+# kernel's activation rounding (to Q8 blocks) would turn any other difference into a different greedy token,
+# so the choice goes by the kind of token, not by the step's size. Outside a model runner's step, and for a
+# weight with no fp32 copy (a model too large to keep one), it goes by size: up to this many rows the kernel,
+# above it fp32 on the weight dequantized into a buffer kept per thread (fresh memory costs a page fault per
+# 4 KiB here) (docs/performance.md §12).
+QUANTIZED_KERNEL_ROWS = 8
 _dequantized = threading.local()
+_step = threading.local()  # .prompt: which rows of the running step are prompt tokens
+
+
+@contextmanager
+def prompt_rows(is_prompt: list[bool]) -> Iterator[None]:
+    """Within: row i of every matmul is a prompt token iff is_prompt[i] (the rest are generated tokens)."""
+    before = getattr(_step, "prompt", None)
+    if all(is_prompt) or not any(is_prompt):
+        _step.prompt = all(is_prompt)
+    else:
+        mask = torch.tensor(is_prompt)
+        _step.prompt = (mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1))
+    try:
+        yield
+    finally:
+        _step.prompt = before
 
 
 def linear(
@@ -42,13 +65,32 @@ def linear(
     return F.linear(x, weight, bias)
 
 
-def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for a weight in a block format (only where quant.kernels_run)."""
-    if x.shape[0] <= QUANTIZED_KERNEL_ROWS:
-        y = cpu_kernels.load_quant().quantized_linear(x.contiguous(), weight.data, KERNEL_FORMATS[weight.format])
+def quantized_linear(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, packed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ weight.T + bias for a weight in a block format (only where quant.kernels_run); `packed`: its fp32
+    copy prepacked for oneDNN, when kept."""
+    prompt = getattr(_step, "prompt", None)
+    if packed is None or prompt is None:
+        prompt = x.shape[0] > QUANTIZED_KERNEL_ROWS
+    if isinstance(prompt, tuple):  # both kinds in one step: each its own way
+        prompt_index, generated_index = prompt
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        y[prompt_index] = _fp32_linear(x[prompt_index], weight, packed)
+        y[generated_index] = cpu_kernels.load_quant().quantized_linear(
+            x[generated_index], weight.data, KERNEL_FORMATS[weight.format]
+        )
+    elif prompt:
+        y = _fp32_linear(x, weight, packed)
     else:
-        y = F.linear(x, weight.dequantize(out=_dequantize_buffer(weight.shape)))
+        y = cpu_kernels.load_quant().quantized_linear(x.contiguous(), weight.data, KERNEL_FORMATS[weight.format])
     return y if bias is None else y + bias
+
+
+def _fp32_linear(x: torch.Tensor, weight: QuantizedWeight, packed: torch.Tensor | None) -> torch.Tensor:
+    if packed is not None:  # the same bits for a row whatever the number of rows (oneDNN, packed)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return F.linear(x, weight.dequantize(out=_dequantize_buffer(weight.shape)))
 
 
 def _dequantize_buffer(shape: tuple[int, int]) -> torch.Tensor:

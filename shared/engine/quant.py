@@ -14,11 +14,11 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_from_byte_shape, quantize
 
 from shared.engine import cpu_kernels
+from shared.engine.config import QUANTIZATIONS
 
 BLOCK = 32  # weights per block
 GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
 KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the C++ kernels' format codes
-QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0")  # --quantization: auto keeps a GGUF's own block formats
 
 
 @dataclass

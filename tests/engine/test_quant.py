@@ -72,6 +72,49 @@ def test_large_steps_run_on_the_dequantized_weight():
     )
 
 
+@pytest.mark.parametrize("format", FORMATS)
+def test_in_a_step_a_row_gets_the_same_bits_whatever_shares_it(format):
+    """Prompt rows run on the fp32 copy, generated rows in the integer kernel: each row's result is the same
+    alone as in any mix, so the activation rounding of the kernel cannot make a token depend on batching."""
+    torch.manual_seed(2)
+    weight, bias = quantize_weight(torch.randn(70, 128), format), torch.randn(70)
+    packed = ops.prepack_weight(weight.dequantize())
+    x, is_prompt = torch.randn(40, 128), [bool(b) for b in torch.rand(40) < 0.5]
+    with ops.prompt_rows(is_prompt):
+        together = ops.quantized_linear(x, weight, bias, packed)
+    for i in range(40):
+        with ops.prompt_rows([is_prompt[i]]):
+            assert torch.equal(ops.quantized_linear(x[i : i + 1], weight, bias, packed), together[i : i + 1]), i
+    generated = kernel_reference(x[[not p for p in is_prompt]], weight) + bias
+    assert torch.allclose(together[[not p for p in is_prompt]].double(), generated, atol=1e-4)
+    assert torch.allclose(together[is_prompt], F.linear(x[is_prompt], weight.dequantize(), bias), atol=1e-4)
+
+
+def test_greedy_tokens_of_a_quantized_model_do_not_depend_on_batching(tiny_model_dir):
+    ckpt = load_checkpoint(str(tiny_model_dir("llama_untied")))
+    prompts = {f"p{n}": (list(range(5, 5 + n)), greedy(12, logprobs=0)) for n in (3, 6, 13, 40)}
+    together = run_with_logprobs(make_engine(ckpt, quantization="q4_0"), prompts)
+    engine = make_engine(ckpt, quantization="q4_0", enable_prefix_caching=False)
+    for rid, request in prompts.items():
+        assert run_with_logprobs(engine, {rid: request}) == {rid: together[rid]}, rid
+    # and whether drafted and verified, or decoded (a repeating prompt: the n-gram drafts get accepted)
+    repeating = {"r": ([5, 6, 7, 8, 9] * 8, greedy(24, logprobs=0))}
+    speculating = make_engine(ckpt, quantization="q4_0", speculative="ngram", draft_length="fixed")
+    assert run_with_logprobs(speculating, repeating) == run_with_logprobs(engine, repeating)
+    assert speculating.speculator.accepted > 0
+
+
+def run_with_logprobs(engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
+    """Per request: its tokens' logprobs (each [logprob, top]) as floats, to compare bit for bit."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    results: dict[str, list] = {rid: [] for rid in requests}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] += [lp for d in out.outputs for lp in d.logprobs]
+    return results
+
+
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0])
 def test_a_gguf_keeps_its_blocks_and_stays_close_to_its_dequantized_self(
     tmp_path, tiny_model_dir, tiny_hf_model, qtype

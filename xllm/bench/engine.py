@@ -8,13 +8,16 @@ transformers is a test/bench dependency (`pip install -e '.[test]'`).
 import argparse
 import random
 import time
+from collections import Counter
 
 import torch
 
-from shared.engine.config import SPECULATIVE_METHODS, EngineConfig
+from shared.engine.config import QUANTIZATION_HELP, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
+from shared.engine.layers import Linear
 from shared.engine.llm import LLM
 from shared.engine.loader import load_checkpoint
 from shared.engine.model_runner import ModelRunner
+from shared.engine.quant import plan
 from shared.engine.sampling_params import SamplingParams
 from shared.model_files import resolve_model
 from xllm.bench import speculative
@@ -24,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    ckpt = load_checkpoint(args.model)
+    keep_blocks, _ = plan(args.quantization, torch.device("cpu"), torch.float32)
+    ckpt = load_checkpoint(args.model, keep_blocks=keep_blocks)
     if args.speculative != "none":
         return speculative.run(
             ckpt, args.model, args.speculative, args.num_speculative_tokens, args.threads, args.rounds, args.seed
@@ -39,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_memory=kv_bytes,
         max_num_seqs=max(batch_sizes),
         enable_prefix_caching=False,
+        quantization=args.quantization,
     )
     llm = LLM(config, ckpt)
     hf = None if args.no_hf else load_hf(args.model)
     print(
-        f"model {ckpt.config.name}  fp32  threads {args.threads}  {args.input_len} in / "
-        f"{args.output_len} out (EOS ignored), greedy; output tok/s, prefill included"
+        f"model {ckpt.config.name}  weights {weight_formats(llm)}, fp32 activations  threads {args.threads}  "
+        f"{args.input_len} in / {args.output_len} out (EOS ignored), greedy; output tok/s, prefill included"
     )
     print(f"{'batch':>5} {'xllm tok/s':>11} {'hf tok/s':>9} {'ratio':>6}")
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -67,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--speculative",
@@ -77,6 +83,16 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-speculative-tokens", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="with --speculative: rounds of fresh prompts")
     return parser
+
+
+def weight_formats(llm: LLM) -> str:
+    """The formats the engine's projections run in, e.g. 'q4_1 x210, q8_0 x1'."""
+    formats = Counter(
+        m.quantized.format if m.quantized is not None else "fp32"
+        for m in llm.engine.model.modules()
+        if isinstance(m, Linear)
+    )
+    return ", ".join(f"{name} x{count}" for name, count in formats.most_common())
 
 
 def load_hf(model: str):
