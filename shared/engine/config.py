@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-SPECULATIVE_METHODS = ("none", "ngram", "suffix")  # how draft tokens are proposed (shared/engine/speculative)
+# how draft tokens are proposed (shared/engine/speculative); "draft" runs `EngineConfig.draft_model`
+SPECULATIVE_METHODS = ("none", "ngram", "suffix", "draft")
 DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; or always all that is proposed
 
 
@@ -68,6 +69,7 @@ class EngineConfig:
     speculative: str = "none"  # one of SPECULATIVE_METHODS
     num_speculative_tokens: int = 5  # the most draft tokens a sequence scores per step
     draft_length: str = "adaptive"  # one of DRAFT_LENGTHS
+    draft_model: str | None = None  # speculative="draft": a smaller model with the same tokenizer (GGUF, folder, name)
     expert_parallel: int = 1  # processes a MoE model's experts are split over (shared/engine/expert_parallel.py)
     num_redundant_experts: int = 0  # extra expert slots per MoE layer, for copies of hot experts
     expert_parallel_address: str | None = None  # HOST:PORT to meet ranks started on other hosts; None: start here
