@@ -202,4 +202,3 @@ def test_draft_passes_count_in_the_plan_and_the_metrics_say_draft(ckpt, one_laye
     assert metrics["xllm_spec_draft_tokens"].labels == {"method": "draft"}
     assert metrics["xllm_spec_draft_tokens"].value == engine.speculator.drafted
     assert_pools_full(engine)
-
