@@ -9,6 +9,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,6 +141,45 @@ def chi_square_p_value(a: Counter, b: Counter) -> float:
     assert len(keys) >= 3
     stat = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in keys)
     return torch.special.gammaincc(torch.tensor((len(keys) - 1) / 2), torch.tensor(stat / 2)).item()
+
+
+def rule_p_value(rule, p: torch.Tensor, q: torch.Tensor, n: int = 4000) -> float:
+    """Goodness of fit of `rule`'s tokens to p, each from a draft drawn from q (its own generator per row);
+    tokens p gives no probability must never come out."""
+    seqs = [SimpleNamespace(generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    drafts = torch.multinomial(q, n, replacement=True, generator=torch.Generator().manual_seed(n)).tolist()
+    tokens, _ = rule(p.expand(n, -1), q.expand(n, -1), drafts, seqs)
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(p)).double()
+    support = p > 0
+    if counts[~support].sum():
+        return 0.0
+    expected = n * p[support].double()
+    stat = ((counts[support] - expected) ** 2 / expected).sum()
+    return torch.special.gammaincc(torch.tensor((int(support.sum()) - 1) / 2), stat / 2).item()
+
+
+def accept_all(p, q, drafts, seqs):
+    return drafts, [True] * len(drafts)
+
+
+def resample_from_p(p, q, drafts, seqs):
+    """A plausible slip: on rejection, draw from p instead of norm(max(0, p - q))."""
+    _, kept = verify.accept_or_resample(p, q, drafts, seqs)
+    return [
+        d if ok else int(torch.multinomial(p[0], 1, generator=s.generator)) for d, ok, s in zip(drafts, kept, seqs)
+    ], kept
+
+
+@pytest.mark.parametrize(
+    "p, q",
+    [([0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]), ([0.6, 0.4, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4])],
+    ids=["overlapping", "p-filtered"],
+)
+def test_the_rejection_rule_gives_p_and_a_broken_rule_is_caught(p, q):
+    p, q = torch.tensor(p), torch.tensor(q)
+    assert rule_p_value(verify.accept_or_resample, p, q) > 0.001
+    assert rule_p_value(accept_all, p, q) < 1e-6
+    assert rule_p_value(resample_from_p, p, q) < 1e-6
 
 
 def test_sampled_distribution_is_the_target_s_and_the_test_catches_a_broken_rule(ckpt, one_layer_dir, monkeypatch):
