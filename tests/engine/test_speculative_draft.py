@@ -84,6 +84,30 @@ def test_greedy_output_is_unchanged_batched_chunked_preempted_and_forked(ckpt, o
             assert engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("overrides", [{}, {"max_num_batched_tokens": 16}], ids=["whole", "chunked"])
+def test_drafts_are_the_draft_model_s_own_continuation_after_rejections(ckpt, one_layer_dir, overrides):
+    """Its KV is rolled back past rejected drafts and caught up on what the target took: each step's drafts
+    are what transformers' copy of the draft model continues the sequence with, greedy."""
+    from transformers import AutoModelForCausalLM
+
+    engine = drafting(ckpt, one_layer_dir, **overrides)
+    draft, proposals = engine.speculator.draft, []
+    propose = draft.propose_batch
+
+    def recording(seqs, lengths):
+        propose(seqs, lengths)
+        proposals.extend((list(seq.token_ids), list(seq.spec_token_ids)) for seq in seqs if seq.spec_token_ids)
+
+    draft.propose_batch = recording
+    prompts = repetitive_prompts(3)
+    run_all(engine, {f"r{i}": (p, greedy(20)) for i, p in enumerate(prompts)})
+    assert 0 < engine.speculator.accepted < engine.speculator.drafted and len(proposals) > 10
+    hf = AutoModelForCausalLM.from_pretrained(one_layer_dir, dtype=torch.float32).eval()
+    for context, drafts in proposals:
+        out = hf.generate(torch.tensor([context]), max_new_tokens=len(drafts), do_sample=False, pad_token_id=0)
+        assert out[0, len(context) :].tolist() == drafts
+
+
 def test_the_target_drafting_for_itself_is_accepted_and_the_hand_off_works(ckpt, target_dir):
     prompt = repetitive_prompts(8)[0]
     params = greedy(30, n=2)
