@@ -7,6 +7,15 @@ SPECULATIVE_METHODS = ("none", "ngram", "suffix", "draft")
 DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; or always all that is proposed
 
 
+def speculation_problem(speculative: str, draft_model: str | None) -> str | None:
+    """What is wrong with a speculative method and a draft model given together (None: nothing)."""
+    if speculative == "draft" and not draft_model:
+        return "--speculative draft needs --draft-model (a smaller model with the target's tokenizer)"
+    if draft_model and speculative != "draft":
+        return f"--draft-model is for --speculative draft, not {speculative!r}"
+    return None
+
+
 @dataclass
 class ModelConfig:
     architecture: str  # "llama" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe" (a LLaVA's text model's)
@@ -78,3 +87,8 @@ class EngineConfig:
     cost_profile: str | None = None  # a file `xllm profile` wrote: seeds the step-cost fit (shared/cost_model.py)
     offline_slowdown: float = 0.1  # beside online work, offline sequences may make a step this much slower
     offline_step_ms: float = 200.0  # alone, offline work makes steps of at most this (an online arrival's wait)
+
+    def __post_init__(self):
+        problem = speculation_problem(self.speculative, self.draft_model)
+        if problem:
+            raise ValueError(problem)

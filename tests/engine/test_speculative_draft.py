@@ -23,6 +23,7 @@ from shared.metrics import SpeculationCollector
 from tests.engine.helpers import greedy, make_engine, run_all
 from tests.engine.test_engine import hand_off
 from tests.engine.test_speculative import repetitive_prompts
+from xllm.cli import generate
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -266,3 +267,12 @@ def test_draft_passes_count_in_the_plan_and_the_metrics_say_draft(ckpt, one_laye
     assert metrics["xllm_spec_draft_tokens"].labels == {"method": "draft"}
     assert metrics["xllm_spec_draft_tokens"].value == engine.speculator.drafted
     assert_pools_full(engine)
+
+
+def test_generate_with_a_draft_model_prints_what_it_prints_without(tiny_model_dir, capsys):
+    model = str(tiny_model_dir("llama"))
+    args = ["--prompt", "one two three one two three one two", "--max-tokens", "12", "--model", model]
+    assert generate(args) == 0
+    plain = capsys.readouterr().out
+    assert generate([*args, "--speculative", "draft", "--draft-model", model, "--draft-length", "fixed"]) == 0
+    assert capsys.readouterr().out == plain

@@ -54,10 +54,8 @@ class Speculator:
         if config.speculative == "none":
             return None
         draft = None
-        if config.speculative == "draft":
+        if config.speculative == "draft":  # EngineConfig made sure there is a draft model
             draft = draft_model(config, max_model_len, runner, block_manager, tokenizer, eos_token_ids)
-        elif config.draft_model:
-            raise ValueError(f"--draft-model is for --speculative draft, not {config.speculative!r}")
         if config.draft_length == "fixed":
             return cls(config.speculative, config.num_speculative_tokens, draft=draft)
         max_tokens = min(
@@ -145,8 +143,6 @@ def draft_model(
 ) -> DraftModel:
     """`config.draft_model` loaded beside the target, refused unless it shares the target's vocabulary; its
     KV pool has as many blocks as the target's."""
-    if not config.draft_model:
-        raise ValueError("--speculative draft needs --draft-model (a smaller model with the target's tokenizer)")
     ckpt = load_checkpoint(config.draft_model)
     check_same_vocab(runner.model.config, tokenizer, ckpt, config.draft_model)
     return DraftModel(
