@@ -17,7 +17,7 @@ from shared.engine.loader import load_checkpoint
 
 
 def layer_list(spec: str) -> list[int]:
-    """"0-3,26-29" -> [0, 1, 2, 3, 26, 27, 28, 29]."""
+    """Layer numbers from a spec: "0-3,26-29" -> [0, 1, 2, 3, 26, 27, 28, 29]."""
     layers = []
     for part in spec.split(","):
         first, _, last = part.partition("-")

@@ -149,14 +149,21 @@ def test_stop_rules_penalties_and_logprobs_inside_accepted_runs(ckpt, one_layer_
     assert logprobs == pytest.approx(want.squeeze(1).tolist(), abs=1e-3)
 
 
-def test_seeded_output_does_not_depend_on_the_batch(ckpt, one_layer_dir):
+def test_seeded_output_does_not_depend_on_the_batch_and_greedy_rows_beside_it_are_unchanged(ckpt, one_layer_dir):
     prompt = repetitive_prompts(3)[2]
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=24, ignore_eos=True)
     alone = run_all(drafting(ckpt, one_layer_dir), {"x": (prompt, params)})["x"]
-    others = {f"o{i}": (p, SamplingParams(temperature=1.0, max_tokens=16)) for i, p in enumerate(repetitive_prompts(4))}
+    sampled = {
+        f"s{i}": (p, SamplingParams(temperature=1.0, max_tokens=16)) for i, p in enumerate(repetitive_prompts(3))
+    }
+    greedy_reqs = {f"g{i}": (p, greedy(16)) for i, p in enumerate(repetitive_prompts(3, seed=5))}
     engine = drafting(ckpt, one_layer_dir)
-    assert run_all(engine, {**others, "x": (prompt, params)})["x"] == alone
+    got = run_all(engine, {**sampled, **greedy_reqs, "x": (prompt, params)})
+    assert got["x"] == alone
+    want = run_all(make_engine(ckpt), greedy_reqs)
+    assert {rid: got[rid] for rid in greedy_reqs} == want
     assert engine.speculator.accepted > 0
+    assert_pools_full(engine)
 
 
 # ---- temperature 1: the target's distribution ------------------------------------------------------
