@@ -267,6 +267,10 @@ def test_draft_passes_count_in_the_plan_and_the_metrics_say_draft(ckpt, one_laye
     memory_bound = StepCost({1: 0.010, 64: 0.012, 512: 0.080})
     assert plan_draft_lengths([5], [0.8], 1, 1, memory_bound, StepCost({1: 0.0005, 64: 0.001})) == [5]
     assert plan_draft_lengths([5], [0.8], 1, 1, memory_bound, StepCost({1: 0.02, 64: 0.03})) == [0]
+    # a sequence the draft has to catch up on first (a new one, or one that has not drafted for a while)
+    cheap = StepCost({1: 0.0005, 64: 0.001, 512: 0.05})
+    assert plan_draft_lengths([5], [0.8], 1, 1, memory_bound, cheap, catch_up=[1]) == [5]
+    assert plan_draft_lengths([5], [0.8], 1, 1, memory_bound, cheap, catch_up=[500]) == [0]
     engine = make_engine(ckpt, speculative="draft", draft_model=str(one_layer_dir))  # adaptive: calibrated
     assert engine.speculator.draft.cost is not None and engine.speculator.cost is not None
     run_all(engine, {"x": (repetitive_prompts(2)[1], greedy(12))})

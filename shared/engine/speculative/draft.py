@@ -81,6 +81,7 @@ class DraftModel:
         self._shadow_of: dict[int, int] = {}  # a shadow's seq_id -> its target's
         self.probs: dict[int, torch.Tensor] = {}  # seq_id -> [k, V]: q of this step's drafts (non-greedy rows)
         self.cost: StepCost | None = None  # seconds of a draft pass by tokens, when draft lengths adapt
+        self._pass = (0, 0.0)  # the pass under way: its tokens and when it started
 
     def propose_batch(self, seqs: list[Sequence], lengths: list[int]) -> None:
         """Set `spec_token_ids` (up to `lengths[i]` tokens) of each sequence, and `probs` of the sampled ones."""
@@ -106,13 +107,16 @@ class DraftModel:
         logits, shadows = self._run(catch_up)  # only the sequences caught up all the way sample
         drafts: dict[int, list[int]] = {}
         probs: dict[int, list[torch.Tensor]] = {}
-        while shadows:
+        while True:
             states = [self.states[self._target_id(shadow)] for shadow in shadows]
-            for state, token, q in zip(states, *self._draw(logits, shadows)):
+            for state, token, q in zip(states, *self._draw(logits, shadows)) if shadows else ():
                 state.shadow.token_ids.append(token)
                 drafts.setdefault(state.seq.seq_id, []).append(token)
                 if q is not None:
                     probs.setdefault(state.seq.seq_id, []).append(q)
+            self._observe()  # the pass with its draws: what a draft token costs
+            if not shadows:
+                break
             going = [s for s in states if len(drafts[s.seq.seq_id]) < wanted[s.seq.seq_id]]
             going = [s for s in going if self.block_manager.allocate(s.shadow, s.shadow.num_tokens)]
             logits, shadows = self._run([ScheduledSeq(s.shadow, 1) for s in going])
@@ -144,21 +148,31 @@ class DraftModel:
         self.block_manager.trim(shadow)
         return shadow
 
+    def behind(self, seq: Sequence) -> int:
+        """Tokens the draft model must compute before it drafts for this sequence (at least its last one)."""
+        state = self.states.get(seq.seq_id)
+        if state is None:
+            return seq.num_tokens
+        return max(1, seq.num_tokens - min(state.shadow.num_computed_tokens, state.synced))
+
     def rollback(self, seq: Sequence) -> None:
         """After verification: give back at once the KV of the drafts the target rejected."""
         if seq.seq_id in self.states and not seq.is_finished:
             self._sync(seq)
 
     def _run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[Sequence]]:
+        self._pass = (sum(s.num_new_tokens for s in batch), time.perf_counter())
         if not batch:
             return torch.empty(0), []
-        started = time.perf_counter()
         logits, sampling = self.runner.run(batch)
-        if self.cost is not None:
-            self.cost.observe(sum(s.num_new_tokens for s in batch), time.perf_counter() - started)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
         return logits, sampling
+
+    def _observe(self) -> None:
+        tokens, started = self._pass
+        if self.cost is not None and tokens:
+            self.cost.observe(tokens, time.perf_counter() - started)
 
     def _draw(self, logits: torch.Tensor, shadows: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """A draft token per row from q (the argmax for greedy rows, which keep no q)."""

@@ -45,14 +45,17 @@ def plan_draft_lengths(
     base_tokens: int,
     cost: StepCost,
     draft_cost: StepCost | None = None,
+    catch_up: list[int] | None = None,
 ) -> list[int]:
     """Draft tokens to score for each candidate, of the `available[i]` it can have.
 
     The j-th draft token of a sequence with acceptance rate a adds a**j expected output tokens and one
     scored token. Taking draft tokens by expected gain, keep the prefix with the best expected output
     tokens per second (each decode emits one token without drafts). With a draft model (`draft_cost`:
-    seconds of one of its passes by rows), the j-th draft token of a sequence is also a row of the draft's
-    j-th pass, whose cost is added to the step's."""
+    seconds of one of its passes by tokens), the j-th draft token of a sequence is also a row of the draft's
+    j-th pass, whose cost is added to the step's; the first is `catch_up[i]` rows (the tokens the draft
+    has not computed yet, which it must before it drafts: a sequence that has not drafted for a while, or
+    never, costs more to start)."""
     gains = sorted(
         ((a ** (j + 1), i) for i, (n, a) in enumerate(zip(available, acceptance)) for j in range(n)),
         key=lambda gain: (-gain[0], gain[1]),
@@ -62,10 +65,10 @@ def plan_draft_lengths(
     best_rate, best_count = emitted / cost(tokens), 0
     for count, (gain, i) in enumerate(gains, 1):
         emitted, tokens = emitted + gain, tokens + 1
-        if draft_cost is not None:  # one more row in the draft pass this token comes out of
-            rows = pass_rows[lengths[i]]
-            draft_seconds += draft_cost(rows + 1) - (draft_cost(rows) if rows else 0.0)
-            pass_rows[lengths[i]] += 1
+        if draft_cost is not None:  # more rows in the draft pass this token comes out of
+            rows, more = pass_rows[lengths[i]], catch_up[i] if catch_up and not lengths[i] else 1
+            draft_seconds += draft_cost(rows + more) - (draft_cost(rows) if rows else 0.0)
+            pass_rows[lengths[i]] += more
         lengths[i] += 1
         if emitted / (cost(tokens) + draft_seconds) > best_rate:
             best_rate, best_count = emitted / (cost(tokens) + draft_seconds), count

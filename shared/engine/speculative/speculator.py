@@ -85,7 +85,8 @@ class Speculator:
             limits.append(max(k, 0))
         base_tokens = min(budget, len(decodes) + prefill_tokens)  # what the step scores without drafts
         if self.draft is not None:  # drafting costs draft passes: plan first, then draft what pays
-            lengths = self._plan(decodes, limits, len(decodes), base_tokens)
+            catch_up = [self.draft.behind(seq) for seq in decodes]
+            lengths = self._plan(decodes, limits, len(decodes), base_tokens, catch_up)
             self.draft.propose_batch(decodes, lengths)
             return
         candidates = []
@@ -97,13 +98,20 @@ class Speculator:
         for seq, length in zip(candidates, lengths):
             seq.spec_token_ids = seq.spec_token_ids[:length]
 
-    def _plan(self, seqs: list[Sequence], available: list[int], num_decodes: int, base_tokens: int) -> list[int]:
+    def _plan(
+        self,
+        seqs: list[Sequence],
+        available: list[int],
+        num_decodes: int,
+        base_tokens: int,
+        catch_up: list[int] | None = None,
+    ) -> list[int]:
         """Draft lengths that pay, by the cost model; all that is available without one."""
         if self.cost is None or not seqs:
             return available
         acceptance = [self.acceptance.of(s.seq_id) for s in seqs]
         draft_cost = self.draft.cost if self.draft is not None else None
-        lengths = plan_draft_lengths(available, acceptance, num_decodes, base_tokens, self.cost, draft_cost)
+        lengths = plan_draft_lengths(available, acceptance, num_decodes, base_tokens, self.cost, draft_cost, catch_up)
         for seq, k, length in zip(seqs, available, lengths):
             if k and not length:
                 self.acceptance.idle(seq.seq_id)
