@@ -107,19 +107,18 @@ class DraftModel:
         logits, shadows = self._run(catch_up)  # only the sequences caught up all the way sample
         drafts: dict[int, list[int]] = {}
         probs: dict[int, list[torch.Tensor]] = {}
-        while True:
+        while shadows:
             states = [self.states[self._target_id(shadow)] for shadow in shadows]
-            for state, token, q in zip(states, *self._draw(logits, shadows)) if shadows else ():
+            for state, token, q in zip(states, *self._draw(logits, shadows)):
                 state.shadow.token_ids.append(token)
                 drafts.setdefault(state.seq.seq_id, []).append(token)
                 if q is not None:
                     probs.setdefault(state.seq.seq_id, []).append(q)
             self._observe()  # the pass with its draws: what a draft token costs
-            if not shadows:
-                break
             going = [s for s in states if len(drafts[s.seq.seq_id]) < wanted[s.seq.seq_id]]
             going = [s for s in going if self.block_manager.allocate(s.shadow, s.shadow.num_tokens)]
             logits, shadows = self._run([ScheduledSeq(s.shadow, 1) for s in going])
+        self._observe()  # a catch-up pass of prompt chunks only, which drew nothing
         for seq in seqs:
             seq.spec_token_ids = drafts.get(seq.seq_id, [])
             if seq.seq_id in probs:
