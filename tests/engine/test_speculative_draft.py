@@ -85,6 +85,18 @@ def test_greedy_output_is_unchanged_batched_chunked_preempted_and_forked(ckpt, o
             assert engine.scheduler.num_preemptions > 0
 
 
+def test_an_aborted_request_gives_back_its_blocks_in_both_pools(ckpt, one_layer_dir):
+    engine = drafting(ckpt, one_layer_dir)
+    for i, prompt in enumerate(repetitive_prompts(3)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=40))
+    for _ in range(4):
+        engine.step()
+    assert engine.speculator.draft.states and engine.speculator.drafted > 0
+    for i in range(3):
+        engine.abort_request(f"r{i}")
+    assert_pools_full(engine)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"max_num_batched_tokens": 16}], ids=["whole", "chunked"])
 def test_drafts_are_the_draft_model_s_own_continuation_after_rejections(ckpt, one_layer_dir, overrides):
     """Its KV is rolled back past rejected drafts and caught up on what the target took: each step's drafts
