@@ -101,6 +101,7 @@ def generate(argv: list[str]) -> int:
                 speculative=args.speculative,
                 num_speculative_tokens=args.num_speculative_tokens,
                 draft_length=args.draft_length,
+                draft_model=args.draft_model,
             )
         )
         (completion,) = llm.generate([args.prompt], params, chat=args.chat)
@@ -124,7 +125,10 @@ def add_speculative_flags(parser: argparse.ArgumentParser) -> None:
         "--speculative",
         choices=SPECULATIVE_METHODS,
         default="none",
-        help="speculative decoding: draft tokens by n-gram lookup or suffix decoding",
+        help="speculative decoding: draft tokens by n-gram lookup, suffix decoding or a draft model",
+    )
+    parser.add_argument(
+        "--draft-model", default=None, help="with --speculative draft: a smaller model with the same tokenizer"
     )
     parser.add_argument(
         "--num-speculative-tokens", type=int, default=5, help="the most draft tokens a sequence scores per step"

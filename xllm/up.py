@@ -22,7 +22,13 @@ import structlog
 
 from services.router.epd import ENCODE_MODES
 from shared.config import opt
-from shared.engine.config import DRAFT_LENGTHS, QUANTIZATION_HELP, QUANTIZATIONS, SPECULATIVE_METHODS
+from shared.engine.config import (
+    DRAFT_LENGTHS,
+    QUANTIZATION_HELP,
+    QUANTIZATIONS,
+    SPECULATIVE_METHODS,
+    speculation_problem,
+)
 from shared.logging import LOG_LEVELS
 from shared.model_files import takes_images
 from xllm.natsd import NatsServer, NatsServerError
@@ -85,6 +91,7 @@ class UpConfig:
     draft_length: str = opt(
         "adaptive", "adaptive (a cost model decides) or fixed (all that is proposed)", choices=DRAFT_LENGTHS
     )
+    draft_model: str | None = opt(None, "with --speculative draft: a smaller model with the same tokenizer")
     expert_parallel: int = opt(1, "processes each worker splits a MoE model's experts over", min=1)
     num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
     enable_eplb: bool = opt(False, "rebalance experts while serving (with --expert-parallel)")
@@ -92,6 +99,9 @@ class UpConfig:
     ready_timeout_s: float = opt(300.0, "seconds to wait for /health and every worker before giving up", min=1)
 
     def validate(self) -> None:
+        problem = speculation_problem(self.speculative, self.draft_model)
+        if problem:
+            raise ValueError(problem)
         if self.mode == "mixed" and self.slo_ttft_ms is None and self.slo_tpot_ms is None:
             raise ValueError(
                 "--mode mixed switches workers between roles to meet SLO targets: give --slo-ttft-ms "
@@ -149,6 +159,7 @@ def plan(config: UpConfig, nats_url: str) -> list[Service]:
         speculative=config.speculative,
         num_speculative_tokens=config.num_speculative_tokens,
         draft_length=config.draft_length,
+        **given(draft_model=config.draft_model),
     )
     services = [
         Service("kvcache", [*py, "services.kvcache", *common]),

@@ -9,6 +9,7 @@ from shared.engine.config import (
     QUANTIZATIONS,
     SPECULATIVE_METHODS,
     EngineConfig,
+    speculation_problem,
 )
 from shared.logging import LOG_LEVELS
 
@@ -50,7 +51,8 @@ class WorkerConfig:
     num_threads: int | None = opt(None, "torch threads (default: torch's; set it when workers share cores)", min=1)
     speculative: str = opt(
         "none",
-        "speculative decoding: draft tokens by n-gram lookup or suffix decoding (decode and colocated roles)",
+        "speculative decoding: draft tokens by n-gram lookup, suffix decoding or a draft model (decode and "
+        "colocated roles)",
         choices=SPECULATIVE_METHODS,
     )
     num_speculative_tokens: int = opt(5, "the most draft tokens a sequence scores per step", min=1, max=32)
@@ -59,6 +61,9 @@ class WorkerConfig:
         "adaptive: as many draft tokens as pay, by a measured step-cost model "
         "and each sequence's acceptance; fixed: all that is proposed",
         choices=DRAFT_LENGTHS,
+    )
+    draft_model: str | None = opt(
+        None, "with --speculative draft: a smaller model with the same tokenizer (GGUF, folder or short name)"
     )
     expert_parallel: int = opt(1, "processes to split a MoE model's experts over (this one is rank 0)", min=1)
     num_redundant_experts: int = opt(0, "extra expert slots per MoE layer, for copies of hot experts", min=0)
@@ -86,6 +91,11 @@ class WorkerConfig:
     heartbeat_s: float = opt(1.0, "seconds between registry heartbeats", min=0.1)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
 
+    def validate(self) -> None:
+        problem = speculation_problem(self.speculative, self.draft_model)
+        if problem:
+            raise ValueError(problem)
+
     def engine_config(self, speculate: bool = True) -> EngineConfig:
         """`speculate`: False for a role that never decodes (prefill), which then spends nothing on it."""
         return EngineConfig(
@@ -109,6 +119,7 @@ class WorkerConfig:
             speculative=self.speculative if speculate else "none",
             num_speculative_tokens=self.num_speculative_tokens,
             draft_length=self.draft_length,
+            draft_model=self.draft_model if speculate else None,
             expert_parallel=self.expert_parallel,
             num_redundant_experts=self.num_redundant_experts,
             expert_parallel_address=self.expert_parallel_address,

@@ -2,13 +2,23 @@
 
 from dataclasses import dataclass, field
 
-SPECULATIVE_METHODS = ("none", "ngram", "suffix")  # how draft tokens are proposed (shared/engine/speculative)
+# how draft tokens are proposed (shared/engine/speculative); "draft" runs `EngineConfig.draft_model`
+SPECULATIVE_METHODS = ("none", "ngram", "suffix", "draft")
 DRAFT_LENGTHS = ("adaptive", "fixed")  # by a cost model and acceptance rates; or always all that is proposed
 QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0")  # weights in block formats (shared/engine/quant.py)
 QUANTIZATION_HELP = (
     "weights in block formats run by integer CPU kernels: auto keeps a GGUF's own (Q8_0, Q4_0, Q4_1), "
     "q8_0 and q4_0 quantize the projections at load, none runs them in fp"
 )
+
+
+def speculation_problem(speculative: str, draft_model: str | None) -> str | None:
+    """What is wrong with a speculative method and a draft model given together (None: nothing)."""
+    if speculative == "draft" and not draft_model:
+        return "--speculative draft needs --draft-model (a smaller model with the target's tokenizer)"
+    if draft_model and speculative != "draft":
+        return f"--draft-model is for --speculative draft, not {speculative!r}"
+    return None
 
 
 @dataclass
@@ -74,6 +84,7 @@ class EngineConfig:
     speculative: str = "none"  # one of SPECULATIVE_METHODS
     num_speculative_tokens: int = 5  # the most draft tokens a sequence scores per step
     draft_length: str = "adaptive"  # one of DRAFT_LENGTHS
+    draft_model: str | None = None  # speculative="draft": a smaller model with the same tokenizer (GGUF, folder, name)
     expert_parallel: int = 1  # processes a MoE model's experts are split over (shared/engine/expert_parallel.py)
     num_redundant_experts: int = 0  # extra expert slots per MoE layer, for copies of hot experts
     expert_parallel_address: str | None = None  # HOST:PORT to meet ranks started on other hosts; None: start here
@@ -82,3 +93,8 @@ class EngineConfig:
     cost_profile: str | None = None  # a file `xllm profile` wrote: seeds the step-cost fit (shared/cost_model.py)
     offline_slowdown: float = 0.1  # beside online work, offline sequences may make a step this much slower
     offline_step_ms: float = 200.0  # alone, offline work makes steps of at most this (an online arrival's wait)
+
+    def __post_init__(self):
+        problem = speculation_problem(self.speculative, self.draft_model)
+        if problem:
+            raise ValueError(problem)

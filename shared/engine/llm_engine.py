@@ -27,6 +27,7 @@ from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
 from shared.engine.sequence import Request, Sequence
 from shared.engine.speculative import Speculator
+from shared.engine.speculative.verify import verify_by_sampling, verify_with_probs
 from shared.engine.stop_checker import StopChecker
 from shared.engine.system import default_dtype, kv_cache_bytes
 from shared.engine.validation import validate_request
@@ -90,7 +91,9 @@ class LLMEngine:
         self.busy_seconds = 0.0  # in steps: over wall time, how busy the engine is
         self.costs, self.load = step_costs(config.cost_profile), Load()  # what steps cost; the work queued
         self.block_manager.tier = host_tier(config, self.runner, self.costs)  # evicted blocks go down to it
-        self.speculator = Speculator.from_config(config, self.max_model_len, self.runner, self.block_manager)
+        self.speculator = Speculator.from_config(
+            config, self.max_model_len, self.runner, self.block_manager, self.tokenizer, self.eos_token_ids
+        )
 
     def close(self) -> None:
         """Release what outlives the object: an expert-parallel group's processes."""
@@ -197,33 +200,26 @@ class LLMEngine:
     def _sample(
         self, logits: torch.Tensor, sampling: list[Sequence], draft_logits: dict[int, torch.Tensor]
     ) -> dict[Sequence, SeqOutput]:
-        """Sample every sequence's next token. A sequence with draft tokens goes on sampling at the next
-        position while the token it sampled equals the draft token there.
+        """Sample every sequence's next token, and verify draft tokens (speculative/verify.py): drafts without
+        probabilities by sampling each position as without speculation, a draft model's sampled drafts by
+        standard speculative sampling."""
+        draft_probs = self.speculator.draft.probs if self.speculator and self.speculator.draft else {}
+        with_probs = [i for i, seq in enumerate(sampling) if seq.spec_token_ids and seq.seq_id in draft_probs]
+        plain_rows = [i for i in range(len(sampling)) if i not in with_probs]
+        plain = [sampling[i] for i in plain_rows]
+        outputs: dict[Sequence, SeqOutput] = {}
 
-        That is exact speculative sampling for drafts without probabilities: the draft token d is kept
-        with the model's probability of it, and where it is not, the token sampled is the model's
-        distribution without d. Each position is sampled as it would be without speculation (same
-        penalties over the same history, same generator draws), so greedy and seeded outputs do not
-        change, only how many steps they take."""
-        sampled = sample(logits, sampling, self.eos_token_ids)
-        outputs = {seq: self._append(seq, t, lp) for seq, t, lp in zip(sampling, sampled.token_ids, sampled.logprobs)}
-        verifying = [seq for seq in sampling if seq.spec_token_ids]
-        accepted = dict.fromkeys(verifying, 0)
-        active, position = verifying, 0
-        while active := [
-            seq
-            for seq in active
-            if not seq.finish_reason
-            and position < len(seq.spec_token_ids)
-            and seq.token_ids[-1] == seq.spec_token_ids[position]
-        ]:
-            position += 1
-            for seq in active:
-                accepted[seq] += 1
-            rows = torch.stack([draft_logits[seq.seq_id][position - 1] for seq in active])
-            sampled = sample(rows, active, self.eos_token_ids)
-            for seq, token, logprob in zip(active, sampled.token_ids, sampled.logprobs):
-                self._append(seq, token, logprob, outputs[seq])
+        def emit(seq: Sequence, token: int, logprob) -> None:
+            outputs[seq] = self._append(seq, token, logprob, outputs.get(seq))
+
+        if plain:
+            sampled = sample(logits[plain_rows], plain, self.eos_token_ids)
+            for seq, token, logprob in zip(plain, sampled.token_ids, sampled.logprobs):
+                emit(seq, token, logprob)
+        accepted = verify_by_sampling([s for s in plain if s.spec_token_ids], draft_logits, self.eos_token_ids, emit)
+        if with_probs:
+            seqs = [sampling[i] for i in with_probs]
+            accepted |= verify_with_probs(seqs, logits[with_probs], draft_logits, draft_probs, self.eos_token_ids, emit)
         for seq, count in accepted.items():
             self.speculator.record(seq, len(seq.spec_token_ids), count)
             seq.spec_token_ids = []

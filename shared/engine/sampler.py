@@ -23,34 +23,44 @@ class SampleOutput:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> SampleOutput:
     """logits: [N, V] float32, one row per sequence in `seqs`."""
-    n = logits.shape[0]
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-
-    logits = apply_logit_bias(apply_penalties(logits, seqs), seqs)
-    for row, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:
-            banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
-            logits[row, banned] = float("-inf")
-
+    logits = adjust_logits(logits, seqs, eos_token_ids)
     greedy = torch.tensor([s.params.greedy for s in seqs])
     tokens = logits.argmax(dim=-1)
     if not greedy.all():
         rows = (~greedy).nonzero().squeeze(1)
         sampled_seqs = [seqs[i] for i in rows.tolist()]
-        tokens[rows] = _sample_random(logits[rows], sampled_seqs)
-
+        tokens[rows] = _race(probabilities(logits[rows], sampled_seqs), sampled_seqs)
     token_list = tokens.tolist()
-    out: list[tuple[float, TopLogprobs] | None] = [None] * n
+    return SampleOutput(token_list, token_logprobs(raw_logprobs, seqs, token_list))
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> torch.Tensor:
+    """Penalties, logit_bias, and min_tokens' ban on stop ids and EOS: what every row gets before it is
+    sampled, greedy or not."""
+    logits = apply_logit_bias(apply_penalties(logits, seqs), seqs)
     for row, seq in enumerate(seqs):
-        if want_logprobs[row]:
+        if seq.num_output_tokens < seq.params.min_tokens:
+            banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
+            logits[row, banned] = float("-inf")
+    return logits
+
+
+def token_logprobs(
+    raw_logprobs: torch.Tensor | None, seqs: list[Sequence], tokens: list[int]
+) -> list[tuple[float, TopLogprobs] | None]:
+    """Each row's logprob of its token and its top logprobs, for the rows that asked (None for the others)."""
+    out: list[tuple[float, TopLogprobs] | None] = [None] * len(seqs)
+    for row, seq in enumerate(seqs):
+        if seq.params.logprobs is not None:
             lp = raw_logprobs[row]
             top: TopLogprobs = []
             if seq.params.logprobs:
                 values, ids = lp.topk(seq.params.logprobs)
                 top = list(zip(ids.tolist(), values.tolist()))
-            out[row] = (lp[token_list[row]].item(), top)
-    return SampleOutput(token_list, out)
+            out[row] = (lp[tokens[row]].item(), top)
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -94,7 +104,10 @@ def _has_penalty(seq: Sequence) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The distribution a non-greedy row is sampled from: adjusted logits scaled by temperature, filtered by
+    top-k, top-p and min-p: zeros where filtered, and not renormalized after top-p or min-p (the race
+    does not need it; whoever needs probabilities divides by the row's sum)."""
     temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
     logits = logits / temps.unsqueeze(1)
     top_k = torch.tensor([s.params.top_k for s in seqs])
@@ -113,6 +126,11 @@ def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     min_p = torch.tensor([s.params.min_p for s in seqs], dtype=probs.dtype)
     if (min_p > 0).any():
         probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def _race(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row drawn from `probs` (unnormalized is fine) by the exponential race."""
     noise = torch.empty_like(probs)
     for row, seq in enumerate(seqs):
         noise[row].exponential_(generator=seq.generator)

@@ -78,14 +78,14 @@ def test_suffix_proposer_drafts_from_an_earlier_request_s_output(ckpt):
 
 
 def test_planner_drafts_when_scoring_is_nearly_free_and_not_when_it_costs_in_proportion():
-    seqs = [type("S", (), {"spec_token_ids": [1] * 5})() for _ in range(4)]
+    proposed = [5] * 4  # draft tokens proposed per sequence
     memory_bound = StepCost({1: 0.010, 64: 0.012, 512: 0.080})
-    assert plan_draft_lengths(seqs[:1], [0.8], 1, 1, memory_bound) == [5]
-    assert plan_draft_lengths(seqs[:1], [0.0], 1, 1, memory_bound) == [0]  # text it cannot predict
+    assert plan_draft_lengths(proposed[:1], [0.8], 1, 1, memory_bound) == [5]
+    assert plan_draft_lengths(proposed[:1], [0.0], 1, 1, memory_bound) == [0]  # text it cannot predict
     compute_bound = StepCost({1: 0.001, 512: 0.512})  # each scored token costs the same
-    assert plan_draft_lengths(seqs, [0.8] * 4, 4, 4, compute_bound) == [0, 0, 0, 0]
+    assert plan_draft_lengths(proposed, [0.8] * 4, 4, 4, compute_bound) == [0, 0, 0, 0]
     # the better-predicted sequence gets the longer draft
-    lengths = plan_draft_lengths(seqs[:2], [0.9, 0.5], 2, 2, StepCost({1: 0.01, 4: 0.0101, 16: 0.02}))
+    lengths = plan_draft_lengths(proposed[:2], [0.9, 0.5], 2, 2, StepCost({1: 0.01, 4: 0.0101, 16: 0.02}))
     assert lengths[0] > lengths[1]
 
 

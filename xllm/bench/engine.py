@@ -12,7 +12,13 @@ from collections import Counter
 
 import torch
 
-from shared.engine.config import QUANTIZATION_HELP, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
+from shared.engine.config import (
+    QUANTIZATION_HELP,
+    QUANTIZATIONS,
+    SPECULATIVE_METHODS,
+    EngineConfig,
+    speculation_problem,
+)
 from shared.engine.layers import Linear
 from shared.engine.llm import LLM
 from shared.engine.loader import load_checkpoint
@@ -25,13 +31,23 @@ from xllm.bench import speculative
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    problem = speculation_problem(args.speculative, args.draft_model)
+    if problem:
+        parser().error(problem)
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     keep_blocks, _ = plan(args.quantization, torch.device("cpu"), torch.float32)
     ckpt = load_checkpoint(args.model, keep_blocks=keep_blocks)
     if args.speculative != "none":
         return speculative.run(
-            ckpt, args.model, args.speculative, args.num_speculative_tokens, args.threads, args.rounds, args.seed
+            ckpt,
+            args.model,
+            args.speculative,
+            args.num_speculative_tokens,
+            args.threads,
+            args.rounds,
+            args.seed,
+            args.draft_model,
         )
     rng = random.Random(args.seed)
     vocab = ckpt.config.vocab_size
@@ -81,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
         help="instead: this speculative method against none (xllm/bench/speculative.py)",
     )
     parser.add_argument("--num-speculative-tokens", type=int, default=5)
+    parser.add_argument("--draft-model", default=None, help="with --speculative draft: the draft model")
     parser.add_argument("--rounds", type=int, default=3, help="with --speculative: rounds of fresh prompts")
     return parser
 

@@ -39,28 +39,40 @@ class StepCost:
 
 
 def plan_draft_lengths(
-    candidates: list, acceptance: list[float], num_decodes: int, base_tokens: int, cost: StepCost
+    available: list[int],
+    acceptance: list[float],
+    num_decodes: int,
+    base_tokens: int,
+    cost: StepCost,
+    draft_cost: StepCost | None = None,
+    catch_up: list[int] | None = None,
 ) -> list[int]:
-    """Draft tokens to score for each candidate (which has `len(seq.spec_token_ids)` proposed).
+    """Draft tokens to score for each candidate, of the `available[i]` it can have.
 
     The j-th draft token of a sequence with acceptance rate a adds a**j expected output tokens and one
     scored token. Taking draft tokens by expected gain, keep the prefix with the best expected output
-    tokens per second (each decode emits one token without drafts)."""
+    tokens per second (each decode emits one token without drafts). With a draft model (`draft_cost`:
+    seconds of one of its passes by tokens), the j-th draft token of a sequence is also a row of the draft's
+    j-th pass, whose cost is added to the step's; the first is `catch_up[i]` rows (the tokens the draft
+    has not computed yet, which it must before it drafts: a sequence that has not drafted for a while, or
+    never, costs more to start)."""
     gains = sorted(
-        (
-            (a ** (j + 1), i)
-            for i, (seq, a) in enumerate(zip(candidates, acceptance))
-            for j in range(len(seq.spec_token_ids))
-        ),
-        reverse=True,
+        ((a ** (j + 1), i) for i, (n, a) in enumerate(zip(available, acceptance)) for j in range(n)),
+        key=lambda gain: (-gain[0], gain[1]),
     )
-    emitted, tokens = float(num_decodes), base_tokens
+    emitted, tokens, draft_seconds = float(num_decodes), base_tokens, 0.0
+    lengths, pass_rows = [0] * len(available), [0] * (max(available, default=0) + 1)
     best_rate, best_count = emitted / cost(tokens), 0
-    for count, (gain, _) in enumerate(gains, 1):
+    for count, (gain, i) in enumerate(gains, 1):
         emitted, tokens = emitted + gain, tokens + 1
-        if emitted / cost(tokens) > best_rate:
-            best_rate, best_count = emitted / cost(tokens), count
-    lengths = [0] * len(candidates)
+        if draft_cost is not None:  # more rows in the draft pass this token comes out of
+            rows, more = pass_rows[lengths[i]], catch_up[i] if catch_up and not lengths[i] else 1
+            draft_seconds += draft_cost(rows + more) - (draft_cost(rows) if rows else 0.0)
+            pass_rows[lengths[i]] += more
+        lengths[i] += 1
+        if emitted / (cost(tokens) + draft_seconds) > best_rate:
+            best_rate, best_count = emitted / (cost(tokens) + draft_seconds), count
+    lengths = [0] * len(available)
     for _, i in gains[:best_count]:
         lengths[i] += 1
     return lengths
