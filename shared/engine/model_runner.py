@@ -5,6 +5,7 @@ A token at position p of a sequence lives in slot block_table[p // block_size] *
 """
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -33,10 +34,10 @@ class ModelRunner:
         self.image_encoder = image_encoder
         self.block_size = block_size
         self.device = device
-        # With weights in block formats, a sequence verifying draft tokens runs each as a decode query: the
-        # kernels' activation rounding turns any float difference into a possibly different greedy token, and
-        # a generated token must get the same bits whether it was drafted or decoded (ops.prompt_rows).
-        self.verify_as_decodes = any(getattr(m, "quantized", None) is not None for m in model.modules())
+        # Weights in block formats: the kernels' activation rounding turns any float difference into a possibly
+        # different greedy token, so each step says which rows are prompt tokens (ops.prompt_rows), and a
+        # sequence verifying draft tokens runs each as a decode query, the same bits drafted or decoded.
+        self.runs_blocks = any(getattr(m, "quantized", None) is not None for m in model.modules())
         cfg = model.config
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: masked-out keys still get multiplied by 0, and 0 * NaN garbage is NaN
@@ -62,7 +63,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward one step; returns logits of the sequences that sample (1 + their draft tokens rows each),
         and those sequences. `after_layer(i)` runs once layer i's KV is in the cache."""
-        as_decodes = [s.num_new_tokens == 1 or (self.verify_as_decodes and s.num_draft_tokens > 0) for s in batch]
+        as_decodes = [s.num_new_tokens == 1 or (self.runs_blocks and s.num_draft_tokens > 0) for s in batch]
         decodes = [s for s, decode in zip(batch, as_decodes) if decode]
         chunks = [s for s, decode in zip(batch, as_decodes) if not decode]
         input_ids: list[int] = []
@@ -79,7 +80,8 @@ class ModelRunner:
                 image_chunks.append((seq, start, end, len(input_ids)))
             input_ids += seq.token_ids[start : end - s.num_draft_tokens] + seq.spec_token_ids[: s.num_draft_tokens]
             positions += range(start, end)
-            is_prompt += [p < seq.num_prompt_tokens for p in range(start, end)]
+            if self.runs_blocks:
+                is_prompt += [p < seq.num_prompt_tokens for p in range(start, end)]
             slots += self._slots(seq.block_table, start, end)
             if s.samples:  # the last token's logits, and each draft token's
                 logits_rows += range(len(input_ids) - 1 - s.num_draft_tokens, len(input_ids))
@@ -102,12 +104,15 @@ class ModelRunner:
         if chunks:
             self._chunk_metadata(chunks, len(queries), meta)
         images = image_rows(self.image_encoder, image_chunks, self.device) if image_chunks else None
-        with ops.prompt_rows(is_prompt):
+        with self._rows(is_prompt):
             hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, after_layer, images)
         if not logits_rows:
             return torch.empty(0), []
-        with ops.prompt_rows([is_prompt[i] for i in logits_rows]):
+        with self._rows([is_prompt[i] for i in logits_rows] if self.runs_blocks else []):
             return self.model.compute_logits(hidden[self._tensor(logits_rows)]), sampling
+
+    def _rows(self, is_prompt: list[bool]) -> AbstractContextManager:
+        return ops.prompt_rows(is_prompt) if self.runs_blocks else nullcontext()
 
     def _chunk_metadata(self, chunks: list[ScheduledSeq], offset: int, meta: AttentionMetadata) -> None:
         q_lens = torch.tensor([s.num_new_tokens for s in chunks])

@@ -77,14 +77,14 @@ def quantized_linear(
         prompt_index, generated_index = prompt
         y = x.new_empty(x.shape[0], weight.shape[0])
         y[prompt_index] = _fp32_linear(x[prompt_index], weight, packed)
-        y[generated_index] = cpu_kernels.load_quant().quantized_linear(
-            x[generated_index], weight.data, KERNEL_FORMATS[weight.format]
-        )
-    elif prompt:
-        y = _fp32_linear(x, weight, packed)
+        y[generated_index] = _kernel_linear(x[generated_index], weight)
     else:
-        y = cpu_kernels.load_quant().quantized_linear(x.contiguous(), weight.data, KERNEL_FORMATS[weight.format])
+        y = _fp32_linear(x, weight, packed) if prompt else _kernel_linear(x, weight)
     return y if bias is None else y + bias
+
+
+def _kernel_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    return cpu_kernels.load_quant().quantized_linear(x.contiguous(), weight.data, KERNEL_FORMATS[weight.format])
 
 
 def _fp32_linear(x: torch.Tensor, weight: QuantizedWeight, packed: torch.Tensor | None) -> torch.Tensor:
