@@ -19,22 +19,23 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
+QUANT_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_kernels.cpp", "quant_dequantize.cpp")]
 
 
 @cache
 def load() -> ModuleType | None:
     """The compiled module, or None where it cannot be built or is switched off."""
-    return _build("xllm_cpu_kernels", SOURCE)
+    return _build("xllm_cpu_kernels", [SOURCE], fast_math=True)
 
 
 @cache
 def load_quant() -> ModuleType | None:
-    """The block-format matmul kernels (csrc/quant_kernels.cpp), or None as for `load`."""
-    return _build("xllm_quant_kernels", QUANT_SOURCE)
+    """The block-format matmul kernels (csrc/quant_*.cpp), or None as for `load`. Without -ffast-math: a row's
+    bits must not depend on how the compiler reassociated each tile shape's code."""
+    return _build("xllm_quant_kernels", QUANT_SOURCES, fast_math=False)
 
 
-def _build(name: str, source: Path) -> ModuleType | None:
+def _build(name: str, sources: list[Path], fast_math: bool) -> ModuleType | None:
     if os.environ.get("XLLM_CPU_KERNELS", "1") == "0":
         return None
     from torch.utils.cpp_extension import load as load_extension
@@ -44,8 +45,8 @@ def _build(name: str, source: Path) -> ModuleType | None:
     try:
         return load_extension(
             f"{name}_{capability}",
-            [str(source)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            [str(source) for source in sources],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"] + (["-ffast-math"] if fast_math else []),
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # no compiler, or a failed build: fall back, loudly
@@ -59,4 +60,4 @@ def usable(tensor: torch.Tensor) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if load() is not None and load_quant() is not None else f"could not build {SOURCE} or {QUANT_SOURCE}")
+    sys.exit(0 if load() is not None and load_quant() is not None else f"could not build {SOURCE} or {QUANT_SOURCES}")

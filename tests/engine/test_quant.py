@@ -47,6 +47,20 @@ def test_the_kernel_equals_dequantize_then_matmul(format, out, inp):
 
 
 @pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("inp", [96, 576])  # an odd number of blocks, and an even one
+def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_the_call(format, inp):
+    """Rows land in different tiles (and offset chunks) as the row count changes; their arithmetic may not."""
+    torch.manual_seed(inp)
+    weight = quantize_weight(torch.randn(70, inp) * 0.1, format)  # 70: whole tiles of weight rows and a tail
+    x = torch.randn(41, inp)
+    kernel = cpu_kernels.load_quant().quantized_linear
+    alone = torch.cat([kernel(x[i : i + 1], weight.data, KERNEL_FORMATS[format]) for i in range(41)])
+    for start, rows in [(0, 41), (3, 4), (5, 5), (1, 8), (9, 9), (7, 17), (2, 33)]:
+        together = kernel(x[start : start + rows].contiguous(), weight.data, KERNEL_FORMATS[format])
+        assert torch.equal(together, alone[start : start + rows]), (start, rows)
+
+
+@pytest.mark.parametrize("format", FORMATS)
 def test_dequantizing_equals_the_gguf_reference_bit_for_bit(format):
     torch.manual_seed(0)
     weight = torch.randn(40, 96)
