@@ -1,7 +1,7 @@
 """Where an engine run's time goes: wall time of each model op (ops.*, paged attention) summed over one
 `LLM.generate` of the `xllm bench engine` workload, next to the run's total.
 
-    PYTHONPATH=. python benchmarks/step_breakdown.py [--batch 32] [--threads 2]
+    PYTHONPATH=. python benchmarks/step_breakdown.py [--batch 32] [--threads 2] [--quantization auto]
 
 Timers wrap the Python functions, so each op's figure includes its dispatch; "rest" is everything else
 (the scheduler, building each step's inputs, sampling, the embedding and Python between ops).
@@ -19,10 +19,12 @@ from shared.engine.config import EngineConfig
 from shared.engine.llm import LLM
 from shared.engine.loader import load_checkpoint
 from shared.engine.model_runner import ModelRunner
+from shared.engine.quant import plan
 from shared.engine.sampling_params import SamplingParams
 
 TIMED = [
     (ops, "linear"),
+    (ops, "quantized_linear"),
     (ops, "rms_norm"),
     (ops, "add_rms_norm_"),
     (ops, "silu_and_mul"),
@@ -37,9 +39,11 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", default="auto", help="as xllm serve's --quantization")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint("smollm2")
+    keep_blocks, _ = plan(args.quantization, torch.device("cpu"), torch.float32)
+    ckpt = load_checkpoint("smollm2", keep_blocks=keep_blocks)
     token_bytes = ModelRunner.block_bytes(ckpt.config, 1, torch.float32)
     llm = LLM(
         EngineConfig(
@@ -48,6 +52,7 @@ def main() -> None:
             max_num_seqs=max(args.batch, 1),
             kv_cache_memory=token_bytes * (args.input_len + args.output_len + 32) * args.batch,
             enable_prefix_caching=False,
+            quantization=args.quantization,
         ),
         ckpt,
     )
