@@ -7,6 +7,7 @@ XLLM_CPU_KERNELS=0, the engine uses plain torch ops instead: same results, slowe
 setup (`python -m shared.engine.cpu_kernels`) so that no server start waits for the compiler.
 """
 
+import hashlib
 import os
 import sys
 from functools import cache
@@ -40,13 +41,16 @@ def _build(name: str, sources: list[Path], fast_math: bool) -> ModuleType | None
         return None
     from torch.utils.cpp_extension import load as load_extension
 
-    # -march=native: the build is for the CPU it runs on; the name keeps builds for different CPUs apart
+    # -march=native: the build is for the CPU it runs on; the name keeps builds for different CPUs apart.
+    # torch rebuilds when the sources or flags change, not the headers: their hash goes in as a flag.
     capability = torch.backends.cpu.get_cpu_capability().lower()
+    headers = hashlib.sha1(b"".join(path.read_bytes() for path in sorted(SOURCE.parent.glob("*.h")))).hexdigest()
+    flags = ["-O3", "-march=native", "-fopenmp", f"-DXLLM_HEADERS={headers[:12]}"]
     try:
         return load_extension(
             f"{name}_{capability}",
             [str(source) for source in sources],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"] + (["-ffast-math"] if fast_math else []),
+            extra_cflags=flags + (["-ffast-math"] if fast_math else []),
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # no compiler, or a failed build: fall back, loudly

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -49,6 +50,14 @@ inline float block_minimum(const uint8_t* w, int64_t format) {
 }
 
 inline const uint8_t* block_quants(const uint8_t* w, int64_t format) { return w + (format == Q4_1 ? 4 : 2); }
+
+// x's rows as Q8 blocks (quants, and a scale per block), and each block's scale * sum(quants) block-major
+// ([block][row], 8 floats of padding: the offsets of Q4 formats read 8 rows at a time)
+struct QuantizedRows {
+  int64_t rows, blocks;
+  std::vector<int8_t> q;
+  std::vector<float> scale, scaled_sum;
+};
 
 #ifdef XLLM_AVX2
 // a Q4 block's 16 bytes -> 32 nibbles in element order (low nibbles are elements 0..15, high 16..31)
