@@ -23,16 +23,14 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 # it oneDNN's matmul on a prepacked weight (benchmarks/matmul_forms.py).
 SMALL_BATCH_ROWS = 8
 
-# A block-format weight runs a step's generated tokens in the integer kernel (it reads ~4.5 bits a weight) and
-# its prompt tokens on its prepacked fp32 copy (CausalLM.prepack_weights; many rows, where the kernel computes
-# no faster per row than fp32). Each form gives a row the same bits however many rows share its step, and the
-# kernel's activation rounding (to Q8 blocks) would turn any other difference into a different greedy token,
-# so the choice goes by the kind of token, not by the step's size. Outside a model runner's step, and for a
-# weight with no fp32 copy (a model too large to keep one), it goes by size: up to this many rows the kernel,
-# above it fp32 on the weight dequantized into a buffer kept per thread (fresh memory costs a page fault per
-# 4 KiB here) (docs/performance.md §12).
-QUANTIZED_KERNEL_ROWS = 8
-_dequantized = threading.local()
+# A block-format weight runs a step's generated tokens in the integer kernel and, where its prepacked fp32 copy is
+# kept (CausalLM.prepack_weights), its prompt tokens on that copy. Each form gives a row the same bits however
+# many rows share its step, and the kernel's activation rounding (to Q8 blocks) would turn any other difference
+# into a different greedy token, so the choice goes by the kind of token, never by the step's size. Prompt rows
+# could run in the kernel too (no slower than fp32 at any row count here, docs/performance.md §12, and without
+# the copy's memory), but a prompt's chunked attention is not known to give the same bits however the prompt is
+# chunked, and the kernel's rounding would amplify any difference. Outside a model runner's step, and for a
+# weight with no fp32 copy (a model too large to keep one), every row runs in the kernel.
 _step = threading.local()  # .prompt: which rows of the running step are prompt tokens
 
 
@@ -60,8 +58,8 @@ def linear(
     if x.shape[0] <= SMALL_BATCH_ROWS:
         y = cpu_kernels.load().linear_small_batch(x.contiguous(), weight)
         return y if bias is None else y + bias
-    if packed is not None:  # the op torch's own CPU compiler (inductor) emits for a prepacked linear
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed is not None:
+        return _packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
 
 
@@ -70,16 +68,14 @@ def quantized_linear(
 ) -> torch.Tensor:
     """x @ weight.T + bias for a weight in a block format (only where quant.kernels_run); `packed`: its fp32
     copy prepacked for oneDNN, when kept."""
-    prompt = getattr(_step, "prompt", None)
-    if packed is None or prompt is None:
-        prompt = x.shape[0] > QUANTIZED_KERNEL_ROWS
+    prompt = getattr(_step, "prompt", None) if packed is not None else None
     if isinstance(prompt, tuple):  # both kinds in one step: each its own way
         prompt_index, generated_index = prompt
         y = x.new_empty(x.shape[0], weight.shape[0])
-        y[prompt_index] = _fp32_linear(x[prompt_index], weight, packed)
+        y[prompt_index] = _packed_linear(x[prompt_index], packed)
         y[generated_index] = _kernel_linear(x[generated_index], weight)
     else:
-        y = _fp32_linear(x, weight, packed) if prompt else _kernel_linear(x, weight)
+        y = _packed_linear(x, packed) if prompt else _kernel_linear(x, weight)
     return y if bias is None else y + bias
 
 
@@ -87,17 +83,10 @@ def _kernel_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return cpu_kernels.load_quant().quantized_linear(x.contiguous(), weight.data, KERNEL_FORMATS[weight.format])
 
 
-def _fp32_linear(x: torch.Tensor, weight: QuantizedWeight, packed: torch.Tensor | None) -> torch.Tensor:
-    if packed is not None:  # the same bits for a row whatever the number of rows (oneDNN, packed)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return F.linear(x, weight.dequantize(out=_dequantize_buffer(weight.shape)))
-
-
-def _dequantize_buffer(shape: tuple[int, int]) -> torch.Tensor:
-    buffer = getattr(_dequantized, "buffer", None)
-    if buffer is None or buffer.numel() < shape[0] * shape[1]:
-        buffer = _dequantized.buffer = torch.empty(shape[0] * shape[1])
-    return buffer[: shape[0] * shape[1]].view(shape)
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # the op torch's own CPU compiler (inductor) emits for a prepacked linear: the same bits for a row whatever
+    # the number of rows (checked for 1-255 rows, 1 and 2 threads)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
