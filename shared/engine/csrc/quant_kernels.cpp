@@ -6,10 +6,9 @@
 // start), |w| for Q8_0 without (w's sign moved onto x); Q4_0's offset of 8 and Q4_1's minimum enter through
 // x's block sums.
 //
-// Two vector paths: quant_avx512.h (AVX-512 VNNI, four weight rows per vector) and quant_avx2.h (one weight row
-// per vector, and a portable scalar path). Each gives a row the same result whatever rows share the call (the
-// engine relies on this: see ops.py). Built with -march=native (shared/engine/cpu_kernels.py), so the path is
-// the CPU's own.
+// quant_groups.h runs several weight rows per vector (4 with AVX-512 VNNI, 2 with AVX2), quant_scalar.h one dot
+// product at a time elsewhere. Each gives a row the same result whatever rows share the call (the engine relies
+// on this: see ops.py). Built with -march=native (shared/engine/cpu_kernels.py), so the path is the CPU's own.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -18,12 +17,12 @@
 
 #include "quant_blocks.h"
 
-#if defined(XLLM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include "quant_avx512.h"
-namespace kernel = quant::avx512;
+#ifdef XLLM_AVX2
+#include "quant_groups.h"
+namespace kernel = quant::groups;
 #else
-#include "quant_avx2.h"
-namespace kernel = quant::avx2;
+#include "quant_scalar.h"
+namespace kernel = quant::scalar;
 #endif
 
 using namespace quant;

@@ -1,0 +1,238 @@
+// The block-format matmul in vectors (AVX-512 VNNI or AVX2): several weight rows at a time. A vector holds a
+// 16-byte half of the same block of ROWS weight rows (row k in 128-bit lane k: 4 rows in 512 bits, 2 in 256)
+// against that half of x's block broadcast to every lane, so one dot-product instruction serves ROWS outputs and
+// the per-block float work (convert, scale, accumulate) is shared by them: about half the instructions per
+// weight of one row at a time, which is what bounds a single-row step (benchmarks/quant_matmul.py).
+//
+// A row's arithmetic is fixed whatever shares the call: its 4 lanes accumulate fma(float(int sums), d * x scale)
+// block by block; its result is (l0 + l1) + (l2 + l3), plus for Q4 the chain of fma(block minimum, x's scaled
+// block sum) in block order.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "quant_blocks.h"
+
+namespace quant::groups {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define XLLM_VNNI 1
+struct Vec {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int ROWS = 4;
+  static I lanes(const uint8_t* const* rows, int64_t offset) {  // 16 bytes at `offset` of each row
+    const auto part = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[k] + offset)); };
+    const I low = _mm512_inserti32x4(_mm512_castsi128_si512(part(0)), part(1), 1);
+    return _mm512_inserti32x4(_mm512_inserti32x4(low, part(2), 2), part(3), 3);
+  }
+  static I broadcast(const int8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I bytes(char v) { return _mm512_set1_epi8(v); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I shift4(I a) { return _mm512_srli_epi16(a, 4); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I dpbusd(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static F scales(__m256 dm) {  // [d0 m0 d1 m1 ..] -> row k's d in lanes 4k .. 4k + 3
+    return _mm512_permutexvar_ps(_mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0), _mm512_castps256_ps512(dm));
+  }
+  static F fma(I sums, F scale, F acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F zero_ps() { return _mm512_setzero_ps(); }
+  static __m128 row_sums(F acc) {  // per 128-bit lane (l0 + l1) + (l2 + l3), lane 0 of each -> rows 0..3
+    const F pairs = _mm512_add_ps(acc, _mm512_permute_ps(acc, _MM_SHUFFLE(2, 3, 0, 1)));
+    const F quads = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), quads));
+  }
+};
+#else
+struct Vec {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int ROWS = 2;
+  static I lanes(const uint8_t* const* rows, int64_t offset) {
+    return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(rows[1] + offset), reinterpret_cast<const __m128i*>(rows[0] + offset));
+  }
+  static I broadcast(const int8_t* p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I bytes(char v) { return _mm256_set1_epi8(v); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I shift4(I a) { return _mm256_srli_epi16(a, 4); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+#if defined(__AVXVNNI__)
+#define XLLM_VNNI 1
+  static I dpbusd(I acc, I u, I s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define XLLM_VNNI 1
+  static I dpbusd(I acc, I u, I s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#else
+  static I dpbusd(I acc, I u, I s) {  // pairs of u8 x s8 products stay < 2^15 here: no saturation
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+#endif
+  static F scales(__m256 dm) { return _mm256_permutevar8x32_ps(dm, _mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0)); }
+  static F fma(I sums, F scale, F acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F zero_ps() { return _mm256_setzero_ps(); }
+  static __m128 row_sums(F acc) {
+    const F pairs = _mm256_add_ps(acc, _mm256_permute_ps(acc, _MM_SHUFFLE(2, 3, 0, 1)));
+    const F quads = _mm256_add_ps(pairs, _mm256_permute_ps(pairs, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_castps256_ps128(_mm256_permutevar8x32_ps(quads, _mm256_set_epi32(0, 0, 0, 0, 0, 0, 4, 0)));
+  }
+};
+#endif
+
+constexpr int ROWS = Vec::ROWS;
+
+struct Group {      // a block of ROWS weight rows, unpacked for any number of x rows
+  Vec::I low, high;  // the block's elements 0-15 and 16-31: Q4 nibbles (unsigned) or Q8_0 quants (signed)
+  Vec::I start;      // the integer sums' start: 0, or for Q8_0 with VNNI (x enters as x + 128) -128 * 4-element sums
+  Vec::F scale;      // row k's block scale in its lanes
+  __m128 minimum;    // Q4: row k's value at quant 0 in lane k
+};
+
+// block b of the ROWS rows from w (row_bytes apart); the hardware prefetcher alone left single-row steps at about
+// half the read bandwidth, so each row is also asked for 4 KiB ahead
+template <int64_t F>
+[[gnu::always_inline]] inline Group unpack(const uint8_t* w, int64_t row_bytes, int64_t b) {
+  const uint8_t* rows[ROWS];
+  int32_t words[4] = {};  // each row's first 4 bytes: its fp16 d, then Q4_1's fp16 m (other formats: quants, unused)
+  for (int k = 0; k < ROWS; k++) {
+    rows[k] = w + k * row_bytes + b * bytes_of(F);
+    _mm_prefetch(reinterpret_cast<const char*>(rows[k]) + 4096, _MM_HINT_T0);
+    std::memcpy(&words[k], rows[k], 4);
+  }
+  Group g;
+  if constexpr (F == Q8_0) {
+    g.low = Vec::lanes(rows, 2);
+    g.high = Vec::lanes(rows, 2 + QK / 2);
+#ifdef XLLM_VNNI
+    const Vec::I flip = Vec::bytes(char(0x80));
+    g.start = Vec::sub(Vec::zero(), Vec::dpbusd(Vec::dpbusd(Vec::zero(), flip, g.low), flip, g.high));
+#else
+    g.start = Vec::zero();
+#endif
+  } else {
+    const Vec::I packed = Vec::lanes(rows, F == Q4_1 ? 4 : 2), low_nibbles = Vec::bytes(0x0f);
+    g.low = Vec::and_(packed, low_nibbles);
+    g.high = Vec::and_(Vec::shift4(packed), low_nibbles);
+    g.start = Vec::zero();
+  }
+  // built from registers: a 16-byte load of the four 4-byte stores would stall on store forwarding
+  const __m256 dm = _mm256_cvtph_ps(_mm_set_epi32(words[3], words[2], words[1], words[0]));  // d0 m0 d1 m1 ..
+  g.scale = Vec::scales(dm);
+  const __m128 first = _mm256_castps256_ps128(dm), second = _mm256_extractf128_ps(dm, 1);
+  g.minimum = F == Q4_1 ? _mm_shuffle_ps(first, second, _MM_SHUFFLE(3, 1, 3, 1))
+                        : _mm_mul_ps(_mm_set1_ps(-8.f), _mm_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)));
+  return g;
+}
+
+// the integer sums of a group's block against x's block (its halves broadcast; Q8_0 with VNNI: sign bits flipped)
+template <int64_t F>
+[[gnu::always_inline]] inline Vec::I dot(const Group& g, Vec::I low, Vec::I high) {
+#ifdef XLLM_VNNI
+  if constexpr (F == Q8_0) return Vec::dpbusd(Vec::dpbusd(g.start, low, g.low), high, g.high);
+#else
+  if constexpr (F == Q8_0) {  // AVX2 without VNNI: |w| unsigned, w's sign moved onto x
+    const Vec::I first = Vec::dpbusd(g.start, _mm256_sign_epi8(g.low, g.low), _mm256_sign_epi8(low, g.low));
+    return Vec::dpbusd(first, _mm256_sign_epi8(g.high, g.high), _mm256_sign_epi8(high, g.high));
+  }
+#endif
+  return Vec::dpbusd(Vec::dpbusd(g.start, g.low, low), g.high, high);
+}
+
+// G groups x R rows of x from r0: y[r, ROWS g + k]. Direct: groups unpacked here (few x rows use each once);
+// else read from `unpacked` ([group][block]), filled once for many tiles of x rows. The same values either way.
+template <int64_t F, int G, int R, bool Direct>
+void tile(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const QuantizedRows& x, int64_t r0, float* y,
+          int64_t out, int64_t valid) {
+  Vec::F acc[G][R];
+  __m128 offset[G][R];
+  for (int g = 0; g < G; g++)
+    for (int r = 0; r < R; r++) acc[g][r] = Vec::zero_ps(), offset[g][r] = _mm_setzero_ps();
+  Group direct[Direct ? G : 1];
+  for (int64_t b = 0; b < x.blocks; b++) {
+    if constexpr (Direct)
+      for (int g = 0; g < G; g++) direct[g] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b);
+    for (int r = 0; r < R; r++) {
+      const int64_t block = (r0 + r) * x.blocks + b;
+      Vec::I low = Vec::broadcast(&x.q[block * QK]), high = Vec::broadcast(&x.q[block * QK + 16]);
+#ifdef XLLM_VNNI
+      if constexpr (F == Q8_0) {  // x + 128, unsigned
+        low = Vec::xor_(low, Vec::bytes(char(0x80)));
+        high = Vec::xor_(high, Vec::bytes(char(0x80)));
+      }
+#endif
+      const Vec::F x_scale = Vec::set1(x.scale[block]);
+      for (int g = 0; g < G; g++) {
+        const Group& q = Direct ? direct[g] : unpacked[g * x.blocks + b];
+        acc[g][r] = Vec::fma(dot<F>(q, low, high), Vec::mul(q.scale, x_scale), acc[g][r]);
+        if constexpr (F != Q8_0)
+          offset[g][r] = _mm_fmadd_ps(q.minimum, _mm_set1_ps(x.scaled_sum[b * x.rows + r0 + r]), offset[g][r]);
+      }
+    }
+  }
+  for (int g = 0; g < G; g++)
+    for (int r = 0; r < R; r++) {
+      alignas(16) float result[4];
+      _mm_store_ps(result, _mm_add_ps(Vec::row_sums(acc[g][r]), offset[g][r]));
+      for (int64_t k = 0; k < std::min<int64_t>(ROWS, valid - g * ROWS); k++) y[(r0 + r) * out + g * ROWS + k] = result[k];
+    }
+}
+
+template <int64_t F, int G, bool Direct>
+void tiles(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const QuantizedRows& x, float* y, int64_t out,
+           int64_t valid) {
+  constexpr int R = 4;
+  int64_t r = 0;
+  for (; r + R <= x.rows; r += R) tile<F, G, R, Direct>(w, row_bytes, unpacked, x, r, y, out, valid);
+  switch (x.rows - r) {
+    case 3: tile<F, G, 3, Direct>(w, row_bytes, unpacked, x, r, y, out, valid); break;
+    case 2: tile<F, G, 2, Direct>(w, row_bytes, unpacked, x, r, y, out, valid); break;
+    case 1: tile<F, G, 1, Direct>(w, row_bytes, unpacked, x, r, y, out, valid); break;
+  }
+}
+
+// G groups of weight rows from w (`valid` of them real) against all rows of x, into y[:, 0 .. valid]
+template <int64_t F, int G>
+void groups(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* y, int64_t out, int64_t valid,
+            std::vector<Group>& unpacked) {
+  if (x.rows <= 4) return tiles<F, G, true>(w, row_bytes, nullptr, x, y, out, valid);
+  unpacked.resize(G * x.blocks);
+  for (int g = 0; g < G; g++)
+    for (int64_t b = 0; b < x.blocks; b++) unpacked[g * x.blocks + b] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b);
+  tiles<F, G, false>(w, row_bytes, unpacked.data(), x, y, out, valid);
+}
+
+template <int64_t F>
+void linear(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* y, int64_t out) {
+  constexpr int64_t G = 2, TILE = G * ROWS;
+  at::parallel_for(0, (out + TILE - 1) / TILE, 2, [&](int64_t begin, int64_t end) {
+    std::vector<Group> unpacked;
+    std::vector<uint8_t> tail;  // the last rows, zero-padded to whole groups
+    for (int64_t o = begin * TILE; o < std::min(end * TILE, out); o += TILE) {
+      const int64_t valid = std::min(TILE, out - o);
+      const uint8_t* rows = w + o * row_bytes;
+      if (valid < TILE) {
+        tail.assign(TILE * row_bytes, 0);
+        std::memcpy(tail.data(), rows, valid * row_bytes);
+        rows = tail.data();
+      }
+      if (valid > ROWS) {
+        groups<F, G>(rows, row_bytes, x, y + o, out, valid, unpacked);
+      } else {
+        groups<F, 1>(rows, row_bytes, x, y + o, out, valid, unpacked);
+      }
+    }
+  });
+}
+
+}  // namespace quant::groups

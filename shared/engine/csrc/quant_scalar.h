@@ -1,0 +1,37 @@
+// The block-format matmul in plain C++, for CPUs without AVX2 + FMA + F16C: one dot product at a time, the same
+// integer sums as the vector paths (quant_groups.h). Included by quant_kernels.cpp.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include "quant_blocks.h"
+
+namespace quant::scalar {
+
+template <int64_t F>
+float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
+  float acc = 0.f, offset = 0.f;
+  for (int64_t b = 0; b < x.blocks; b++, w += bytes_of(F)) {
+    const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
+    int32_t sum = 0;
+    if constexpr (F == Q8_0) {
+      for (int64_t i = 0; i < QK; i++) sum += reinterpret_cast<const int8_t*>(w + 2)[i] * xq[i];
+    } else {
+      const uint8_t* qs = block_quants(w, F);
+      for (int64_t i = 0; i < QK / 2; i++) sum += (qs[i] & 0x0f) * xq[i] + (qs[i] >> 4) * xq[i + QK / 2];
+      offset = std::fma(block_minimum(w, F), x.scaled_sum[b * x.rows + r], offset);
+    }
+    acc = std::fma(static_cast<float>(sum), half_to_float(w) * x.scale[r * x.blocks + b], acc);
+  }
+  return acc + offset;
+}
+
+template <int64_t F>
+void linear(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* y, int64_t out) {
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; o++)
+      for (int64_t r = 0; r < x.rows; r++) y[r * out + o] = dot<F>(w + o * row_bytes, x, r);
+  });
+}
+
+}  // namespace quant::scalar
