@@ -33,16 +33,15 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.data.shape[0], self.in_features
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight in `dtype`; with `out` (fp32, the weight's shape, contiguous), written there."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in `dtype`."""
         kernels = cpu_kernels.load_quant()
         if kernels is None:
             values = dequantize(self.data.numpy(), GGML_TYPES[self.format])
-            weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-            return weight.to(dtype) if out is None else out.copy_(weight)
-        target = torch.empty(self.shape) if out is None else out
-        kernels.dequantize_into(self.data, KERNEL_FORMATS[self.format], target)
-        return target.to(dtype)
+            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dtype)
+        weight = torch.empty(self.shape)
+        kernels.dequantize_into(self.data, KERNEL_FORMATS[self.format], weight)
+        return weight.to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` (any shape) dequantized to fp32: [*index.shape, in] (an embedding lookup)."""

@@ -62,8 +62,7 @@ torch::Tensor dequantize_rows(const torch::Tensor& weight, int64_t format, int64
   return out;
 }
 
-// the whole weight dequantized into `out` ([out rows, in] fp32, contiguous): a buffer the caller keeps, since
-// fresh memory for every large step's weight would cost a page fault per 4 KiB
+// the whole weight dequantized into `out` ([out rows, in] fp32, contiguous)
 void dequantize_into(const torch::Tensor& weight, int64_t format, torch::Tensor& out) {
   TORCH_CHECK(out.dtype() == torch::kFloat && out.dim() == 2 && out.is_contiguous() && out.size(0) == weight.size(0));
   const int64_t in = out.size(1), row_bytes = weight.size(1);
