@@ -5,6 +5,9 @@
 #
 #   benchmarks/build_llama_server.sh            # uses the newest llama-cpp-python sdist
 #   LLAMA_CPP_PYTHON_VERSION=0.3.16 JOBS=4 benchmarks/build_llama_server.sh
+#   LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON ..." benchmarks/build_llama_server.sh   # more cmake args
+# On a VM whose CPU lists AMX but does not enable it, the native build dies with "Illegal instruction":
+# build without AMX (docs/performance.md §12 says which flags were used).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +36,8 @@ cmake -S "$SRC" -B "$WORK/build" -G "Unix Makefiles" \
   -DLLAMA_CURL=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF \
   -DLLAMA_BUILD_TESTS=OFF \
-  -DBUILD_SHARED_LIBS=OFF
+  -DBUILD_SHARED_LIBS=OFF \
+  ${LLAMA_CMAKE_ARGS:-}
 cmake --build "$WORK/build" --target llama-server -j "$JOBS"
 
 mkdir -p "$PREFIX/bin"
