@@ -1,5 +1,5 @@
 // GGUF's block formats as the quantized-weight kernels read them (Q8_0, Q4_0, Q4_1: 32 weights per block with
-// an fp16 scale; Q4_1 adds an fp16 minimum), and the small helpers both kernel files share.
+// an fp16 scale; Q4_1 adds an fp16 minimum), and the small helpers the kernel files share.
 #pragma once
 
 #include <cmath>
@@ -51,33 +51,11 @@ inline float block_minimum(const uint8_t* w, int64_t format) {
 
 inline const uint8_t* block_quants(const uint8_t* w, int64_t format) { return w + (format == Q4_1 ? 4 : 2); }
 
-// x's rows as Q8 blocks (quants, and a scale per block), and each block's scale * sum(quants) block-major
-// ([block][row], 8 floats of padding: the offsets of Q4 formats read 8 rows at a time)
+// x's rows as Q8 blocks: quants, and per block its scale and scale * sum(quants) (Q4's offsets enter through it)
 struct QuantizedRows {
   int64_t rows, blocks;
   std::vector<int8_t> q;
   std::vector<float> scale, scaled_sum;
 };
-
-#ifdef XLLM_AVX2
-// a Q4 block's 16 bytes -> 32 nibbles in element order (low nibbles are elements 0..15, high 16..31)
-inline __m256i nibbles(const uint8_t* qs) {
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
-
-// a block's 32 quants as bytes in element order: Q8_0's signed, Q4's unsigned nibbles
-inline __m256i quants(const uint8_t* w, int64_t format) {
-  return format == Q8_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2)) : nibbles(block_quants(w, format));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 }  // namespace quant

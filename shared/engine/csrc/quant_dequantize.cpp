@@ -10,6 +10,16 @@ using namespace quant;
 
 namespace {
 
+#ifdef XLLM_AVX2
+// a block's 32 quants as bytes in element order: Q8_0's signed, Q4's unsigned nibbles (low nibbles are elements
+// 0..15, high 16..31)
+__m256i quants(const uint8_t* w, int64_t format) {
+  if (format == Q8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_quants(w, format)));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
+}
+#endif
+
 void dequantize_row(const uint8_t* w, int64_t format, int64_t blocks, float* out) {
   const int64_t bytes = bytes_of(format);
   for (int64_t b = 0; b < blocks; b++, w += bytes, out += QK) {

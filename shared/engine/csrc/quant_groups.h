@@ -172,11 +172,12 @@ void tile(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const Quan
       }
 #endif
       const Vec::F x_scale = Vec::set1(x.scale[block]);
+      const __m128 x_sum = _mm_set1_ps(x.scaled_sum[block]);
       for (int g = 0; g < G; g++) {
         const Group& q = Direct ? direct[g] : unpacked[g * x.blocks + b];
         acc[g][r] = Vec::fma(dot<F>(q, low, high), Vec::mul(q.scale, x_scale), acc[g][r]);
         if constexpr (F != Q8_0)
-          offset[g][r] = _mm_fmadd_ps(q.minimum, _mm_set1_ps(x.scaled_sum[b * x.rows + r0 + r]), offset[g][r]);
+          offset[g][r] = _mm_fmadd_ps(q.minimum, x_sum, offset[g][r]);
       }
     }
   }

@@ -36,7 +36,7 @@ namespace {
 QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t in) {
   const int64_t blocks = in / QK;
   QuantizedRows out{rows, blocks, std::vector<int8_t>(rows * in), std::vector<float>(rows * blocks),
-                    std::vector<float>(blocks * rows + 8)};
+                    std::vector<float>(rows * blocks)};
   at::parallel_for(0, rows * blocks, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
       const float* v = x + i * QK;
@@ -50,7 +50,7 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t in) {
         sum += q[j];
       }
       out.scale[i] = d;
-      out.scaled_sum[(i % blocks) * rows + i / blocks] = d * static_cast<float>(sum);
+      out.scaled_sum[i] = d * static_cast<float>(sum);
     }
   });
   return out;

@@ -19,7 +19,7 @@ float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
     } else {
       const uint8_t* qs = block_quants(w, F);
       for (int64_t i = 0; i < QK / 2; i++) sum += (qs[i] & 0x0f) * xq[i] + (qs[i] >> 4) * xq[i + QK / 2];
-      offset = std::fma(block_minimum(w, F), x.scaled_sum[b * x.rows + r], offset);
+      offset = std::fma(block_minimum(w, F), x.scaled_sum[r * x.blocks + b], offset);
     }
     acc = std::fma(static_cast<float>(sum), half_to_float(w) * x.scale[r * x.blocks + b], acc);
   }
