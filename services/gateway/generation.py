@@ -5,9 +5,11 @@ its RouteReply names the instances now holding it. The request moves elsewhere w
   - a worker sends a retriable error chunk (it cannot go on; another instance may), or
   - this gateway's NATS connection came back after a loss: chunks published meanwhile are gone, so
     every request in flight goes on from what reached it,
-by resubmitting it (attempt + 1), at most `max_submissions` submissions in all, then a clear 503; for
-`RECOVERY_S` after a reconnection, a resubmission that finds no router or no instance yet (they are
-reconnecting too) is tried again with backoff and not counted.
+by resubmitting it (attempt + 1), at most `max_submissions` submissions in all, then a clear 503. A
+resubmission the router refuses for now (503 / 429: no instance ready, all full) or does not answer is
+tried again with backoff and not counted for `RECOVERY_S` after a reconnection (routers and workers are
+reconnecting too), and for `RECOVERY_S` once a stream that already sent output was refused: its client
+cannot retry it without losing what it has, and a lost worker's supervisor is starting it again.
 
 Before any output the same request goes again. After output (n == 1) it continues: prompt = prompt
 + the tokens generated so far, max_tokens and min_tokens reduced by their number, so the client's
@@ -22,6 +24,7 @@ Log lines carry the attempt's id, whose prefix is the client's request id.
 """
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -29,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from services.gateway.backend import Attempt, Backend, Lost
+from services.gateway.backend import RECOVERY_S, Attempt, Backend, Lost
 from shared.errors import DECODE_UNREACHABLE, ApiError
 from shared.messages import GenerateRequest, SchemaError, StreamChunk
 
@@ -57,6 +60,7 @@ class Generation:
         self.generated: list[int] = []  # n == 1: token ids returned so far (a continuation's prompt tail)
         self.produced = False  # output reached the caller
         self.finished = False
+        self.patient_until = 0.0  # monotonic time until which refusals are waited out (see _waiting)
 
     @classmethod
     @asynccontextmanager
@@ -158,19 +162,25 @@ class Generation:
                 if await self._submit():
                     return None
                 why, cause = "the router did not answer", "router_timeout"
-            except ApiError as e:  # refused: final, unless routers and workers are still reconnecting
-                if not (e.status == 503 and self.backend.recovering()):
+            except ApiError as e:  # refused: final, unless it may pass soon
+                if e.retriable and self.produced and self.continuable and not self.patient_until:
+                    self.patient_until = time.monotonic() + RECOVERY_S
+                if not (e.retriable and self._waiting()):
                     raise
                 why, cause = e.message, "router_refused"
-            if self.backend.recovering():
+            if self._waiting():
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, 2 * backoff)
+
+    def _waiting(self) -> bool:
+        """Whether a refused or unanswered resubmission is tried again, uncounted (see the module's doc)."""
+        return self.backend.recovering() or time.monotonic() < self.patient_until
 
     def _restart_or_give_up(self, why: str) -> None:
         """503 when the submissions are spent, or when n > 1 output already went out; a caller that has
         sent nothing yet starts over."""
         retry_after = self.backend.retry_after_s
-        if self.submissions >= self.backend.max_submissions and not self.backend.recovering():
+        if self.submissions >= self.backend.max_submissions and not self._waiting():
             raise ApiError(
                 503,
                 f"the request failed on {self.submissions} attempts (last: {why}); retry later",

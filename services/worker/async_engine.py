@@ -50,6 +50,7 @@ class AsyncEngine:
         self._calls: set[asyncio.Future] = set()  # `call`s not answered yet
         self.stats: dict[str, int] = engine.stats()  # replaced, never mutated, by the engine thread
         self.on_lost: Callable[[Exception], None] = lambda error: None  # on the event loop, once
+        self.lost: Exception | None = None  # why the engine cannot run any more (set on the event loop)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     async def start(self) -> None:
@@ -97,8 +98,7 @@ class AsyncEngine:
         queue."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
+        stream = self.register_stream(request_id)
 
         def add() -> None:
             try:
@@ -106,7 +106,8 @@ class AsyncEngine:
             except Exception as e:
                 self._loop.call_soon_threadsafe(self._fail, request_id, e)
 
-        self._submit(add)
+        if self.lost is None:
+            self._submit(add)
         return stream
 
     async def generate(
@@ -140,6 +141,8 @@ class AsyncEngine:
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run fn(engine) on the engine thread, between steps, and return its result. Once this returns or
         raises, even when cancelled, fn has finished: it may be using memory the caller frees next."""
+        if self.lost is not None:  # no thread would ever run it
+            raise EngineLostError(str(self.lost))
         future = self._loop.create_future()
 
         def run() -> None:
@@ -161,9 +164,13 @@ class AsyncEngine:
             raise
 
     def register_stream(self, request_id: str) -> asyncio.Queue:
-        """A stream for a request added through `call` (e.g. one imported from a prefill worker)."""
+        """A stream for a request added through `call` (e.g. one imported from a prefill worker); once the
+        engine is lost, one that says so at once (no thread would ever run the request)."""
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
+        if self.lost is not None:
+            stream.put_nowait(EngineLostError(str(self.lost)))
+        else:
+            self._streams[request_id] = stream
         return stream
 
     @property
@@ -189,7 +196,7 @@ class AsyncEngine:
             except ExpertGroupError as e:  # for good: fail everything, stop stepping, tell the worker
                 log.error("engine_lost", error=str(e))
                 self._fail_all(EngineLostError(str(e)))
-                self._loop.call_soon_threadsafe(self.on_lost, e)
+                self._loop.call_soon_threadsafe(self._lose, e)
                 return
             except Exception as e:  # a bug, not bad input: fail what is running, keep serving
                 log.exception("engine step failed; aborting running requests")
@@ -217,6 +224,16 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
             lost = error if isinstance(error, EngineDeadError) else EngineDeadError(str(error))
             self._loop.call_soon_threadsafe(self._fail, request_id, lost)
+
+    def _lose(self, error: Exception) -> None:
+        """On the event loop, once the engine thread has stopped for good: what it will never run (requests
+        and calls queued behind the failed step) fails now, and so does anything added from now on."""
+        self.lost = error
+        for request_id in list(self._streams):
+            self._fail(request_id, EngineLostError(str(error)))
+        for future in list(self._calls):
+            _set_exception(future, EngineLostError(str(error)))
+        self.on_lost(error)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)

@@ -35,7 +35,7 @@ from shared.engine.errors import InvalidRequestError
 from shared.engine.llm_engine import LLMEngine, RequestOutput
 from shared.engine.multimodal import ImageInput
 from shared.engine.sampling_params import SamplingParams
-from shared.errors import ApiError, internal, invalid, overloaded
+from shared.errors import ApiError, internal, invalid, overloaded, unavailable
 from shared.logging import bind_request
 from shared.messages import AbortRequest, Ack, GenerateRequest, InstanceInfo, SchemaError, StreamChunk
 from shared.metrics import LATENCY_BUCKETS
@@ -184,6 +184,8 @@ class Worker:
     def check(self, req: GenerateRequest) -> tuple[SamplingParams, list[ImageInput]]:
         """The request's sampling parameters and images, once it is known this worker can run it (else
         ApiError)."""
+        if self.engine.lost is not None:  # leaving: the router tries another instance at once
+            raise unavailable(f"this worker's engine is lost ({self.engine.lost}); it is leaving")
         try:
             params = SamplingParams.from_dict(req.params)
             images = [ImageInput.from_wire(part) for part in req.images]

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import torch
 
+from services.worker.async_engine import AsyncEngine, EngineLostError
 from shared.engine.config import EngineConfig
 from shared.engine.eplb import ExpertCost, Placement, balanced_placement, default_placement, imbalance
 from shared.engine.expert_balancer import ExpertBalancer
@@ -98,6 +99,32 @@ def test_a_lost_rank_breaks_the_group_with_a_clear_error(moe_ckpt):
         engine.close()
 
 
+async def test_an_engine_that_lost_a_rank_refuses_what_comes_after_at_once(moe_ckpt):
+    """Between the loss and the worker leaving the registry, the router may still send it requests: they
+    fail at once (the worker refuses them, the router tries another instance), and never wait on an engine
+    thread that has stopped."""
+    engine = AsyncEngine(make_engine(moe_ckpt, expert_parallel=2))
+    lost = asyncio.Event()
+    engine.on_lost = lambda error: lost.set()
+    await engine.start()
+    try:
+        async with asyncio.timeout(60):  # a bound: before the fix, "b" and the call waited forever
+            engine.engine.expert_balancer.group.followers[0].kill()
+            running = engine.add_request("a", moe_ckpt.tokenizer.encode(PROMPTS[0]), greedy(4))
+            with pytest.raises(EngineLostError, match="expert-parallel group broken"):
+                async for _ in engine.outputs("a", running):
+                    pass
+            await lost.wait()
+            later = engine.add_request("b", moe_ckpt.tokenizer.encode(PROMPTS[1]), greedy(4))
+            with pytest.raises(EngineLostError):
+                async for _ in engine.outputs("b", later):
+                    pass
+            with pytest.raises(EngineLostError):
+                await engine.call(lambda e: e.stats())
+    finally:
+        await engine.stop()
+
+
 def test_a_failure_between_collectives_breaks_the_group_and_close_ends_it(moe_ckpt, monkeypatch):
     """Rank 0 failing after the broadcast leaves the follower waiting in the reduce: the group is out of
     step, so closing it kills the followers instead of sending them a command."""
@@ -177,15 +204,18 @@ def follower_pids(worker_pid: int) -> list[int]:
     return pids
 
 
-async def complete(session, url: str, model: str, prompt: str, max_tokens: int, started) -> tuple[int, str]:
+async def complete(session, url: str, model: str, prompt: str, max_tokens: int, started) -> tuple[int, str, list]:
+    """The status, the text streamed, and the error events that ended the stream early (if any)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as r:
-        text = ""
+        text, errors = "", []
         async for line in r.content:
             if line.startswith(b"data: {"):
-                text += "".join(c["text"] for c in json.loads(line[6:]).get("choices", []))
+                event = json.loads(line[6:])
+                text += "".join(c["text"] for c in event.get("choices", []))
+                errors += [event["error"]] if "error" in event else []
                 started.set()
-        return r.status, text
+        return r.status, text, errors
 
 
 @pytest.mark.integration
@@ -219,7 +249,10 @@ async def test_xllm_up_serves_a_moe_model_over_expert_parallel_workers_and_fails
             results = await asyncio.wait_for(asyncio.gather(*running), 180)
             async with s.get(f"{system.url}/metrics") as r:
                 metrics = await r.text()
-        assert results == [(200, text) for text in expected]  # served across the loss, and equal to EP 1
+        # served across the loss, and equal to EP 1 (else: what the gateway saw, to tell why)
+        logs = system.log("gateway") + system.log("router")
+        warnings = [line for line in logs.splitlines() if '"warning"' in line or '"error"' in line]
+        assert results == [(200, text, []) for text in expected], warnings
         assert 'xllm_gateway_failovers_total{reason="instance_left"}' in metrics
         # the worker left (and `xllm up` started it again, as a new process)
         await until(lambda: victim["pid"] not in [i["pid"] for i in system.instances()], 30, "the worker stayed")

@@ -77,6 +77,7 @@ class ScriptedRouter:
         self.aborts: list[str] = []
         self.script: Script = reply_words()
         self.instances: list[str] = []
+        self.refusals: list[dict] = []  # the next submissions are refused with these errors, in order
         self._subs: list = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -96,6 +97,9 @@ class ScriptedRouter:
     async def _on_request(self, msg: nats.aio.msg.Msg) -> None:
         req = GenerateRequest.decode(msg.data)
         self.requests.append(req)
+        if self.refusals:
+            await msg.respond(RouteReply(req.request_id, error=self.refusals.pop(0)).encode())
+            return
         if msg.reply:
             await msg.respond(RouteReply(req.request_id, list(self.instances)).encode())
         task = asyncio.create_task(self.script(self, req))

@@ -162,6 +162,36 @@ async def test_continues_after_partial_output_with_the_generated_tokens(make_cli
     assert {e["id"] for e in events} == {first.request_id}
 
 
+async def test_a_stream_with_output_waits_out_refusals_of_its_continuation(make_client, router, registry, nc) -> None:
+    """Its worker left, and for a moment the router has no instance to take the rest (the only other one is
+    full, or restarting): the client cannot retry a stream that sent output, so the gateway tries again,
+    past max_submissions, until an instance takes it."""
+    reg, a, b = registry
+    client = await make_client(view=reg, watch=True, max_submissions=2)
+    router.instances = [a]
+
+    async def script(r: ScriptedRouter, req: GenerateRequest) -> None:
+        if req.attempt == 0:
+            await send(nc, req, "Hel", instance=a)
+            return
+        await send(nc, req, "lo", "stop", instance=b)
+
+    router.script = script
+    no_instance = {"message": "no ready instances", "type": "server_error", "status": 503}
+    async with client.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        read = await read_until(resp, "Hel")
+        router.instances, router.refusals = [b], [no_instance] * 3
+        await remove(reg, a)
+        text, events = await sse_text(resp, read)
+    assert text == "Hello" and events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert [r.attempt for r in router.requests] == [0, 1, 2, 3, 4] and not router.refusals
+    # Before any output the client can retry itself: a refusal is final.
+    router.requests.clear()
+    router.refusals = [no_instance]
+    async with client.post("/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 503 and len(router.requests) == 1
+
+
 async def test_worker_503_before_output_resubmits_then_exhausts(make_client, router) -> None:
     client = await make_client(max_submissions=2)
 
