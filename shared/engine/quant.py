@@ -1,6 +1,7 @@
-"""Weights kept in GGUF's block formats (Q8_0, Q4_0, Q4_1: 32 weights per block with fp16 scales), as a
-GGUF file stores them or quantized at load (`--quantization`), and run by the integer kernels in
-csrc/quant_kernels.cpp. A decode step then reads ~4.5 bits a weight (Q4) instead of 32.
+"""Weights kept in GGUF's block formats (Q8_0, Q4_0, Q4_1: 32 weights per block with fp16 scales; Q4_K: 256
+per super-block, with 6-bit scales and minimums per 32), as a GGUF file stores them or quantized at load
+(`--quantization`, not into Q4_K), and run by the integer kernels in csrc/quant_kernels.cpp. A decode step then
+reads ~4.5 bits a weight (Q4) instead of 32.
 
 Quantizing and the reference dequantization are the `gguf` package's (the same arithmetic as ggml's C
 reference), so a weight quantized here is byte-for-byte what llama.cpp's tools would write.
@@ -17,8 +18,13 @@ from shared.engine import cpu_kernels
 from shared.engine.config import QUANTIZATIONS
 
 BLOCK = 32  # weights per block
-GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
-KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the C++ kernels' format codes
+GGML_TYPES = {
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "q4_k": GGMLQuantizationType.Q4_K,
+}
+KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}  # the C++ kernels' format codes
 
 
 @dataclass
@@ -57,7 +63,7 @@ class QuantizedWeight:
 
 
 def quantize_weight(weight: torch.Tensor, format: str) -> QuantizedWeight:
-    """fp weight [out, in] -> its blocks; `in` must be a multiple of 32."""
+    """fp weight [out, in] -> its blocks (Q8_0, Q4_0, Q4_1); `in` must be a multiple of 32."""
     blocks = quantize(weight.detach().float().cpu().numpy(), GGML_TYPES[format])
     return QuantizedWeight(format, torch.from_numpy(blocks), weight.shape[1])
 

@@ -17,7 +17,8 @@
     "mixtral"      every layer sparse, experts of 128
     "qwen2_moe"    layer 0 dense (mlp_only_layers), experts of 32, a shared expert of 48, top-k not renormalized
     "qwen3_moe"    experts of 32, top-k renormalized, q/k norms, head_dim 32
-  All: hidden 64, 2 layers, 4 heads / 2 KV heads, intermediate 128, fp32, SmolLM2's tokenizer and vocab
+  And "llama_wide": "llama" with hidden 256 and intermediate 512, wide enough for Q4_K's 256-weight blocks.
+  All others: hidden 64, 2 layers, 4 heads / 2 KV heads, intermediate 128, fp32, SmolLM2's tokenizer and vocab
   (49152), ChatML chat template, EOS <|im_end|> (2). Weights are random (seeded) with norms and biases
   randomised too, so a misplaced tensor changes the logits.
 - `tiny_hf_model(kind)` -> the transformers model of that folder (fp32, eval).
@@ -36,6 +37,7 @@ from shared.tokenizer import Tokenizer
 
 TINY_MODEL_KINDS = ("llama", "llama3_rope", "llama_untied", "qwen2", "qwen3")
 TINY_MOE_KINDS = ("mixtral", "qwen2_moe", "qwen3_moe")
+ALL_TINY_KINDS = TINY_MODEL_KINDS + TINY_MOE_KINDS + ("llama_wide",)
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -92,8 +94,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     built: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
-        if kind not in TINY_MODEL_KINDS + TINY_MOE_KINDS:
-            raise ValueError(f"unknown tiny model kind {kind!r}; have {TINY_MODEL_KINDS + TINY_MOE_KINDS}")
+        if kind not in ALL_TINY_KINDS:
+            raise ValueError(f"unknown tiny model kind {kind!r}; have {ALL_TINY_KINDS}")
         if kind not in built:
             built[kind] = _build_tiny(kind, tmp_path_factory.mktemp(f"tiny_{kind}"), smollm2_tokenizer)
         return built[kind]
@@ -123,6 +125,8 @@ def _build_tiny(kind: str, out: Path, tokenizer: Tokenizer) -> Path:
     arch = "llama" if kind.startswith("llama") else kind
     bos = 0 if kind == "llama" else 1  # SmolLM2's own BOS is <|im_start|>; the Llama 3 style kind uses 0
     common = dict(TINY, vocab_size=tokenizer.vocab_size, bos_token_id=bos, eos_token_id=2)
+    if kind == "llama_wide":
+        common.update(hidden_size=256, intermediate_size=512)
     if arch == "llama":
         rope = (
             {
@@ -144,7 +148,7 @@ def _build_tiny(kind: str, out: Path, tokenizer: Tokenizer) -> Path:
         model_cls = tf.Qwen3ForCausalLM
     else:
         config, model_cls = _moe_config(kind, common)
-    torch.manual_seed((TINY_MODEL_KINDS + TINY_MOE_KINDS).index(kind))
+    torch.manual_seed(ALL_TINY_KINDS.index(kind))
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -108,7 +108,10 @@ def write_gguf(path: Path, folder_ckpt, state_dict: dict, qtype: Q = Q.F32) -> N
     for gname, t in gguf_tensors(state_dict, c):
         x = t.float().numpy()
         q = qtype if x.ndim >= 2 else Q.F32  # llama.cpp keeps norms in F32
-        w.add_tensor(gname, gguf.quants.quantize(x, q), raw_dtype=None if q in (Q.F32, Q.F16) else q)
+        if q == Q.Q4_K and x.shape[-1] % 256:
+            q = Q.Q8_0  # as llama.cpp's quantizer does where a row is no whole number of super-blocks
+        blocks = quantize_q4_k(x) if q == Q.Q4_K else gguf.quants.quantize(x, q)
+        w.add_tensor(gname, blocks, raw_dtype=None if q in (Q.F32, Q.F16) else q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -139,3 +142,25 @@ def gguf_tensors(state_dict: dict, c) -> list[tuple[str, torch.Tensor]]:
         out.append((f"blk.{layer}.{GGUF_LAYER[rest]}.{kind}", t))
     out += [(name, torch.stack([per[e] for e in sorted(per)])) for name, per in experts.items()]
     return out
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """x [..., n] (n a multiple of 256) -> its Q4_K blocks [..., n / 256 * 144] (the gguf package has no Q4_K
+    quantizer): per 32 weights a 4-bit step from their min (or 0) to their max, whose step and minimum are 6-bit
+    multiples of the super-block's fp16 d and dmin. Plain rounding, not llama.cpp's search for the best scales."""
+    rows = x.reshape(-1, 8, 32).astype(np.float32)
+    low, high = np.minimum(rows.min(-1), 0), rows.max(-1)
+    step, minimum = (high - low) / 15, -low
+    d = (step.max(-1, keepdims=True) / 63).astype(np.float16)
+    dmin = (minimum.max(-1, keepdims=True) / 63).astype(np.float16)
+    sc = np.clip(np.round(np.divide(step, d, out=np.zeros_like(step), where=d > 0)), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(np.divide(minimum, dmin, out=np.zeros_like(minimum), where=dmin > 0)), 0, 63).astype(np.uint8)
+    scale = (d.astype(np.float32) * sc)[..., None]
+    shifted = rows + (dmin.astype(np.float32) * m)[..., None]
+    q = np.clip(np.round(np.divide(shifted, scale, out=np.zeros_like(rows), where=scale > 0)), 0, 15).astype(np.uint8)
+    packed = np.concatenate(  # bytes 0-3: scales 0-3 (+ top bits of 4-7), 4-7: minimums likewise, 8-11: the rest
+        [sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6, (sc[:, 4:] & 0x0F) | (m[:, 4:] << 4)], axis=1
+    )
+    nibbles = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)  # blocks 2i and 2i + 1 share 32 bytes
+    blocks = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed, nibbles], axis=1)
+    return blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)

@@ -16,12 +16,20 @@ from shared.engine.quant import GGML_TYPES, KERNEL_FORMATS, QuantizedWeight, pla
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
-from tests.engine.gguf_writer import write_gguf
+from tests.engine.gguf_writer import quantize_q4_k, write_gguf
 from tests.engine.helpers import greedy, make_engine, run_all
 
 FORMATS = list(GGML_TYPES)
+WIDE = 256  # a multiple of Q4_K's super-block: the tests' input widths for it are multiples of this
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
 pytestmark = pytest.mark.skipif(cpu_kernels.load_quant() is None, reason="the C++ quant kernels did not build")
+
+
+def blocks_of(weight: torch.Tensor, format: str) -> QuantizedWeight:
+    """`weight` in `format`; Q4_K by the tests' own quantizer (the gguf package has none)."""
+    if format == "q4_k":
+        return QuantizedWeight(format, torch.from_numpy(quantize_q4_k(weight.numpy())), weight.shape[1])
+    return quantize_weight(weight, format)
 
 
 def kernel_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -33,11 +41,16 @@ def kernel_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return (quants * scale).reshape(x.shape).double() @ weight.dequantize().double().T
 
 
-@pytest.mark.parametrize("format", FORMATS)
-@pytest.mark.parametrize("out,inp", [(1, 32), (3, 96), (7, 64), (33, 1536), (50, 576)])
+SHAPES = [(1, 32), (3, 96), (7, 64), (33, 1536), (50, 576)]
+K_SHAPES = [(1, WIDE), (3, 2 * WIDE), (7, WIDE), (33, 6 * WIDE), (50, 3 * WIDE)]
+
+
+@pytest.mark.parametrize(
+    "format,out,inp", [(f, *shape) for f in FORMATS for shape in (K_SHAPES if f == "q4_k" else SHAPES)]
+)
 def test_the_kernel_equals_dequantize_then_matmul(format, out, inp):
     torch.manual_seed(out * inp)
-    weight = quantize_weight(torch.randn(out, inp) * 0.1, format)
+    weight = blocks_of(torch.randn(out, inp) * 0.1, format)
     for rows in (1, 2, 3, 4, 5, 8, 9, 17, 33):  # every tail of its 4-row groups
         x = torch.randn(rows, inp)
         x[0, :32] = 0  # an all-zero block: scale 0
@@ -47,11 +60,12 @@ def test_the_kernel_equals_dequantize_then_matmul(format, out, inp):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-@pytest.mark.parametrize("inp", [96, 576])  # an odd number of blocks, and an even one
+@pytest.mark.parametrize("inp", [96, 576])  # an odd number of blocks, and an even one (Q4_K: 1 and 3 super-blocks)
 def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_the_call(format, inp):
     """Rows land in different tiles (and offset chunks) as the row count changes; their arithmetic may not."""
     torch.manual_seed(inp)
-    weight = quantize_weight(torch.randn(70, inp) * 0.1, format)  # 70: whole tiles of weight rows and a tail
+    inp = inp if format != "q4_k" else WIDE * (1 if inp == 96 else 3)
+    weight = blocks_of(torch.randn(70, inp) * 0.1, format)  # 70: whole tiles of weight rows and a tail
     x = torch.randn(41, inp)
     kernel = cpu_kernels.load_quant().quantized_linear
     alone = torch.cat([kernel(x[i : i + 1], weight.data, KERNEL_FORMATS[format]) for i in range(41)])
@@ -63,9 +77,9 @@ def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_the_call(format, i
 @pytest.mark.parametrize("format", FORMATS)
 def test_dequantizing_equals_the_gguf_reference_bit_for_bit(format):
     torch.manual_seed(0)
-    weight = torch.randn(40, 96)
+    weight = torch.randn(40, 96 if format != "q4_k" else WIDE)
     weight[3] = 0
-    blocks = quantize_weight(weight, format)
+    blocks = blocks_of(weight, format)
     expected = torch.from_numpy(gguf.quants.dequantize(blocks.data.numpy(), GGML_TYPES[format]).copy())
     assert torch.equal(blocks.dequantize(), expected)
     ids = torch.tensor([[5, 0], [39, 5]])
@@ -89,9 +103,10 @@ def test_in_a_step_a_row_gets_the_same_bits_whatever_shares_it(format):
     """Prompt rows run on the fp32 copy, generated rows in the integer kernel: each row's result is the same
     alone as in any mix, so the activation rounding of the kernel cannot make a token depend on batching."""
     torch.manual_seed(2)
-    weight, bias = quantize_weight(torch.randn(70, 128), format), torch.randn(70)
+    inp = 128 if format != "q4_k" else WIDE
+    weight, bias = blocks_of(torch.randn(70, inp), format), torch.randn(70)
     packed = ops.prepack_weight(weight.dequantize())
-    x, is_prompt = torch.randn(40, 128), [bool(b) for b in torch.rand(40) < 0.5]
+    x, is_prompt = torch.randn(40, inp), [bool(b) for b in torch.rand(40) < 0.5]
     with ops.prompt_rows(is_prompt):
         together = ops.quantized_linear(x, weight, bias, packed)
     for i in range(40):
@@ -127,14 +142,19 @@ def run_with_logprobs(engine, requests: dict[str, tuple[list[int], SamplingParam
     return results
 
 
-@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0])
+@pytest.mark.parametrize(
+    "kind,qtype",
+    [("llama", gguf.GGMLQuantizationType.Q8_0), ("llama", gguf.GGMLQuantizationType.Q4_0)]
+    + [("llama_wide", gguf.GGMLQuantizationType.Q4_K)],  # rows of whole 256-weight super-blocks
+)
 def test_a_gguf_keeps_its_blocks_and_stays_close_to_its_dequantized_self(
-    tmp_path, tiny_model_dir, tiny_hf_model, qtype
+    tmp_path, tiny_model_dir, tiny_hf_model, kind, qtype
 ):
-    folder = load_checkpoint(str(tiny_model_dir("llama")))
-    write_gguf(tmp_path / "m.gguf", folder, tiny_hf_model("llama").state_dict(), qtype)
+    folder = load_checkpoint(str(tiny_model_dir(kind)))
+    write_gguf(tmp_path / "m.gguf", folder, tiny_hf_model(kind).state_dict(), qtype)
     kept = load_checkpoint(str(tmp_path / "m.gguf"), keep_blocks=True)
-    assert all(isinstance(w, QuantizedWeight) for name, w in kept.weights.items() if not name.endswith("norm.weight"))
+    matrices = [w for name, w in kept.weights.items() if not name.endswith("norm.weight")]
+    assert all(isinstance(w, QuantizedWeight) and w.format == qtype.name.lower() for w in matrices)
     blocks = make_engine(kept)
     fp32 = make_engine(load_checkpoint(str(tmp_path / "m.gguf")), quantization="none")
     linears = [m for m in blocks.model.modules() if isinstance(m, Linear | Embedding)]

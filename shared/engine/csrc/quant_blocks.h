@@ -1,5 +1,6 @@
 // GGUF's block formats as the quantized-weight kernels read them (Q8_0, Q4_0, Q4_1: 32 weights per block with
-// an fp16 scale; Q4_1 adds an fp16 minimum), and the small helpers the kernel files share.
+// an fp16 scale; Q4_1 adds an fp16 minimum; Q4_K: super-blocks of 8 such blocks whose scales and minimums are 6-bit
+// multiples of two fp16 ones), and the small helpers the kernel files share.
 #pragma once
 
 #include <cmath>
@@ -15,9 +16,19 @@
 namespace quant {
 
 constexpr int64_t QK = 32;  // weights per block, in every format here
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3 };
 
-constexpr int64_t bytes_of(int64_t format) { return format == Q8_0 ? 2 + QK : format == Q4_0 ? 2 + QK / 2 : 4 + QK / 2; }
+// bytes per block; Q4_K: per super-block of QK_K weights
+constexpr int64_t bytes_of(int64_t format) {
+  return format == Q8_0 ? 2 + QK : format == Q4_0 ? 2 + QK / 2 : format == Q4_1 ? 4 + QK / 2 : 144;
+}
+constexpr int64_t QK_K = 256;  // weights per Q4_K super-block
+
+// the bytes of a row of `in` weights, or -1 when `in` does not split into the format's blocks
+constexpr int64_t row_bytes_of(int64_t format, int64_t in) {
+  const int64_t unit = format == Q4_K ? QK_K : QK;
+  return in % unit == 0 ? in / unit * bytes_of(format) : -1;
+}
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -50,6 +61,30 @@ inline float block_minimum(const uint8_t* w, int64_t format) {
 }
 
 inline const uint8_t* block_quants(const uint8_t* w, int64_t format) { return w + (format == Q4_1 ? 4 : 2); }
+
+// Block b (of 32 weights) of a Q4_K row: a super-block is fp16 d and dmin, 12 bytes packing 8 6-bit scales and 8
+// 6-bit minimums, then 128 bytes of nibbles, 32 bytes per pair of blocks (the first block's in the low nibbles).
+// Weight = d * scale * q - dmin * minimum; both products are exact in fp32.
+struct KBlock {
+  const uint8_t* quants;  // 32 bytes: this block's quants in element order, in the nibbles `shift` selects
+  int shift;              // 0: low nibbles, 4: high
+  float scale, minimum;   // d * scale; the value at quant 0, -dmin * minimum
+};
+
+inline KBlock q4_k_block(const uint8_t* row, int64_t b) {
+  const uint8_t* super = row + (b / 8) * bytes_of(Q4_K);
+  const uint8_t* packed = super + 4;
+  const int64_t j = b % 8;
+  int scale, minimum;
+  if (j < 4) {
+    scale = packed[j] & 63, minimum = packed[j + 4] & 63;
+  } else {
+    scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
+    minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+  return {super + 16 + 32 * (j / 2), static_cast<int>(4 * (j % 2)), half_to_float(super) * static_cast<float>(scale),
+          -half_to_float(super + 2) * static_cast<float>(minimum)};
+}
 
 // x's rows as Q8 blocks: quants, and per block its scale and scale * sum(quants) (Q4's offsets enter through it)
 struct QuantizedRows {

@@ -99,40 +99,72 @@ struct Group {      // a block of ROWS weight rows, unpacked for any number of x
   __m128 minimum;    // Q4: row k's value at quant 0 in lane k
 };
 
+// row k's scale and value at quant 0 from [s0 m0 s1 m1 ..]
+[[gnu::always_inline]] inline void set_scales(Group& g, __m256 dm) {
+  g.scale = Vec::scales(dm);
+  g.minimum = _mm_shuffle_ps(_mm256_castps256_ps128(dm), _mm256_extractf128_ps(dm, 1), _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// Q4_K's block b of the ROWS rows: its nibbles like Q4_1's, its scale and minimum from the super-block's
+[[gnu::always_inline]] inline Group unpack_k(const uint8_t* w, int64_t row_bytes, int64_t b) {
+  const uint8_t* quants[ROWS];
+  float scale[4] = {}, minimum[4] = {};
+  for (int k = 0; k < ROWS; k++) {
+    const uint8_t* row = w + k * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(row + (b / 8) * bytes_of(Q4_K)) + 4096, _MM_HINT_T0);
+    const KBlock block = q4_k_block(row, b);
+    quants[k] = block.quants, scale[k] = block.scale, minimum[k] = block.minimum;
+  }
+  Group g;
+  Vec::I low = Vec::lanes(quants, 0), high = Vec::lanes(quants, 16);
+  if (b % 2) low = Vec::shift4(low), high = Vec::shift4(high);  // an odd block's quants are the high nibbles
+  g.low = Vec::and_(low, Vec::bytes(0x0f));
+  g.high = Vec::and_(high, Vec::bytes(0x0f));
+  g.start = Vec::zero();
+  // from registers, as unpack's fp16 words (a vector load of scalar stores would stall on store forwarding)
+  set_scales(g, _mm256_setr_ps(scale[0], minimum[0], scale[1], minimum[1], scale[2], minimum[2], scale[3], minimum[3]));
+  return g;
+}
+
 // block b of the ROWS rows from w (row_bytes apart); the hardware prefetcher alone left single-row steps at about
 // half the read bandwidth, so each row is also asked for 4 KiB ahead
 template <int64_t F>
 [[gnu::always_inline]] inline Group unpack(const uint8_t* w, int64_t row_bytes, int64_t b) {
-  const uint8_t* rows[ROWS];
-  int32_t words[4] = {};  // each row's first 4 bytes: its fp16 d, then Q4_1's fp16 m (other formats: quants, unused)
-  for (int k = 0; k < ROWS; k++) {
-    rows[k] = w + k * row_bytes + b * bytes_of(F);
-    _mm_prefetch(reinterpret_cast<const char*>(rows[k]) + 4096, _MM_HINT_T0);
-    std::memcpy(&words[k], rows[k], 4);
-  }
-  Group g;
-  if constexpr (F == Q8_0) {
-    g.low = Vec::lanes(rows, 2);
-    g.high = Vec::lanes(rows, 2 + QK / 2);
-#ifdef XLLM_VNNI
-    const Vec::I flip = Vec::bytes(char(0x80));
-    g.start = Vec::sub(Vec::zero(), Vec::dpbusd(Vec::dpbusd(Vec::zero(), flip, g.low), flip, g.high));
-#else
-    g.start = Vec::zero();
-#endif
+  if constexpr (F == Q4_K) {
+    return unpack_k(w, row_bytes, b);
   } else {
-    const Vec::I packed = Vec::lanes(rows, F == Q4_1 ? 4 : 2), low_nibbles = Vec::bytes(0x0f);
-    g.low = Vec::and_(packed, low_nibbles);
-    g.high = Vec::and_(Vec::shift4(packed), low_nibbles);
-    g.start = Vec::zero();
+    const uint8_t* rows[ROWS];
+    int32_t words[4] = {};  // each row's first 4 bytes: its fp16 d, then Q4_1's fp16 m (other formats: quants, unused)
+    for (int k = 0; k < ROWS; k++) {
+      rows[k] = w + k * row_bytes + b * bytes_of(F);
+      _mm_prefetch(reinterpret_cast<const char*>(rows[k]) + 4096, _MM_HINT_T0);
+      std::memcpy(&words[k], rows[k], 4);
+    }
+    Group g;
+    if constexpr (F == Q8_0) {
+      g.low = Vec::lanes(rows, 2);
+      g.high = Vec::lanes(rows, 2 + QK / 2);
+#ifdef XLLM_VNNI
+      const Vec::I flip = Vec::bytes(char(0x80));
+      g.start = Vec::sub(Vec::zero(), Vec::dpbusd(Vec::dpbusd(Vec::zero(), flip, g.low), flip, g.high));
+#else
+      g.start = Vec::zero();
+#endif
+    } else {
+      const Vec::I packed = Vec::lanes(rows, F == Q4_1 ? 4 : 2), low_nibbles = Vec::bytes(0x0f);
+      g.low = Vec::and_(packed, low_nibbles);
+      g.high = Vec::and_(Vec::shift4(packed), low_nibbles);
+      g.start = Vec::zero();
+    }
+    // built from registers: a 16-byte load of the four 4-byte stores would stall on store forwarding
+    const __m256 dm = _mm256_cvtph_ps(_mm_set_epi32(words[3], words[2], words[1], words[0]));  // d0 m0 d1 m1 ..
+    set_scales(g, dm);
+    if constexpr (F != Q4_1) {  // Q4_0's value at quant 0 is -8 d (Q8_0 has none: unused)
+      const __m128 first = _mm256_castps256_ps128(dm), second = _mm256_extractf128_ps(dm, 1);
+      g.minimum = _mm_mul_ps(_mm_set1_ps(-8.f), _mm_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)));
+    }
+    return g;
   }
-  // built from registers: a 16-byte load of the four 4-byte stores would stall on store forwarding
-  const __m256 dm = _mm256_cvtph_ps(_mm_set_epi32(words[3], words[2], words[1], words[0]));  // d0 m0 d1 m1 ..
-  g.scale = Vec::scales(dm);
-  const __m128 first = _mm256_castps256_ps128(dm), second = _mm256_extractf128_ps(dm, 1);
-  g.minimum = F == Q4_1 ? _mm_shuffle_ps(first, second, _MM_SHUFFLE(3, 1, 3, 1))
-                        : _mm_mul_ps(_mm_set1_ps(-8.f), _mm_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)));
-  return g;
 }
 
 // the integer sums of a group's block against x's block (its halves broadcast; Q8_0 with VNNI: sign bits flipped)

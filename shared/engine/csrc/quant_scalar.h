@@ -8,8 +8,22 @@
 
 namespace quant::scalar {
 
+float dot_k(const uint8_t* w, const QuantizedRows& x, int64_t r) {
+  float acc = 0.f, offset = 0.f;
+  for (int64_t b = 0; b < x.blocks; b++) {
+    const KBlock block = q4_k_block(w, b);
+    const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
+    int32_t sum = 0;
+    for (int64_t i = 0; i < QK; i++) sum += ((block.quants[i] >> block.shift) & 0x0f) * xq[i];
+    offset = std::fma(block.minimum, x.scaled_sum[r * x.blocks + b], offset);
+    acc = std::fma(static_cast<float>(sum), block.scale * x.scale[r * x.blocks + b], acc);
+  }
+  return acc + offset;
+}
+
 template <int64_t F>
 float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
+  if constexpr (F == Q4_K) return dot_k(w, x, r);
   float acc = 0.f, offset = 0.f;
   for (int64_t b = 0; b < x.blocks; b++, w += bytes_of(F)) {
     const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
