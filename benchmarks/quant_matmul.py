@@ -3,6 +3,10 @@ over all of SmolLM2-135M's linear layers (30 layers' distinct weights and lm_hea
 them: from memory, not from cache), by number of activation rows.
 
     PYTHONPATH=. python benchmarks/quant_matmul.py [--threads 2] [--rows 1,2,4,8,16,32,64,128]
+    PYTHONPATH=. python benchmarks/quant_matmul.py --hidden 768 --intermediate 2048 --formats q4_1,q4_k
+
+(--hidden / --intermediate: SmolLM2's shapes scaled, for Q4_K, whose rows must be whole 256-weight super-blocks:
+SmolLM2's 576 is not; its Q4_K weights are made by the tests' quantizer, tests/engine/gguf_writer.py.)
 
 ms per step (all layers), best of 5, forms interleaved; GB/s is the bytes of weights read per step over its
 time (compare with benchmarks/roofline.py's read bandwidth).
@@ -13,11 +17,17 @@ import argparse
 import torch
 
 from shared.engine import cpu_kernels, ops
-from shared.engine.quant import KERNEL_FORMATS, quantize_weight
+from shared.engine.quant import KERNEL_FORMATS, QuantizedWeight, quantize_weight
+from tests.engine.gguf_writer import quantize_q4_k
 from xllm.bench.timing import best_ms
 
-LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down
-LM_HEAD = (49152, 576)
+VOCAB = 49152
+
+
+def blocks_of(weight: torch.Tensor, format: str) -> QuantizedWeight:
+    if format == "q4_k":
+        return QuantizedWeight(format, torch.from_numpy(quantize_q4_k(weight.numpy())), weight.shape[1])
+    return quantize_weight(weight, format)
 
 
 def main() -> None:
@@ -25,14 +35,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--formats", default="q4_1,q8_0")
+    parser.add_argument("--hidden", type=int, default=576, help="SmolLM2's; q/k/v take hidden + 2 * hidden / 3 rows")
+    parser.add_argument("--intermediate", type=int, default=1536)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kernel = cpu_kernels.load_quant().quantized_linear
-    shapes = [s for _ in range(30) for s in LAYER_SHAPES] + [LM_HEAD]
+    h, i = args.hidden, args.intermediate
+    layer = [(h + 2 * (h // 3), h), (h, h), (2 * i, h), (h, i)]  # qkv, o, gate_up, down
+    shapes = [s for _ in range(30) for s in layer] + [(VOCAB, h)]
     weights = [torch.randn(o, i) * 0.05 for o, i in shapes]
     packed = [ops.prepack_weight(w) for w in weights]
     formats = args.formats.split(",")
-    blocks = {f: [quantize_weight(w, f) for w in weights] for f in formats}
+    blocks = {f: [blocks_of(w, f) for w in weights] for f in formats}
     fp32_bytes = sum(w.numel() * 4 for w in weights)
     print(f"ms per step of all linear layers (threads {args.threads}), GB/s of weights read in brackets")
     print(f"{'rows':>5} {'fp32 packed':>16}" + "".join(f" {f:>16}" for f in formats))

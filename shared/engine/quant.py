@@ -1,7 +1,7 @@
-"""Weights kept in GGUF's block formats (Q8_0, Q4_0, Q4_1: 32 weights per block with fp16 scales; Q4_K: 256
-per super-block, with 6-bit scales and minimums per 32), as a GGUF file stores them or quantized at load
-(`--quantization`, not into Q4_K), and run by the integer kernels in csrc/quant_kernels.cpp. A decode step then
-reads ~4.5 bits a weight (Q4) instead of 32.
+"""Weights kept in GGUF's block formats (Q8_0, Q4_0, Q4_1: 32 weights per block with fp16 scales; the K-quants
+Q4_K and Q6_K: 256 per super-block, with 6- or 8-bit scales per 32 or 16), as a GGUF file stores them or quantized
+at load (`--quantization`, not into K-quants), and run by the integer kernels in csrc/quant_kernels.cpp. A decode
+step then reads ~4.5 bits a weight (Q4) instead of 32.
 
 Quantizing and the reference dequantization are the `gguf` package's (the same arithmetic as ggml's C
 reference), so a weight quantized here is byte-for-byte what llama.cpp's tools would write.
@@ -23,8 +23,9 @@ GGML_TYPES = {
     "q4_0": GGMLQuantizationType.Q4_0,
     "q4_1": GGMLQuantizationType.Q4_1,
     "q4_k": GGMLQuantizationType.Q4_K,
+    "q6_k": GGMLQuantizationType.Q6_K,
 }
-KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}  # the C++ kernels' format codes
+KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4}  # the C++ kernels' format codes
 
 
 @dataclass

@@ -108,9 +108,9 @@ def write_gguf(path: Path, folder_ckpt, state_dict: dict, qtype: Q = Q.F32) -> N
     for gname, t in gguf_tensors(state_dict, c):
         x = t.float().numpy()
         q = qtype if x.ndim >= 2 else Q.F32  # llama.cpp keeps norms in F32
-        if q == Q.Q4_K and x.shape[-1] % 256:
+        if q in K_QUANTIZERS and x.shape[-1] % 256:
             q = Q.Q8_0  # as llama.cpp's quantizer does where a row is no whole number of super-blocks
-        blocks = quantize_q4_k(x) if q == Q.Q4_K else gguf.quants.quantize(x, q)
+        blocks = K_QUANTIZERS[q](x) if q in K_QUANTIZERS else gguf.quants.quantize(x, q)
         w.add_tensor(gname, blocks, raw_dtype=None if q in (Q.F32, Q.F16) else q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -164,3 +164,23 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     nibbles = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)  # blocks 2i and 2i + 1 share 32 bytes
     blocks = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed, nibbles], axis=1)
     return blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """x [..., n] (n a multiple of 256) -> its Q6_K blocks [..., n / 256 * 210]: per 16 weights a signed step of
+    max |x| / 31, an 8-bit multiple of the super-block's fp16 d. Plain rounding, as quantize_q4_k."""
+    rows = x.reshape(-1, 16, 16).astype(np.float32)
+    step = np.abs(rows).max(-1) / 31
+    d = (step.max(-1, keepdims=True) / 127).astype(np.float16)
+    sc = np.clip(np.round(np.divide(step, d, out=np.zeros_like(step), where=d > 0)), -128, 127).astype(np.int8)
+    scale = (d.astype(np.float32) * sc)[..., None]
+    q = np.clip(np.round(np.divide(rows, scale, out=np.zeros_like(rows), where=scale != 0)), -32, 31) + 32
+    q = q.astype(np.uint8).reshape(-1, 2, 4, 32)  # halves of 128, their 4 blocks of 32
+    low, top = q & 0x0F, q >> 4
+    ql = np.concatenate([low[:, :, 0] | low[:, :, 2] << 4, low[:, :, 1] | low[:, :, 3] << 4], axis=-1)
+    qh = top[:, :, 0] | top[:, :, 1] << 2 | top[:, :, 2] << 4 | top[:, :, 3] << 6
+    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.view(np.uint8)], axis=1)
+    return blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 210)
+
+
+K_QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q6_K: quantize_q6_k}  # the gguf package quantizes no K-quant

@@ -16,19 +16,21 @@ from shared.engine.quant import GGML_TYPES, KERNEL_FORMATS, QuantizedWeight, pla
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
-from tests.engine.gguf_writer import quantize_q4_k, write_gguf
+from tests.engine.gguf_writer import K_QUANTIZERS, write_gguf
 from tests.engine.helpers import greedy, make_engine, run_all
 
 FORMATS = list(GGML_TYPES)
-WIDE = 256  # a multiple of Q4_K's super-block: the tests' input widths for it are multiples of this
+K_FORMATS = {"q4_k", "q6_k"}
+WIDE = 256  # a K-quant super-block: the tests' input widths for K-quants are multiples of this
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
 pytestmark = pytest.mark.skipif(cpu_kernels.load_quant() is None, reason="the C++ quant kernels did not build")
 
 
 def blocks_of(weight: torch.Tensor, format: str) -> QuantizedWeight:
-    """`weight` in `format`; Q4_K by the tests' own quantizer (the gguf package has none)."""
-    if format == "q4_k":
-        return QuantizedWeight(format, torch.from_numpy(quantize_q4_k(weight.numpy())), weight.shape[1])
+    """`weight` in `format`; K-quants by the tests' own quantizers (the gguf package has none)."""
+    if format in K_FORMATS:
+        blocks = K_QUANTIZERS[GGML_TYPES[format]](weight.numpy())
+        return QuantizedWeight(format, torch.from_numpy(blocks), weight.shape[1])
     return quantize_weight(weight, format)
 
 
@@ -46,7 +48,7 @@ K_SHAPES = [(1, WIDE), (3, 2 * WIDE), (7, WIDE), (33, 6 * WIDE), (50, 3 * WIDE)]
 
 
 @pytest.mark.parametrize(
-    "format,out,inp", [(f, *shape) for f in FORMATS for shape in (K_SHAPES if f == "q4_k" else SHAPES)]
+    "format,out,inp", [(f, *shape) for f in FORMATS for shape in (K_SHAPES if f in K_FORMATS else SHAPES)]
 )
 def test_the_kernel_equals_dequantize_then_matmul(format, out, inp):
     torch.manual_seed(out * inp)
@@ -60,11 +62,11 @@ def test_the_kernel_equals_dequantize_then_matmul(format, out, inp):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-@pytest.mark.parametrize("inp", [96, 576])  # an odd number of blocks, and an even one (Q4_K: 1 and 3 super-blocks)
+@pytest.mark.parametrize("inp", [96, 576])  # an odd number of blocks, and an even one (K-quants: 1 and 3 super-blocks)
 def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_the_call(format, inp):
     """Rows land in different tiles (and offset chunks) as the row count changes; their arithmetic may not."""
     torch.manual_seed(inp)
-    inp = inp if format != "q4_k" else WIDE * (1 if inp == 96 else 3)
+    inp = inp if format not in K_FORMATS else WIDE * (1 if inp == 96 else 3)
     weight = blocks_of(torch.randn(70, inp) * 0.1, format)  # 70: whole tiles of weight rows and a tail
     x = torch.randn(41, inp)
     kernel = cpu_kernels.load_quant().quantized_linear
@@ -77,7 +79,7 @@ def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_the_call(format, i
 @pytest.mark.parametrize("format", FORMATS)
 def test_dequantizing_equals_the_gguf_reference_bit_for_bit(format):
     torch.manual_seed(0)
-    weight = torch.randn(40, 96 if format != "q4_k" else WIDE)
+    weight = torch.randn(40, 96 if format not in K_FORMATS else WIDE)
     weight[3] = 0
     blocks = blocks_of(weight, format)
     expected = torch.from_numpy(gguf.quants.dequantize(blocks.data.numpy(), GGML_TYPES[format]).copy())
@@ -103,7 +105,7 @@ def test_in_a_step_a_row_gets_the_same_bits_whatever_shares_it(format):
     """Prompt rows run on the fp32 copy, generated rows in the integer kernel: each row's result is the same
     alone as in any mix, so the activation rounding of the kernel cannot make a token depend on batching."""
     torch.manual_seed(2)
-    inp = 128 if format != "q4_k" else WIDE
+    inp = 128 if format not in K_FORMATS else WIDE
     weight, bias = blocks_of(torch.randn(70, inp), format), torch.randn(70)
     packed = ops.prepack_weight(weight.dequantize())
     x, is_prompt = torch.randn(40, inp), [bool(b) for b in torch.rand(40) < 0.5]
@@ -145,7 +147,7 @@ def run_with_logprobs(engine, requests: dict[str, tuple[list[int], SamplingParam
 @pytest.mark.parametrize(
     "kind,qtype",
     [("llama", gguf.GGMLQuantizationType.Q8_0), ("llama", gguf.GGMLQuantizationType.Q4_0)]
-    + [("llama_wide", gguf.GGMLQuantizationType.Q4_K)],  # rows of whole 256-weight super-blocks
+    + [("llama_wide", gguf.GGMLQuantizationType.Q4_K), ("llama_wide", gguf.GGMLQuantizationType.Q6_K)],
 )
 def test_a_gguf_keeps_its_blocks_and_stays_close_to_its_dequantized_self(
     tmp_path, tiny_model_dir, tiny_hf_model, kind, qtype

@@ -1,6 +1,7 @@
 // GGUF's block formats as the quantized-weight kernels read them (Q8_0, Q4_0, Q4_1: 32 weights per block with
 // an fp16 scale; Q4_1 adds an fp16 minimum; Q4_K: super-blocks of 8 such blocks whose scales and minimums are 6-bit
-// multiples of two fp16 ones), and the small helpers the kernel files share.
+// multiples of two fp16 ones; Q6_K: 6-bit signed quants in super-blocks of 256 with an 8-bit scale per 16 and an fp16
+// one), and the small helpers the kernel files share.
 #pragma once
 
 #include <cmath>
@@ -16,17 +17,23 @@
 namespace quant {
 
 constexpr int64_t QK = 32;  // weights per block, in every format here
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3 };
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4 };
 
-// bytes per block; Q4_K: per super-block of QK_K weights
+constexpr bool is_k(int64_t format) { return format == Q4_K || format == Q6_K; }
+
+// bytes per block; K-quants: per super-block of QK_K weights
 constexpr int64_t bytes_of(int64_t format) {
-  return format == Q8_0 ? 2 + QK : format == Q4_0 ? 2 + QK / 2 : format == Q4_1 ? 4 + QK / 2 : 144;
+  return format == Q8_0   ? 2 + QK
+         : format == Q4_0 ? 2 + QK / 2
+         : format == Q4_1 ? 4 + QK / 2
+         : format == Q4_K ? 144
+                          : 210;
 }
-constexpr int64_t QK_K = 256;  // weights per Q4_K super-block
+constexpr int64_t QK_K = 256;  // weights per K-quant super-block
 
 // the bytes of a row of `in` weights, or -1 when `in` does not split into the format's blocks
 constexpr int64_t row_bytes_of(int64_t format, int64_t in) {
-  const int64_t unit = format == Q4_K ? QK_K : QK;
+  const int64_t unit = is_k(format) ? QK_K : QK;
   return in % unit == 0 ? in / unit * bytes_of(format) : -1;
 }
 
@@ -93,4 +100,29 @@ struct QuantizedRows {
   std::vector<float> scale, scaled_sum;
 };
 
+// Block b (of 32 weights) of a Q6_K row: a super-block is 128 bytes of low nibbles, 64 of 2-bit high parts, 16
+// int8 scales (one per 16 weights), fp16 d. Each half of 128 weights takes 64 low-nibble bytes and 32 high-part
+// bytes; its 4 blocks read low-nibble bytes 0-31, 32-63, 0-31, 32-63 (low, low, high, high nibbles) and high-part
+// bits 0-1, 2-3, 4-5, 6-7 of bytes 0-31. Weight = d * scale * (q - 32).
+struct Q6Block {
+  const uint8_t* low;   // 32 bytes whose nibble `low_shift` selects holds the quants' low 4 bits
+  const uint8_t* high;  // 32 bytes whose bits `high_shift`, + 1 hold the quants' top 2 bits
+  int low_shift, high_shift;
+  float scale[2];  // d * scale of elements 0-15 and of 16-31
+};
+
+inline Q6Block q6_k_block(const uint8_t* row, int64_t b) {
+  const uint8_t* super = row + (b / 8) * bytes_of(Q6_K);
+  const int64_t half = (b % 8) / 4, j = b % 4;
+  const int8_t* scales = reinterpret_cast<const int8_t*>(super + 192) + 8 * half + 2 * j;
+  const float d = half_to_float(super + 208);
+  return {super + 64 * half + 32 * (j % 2), super + 128 + 32 * half, static_cast<int>(4 * (j / 2)),
+          static_cast<int>(2 * j), {d * scales[0], d * scales[1]}};
+}
+
+inline int q6_k_quant(const Q6Block& block, int64_t i) {  // element i's quant, minus 32
+  return (((block.low[i] >> block.low_shift) & 0x0f) | (((block.high[i] >> block.high_shift) & 0x03) << 4)) - 32;
+}
+
 }  // namespace quant
+

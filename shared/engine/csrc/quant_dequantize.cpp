@@ -1,6 +1,6 @@
 // Block-format weights back to fp32: rows of an embedding, or a whole weight into a kept buffer. Bit for bit
 // what the gguf package's reference gives (d * q + m, fused or not the same: the product is exact in fp32).
-// Q4_K in plain C++: it is dequantized only for the fp32 copy prompt tokens run on (ops.py), once at load.
+// K-quants in plain C++: they are dequantized only for the fp32 copy prompt tokens run on (ops.py), once at load.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -28,8 +28,16 @@ void dequantize_row_k(const uint8_t* w, int64_t blocks, float* out) {
   }
 }
 
+void dequantize_row_6(const uint8_t* w, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; b++, out += QK) {
+    const Q6Block block = q6_k_block(w, b);
+    for (int64_t i = 0; i < QK; i++) out[i] = block.scale[i / 16] * static_cast<float>(q6_k_quant(block, i));
+  }
+}
+
 void dequantize_row(const uint8_t* w, int64_t format, int64_t blocks, float* out) {
   if (format == Q4_K) return dequantize_row_k(w, blocks, out);
+  if (format == Q6_K) return dequantize_row_6(w, blocks, out);
   const int64_t bytes = bytes_of(format);
   for (int64_t b = 0; b < blocks; b++, w += bytes, out += QK) {
     const float d = half_to_float(w), m = block_minimum(w, format);
@@ -61,7 +69,7 @@ void dequantize_row(const uint8_t* w, int64_t format, int64_t blocks, float* out
 
 void check_weight(const torch::Tensor& weight, int64_t format, int64_t in) {
   TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(), "weight: uint8 [out, row bytes]");
-  TORCH_CHECK(format == Q8_0 || format == Q4_0 || format == Q4_1 || format == Q4_K, "unknown block format ", format);
+  TORCH_CHECK(format >= Q8_0 && format <= Q6_K, "unknown block format ", format);
   TORCH_CHECK(weight.size(1) == row_bytes_of(format, in), "weight rows do not hold ", in, " values");
 }
 

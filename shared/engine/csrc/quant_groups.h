@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "quant_blocks.h"
@@ -35,7 +36,11 @@ struct Vec {
   static I zero() { return _mm512_setzero_si512(); }
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I shift4(I a) { return _mm512_srli_epi16(a, 4); }
+  static I shift_left4(I a) { return _mm512_slli_epi16(a, 4); }
+  static I shift_right(I a, int bits) { return _mm512_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
+  static I sub_bytes(I a, I b) { return _mm512_sub_epi8(a, b); }
   static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
   static I dpbusd(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
   static F scales(__m256 dm) {  // [d0 m0 d1 m1 ..] -> row k's d in lanes 4k .. 4k + 3
@@ -64,7 +69,11 @@ struct Vec {
   static I zero() { return _mm256_setzero_si256(); }
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
   static I shift4(I a) { return _mm256_srli_epi16(a, 4); }
+  static I shift_left4(I a) { return _mm256_slli_epi16(a, 4); }
+  static I shift_right(I a, int bits) { return _mm256_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
+  static I sub_bytes(I a, I b) { return _mm256_sub_epi8(a, b); }
   static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
 #if defined(__AVXVNNI__)
 #define XLLM_VNNI 1
@@ -99,6 +108,14 @@ struct Group {      // a block of ROWS weight rows, unpacked for any number of x
   __m128 minimum;    // Q4: row k's value at quant 0 in lane k
 };
 
+struct HalvesGroup : Group {  // Q6_K: the block's halves have scales of their own (`start`, `scale`: the low one's)
+  Vec::I start_high;
+  Vec::F scale_high;
+};
+
+template <int64_t F>
+using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
+
 // row k's scale and value at quant 0 from [s0 m0 s1 m1 ..]
 [[gnu::always_inline]] inline void set_scales(Group& g, __m256 dm) {
   g.scale = Vec::scales(dm);
@@ -126,12 +143,47 @@ struct Group {      // a block of ROWS weight rows, unpacked for any number of x
   return g;
 }
 
+// Q6_K's block b of the ROWS rows: signed quants like Q8_0's (6 bits from a nibble and a 2-bit part, minus 32)
+[[gnu::always_inline]] inline HalvesGroup unpack_6(const uint8_t* w, int64_t row_bytes, int64_t b) {
+  const uint8_t *low[ROWS], *high[ROWS];
+  float scale[4] = {}, scale_high[4] = {};
+  int low_shift = 0, high_shift = 0;
+  for (int k = 0; k < ROWS; k++) {
+    const uint8_t* row = w + k * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(row + (b / 8) * bytes_of(Q6_K)) + 4096, _MM_HINT_T0);
+    const Q6Block block = q6_k_block(row, b);
+    low[k] = block.low, high[k] = block.high, scale[k] = block.scale[0], scale_high[k] = block.scale[1];
+    low_shift = block.low_shift, high_shift = block.high_shift;  // the same for every row
+  }
+  const auto quants = [&](int64_t offset) {  // elements offset .. offset + 15, as signed bytes
+    const Vec::I nibbles = Vec::and_(Vec::shift_right(Vec::lanes(low, offset), low_shift), Vec::bytes(0x0f));
+    const Vec::I tops = Vec::and_(Vec::shift_right(Vec::lanes(high, offset), high_shift), Vec::bytes(0x03));
+    return Vec::sub_bytes(Vec::or_(nibbles, Vec::shift_left4(tops)), Vec::bytes(32));
+  };
+  HalvesGroup g;
+  g.low = quants(0);
+  g.high = quants(16);
+#ifdef XLLM_VNNI
+  const Vec::I flip = Vec::bytes(char(0x80));
+  g.start = Vec::sub(Vec::zero(), Vec::dpbusd(Vec::zero(), flip, g.low));
+  g.start_high = Vec::sub(Vec::zero(), Vec::dpbusd(Vec::zero(), flip, g.high));
+#else
+  g.start = g.start_high = Vec::zero();
+#endif
+  g.scale = Vec::scales(_mm256_setr_ps(scale[0], 0.f, scale[1], 0.f, scale[2], 0.f, scale[3], 0.f));
+  g.scale_high = Vec::scales(_mm256_setr_ps(scale_high[0], 0.f, scale_high[1], 0.f, scale_high[2], 0.f, scale_high[3], 0.f));
+  g.minimum = _mm_setzero_ps();
+  return g;
+}
+
 // block b of the ROWS rows from w (row_bytes apart); the hardware prefetcher alone left single-row steps at about
 // half the read bandwidth, so each row is also asked for 4 KiB ahead
 template <int64_t F>
-[[gnu::always_inline]] inline Group unpack(const uint8_t* w, int64_t row_bytes, int64_t b) {
+[[gnu::always_inline]] inline GroupOf<F> unpack(const uint8_t* w, int64_t row_bytes, int64_t b) {
   if constexpr (F == Q4_K) {
     return unpack_k(w, row_bytes, b);
+  } else if constexpr (F == Q6_K) {
+    return unpack_6(w, row_bytes, b);
   } else {
     const uint8_t* rows[ROWS];
     int32_t words[4] = {};  // each row's first 4 bytes: its fp16 d, then Q4_1's fp16 m (other formats: quants, unused)
@@ -167,30 +219,33 @@ template <int64_t F>
   }
 }
 
+// signed weights w against x, added to `start` (with VNNI x enters sign-flipped, as x + 128; without, |w| is the
+// unsigned operand and w's sign moves onto x)
+[[gnu::always_inline]] inline Vec::I dot_signed(Vec::I start, Vec::I x, Vec::I w) {
+#ifdef XLLM_VNNI
+  return Vec::dpbusd(start, x, w);
+#else
+  return Vec::dpbusd(start, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+#endif
+}
+
 // the integer sums of a group's block against x's block (its halves broadcast; Q8_0 with VNNI: sign bits flipped)
 template <int64_t F>
 [[gnu::always_inline]] inline Vec::I dot(const Group& g, Vec::I low, Vec::I high) {
-#ifdef XLLM_VNNI
-  if constexpr (F == Q8_0) return Vec::dpbusd(Vec::dpbusd(g.start, low, g.low), high, g.high);
-#else
-  if constexpr (F == Q8_0) {  // AVX2 without VNNI: |w| unsigned, w's sign moved onto x
-    const Vec::I first = Vec::dpbusd(g.start, _mm256_sign_epi8(g.low, g.low), _mm256_sign_epi8(low, g.low));
-    return Vec::dpbusd(first, _mm256_sign_epi8(g.high, g.high), _mm256_sign_epi8(high, g.high));
-  }
-#endif
+  if constexpr (F == Q8_0) return dot_signed(dot_signed(g.start, low, g.low), high, g.high);
   return Vec::dpbusd(Vec::dpbusd(g.start, g.low, low), g.high, high);
 }
 
 // G groups x R rows of x from r0: y[r, ROWS g + k]. Direct: groups unpacked here (few x rows use each once);
 // else read from `unpacked` ([group][block]), filled once for many tiles of x rows. The same values either way.
 template <int64_t F, int G, int R, bool Direct>
-void tile(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const QuantizedRows& x, int64_t r0, float* y,
+void tile(const uint8_t* w, int64_t row_bytes, const GroupOf<F>* unpacked, const QuantizedRows& x, int64_t r0, float* y,
           int64_t out, int64_t valid) {
   Vec::F acc[G][R];
   __m128 offset[G][R];
   for (int g = 0; g < G; g++)
     for (int r = 0; r < R; r++) acc[g][r] = Vec::zero_ps(), offset[g][r] = _mm_setzero_ps();
-  Group direct[Direct ? G : 1];
+  GroupOf<F> direct[Direct ? G : 1];
   for (int64_t b = 0; b < x.blocks; b++) {
     if constexpr (Direct)
       for (int g = 0; g < G; g++) direct[g] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b);
@@ -198,7 +253,7 @@ void tile(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const Quan
       const int64_t block = (r0 + r) * x.blocks + b;
       Vec::I low = Vec::broadcast(&x.q[block * QK]), high = Vec::broadcast(&x.q[block * QK + 16]);
 #ifdef XLLM_VNNI
-      if constexpr (F == Q8_0) {  // x + 128, unsigned
+      if constexpr (F == Q8_0 || F == Q6_K) {  // x + 128, unsigned
         low = Vec::xor_(low, Vec::bytes(char(0x80)));
         high = Vec::xor_(high, Vec::bytes(char(0x80)));
       }
@@ -206,9 +261,14 @@ void tile(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const Quan
       const Vec::F x_scale = Vec::set1(x.scale[block]);
       const __m128 x_sum = _mm_set1_ps(x.scaled_sum[block]);
       for (int g = 0; g < G; g++) {
-        const Group& q = Direct ? direct[g] : unpacked[g * x.blocks + b];
-        acc[g][r] = Vec::fma(dot<F>(q, low, high), Vec::mul(q.scale, x_scale), acc[g][r]);
-        if constexpr (F != Q8_0)
+        const GroupOf<F>& q = Direct ? direct[g] : unpacked[g * x.blocks + b];
+        if constexpr (F == Q6_K) {
+          acc[g][r] = Vec::fma(dot_signed(q.start, low, q.low), Vec::mul(q.scale, x_scale), acc[g][r]);
+          acc[g][r] = Vec::fma(dot_signed(q.start_high, high, q.high), Vec::mul(q.scale_high, x_scale), acc[g][r]);
+        } else {
+          acc[g][r] = Vec::fma(dot<F>(q, low, high), Vec::mul(q.scale, x_scale), acc[g][r]);
+        }
+        if constexpr (F != Q8_0 && F != Q6_K)
           offset[g][r] = _mm_fmadd_ps(q.minimum, x_sum, offset[g][r]);
       }
     }
@@ -222,7 +282,7 @@ void tile(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const Quan
 }
 
 template <int64_t F, int G, bool Direct>
-void tiles(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const QuantizedRows& x, float* y, int64_t out,
+void tiles(const uint8_t* w, int64_t row_bytes, const GroupOf<F>* unpacked, const QuantizedRows& x, float* y, int64_t out,
            int64_t valid) {
   constexpr int R = 4;
   int64_t r = 0;
@@ -237,7 +297,7 @@ void tiles(const uint8_t* w, int64_t row_bytes, const Group* unpacked, const Qua
 // G groups of weight rows from w (`valid` of them real) against all rows of x, into y[:, 0 .. valid]
 template <int64_t F, int G>
 void groups(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* y, int64_t out, int64_t valid,
-            std::vector<Group>& unpacked) {
+            std::vector<GroupOf<F>>& unpacked) {
   if (x.rows <= 4) return tiles<F, G, true>(w, row_bytes, nullptr, x, y, out, valid);
   unpacked.resize(G * x.blocks);
   for (int g = 0; g < G; g++)
@@ -249,7 +309,7 @@ template <int64_t F>
 void linear(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* y, int64_t out) {
   constexpr int64_t G = 2, TILE = G * ROWS;
   at::parallel_for(0, (out + TILE - 1) / TILE, 2, [&](int64_t begin, int64_t end) {
-    std::vector<Group> unpacked;
+    std::vector<GroupOf<F>> unpacked;
     std::vector<uint8_t> tail;  // the last rows, zero-padded to whole groups
     for (int64_t o = begin * TILE; o < std::min(end * TILE, out); o += TILE) {
       const int64_t valid = std::min(TILE, out - o);

@@ -21,9 +21,24 @@ float dot_k(const uint8_t* w, const QuantizedRows& x, int64_t r) {
   return acc + offset;
 }
 
+float dot_6(const uint8_t* w, const QuantizedRows& x, int64_t r) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < x.blocks; b++) {
+    const Q6Block block = q6_k_block(w, b);
+    const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
+    int32_t sums[2] = {};
+    for (int64_t i = 0; i < QK; i++) sums[i / 16] += q6_k_quant(block, i) * xq[i];
+    const float x_scale = x.scale[r * x.blocks + b];
+    acc = std::fma(static_cast<float>(sums[0]), block.scale[0] * x_scale, acc);
+    acc = std::fma(static_cast<float>(sums[1]), block.scale[1] * x_scale, acc);
+  }
+  return acc;
+}
+
 template <int64_t F>
 float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
   if constexpr (F == Q4_K) return dot_k(w, x, r);
+  if constexpr (F == Q6_K) return dot_6(w, x, r);
   float acc = 0.f, offset = 0.f;
   for (int64_t b = 0; b < x.blocks; b++, w += bytes_of(F)) {
     const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
