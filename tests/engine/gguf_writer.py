@@ -158,8 +158,10 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     scale = (d.astype(np.float32) * sc)[..., None]
     shifted = rows + (dmin.astype(np.float32) * m)[..., None]
     q = np.clip(np.round(np.divide(shifted, scale, out=np.zeros_like(rows), where=scale > 0)), 0, 15).astype(np.uint8)
-    packed = np.concatenate(  # bytes 0-3: scales 0-3 (+ top bits of 4-7), 4-7: minimums likewise, 8-11: the rest
-        [sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6, (sc[:, 4:] & 0x0F) | (m[:, 4:] << 4)], axis=1
+    # bytes 0-3: scales 0-3 (and the top bits of 4-7), 4-7: minimums likewise, 8-11: the rest of 4-7
+    high_scales, high_minimums = (sc[:, 4:] >> 4) << 6, (m[:, 4:] >> 4) << 6
+    packed = np.concatenate(
+        [sc[:, :4] | high_scales, m[:, :4] | high_minimums, (sc[:, 4:] & 0x0F) | (m[:, 4:] << 4)], axis=1
     )
     nibbles = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)  # blocks 2i and 2i + 1 share 32 bytes
     blocks = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed, nibbles], axis=1)
