@@ -3,10 +3,10 @@ over all of SmolLM2-135M's linear layers (30 layers' distinct weights and lm_hea
 them: from memory, not from cache), by number of activation rows.
 
     PYTHONPATH=. python benchmarks/quant_matmul.py [--threads 2] [--rows 1,2,4,8,16,32,64,128]
-    PYTHONPATH=. python benchmarks/quant_matmul.py --hidden 768 --intermediate 2048 --formats q4_1,q4_k
+    PYTHONPATH=. python benchmarks/quant_matmul.py --hidden 768 --intermediate 2048 --formats q4_1,q4_k,q8_0,q6_k
 
-(--hidden / --intermediate: SmolLM2's shapes scaled, for Q4_K, whose rows must be whole 256-weight super-blocks:
-SmolLM2's 576 is not; its Q4_K weights are made by the tests' quantizer, tests/engine/gguf_writer.py.)
+(--hidden / --intermediate: SmolLM2's shapes scaled, for the K-quants, whose rows must be whole 256-weight
+super-blocks: SmolLM2's 576 is not; their weights are made by the tests' quantizers, tests/engine/gguf_writer.py.)
 
 ms per step (all layers), best of 5, forms interleaved; GB/s is the bytes of weights read per step over its
 time (compare with benchmarks/roofline.py's read bandwidth).
@@ -17,16 +17,16 @@ import argparse
 import torch
 
 from shared.engine import cpu_kernels, ops
-from shared.engine.quant import KERNEL_FORMATS, QuantizedWeight, quantize_weight
-from tests.engine.gguf_writer import quantize_q4_k
+from shared.engine.quant import GGML_TYPES, KERNEL_FORMATS, QuantizedWeight, quantize_weight
+from tests.engine.gguf_writer import K_QUANTIZERS
 from xllm.bench.timing import best_ms
 
 VOCAB = 49152
 
 
 def blocks_of(weight: torch.Tensor, format: str) -> QuantizedWeight:
-    if format == "q4_k":
-        return QuantizedWeight(format, torch.from_numpy(quantize_q4_k(weight.numpy())), weight.shape[1])
+    if (quantizer := K_QUANTIZERS.get(GGML_TYPES[format])) is not None:
+        return QuantizedWeight(format, torch.from_numpy(quantizer(weight.numpy())), weight.shape[1])
     return quantize_weight(weight, format)
 
 

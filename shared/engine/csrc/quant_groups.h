@@ -122,39 +122,79 @@ using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
   g.minimum = _mm_shuffle_ps(_mm256_castps256_ps128(dm), _mm256_extractf128_ps(dm, 1), _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-// Q4_K's block b of the ROWS rows: its nibbles like Q4_1's, its scale and minimum from the super-block's
-[[gnu::always_inline]] inline Group unpack_k(const uint8_t* w, int64_t row_bytes, int64_t b) {
+// A K-quant super-block's scales for ROWS rows, decoded once for its 8 blocks (one at a time per block was most of
+// a step's time): row k's block j at scale[k][j] and minimum[k][j] (Q4_K), or at scale[k][2j] and [2j + 1] for the
+// halves (Q6_K). The same products as q4_k_block / q6_k_block, exact in fp32.
+struct SuperScales {
+  alignas(32) float scale[ROWS][16];
+  alignas(32) float minimum[ROWS][8];
+};
+
+inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
+  const __m256i wide = is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(times));
+}
+
+// Q4_K's 12 bytes of 6-bit scales and minimums -> 8 of each as bytes (llama.cpp's unpacking of the same layout)
+inline void decode_q4_k(const uint8_t* super, float* scale, float* minimum) {
+  uint32_t packed[3];
+  std::memcpy(packed, super + 4, 12);
+  constexpr uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+  const uint32_t scales_low = packed[0] & six, minimums_low = packed[1] & six;
+  const uint32_t scales_high = (packed[2] & four) | (((packed[0] >> 6) & two) << 4);
+  const uint32_t minimums_high = ((packed[2] >> 4) & four) | (((packed[1] >> 6) & two) << 4);
+  _mm256_store_ps(scale, bytes_to_floats(_mm_set_epi32(0, 0, scales_high, scales_low), half_to_float(super), false));
+  _mm256_store_ps(minimum, bytes_to_floats(_mm_set_epi32(0, 0, minimums_high, minimums_low), -half_to_float(super + 2), false));
+}
+
+inline void decode_q6_k(const uint8_t* super, float* scale) {
+  const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(super + 192));
+  const float d = half_to_float(super + 208);
+  _mm256_store_ps(scale, bytes_to_floats(scales, d, true));
+  _mm256_store_ps(scale + 8, bytes_to_floats(_mm_srli_si128(scales, 8), d, true));
+}
+
+// Q4_K's block b of the ROWS rows: its nibbles like Q4_1's, its scale and minimum from the super-block's. Blocks are
+// unpacked in order from a super-block's first: that one decodes `super`.
+[[gnu::always_inline]] inline Group unpack_k(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
+  const int64_t j = b % 8, offset = (b / 8) * bytes_of(Q4_K);
   const uint8_t* quants[ROWS];
-  float scale[4] = {}, minimum[4] = {};
   for (int k = 0; k < ROWS; k++) {
-    const uint8_t* row = w + k * row_bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(row + (b / 8) * bytes_of(Q4_K)) + 4096, _MM_HINT_T0);
-    const KBlock block = q4_k_block(row, b);
-    quants[k] = block.quants, scale[k] = block.scale, minimum[k] = block.minimum;
+    const uint8_t* block = w + k * row_bytes + offset;
+    _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
+    if (j == 0) decode_q4_k(block, super.scale[k], super.minimum[k]);
+    quants[k] = block + 16 + 32 * (j / 2);
   }
   Group g;
   Vec::I low = Vec::lanes(quants, 0), high = Vec::lanes(quants, 16);
-  if (b % 2) low = Vec::shift4(low), high = Vec::shift4(high);  // an odd block's quants are the high nibbles
+  if (j % 2) low = Vec::shift4(low), high = Vec::shift4(high);  // an odd block's quants are the high nibbles
   g.low = Vec::and_(low, Vec::bytes(0x0f));
   g.high = Vec::and_(high, Vec::bytes(0x0f));
   g.start = Vec::zero();
-  // from registers, as unpack's fp16 words (a vector load of scalar stores would stall on store forwarding)
-  set_scales(g, _mm256_setr_ps(scale[0], minimum[0], scale[1], minimum[1], scale[2], minimum[2], scale[3], minimum[3]));
+  const float(*scale)[16] = super.scale;
+  const float(*minimum)[8] = super.minimum;
+  if constexpr (ROWS == 4) {
+    set_scales(g, _mm256_setr_ps(scale[0][j], minimum[0][j], scale[1][j], minimum[1][j], scale[2][j], minimum[2][j],
+                                 scale[3][j], minimum[3][j]));
+  } else {
+    set_scales(g, _mm256_setr_ps(scale[0][j], minimum[0][j], scale[1][j], minimum[1][j], 0.f, 0.f, 0.f, 0.f));
+  }
   return g;
 }
 
-// Q6_K's block b of the ROWS rows: signed quants like Q8_0's (6 bits from a nibble and a 2-bit part, minus 32)
-[[gnu::always_inline]] inline HalvesGroup unpack_6(const uint8_t* w, int64_t row_bytes, int64_t b) {
+// Q6_K's block b of the ROWS rows: signed quants like Q8_0's (6 bits from a nibble and a 2-bit part, minus 32).
+// Blocks in order, as unpack_k.
+[[gnu::always_inline]] inline HalvesGroup unpack_6(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
+  const int64_t j = b % 8, half = j / 4, offset = (b / 8) * bytes_of(Q6_K);
   const uint8_t *low[ROWS], *high[ROWS];
-  float scale[4] = {}, scale_high[4] = {};
-  int low_shift = 0, high_shift = 0;
   for (int k = 0; k < ROWS; k++) {
-    const uint8_t* row = w + k * row_bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(row + (b / 8) * bytes_of(Q6_K)) + 4096, _MM_HINT_T0);
-    const Q6Block block = q6_k_block(row, b);
-    low[k] = block.low, high[k] = block.high, scale[k] = block.scale[0], scale_high[k] = block.scale[1];
-    low_shift = block.low_shift, high_shift = block.high_shift;  // the same for every row
+    const uint8_t* block = w + k * row_bytes + offset;
+    _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
+    if (j == 0) decode_q6_k(block, super.scale[k]);
+    low[k] = block + 64 * half + 32 * (j % 2);
+    high[k] = block + 128 + 32 * half;
   }
+  const int low_shift = 4 * ((j % 4) / 2), high_shift = 2 * (j % 4);
   const auto quants = [&](int64_t offset) {  // elements offset .. offset + 15, as signed bytes
     const Vec::I nibbles = Vec::and_(Vec::shift_right(Vec::lanes(low, offset), low_shift), Vec::bytes(0x0f));
     const Vec::I tops = Vec::and_(Vec::shift_right(Vec::lanes(high, offset), high_shift), Vec::bytes(0x03));
@@ -170,8 +210,13 @@ using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
 #else
   g.start = g.start_high = Vec::zero();
 #endif
-  g.scale = Vec::scales(_mm256_setr_ps(scale[0], 0.f, scale[1], 0.f, scale[2], 0.f, scale[3], 0.f));
-  g.scale_high = Vec::scales(_mm256_setr_ps(scale_high[0], 0.f, scale_high[1], 0.f, scale_high[2], 0.f, scale_high[3], 0.f));
+  const float(*scale)[16] = super.scale;
+  const auto halves = [&](int64_t i) {  // [row 0's, 0, row 1's, 0, ..]: what Vec::scales reads
+    if constexpr (ROWS == 4) return _mm256_setr_ps(scale[0][i], 0.f, scale[1][i], 0.f, scale[2][i], 0.f, scale[3][i], 0.f);
+    else return _mm256_setr_ps(scale[0][i], 0.f, scale[1][i], 0.f, 0.f, 0.f, 0.f, 0.f);
+  };
+  g.scale = Vec::scales(halves(2 * j));
+  g.scale_high = Vec::scales(halves(2 * j + 1));
   g.minimum = _mm_setzero_ps();
   return g;
 }
@@ -179,11 +224,11 @@ using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
 // block b of the ROWS rows from w (row_bytes apart); the hardware prefetcher alone left single-row steps at about
 // half the read bandwidth, so each row is also asked for 4 KiB ahead
 template <int64_t F>
-[[gnu::always_inline]] inline GroupOf<F> unpack(const uint8_t* w, int64_t row_bytes, int64_t b) {
+[[gnu::always_inline]] inline GroupOf<F> unpack(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
   if constexpr (F == Q4_K) {
-    return unpack_k(w, row_bytes, b);
+    return unpack_k(w, row_bytes, b, super);
   } else if constexpr (F == Q6_K) {
-    return unpack_6(w, row_bytes, b);
+    return unpack_6(w, row_bytes, b, super);
   } else {
     const uint8_t* rows[ROWS];
     int32_t words[4] = {};  // each row's first 4 bytes: its fp16 d, then Q4_1's fp16 m (other formats: quants, unused)
@@ -246,9 +291,10 @@ void tile(const uint8_t* w, int64_t row_bytes, const GroupOf<F>* unpacked, const
   for (int g = 0; g < G; g++)
     for (int r = 0; r < R; r++) acc[g][r] = Vec::zero_ps(), offset[g][r] = _mm_setzero_ps();
   GroupOf<F> direct[Direct ? G : 1];
+  SuperScales supers[Direct && is_k(F) ? G : 1];
   for (int64_t b = 0; b < x.blocks; b++) {
     if constexpr (Direct)
-      for (int g = 0; g < G; g++) direct[g] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b);
+      for (int g = 0; g < G; g++) direct[g] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b, supers[is_k(F) ? g : 0]);
     for (int r = 0; r < R; r++) {
       const int64_t block = (r0 + r) * x.blocks + b;
       Vec::I low = Vec::broadcast(&x.q[block * QK]), high = Vec::broadcast(&x.q[block * QK + 16]);
@@ -300,8 +346,9 @@ void groups(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* 
             std::vector<GroupOf<F>>& unpacked) {
   if (x.rows <= 4) return tiles<F, G, true>(w, row_bytes, nullptr, x, y, out, valid);
   unpacked.resize(G * x.blocks);
+  SuperScales super;
   for (int g = 0; g < G; g++)
-    for (int64_t b = 0; b < x.blocks; b++) unpacked[g * x.blocks + b] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b);
+    for (int64_t b = 0; b < x.blocks; b++) unpacked[g * x.blocks + b] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b, super);
   tiles<F, G, false>(w, row_bytes, unpacked.data(), x, y, out, valid);
 }
 
