@@ -123,11 +123,11 @@ using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
 }
 
 // A K-quant super-block's scales for ROWS rows, decoded once for its 8 blocks (one at a time per block was most of
-// a step's time): row k's block j at scale[k][j] and minimum[k][j] (Q4_K), or at scale[k][2j] and [2j + 1] for the
-// halves (Q6_K). The same products as q4_k_block / q6_k_block, exact in fp32.
+// a step's time), laid out as the vectors a block reads: Q4_K's block j at lanes[j] = [row 0's scale, its minimum,
+// row 1's ..]; Q6_K's half-block i (block j's halves are 2j and 2j + 1) at lanes[i] = [row 0's scale, 0, row 1's, 0,
+// ..]. The same products as q4_k_block / q6_k_block, exact in fp32.
 struct SuperScales {
-  alignas(32) float scale[ROWS][16];
-  alignas(32) float minimum[ROWS][8];
+  alignas(32) float lanes[16][8] = {};
 };
 
 inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
@@ -135,23 +135,28 @@ inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(times));
 }
 
-// Q4_K's 12 bytes of 6-bit scales and minimums -> 8 of each as bytes (llama.cpp's unpacking of the same layout)
-inline void decode_q4_k(const uint8_t* super, float* scale, float* minimum) {
+// row k's Q4_K scales and minimums: the 12 bytes of 6-bit values unpacked as llama.cpp does
+inline void decode_q4_k(const uint8_t* super, int k, SuperScales& out) {
   uint32_t packed[3];
   std::memcpy(packed, super + 4, 12);
   constexpr uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
   const uint32_t scales_low = packed[0] & six, minimums_low = packed[1] & six;
   const uint32_t scales_high = (packed[2] & four) | (((packed[0] >> 6) & two) << 4);
   const uint32_t minimums_high = ((packed[2] >> 4) & four) | (((packed[1] >> 6) & two) << 4);
+  alignas(32) float scale[8], minimum[8];
   _mm256_store_ps(scale, bytes_to_floats(_mm_set_epi32(0, 0, scales_high, scales_low), half_to_float(super), false));
   _mm256_store_ps(minimum, bytes_to_floats(_mm_set_epi32(0, 0, minimums_high, minimums_low), -half_to_float(super + 2), false));
+  for (int j = 0; j < 8; j++) out.lanes[j][2 * k] = scale[j], out.lanes[j][2 * k + 1] = minimum[j];
 }
 
-inline void decode_q6_k(const uint8_t* super, float* scale) {
+// row k's Q6_K scales: 16 int8 times d
+inline void decode_q6_k(const uint8_t* super, int k, SuperScales& out) {
   const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(super + 192));
   const float d = half_to_float(super + 208);
+  alignas(32) float scale[16];
   _mm256_store_ps(scale, bytes_to_floats(scales, d, true));
   _mm256_store_ps(scale + 8, bytes_to_floats(_mm_srli_si128(scales, 8), d, true));
+  for (int i = 0; i < 16; i++) out.lanes[i][2 * k] = scale[i];
 }
 
 // Q4_K's block b of the ROWS rows: its nibbles like Q4_1's, its scale and minimum from the super-block's. Blocks are
@@ -162,7 +167,7 @@ inline void decode_q6_k(const uint8_t* super, float* scale) {
   for (int k = 0; k < ROWS; k++) {
     const uint8_t* block = w + k * row_bytes + offset;
     _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
-    if (j == 0) decode_q4_k(block, super.scale[k], super.minimum[k]);
+    if (j == 0) decode_q4_k(block, k, super);
     quants[k] = block + 16 + 32 * (j / 2);
   }
   Group g;
@@ -171,14 +176,7 @@ inline void decode_q6_k(const uint8_t* super, float* scale) {
   g.low = Vec::and_(low, Vec::bytes(0x0f));
   g.high = Vec::and_(high, Vec::bytes(0x0f));
   g.start = Vec::zero();
-  const float(*scale)[16] = super.scale;
-  const float(*minimum)[8] = super.minimum;
-  if constexpr (ROWS == 4) {
-    set_scales(g, _mm256_setr_ps(scale[0][j], minimum[0][j], scale[1][j], minimum[1][j], scale[2][j], minimum[2][j],
-                                 scale[3][j], minimum[3][j]));
-  } else {
-    set_scales(g, _mm256_setr_ps(scale[0][j], minimum[0][j], scale[1][j], minimum[1][j], 0.f, 0.f, 0.f, 0.f));
-  }
+  set_scales(g, _mm256_load_ps(super.lanes[j]));
   return g;
 }
 
@@ -190,7 +188,7 @@ inline void decode_q6_k(const uint8_t* super, float* scale) {
   for (int k = 0; k < ROWS; k++) {
     const uint8_t* block = w + k * row_bytes + offset;
     _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
-    if (j == 0) decode_q6_k(block, super.scale[k]);
+    if (j == 0) decode_q6_k(block, k, super);
     low[k] = block + 64 * half + 32 * (j % 2);
     high[k] = block + 128 + 32 * half;
   }
@@ -210,13 +208,8 @@ inline void decode_q6_k(const uint8_t* super, float* scale) {
 #else
   g.start = g.start_high = Vec::zero();
 #endif
-  const float(*scale)[16] = super.scale;
-  const auto halves = [&](int64_t i) {  // [row 0's, 0, row 1's, 0, ..]: what Vec::scales reads
-    if constexpr (ROWS == 4) return _mm256_setr_ps(scale[0][i], 0.f, scale[1][i], 0.f, scale[2][i], 0.f, scale[3][i], 0.f);
-    else return _mm256_setr_ps(scale[0][i], 0.f, scale[1][i], 0.f, 0.f, 0.f, 0.f, 0.f);
-  };
-  g.scale = Vec::scales(halves(2 * j));
-  g.scale_high = Vec::scales(halves(2 * j + 1));
+  g.scale = Vec::scales(_mm256_load_ps(super.lanes[2 * j]));
+  g.scale_high = Vec::scales(_mm256_load_ps(super.lanes[2 * j + 1]));
   g.minimum = _mm_setzero_ps();
   return g;
 }
