@@ -1,5 +1,5 @@
 """Weights kept in GGUF's block formats (Q8_0, Q4_0, Q4_1: 32 weights per block with fp16 scales; the K-quants
-Q4_K and Q6_K: 256 per super-block, with 6- or 8-bit scales per 32 or 16), as a GGUF file stores them or quantized
+Q4_K, Q5_K and Q6_K: 256 per super-block, with 6- or 8-bit scales per 32 or 16), as a GGUF file stores them or quantized
 at load (`--quantization`, not into K-quants), and run by the integer kernels in csrc/quant_kernels.cpp. A decode
 step then reads ~4.5 bits a weight (Q4) instead of 32.
 
@@ -23,9 +23,10 @@ GGML_TYPES = {
     "q4_0": GGMLQuantizationType.Q4_0,
     "q4_1": GGMLQuantizationType.Q4_1,
     "q4_k": GGMLQuantizationType.Q4_K,
+    "q5_k": GGMLQuantizationType.Q5_K,
     "q6_k": GGMLQuantizationType.Q6_K,
 }
-KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4}  # the C++ kernels' format codes
+KERNEL_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4, "q5_k": 5}  # the C++ kernels' format codes
 
 
 @dataclass

@@ -145,27 +145,43 @@ def gguf_tensors(state_dict: dict, c) -> list[tuple[str, torch.Tensor]]:
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """x [..., n] (n a multiple of 256) -> its Q4_K blocks [..., n / 256 * 144] (the gguf package has no Q4_K
+    """x [..., n] (n a multiple of 256) -> its Q4_K blocks [..., n / 256 * 144] (the gguf package has no K-quant
     quantizer): per 32 weights a 4-bit step from their min (or 0) to their max, whose step and minimum are 6-bit
     multiples of the super-block's fp16 d and dmin. Plain rounding, not llama.cpp's search for the best scales."""
+    header, q = _k_blocks(x, 15)
+    nibbles = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)  # blocks 2i and 2i + 1 share 32 bytes
+    return np.concatenate([header, nibbles], axis=1).reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """As quantize_q4_k with 5-bit quants: [..., n / 256 * 176], bit 4 of block j's quants in bit j of 32 bytes."""
+    header, q = _k_blocks(x, 31)
+    low = q & 0x0F
+    nibbles = (low[:, 0::2] | low[:, 1::2] << 4).reshape(-1, 128)
+    fifths = ((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)  # [N, 32]
+    blocks = np.concatenate([header, fifths, nibbles], axis=1)
+    return blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 176)
+
+
+def _k_blocks(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's shared part: per super-block its 16 header bytes (fp16 d and dmin, 12 bytes of 6-bit scales and
+    minimums) [N, 16], and its quants [N, 8 blocks, 32] in 0 .. levels."""
     rows = x.reshape(-1, 8, 32).astype(np.float32)
     low, high = np.minimum(rows.min(-1), 0), rows.max(-1)
-    step, minimum = (high - low) / 15, -low
+    step, minimum = (high - low) / levels, -low
     d = (step.max(-1, keepdims=True) / 63).astype(np.float16)
     dmin = (minimum.max(-1, keepdims=True) / 63).astype(np.float16)
     sc = np.clip(np.round(np.divide(step, d, out=np.zeros_like(step), where=d > 0)), 0, 63).astype(np.uint8)
     m = np.clip(np.round(np.divide(minimum, dmin, out=np.zeros_like(minimum), where=dmin > 0)), 0, 63).astype(np.uint8)
     scale = (d.astype(np.float32) * sc)[..., None]
     shifted = rows + (dmin.astype(np.float32) * m)[..., None]
-    q = np.clip(np.round(np.divide(shifted, scale, out=np.zeros_like(rows), where=scale > 0)), 0, 15).astype(np.uint8)
+    q = np.clip(np.round(np.divide(shifted, scale, out=np.zeros_like(rows), where=scale > 0)), 0, levels)
     # bytes 0-3: scales 0-3 (and the top bits of 4-7), 4-7: minimums likewise, 8-11: the rest of 4-7
     high_scales, high_minimums = (sc[:, 4:] >> 4) << 6, (m[:, 4:] >> 4) << 6
     packed = np.concatenate(
         [sc[:, :4] | high_scales, m[:, :4] | high_minimums, (sc[:, 4:] & 0x0F) | (m[:, 4:] << 4)], axis=1
     )
-    nibbles = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)  # blocks 2i and 2i + 1 share 32 bytes
-    blocks = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed, nibbles], axis=1)
-    return blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)
+    return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed], axis=1), q.astype(np.uint8)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -185,4 +201,5 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 210)
 
 
-K_QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q6_K: quantize_q6_k}  # the gguf package quantizes no K-quant
+# the gguf package quantizes no K-quant
+K_QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}

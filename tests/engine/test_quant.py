@@ -20,7 +20,7 @@ from tests.engine.gguf_writer import K_QUANTIZERS, write_gguf
 from tests.engine.helpers import greedy, make_engine, run_all
 
 FORMATS = list(GGML_TYPES)
-K_FORMATS = {"q4_k", "q6_k"}
+K_FORMATS = {"q4_k", "q5_k", "q6_k"}
 WIDE = 256  # a K-quant super-block: the tests' input widths for K-quants are multiples of this
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
 pytestmark = pytest.mark.skipif(cpu_kernels.load_quant() is None, reason="the C++ quant kernels did not build")
@@ -147,7 +147,7 @@ def run_with_logprobs(engine, requests: dict[str, tuple[list[int], SamplingParam
 @pytest.mark.parametrize(
     "kind,qtype",
     [("llama", gguf.GGMLQuantizationType.Q8_0), ("llama", gguf.GGMLQuantizationType.Q4_0)]
-    + [("llama_wide", gguf.GGMLQuantizationType.Q4_K), ("llama_wide", gguf.GGMLQuantizationType.Q6_K)],
+    + [("llama_wide", getattr(gguf.GGMLQuantizationType, k)) for k in ("Q4_K", "Q5_K", "Q6_K")],
 )
 def test_a_gguf_keeps_its_blocks_and_stays_close_to_its_dequantized_self(
     tmp_path, tiny_model_dir, tiny_hf_model, kind, qtype

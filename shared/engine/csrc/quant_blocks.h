@@ -1,6 +1,6 @@
 // GGUF's block formats as the quantized-weight kernels read them (Q8_0, Q4_0, Q4_1: 32 weights per block with
 // an fp16 scale; Q4_1 adds an fp16 minimum; Q4_K: super-blocks of 8 such blocks whose scales and minimums are 6-bit
-// multiples of two fp16 ones; Q6_K: 6-bit signed quants in super-blocks of 256 with an 8-bit scale per 16 and an fp16
+// multiples of two fp16 ones; Q5_K: Q4_K with a fifth bit per quant; Q6_K: 6-bit signed quants in super-blocks of 256 with an 8-bit scale per 16 and an fp16
 // one), and the small helpers the kernel files share.
 #pragma once
 
@@ -17,9 +17,9 @@
 namespace quant {
 
 constexpr int64_t QK = 32;  // weights per block, in every format here
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4 };
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4, Q5_K = 5 };
 
-constexpr bool is_k(int64_t format) { return format == Q4_K || format == Q6_K; }
+constexpr bool is_k(int64_t format) { return format == Q4_K || format == Q5_K || format == Q6_K; }
 
 // bytes per block; K-quants: per super-block of QK_K weights
 constexpr int64_t bytes_of(int64_t format) {
@@ -27,6 +27,7 @@ constexpr int64_t bytes_of(int64_t format) {
          : format == Q4_0 ? 2 + QK / 2
          : format == Q4_1 ? 4 + QK / 2
          : format == Q4_K ? 144
+         : format == Q5_K ? 176
                           : 210;
 }
 constexpr int64_t QK_K = 256;  // weights per K-quant super-block
@@ -69,17 +70,22 @@ inline float block_minimum(const uint8_t* w, int64_t format) {
 
 inline const uint8_t* block_quants(const uint8_t* w, int64_t format) { return w + (format == Q4_1 ? 4 : 2); }
 
-// Block b (of 32 weights) of a Q4_K row: a super-block is fp16 d and dmin, 12 bytes packing 8 6-bit scales and 8
-// 6-bit minimums, then 128 bytes of nibbles, 32 bytes per pair of blocks (the first block's in the low nibbles).
+// Block b (of 32 weights) of a Q4_K or Q5_K row: a super-block is fp16 d and dmin, 12 bytes packing 8 6-bit
+// scales and 8 6-bit minimums, (Q5_K: 32 bytes whose bit j is block j's fifth bit of each quant,) then 128 bytes of
+// nibbles, 32 bytes per pair of blocks (the first block's in the low nibbles).
 // Weight = d * scale * q - dmin * minimum; both products are exact in fp32.
 struct KBlock {
   const uint8_t* quants;  // 32 bytes: this block's quants in element order, in the nibbles `shift` selects
-  int shift;              // 0: low nibbles, 4: high
+  const uint8_t* fifth;   // Q5_K: 32 bytes whose bit `bit` is each quant's bit 4; Q4_K: null
+  int shift, bit;         // shift 0: low nibbles, 4: high
   float scale, minimum;   // d * scale; the value at quant 0, -dmin * minimum
 };
 
-inline KBlock q4_k_block(const uint8_t* row, int64_t b) {
-  const uint8_t* super = row + (b / 8) * bytes_of(Q4_K);
+inline int64_t k_quants_at(int64_t format) { return format == Q5_K ? 48 : 16; }  // the nibbles' offset
+
+template <int64_t F>
+inline KBlock k_block(const uint8_t* row, int64_t b) {
+  const uint8_t* super = row + (b / 8) * bytes_of(F);
   const uint8_t* packed = super + 4;
   const int64_t j = b % 8;
   int scale, minimum;
@@ -89,8 +95,14 @@ inline KBlock q4_k_block(const uint8_t* row, int64_t b) {
     scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
     minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
   }
-  return {super + 16 + 32 * (j / 2), static_cast<int>(4 * (j % 2)), half_to_float(super) * static_cast<float>(scale),
+  return {super + k_quants_at(F) + 32 * (j / 2), F == Q5_K ? super + 16 : nullptr, static_cast<int>(4 * (j % 2)),
+          static_cast<int>(j), half_to_float(super) * static_cast<float>(scale),
           -half_to_float(super + 2) * static_cast<float>(minimum)};
+}
+
+inline int k_quant(const KBlock& block, int64_t i) {  // element i's quant
+  const int low = (block.quants[i] >> block.shift) & 0x0f;
+  return block.fifth == nullptr ? low : low | (((block.fifth[i] >> block.bit) & 1) << 4);
 }
 
 // x's rows as Q8 blocks: quants, and per block its scale and scale * sum(quants) (Q4's offsets enter through it)

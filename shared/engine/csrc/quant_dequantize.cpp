@@ -21,10 +21,11 @@ __m256i quants(const uint8_t* w, int64_t format) {
 }
 #endif
 
+template <int64_t F>
 void dequantize_row_k(const uint8_t* w, int64_t blocks, float* out) {
   for (int64_t b = 0; b < blocks; b++, out += QK) {
-    const KBlock block = q4_k_block(w, b);
-    for (int64_t i = 0; i < QK; i++) out[i] = block.scale * ((block.quants[i] >> block.shift) & 0x0f) + block.minimum;
+    const KBlock block = k_block<F>(w, b);
+    for (int64_t i = 0; i < QK; i++) out[i] = block.scale * static_cast<float>(k_quant(block, i)) + block.minimum;
   }
 }
 
@@ -36,7 +37,8 @@ void dequantize_row_6(const uint8_t* w, int64_t blocks, float* out) {
 }
 
 void dequantize_row(const uint8_t* w, int64_t format, int64_t blocks, float* out) {
-  if (format == Q4_K) return dequantize_row_k(w, blocks, out);
+  if (format == Q4_K) return dequantize_row_k<Q4_K>(w, blocks, out);
+  if (format == Q5_K) return dequantize_row_k<Q5_K>(w, blocks, out);
   if (format == Q6_K) return dequantize_row_6(w, blocks, out);
   const int64_t bytes = bytes_of(format);
   for (int64_t b = 0; b < blocks; b++, w += bytes, out += QK) {
@@ -69,7 +71,7 @@ void dequantize_row(const uint8_t* w, int64_t format, int64_t blocks, float* out
 
 void check_weight(const torch::Tensor& weight, int64_t format, int64_t in) {
   TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(), "weight: uint8 [out, row bytes]");
-  TORCH_CHECK(format >= Q8_0 && format <= Q6_K, "unknown block format ", format);
+  TORCH_CHECK(format >= Q8_0 && format <= Q5_K, "unknown block format ", format);
   TORCH_CHECK(weight.size(1) == row_bytes_of(format, in), "weight rows do not hold ", in, " values");
 }
 

@@ -125,7 +125,7 @@ using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
 // A K-quant super-block's scales for ROWS rows, decoded once for its 8 blocks (one at a time per block was most of
 // a step's time), laid out as the vectors a block reads: Q4_K's block j at lanes[j] = [row 0's scale, its minimum,
 // row 1's ..]; Q6_K's half-block i (block j's halves are 2j and 2j + 1) at lanes[i] = [row 0's scale, 0, row 1's, 0,
-// ..]. The same products as q4_k_block / q6_k_block, exact in fp32.
+// ..]. The same products as k_block / q6_k_block, exact in fp32.
 struct SuperScales {
   alignas(32) float lanes[16][8] = {};
 };
@@ -135,7 +135,7 @@ inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(times));
 }
 
-// row k's Q4_K scales and minimums: the 12 bytes of 6-bit values unpacked as llama.cpp does
+// row k's Q4_K / Q5_K scales and minimums: the 12 bytes of 6-bit values unpacked as llama.cpp does
 inline void decode_q4_k(const uint8_t* super, int k, SuperScales& out) {
   uint32_t packed[3];
   std::memcpy(packed, super + 4, 12);
@@ -159,22 +159,31 @@ inline void decode_q6_k(const uint8_t* super, int k, SuperScales& out) {
   for (int i = 0; i < 16; i++) out.lanes[i][2 * k] = scale[i];
 }
 
-// Q4_K's block b of the ROWS rows: its nibbles like Q4_1's, its scale and minimum from the super-block's. Blocks are
-// unpacked in order from a super-block's first: that one decodes `super`.
+// Q4_K's (Q5_K's) block b of the ROWS rows: its nibbles (and fifth bits) like Q4_1's, its scale and minimum from the
+// super-block's. Blocks are unpacked in order from a super-block's first: that one decodes `super`.
+template <int64_t F>
 [[gnu::always_inline]] inline Group unpack_k(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
-  const int64_t j = b % 8, offset = (b / 8) * bytes_of(Q4_K);
-  const uint8_t* quants[ROWS];
+  const int64_t j = b % 8, offset = (b / 8) * bytes_of(F);
+  const uint8_t *quants[ROWS], *fifths[ROWS];
   for (int k = 0; k < ROWS; k++) {
     const uint8_t* block = w + k * row_bytes + offset;
     _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
     if (j == 0) decode_q4_k(block, k, super);
-    quants[k] = block + 16 + 32 * (j / 2);
+    quants[k] = block + k_quants_at(F) + 32 * (j / 2);
+    fifths[k] = block + 16;
   }
   Group g;
   Vec::I low = Vec::lanes(quants, 0), high = Vec::lanes(quants, 16);
   if (j % 2) low = Vec::shift4(low), high = Vec::shift4(high);  // an odd block's quants are the high nibbles
   g.low = Vec::and_(low, Vec::bytes(0x0f));
   g.high = Vec::and_(high, Vec::bytes(0x0f));
+  if constexpr (F == Q5_K) {  // bit j of each of the 32 bytes, as bit 4
+    const auto fifth = [&](int64_t at) {
+      return Vec::shift_left4(Vec::and_(Vec::shift_right(Vec::lanes(fifths, at), static_cast<int>(j)), Vec::bytes(0x01)));
+    };
+    g.low = Vec::or_(g.low, fifth(0));
+    g.high = Vec::or_(g.high, fifth(16));
+  }
   g.start = Vec::zero();
   set_scales(g, _mm256_load_ps(super.lanes[j]));
   return g;
@@ -218,8 +227,8 @@ inline void decode_q6_k(const uint8_t* super, int k, SuperScales& out) {
 // half the read bandwidth, so each row is also asked for 4 KiB ahead
 template <int64_t F>
 [[gnu::always_inline]] inline GroupOf<F> unpack(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
-  if constexpr (F == Q4_K) {
-    return unpack_k(w, row_bytes, b, super);
+  if constexpr (F == Q4_K || F == Q5_K) {
+    return unpack_k<F>(w, row_bytes, b, super);
   } else if constexpr (F == Q6_K) {
     return unpack_6(w, row_bytes, b, super);
   } else {

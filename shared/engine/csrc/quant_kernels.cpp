@@ -4,8 +4,8 @@
 // else maddubs + madd) and one float FMA with the two scales. The unsigned operand is the weight's quants for Q4
 // (nibbles 0..15), x + 128 for Q8_0 with VNNI (minus 128 times the weight's sums, folded into the integer sums'
 // start), |w| for Q8_0 without (w's sign moved onto x); Q4_0's offset of 8 and Q4_1's (and Q4_K's) minimum enter
-// through x's block sums. Q4_K runs as Q4_1 blocks whose scale and minimum come from its super-block's, Q6_K as
-// Q8_0 blocks with a scale per half.
+// through x's block sums. Q4_K runs as Q4_1 blocks whose scale and minimum come from its super-block's, Q5_K the
+// same with 5-bit quants (0..31, still unsigned), Q6_K as Q8_0 blocks with a scale per half.
 //
 // quant_groups.h runs several weight rows per vector (4 with AVX-512 VNNI, 2 with AVX2), quant_scalar.h one dot
 // product at a time elsewhere. Each gives a row the same result whatever rows share the call (the engine relies
@@ -73,12 +73,13 @@ torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weig
   if (format == Q4_0) kernel::linear<Q4_0>(wp, row_bytes, xq, yp, out);
   if (format == Q4_1) kernel::linear<Q4_1>(wp, row_bytes, xq, yp, out);
   if (format == Q4_K) kernel::linear<Q4_K>(wp, row_bytes, xq, yp, out);
+  if (format == Q5_K) kernel::linear<Q5_K>(wp, row_bytes, xq, yp, out);
   if (format == Q6_K) kernel::linear<Q6_K>(wp, row_bytes, xq, yp, out);
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quantized_linear", &quantized_linear, "x @ W.T with W in a block format (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q4_K, 4 Q6_K)");
+  m.def("quantized_linear", &quantized_linear, "x @ W.T with W in a block format (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q4_K, 4 Q6_K, 5 Q5_K)");
   m.def("dequantize_rows", &dequantize_rows, "rows `ids` of a block-format weight as fp32");
   m.def("dequantize_into", &dequantize_into, "a whole block-format weight as fp32, into `out`");
 }

@@ -8,13 +8,14 @@
 
 namespace quant::scalar {
 
+template <int64_t F>
 float dot_k(const uint8_t* w, const QuantizedRows& x, int64_t r) {
   float acc = 0.f, offset = 0.f;
   for (int64_t b = 0; b < x.blocks; b++) {
-    const KBlock block = q4_k_block(w, b);
+    const KBlock block = k_block<F>(w, b);
     const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
     int32_t sum = 0;
-    for (int64_t i = 0; i < QK; i++) sum += ((block.quants[i] >> block.shift) & 0x0f) * xq[i];
+    for (int64_t i = 0; i < QK; i++) sum += k_quant(block, i) * xq[i];
     offset = std::fma(block.minimum, x.scaled_sum[r * x.blocks + b], offset);
     acc = std::fma(static_cast<float>(sum), block.scale * x.scale[r * x.blocks + b], acc);
   }
@@ -37,7 +38,7 @@ float dot_6(const uint8_t* w, const QuantizedRows& x, int64_t r) {
 
 template <int64_t F>
 float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
-  if constexpr (F == Q4_K) return dot_k(w, x, r);
+  if constexpr (F == Q4_K || F == Q5_K) return dot_k<F>(w, x, r);
   if constexpr (F == Q6_K) return dot_6(w, x, r);
   float acc = 0.f, offset = 0.f;
   for (int64_t b = 0; b < x.blocks; b++, w += bytes_of(F)) {
