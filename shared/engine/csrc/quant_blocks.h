@@ -1,7 +1,7 @@
 // GGUF's block formats as the quantized-weight kernels read them (Q8_0, Q4_0, Q4_1: 32 weights per block with
 // an fp16 scale; Q4_1 adds an fp16 minimum; Q4_K: super-blocks of 8 such blocks whose scales and minimums are 6-bit
-// multiples of two fp16 ones; Q5_K: Q4_K with a fifth bit per quant; Q6_K: 6-bit signed quants in super-blocks of 256 with an 8-bit scale per 16 and an fp16
-// one), and the small helpers the kernel files share.
+// multiples of two fp16 ones; Q5_K: Q4_K with a fifth bit per quant; Q6_K: 6-bit signed quants in super-blocks of
+// 256 with an 8-bit scale per 16 and an fp16 one), and the small helpers the kernel files share.
 #pragma once
 
 #include <cmath>
@@ -137,4 +137,3 @@ inline int q6_k_quant(const Q6Block& block, int64_t i) {  // element i's quant, 
 }
 
 }  // namespace quant
-

@@ -123,12 +123,16 @@ using GroupOf = std::conditional_t<F == Q6_K, HalvesGroup, Group>;
 }
 
 // A K-quant super-block's scales for ROWS rows, decoded once for its 8 blocks (one at a time per block was most of
-// a step's time), laid out as the vectors a block reads: Q4_K's block j at lanes[j] = [row 0's scale, its minimum,
-// row 1's ..]; Q6_K's half-block i (block j's halves are 2j and 2j + 1) at lanes[i] = [row 0's scale, 0, row 1's, 0,
-// ..]. The same products as k_block / q6_k_block, exact in fp32.
+// a step's time), laid out as the vectors a block reads: Q4_K's or Q5_K's block j at lanes[j] = [row 0's scale, its
+// minimum, row 1's ..]; Q6_K's half-block i (block j's halves are 2j and 2j + 1) at lanes[i] = [row 0's scale, 0,
+// row 1's, 0, ..]. The same products as k_block / q6_k_block, exact in fp32.
 struct SuperScales {
   alignas(32) float lanes[16][8] = {};
 };
+struct NoScales {};  // what other formats carry instead: nothing
+
+template <int64_t F>
+using ScalesOf = std::conditional_t<is_k(F), SuperScales, NoScales>;
 
 inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
   const __m256i wide = is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
@@ -136,7 +140,7 @@ inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
 }
 
 // row k's Q4_K / Q5_K scales and minimums: the 12 bytes of 6-bit values unpacked as llama.cpp does
-inline void decode_q4_k(const uint8_t* super, int k, SuperScales& out) {
+inline void decode_k_scales(const uint8_t* super, int k, SuperScales& out) {
   uint32_t packed[3];
   std::memcpy(packed, super + 4, 12);
   constexpr uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
@@ -168,7 +172,7 @@ template <int64_t F>
   for (int k = 0; k < ROWS; k++) {
     const uint8_t* block = w + k * row_bytes + offset;
     _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
-    if (j == 0) decode_q4_k(block, k, super);
+    if (j == 0) decode_k_scales(block, k, super);
     quants[k] = block + k_quants_at(F) + 32 * (j / 2);
     fifths[k] = block + 16;
   }
@@ -226,7 +230,7 @@ template <int64_t F>
 // block b of the ROWS rows from w (row_bytes apart); the hardware prefetcher alone left single-row steps at about
 // half the read bandwidth, so each row is also asked for 4 KiB ahead
 template <int64_t F>
-[[gnu::always_inline]] inline GroupOf<F> unpack(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
+[[gnu::always_inline]] inline GroupOf<F> unpack(const uint8_t* w, int64_t row_bytes, int64_t b, ScalesOf<F>& super) {
   if constexpr (F == Q4_K || F == Q5_K) {
     return unpack_k<F>(w, row_bytes, b, super);
   } else if constexpr (F == Q6_K) {
@@ -293,10 +297,10 @@ void tile(const uint8_t* w, int64_t row_bytes, const GroupOf<F>* unpacked, const
   for (int g = 0; g < G; g++)
     for (int r = 0; r < R; r++) acc[g][r] = Vec::zero_ps(), offset[g][r] = _mm_setzero_ps();
   GroupOf<F> direct[Direct ? G : 1];
-  SuperScales supers[Direct && is_k(F) ? G : 1];
+  ScalesOf<F> supers[Direct ? G : 1];
   for (int64_t b = 0; b < x.blocks; b++) {
     if constexpr (Direct)
-      for (int g = 0; g < G; g++) direct[g] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b, supers[is_k(F) ? g : 0]);
+      for (int g = 0; g < G; g++) direct[g] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b, supers[g]);
     for (int r = 0; r < R; r++) {
       const int64_t block = (r0 + r) * x.blocks + b;
       Vec::I low = Vec::broadcast(&x.q[block * QK]), high = Vec::broadcast(&x.q[block * QK + 16]);
@@ -348,7 +352,7 @@ void groups(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, float* 
             std::vector<GroupOf<F>>& unpacked) {
   if (x.rows <= 4) return tiles<F, G, true>(w, row_bytes, nullptr, x, y, out, valid);
   unpacked.resize(G * x.blocks);
-  SuperScales super;
+  ScalesOf<F> super;
   for (int g = 0; g < G; g++)
     for (int64_t b = 0; b < x.blocks; b++) unpacked[g * x.blocks + b] = unpack<F>(w + g * ROWS * row_bytes, row_bytes, b, super);
   tiles<F, G, false>(w, row_bytes, unpacked.data(), x, y, out, valid);
