@@ -17,7 +17,7 @@
     "mixtral"      every layer sparse, experts of 128
     "qwen2_moe"    layer 0 dense (mlp_only_layers), experts of 32, a shared expert of 48, top-k not renormalized
     "qwen3_moe"    experts of 32, top-k renormalized, q/k norms, head_dim 32
-  And "llama_wide": "llama" with hidden 256 and intermediate 512, wide enough for Q4_K's 256-weight blocks.
+  And "llama_wide": "llama" with hidden 256 and intermediate 512 (rows of whole K-quant super-blocks).
   All others: hidden 64, 2 layers, 4 heads / 2 KV heads, intermediate 128, fp32, SmolLM2's tokenizer and vocab
   (49152), ChatML chat template, EOS <|im_end|> (2). Weights are random (seeded) with norms and biases
   randomised too, so a misplaced tensor changes the logits.
