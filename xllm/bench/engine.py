@@ -13,8 +13,6 @@ from collections import Counter
 import torch
 
 from shared.engine.config import (
-    QUANTIZATION_HELP,
-    QUANTIZATIONS,
     SPECULATIVE_METHODS,
     EngineConfig,
     speculation_problem,
@@ -27,6 +25,7 @@ from shared.engine.quant import plan
 from shared.engine.sampling_params import SamplingParams
 from shared.model_files import resolve_model
 from xllm.bench import speculative
+from xllm.cli import add_quantization_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
+    add_quantization_flag(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--speculative",
