@@ -17,17 +17,11 @@ import argparse
 import torch
 
 from shared.engine import cpu_kernels, ops
-from shared.engine.quant import GGML_TYPES, KERNEL_FORMATS, QuantizedWeight, quantize_weight
-from tests.engine.gguf_writer import K_QUANTIZERS
+from shared.engine.quant import KERNEL_FORMATS
+from tests.engine.gguf_writer import quantize_blocks
 from xllm.bench.timing import best_ms
 
 VOCAB = 49152
-
-
-def blocks_of(weight: torch.Tensor, format: str) -> QuantizedWeight:
-    if (quantizer := K_QUANTIZERS.get(GGML_TYPES[format])) is not None:
-        return QuantizedWeight(format, torch.from_numpy(quantizer(weight.numpy())), weight.shape[1])
-    return quantize_weight(weight, format)
 
 
 def main() -> None:
@@ -46,7 +40,7 @@ def main() -> None:
     weights = [torch.randn(o, i) * 0.05 for o, i in shapes]
     packed = [ops.prepack_weight(w) for w in weights]
     formats = args.formats.split(",")
-    blocks = {f: [blocks_of(w, f) for w in weights] for f in formats}
+    blocks = {f: [quantize_blocks(w, f) for w in weights] for f in formats}
     fp32_bytes = sum(w.numel() * 4 for w in weights)
     print(f"ms per step of all linear layers (threads {args.threads}), GB/s of weights read in brackets")
     print(f"{'rows':>5} {'fp32 packed':>16}" + "".join(f" {f:>16}" for f in formats))

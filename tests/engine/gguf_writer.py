@@ -9,6 +9,8 @@ import gguf
 import numpy as np
 import torch
 
+from shared.engine.quant import GGML_TYPES, QuantizedWeight, quantize_weight
+
 Q = gguf.GGMLQuantizationType
 
 # llama.cpp tensor names, written out here rather than taken from the loader so a wrong map shows.
@@ -203,3 +205,10 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 # the gguf package quantizes no K-quant
 K_QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}
+
+
+def quantize_blocks(weight: torch.Tensor, format: str) -> QuantizedWeight:
+    """`weight` [out, in] in block format `format` (a key of GGML_TYPES); K-quants by the quantizers above."""
+    if (quantizer := K_QUANTIZERS.get(GGML_TYPES[format])) is not None:
+        return QuantizedWeight(format, torch.from_numpy(quantizer(weight.numpy())), weight.shape[1])
+    return quantize_weight(weight, format)

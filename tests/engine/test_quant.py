@@ -16,7 +16,7 @@ from shared.engine.quant import GGML_TYPES, KERNEL_FORMATS, QuantizedWeight, pla
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledSeq
 from shared.engine.sequence import Sequence
-from tests.engine.gguf_writer import K_QUANTIZERS, write_gguf
+from tests.engine.gguf_writer import quantize_blocks, write_gguf
 from tests.engine.helpers import greedy, make_engine, run_all
 
 FORMATS = list(GGML_TYPES)
@@ -24,14 +24,6 @@ K_FORMATS = {"q4_k", "q5_k", "q6_k"}
 WIDE = 256  # a K-quant super-block: the tests' input widths for K-quants are multiples of this
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
 pytestmark = pytest.mark.skipif(cpu_kernels.load_quant() is None, reason="the C++ quant kernels did not build")
-
-
-def blocks_of(weight: torch.Tensor, format: str) -> QuantizedWeight:
-    """`weight` in `format`; K-quants by the tests' own quantizers (the gguf package has none)."""
-    if format in K_FORMATS:
-        blocks = K_QUANTIZERS[GGML_TYPES[format]](weight.numpy())
-        return QuantizedWeight(format, torch.from_numpy(blocks), weight.shape[1])
-    return quantize_weight(weight, format)
 
 
 def kernel_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -52,7 +44,7 @@ K_SHAPES = [(1, WIDE), (3, 2 * WIDE), (7, WIDE), (33, 6 * WIDE), (50, 3 * WIDE)]
 )
 def test_the_kernel_equals_dequantize_then_matmul(format, out, inp):
     torch.manual_seed(out * inp)
-    weight = blocks_of(torch.randn(out, inp) * 0.1, format)
+    weight = quantize_blocks(torch.randn(out, inp) * 0.1, format)
     for rows in (1, 2, 3, 4, 5, 8, 9, 17, 33):  # every tail of its 4-row groups
         x = torch.randn(rows, inp)
         x[0, :32] = 0  # an all-zero block: scale 0
@@ -67,7 +59,7 @@ def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_the_call(format, i
     """Rows land in different tiles (and offset chunks) as the row count changes; their arithmetic may not."""
     torch.manual_seed(inp)
     inp = inp if format not in K_FORMATS else WIDE * (1 if inp == 96 else 3)
-    weight = blocks_of(torch.randn(70, inp) * 0.1, format)  # 70: whole tiles of weight rows and a tail
+    weight = quantize_blocks(torch.randn(70, inp) * 0.1, format)  # 70: whole tiles of weight rows and a tail
     x = torch.randn(41, inp)
     kernel = cpu_kernels.load_quant().quantized_linear
     alone = torch.cat([kernel(x[i : i + 1], weight.data, KERNEL_FORMATS[format]) for i in range(41)])
@@ -81,7 +73,7 @@ def test_dequantizing_equals_the_gguf_reference_bit_for_bit(format):
     torch.manual_seed(0)
     weight = torch.randn(40, 96 if format not in K_FORMATS else WIDE)
     weight[3] = 0
-    blocks = blocks_of(weight, format)
+    blocks = quantize_blocks(weight, format)
     expected = torch.from_numpy(gguf.quants.dequantize(blocks.data.numpy(), GGML_TYPES[format]).copy())
     assert torch.equal(blocks.dequantize(), expected)
     ids = torch.tensor([[5, 0], [39, 5]])
@@ -106,7 +98,7 @@ def test_in_a_step_a_row_gets_the_same_bits_whatever_shares_it(format):
     alone as in any mix, so the activation rounding of the kernel cannot make a token depend on batching."""
     torch.manual_seed(2)
     inp = 128 if format not in K_FORMATS else WIDE
-    weight, bias = blocks_of(torch.randn(70, inp), format), torch.randn(70)
+    weight, bias = quantize_blocks(torch.randn(70, inp), format), torch.randn(70)
     packed = ops.prepack_weight(weight.dequantize())
     x, is_prompt = torch.randn(40, inp), [bool(b) for b in torch.rand(40) < 0.5]
     with ops.prompt_rows(is_prompt):

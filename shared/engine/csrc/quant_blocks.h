@@ -74,35 +74,53 @@ inline const uint8_t* block_quants(const uint8_t* w, int64_t format) { return w 
 // scales and 8 6-bit minimums, (Q5_K: 32 bytes whose bit j is block j's fifth bit of each quant,) then 128 bytes of
 // nibbles, 32 bytes per pair of blocks (the first block's in the low nibbles).
 // Weight = d * scale * q - dmin * minimum; both products are exact in fp32.
-struct KBlock {
+struct KQuants {          // where a block's quants lie
   const uint8_t* quants;  // 32 bytes: this block's quants in element order, in the nibbles `shift` selects
   const uint8_t* fifth;   // Q5_K: 32 bytes whose bit `bit` is each quant's bit 4; Q4_K: null
   int shift, bit;         // shift 0: low nibbles, 4: high
-  float scale, minimum;   // d * scale; the value at quant 0, -dmin * minimum
 };
 
-inline int64_t k_quants_at(int64_t format) { return format == Q5_K ? 48 : 16; }  // the nibbles' offset
+template <int64_t F>
+inline KQuants k_quants(const uint8_t* row, int64_t b) {
+  const uint8_t* super = row + (b / 8) * bytes_of(F);
+  const int64_t j = b % 8;
+  return {super + (F == Q5_K ? 48 : 16) + 32 * (j / 2), F == Q5_K ? super + 16 : nullptr, static_cast<int>(4 * (j % 2)),
+          static_cast<int>(j)};
+}
+
+inline int k_quant(const KQuants& block, int64_t i) {  // element i's quant
+  const int low = (block.quants[i] >> block.shift) & 0x0f;
+  return block.fifth == nullptr ? low : low | (((block.fifth[i] >> block.bit) & 1) << 4);
+}
+
+// A Q4_K / Q5_K super-block's 8 scales and 8 minimums as bytes, from their 12 bytes of 6-bit values (the unpacking
+// llama.cpp does: word by word)
+inline void k_scale_bytes(const uint8_t* super, uint8_t scales[8], uint8_t minimums[8]) {
+  uint32_t packed[3];
+  std::memcpy(packed, super + 4, 12);
+  constexpr uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+  const uint32_t words[4] = {
+      packed[0] & six,                                        // scales 0-3
+      (packed[2] & four) | (((packed[0] >> 6) & two) << 4),   // scales 4-7
+      packed[1] & six,                                        // minimums 0-3
+      ((packed[2] >> 4) & four) | (((packed[1] >> 6) & two) << 4),  // minimums 4-7
+  };
+  std::memcpy(scales, words, 8);
+  std::memcpy(minimums, words + 2, 8);
+}
+
+struct KBlock : KQuants {
+  float scale, minimum;  // d * scale; the value at quant 0, -dmin * minimum
+};
 
 template <int64_t F>
 inline KBlock k_block(const uint8_t* row, int64_t b) {
   const uint8_t* super = row + (b / 8) * bytes_of(F);
-  const uint8_t* packed = super + 4;
+  uint8_t scales[8], minimums[8];
+  k_scale_bytes(super, scales, minimums);
   const int64_t j = b % 8;
-  int scale, minimum;
-  if (j < 4) {
-    scale = packed[j] & 63, minimum = packed[j + 4] & 63;
-  } else {
-    scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
-    minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-  }
-  return {super + k_quants_at(F) + 32 * (j / 2), F == Q5_K ? super + 16 : nullptr, static_cast<int>(4 * (j % 2)),
-          static_cast<int>(j), half_to_float(super) * static_cast<float>(scale),
-          -half_to_float(super + 2) * static_cast<float>(minimum)};
-}
-
-inline int k_quant(const KBlock& block, int64_t i) {  // element i's quant
-  const int low = (block.quants[i] >> block.shift) & 0x0f;
-  return block.fifth == nullptr ? low : low | (((block.fifth[i] >> block.bit) & 1) << 4);
+  return {k_quants<F>(row, b), half_to_float(super) * static_cast<float>(scales[j]),
+          -half_to_float(super + 2) * static_cast<float>(minimums[j])};
 }
 
 // x's rows as Q8 blocks: quants, and per block its scale and scale * sum(quants) (Q4's offsets enter through it)
@@ -116,24 +134,36 @@ struct QuantizedRows {
 // int8 scales (one per 16 weights), fp16 d. Each half of 128 weights takes 64 low-nibble bytes and 32 high-part
 // bytes; its 4 blocks read low-nibble bytes 0-31, 32-63, 0-31, 32-63 (low, low, high, high nibbles) and high-part
 // bits 0-1, 2-3, 4-5, 6-7 of bytes 0-31. Weight = d * scale * (q - 32).
-struct Q6Block {
+struct Q6Quants {       // where a block's quants lie
   const uint8_t* low;   // 32 bytes whose nibble `low_shift` selects holds the quants' low 4 bits
   const uint8_t* high;  // 32 bytes whose bits `high_shift`, + 1 hold the quants' top 2 bits
   int low_shift, high_shift;
+};
+
+inline Q6Quants q6_k_quants(const uint8_t* row, int64_t b) {
+  const uint8_t* super = row + (b / 8) * bytes_of(Q6_K);
+  const int64_t half = (b % 8) / 4, j = b % 4;
+  return {super + 64 * half + 32 * (j % 2), super + 128 + 32 * half, static_cast<int>(4 * (j / 2)),
+          static_cast<int>(2 * j)};
+}
+
+inline int q6_k_quant(const Q6Quants& block, int64_t i) {  // element i's quant, minus 32
+  return (((block.low[i] >> block.low_shift) & 0x0f) | (((block.high[i] >> block.high_shift) & 0x03) << 4)) - 32;
+}
+
+// a Q6_K super-block's 16 int8 scales (one per 16 weights, in order) and its d
+inline const int8_t* q6_k_scales(const uint8_t* super) { return reinterpret_cast<const int8_t*>(super + 192); }
+inline float q6_k_d(const uint8_t* super) { return half_to_float(super + 208); }
+
+struct Q6Block : Q6Quants {
   float scale[2];  // d * scale of elements 0-15 and of 16-31
 };
 
 inline Q6Block q6_k_block(const uint8_t* row, int64_t b) {
   const uint8_t* super = row + (b / 8) * bytes_of(Q6_K);
-  const int64_t half = (b % 8) / 4, j = b % 4;
-  const int8_t* scales = reinterpret_cast<const int8_t*>(super + 192) + 8 * half + 2 * j;
-  const float d = half_to_float(super + 208);
-  return {super + 64 * half + 32 * (j % 2), super + 128 + 32 * half, static_cast<int>(4 * (j / 2)),
-          static_cast<int>(2 * j), {d * scales[0], d * scales[1]}};
-}
-
-inline int q6_k_quant(const Q6Block& block, int64_t i) {  // element i's quant, minus 32
-  return (((block.low[i] >> block.low_shift) & 0x0f) | (((block.high[i] >> block.high_shift) & 0x03) << 4)) - 32;
+  const int8_t* scales = q6_k_scales(super) + 2 * (b % 8);
+  const float d = q6_k_d(super);
+  return {q6_k_quants(row, b), {d * scales[0], d * scales[1]}};
 }
 
 }  // namespace quant

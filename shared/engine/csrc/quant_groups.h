@@ -139,24 +139,21 @@ inline __m256 bytes_to_floats(__m128i eight, float times, bool is_signed) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(times));
 }
 
-// row k's Q4_K / Q5_K scales and minimums: the 12 bytes of 6-bit values unpacked as llama.cpp does
+// row k's Q4_K / Q5_K scales and minimums
 inline void decode_k_scales(const uint8_t* super, int k, SuperScales& out) {
-  uint32_t packed[3];
-  std::memcpy(packed, super + 4, 12);
-  constexpr uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-  const uint32_t scales_low = packed[0] & six, minimums_low = packed[1] & six;
-  const uint32_t scales_high = (packed[2] & four) | (((packed[0] >> 6) & two) << 4);
-  const uint32_t minimums_high = ((packed[2] >> 4) & four) | (((packed[1] >> 6) & two) << 4);
+  alignas(16) uint8_t bytes[16];
+  k_scale_bytes(super, bytes, bytes + 8);
+  const __m128i scales_and_minimums = _mm_load_si128(reinterpret_cast<const __m128i*>(bytes));
   alignas(32) float scale[8], minimum[8];
-  _mm256_store_ps(scale, bytes_to_floats(_mm_set_epi32(0, 0, scales_high, scales_low), half_to_float(super), false));
-  _mm256_store_ps(minimum, bytes_to_floats(_mm_set_epi32(0, 0, minimums_high, minimums_low), -half_to_float(super + 2), false));
+  _mm256_store_ps(scale, bytes_to_floats(scales_and_minimums, half_to_float(super), false));
+  _mm256_store_ps(minimum, bytes_to_floats(_mm_srli_si128(scales_and_minimums, 8), -half_to_float(super + 2), false));
   for (int j = 0; j < 8; j++) out.lanes[j][2 * k] = scale[j], out.lanes[j][2 * k + 1] = minimum[j];
 }
 
 // row k's Q6_K scales: 16 int8 times d
 inline void decode_q6_k(const uint8_t* super, int k, SuperScales& out) {
-  const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(super + 192));
-  const float d = half_to_float(super + 208);
+  const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q6_k_scales(super)));
+  const float d = q6_k_d(super);
   alignas(32) float scale[16];
   _mm256_store_ps(scale, bytes_to_floats(scales, d, true));
   _mm256_store_ps(scale + 8, bytes_to_floats(_mm_srli_si128(scales, 8), d, true));
@@ -169,21 +166,22 @@ template <int64_t F>
 [[gnu::always_inline]] inline Group unpack_k(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
   const int64_t j = b % 8, offset = (b / 8) * bytes_of(F);
   const uint8_t *quants[ROWS], *fifths[ROWS];
+  KQuants where{};
   for (int k = 0; k < ROWS; k++) {
-    const uint8_t* block = w + k * row_bytes + offset;
-    _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
-    if (j == 0) decode_k_scales(block, k, super);
-    quants[k] = block + k_quants_at(F) + 32 * (j / 2);
-    fifths[k] = block + 16;
+    const uint8_t* row = w + k * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(row + offset) + 4096, _MM_HINT_T0);
+    if (j == 0) decode_k_scales(row + offset, k, super);
+    where = k_quants<F>(row, b);
+    quants[k] = where.quants, fifths[k] = where.fifth;
   }
   Group g;
   Vec::I low = Vec::lanes(quants, 0), high = Vec::lanes(quants, 16);
-  if (j % 2) low = Vec::shift4(low), high = Vec::shift4(high);  // an odd block's quants are the high nibbles
+  if (where.shift) low = Vec::shift4(low), high = Vec::shift4(high);  // an odd block's quants are the high nibbles
   g.low = Vec::and_(low, Vec::bytes(0x0f));
   g.high = Vec::and_(high, Vec::bytes(0x0f));
   if constexpr (F == Q5_K) {  // bit j of each of the 32 bytes, as bit 4
     const auto fifth = [&](int64_t at) {
-      return Vec::shift_left4(Vec::and_(Vec::shift_right(Vec::lanes(fifths, at), static_cast<int>(j)), Vec::bytes(0x01)));
+      return Vec::shift_left4(Vec::and_(Vec::shift_right(Vec::lanes(fifths, at), where.bit), Vec::bytes(0x01)));
     };
     g.low = Vec::or_(g.low, fifth(0));
     g.high = Vec::or_(g.high, fifth(16));
@@ -196,19 +194,19 @@ template <int64_t F>
 // Q6_K's block b of the ROWS rows: signed quants like Q8_0's (6 bits from a nibble and a 2-bit part, minus 32).
 // Blocks in order, as unpack_k.
 [[gnu::always_inline]] inline HalvesGroup unpack_6(const uint8_t* w, int64_t row_bytes, int64_t b, SuperScales& super) {
-  const int64_t j = b % 8, half = j / 4, offset = (b / 8) * bytes_of(Q6_K);
+  const int64_t j = b % 8, offset = (b / 8) * bytes_of(Q6_K);
   const uint8_t *low[ROWS], *high[ROWS];
+  Q6Quants where{};
   for (int k = 0; k < ROWS; k++) {
-    const uint8_t* block = w + k * row_bytes + offset;
-    _mm_prefetch(reinterpret_cast<const char*>(block) + 4096, _MM_HINT_T0);
-    if (j == 0) decode_q6_k(block, k, super);
-    low[k] = block + 64 * half + 32 * (j % 2);
-    high[k] = block + 128 + 32 * half;
+    const uint8_t* row = w + k * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(row + offset) + 4096, _MM_HINT_T0);
+    if (j == 0) decode_q6_k(row + offset, k, super);
+    where = q6_k_quants(row, b);
+    low[k] = where.low, high[k] = where.high;
   }
-  const int low_shift = 4 * ((j % 4) / 2), high_shift = 2 * (j % 4);
-  const auto quants = [&](int64_t offset) {  // elements offset .. offset + 15, as signed bytes
-    const Vec::I nibbles = Vec::and_(Vec::shift_right(Vec::lanes(low, offset), low_shift), Vec::bytes(0x0f));
-    const Vec::I tops = Vec::and_(Vec::shift_right(Vec::lanes(high, offset), high_shift), Vec::bytes(0x03));
+  const auto quants = [&](int64_t at) {  // elements at .. at + 15, as signed bytes
+    const Vec::I nibbles = Vec::and_(Vec::shift_right(Vec::lanes(low, at), where.low_shift), Vec::bytes(0x0f));
+    const Vec::I tops = Vec::and_(Vec::shift_right(Vec::lanes(high, at), where.high_shift), Vec::bytes(0x03));
     return Vec::sub_bytes(Vec::or_(nibbles, Vec::shift_left4(tops)), Vec::bytes(32));
   };
   HalvesGroup g;

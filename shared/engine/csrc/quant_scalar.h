@@ -37,9 +37,7 @@ float dot_6(const uint8_t* w, const QuantizedRows& x, int64_t r) {
 }
 
 template <int64_t F>
-float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
-  if constexpr (F == Q4_K || F == Q5_K) return dot_k<F>(w, x, r);
-  if constexpr (F == Q6_K) return dot_6(w, x, r);
+float dot_legacy(const uint8_t* w, const QuantizedRows& x, int64_t r) {  // Q8_0, Q4_0, Q4_1
   float acc = 0.f, offset = 0.f;
   for (int64_t b = 0; b < x.blocks; b++, w += bytes_of(F)) {
     const int8_t* xq = &x.q[(r * x.blocks + b) * QK];
@@ -54,6 +52,17 @@ float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
     acc = std::fma(static_cast<float>(sum), half_to_float(w) * x.scale[r * x.blocks + b], acc);
   }
   return acc + offset;
+}
+
+template <int64_t F>
+float dot(const uint8_t* w, const QuantizedRows& x, int64_t r) {
+  if constexpr (F == Q4_K || F == Q5_K) {
+    return dot_k<F>(w, x, r);
+  } else if constexpr (F == Q6_K) {
+    return dot_6(w, x, r);
+  } else {
+    return dot_legacy<F>(w, x, r);
+  }
 }
 
 template <int64_t F>
